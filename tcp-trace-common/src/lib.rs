@@ -1,0 +1,240 @@
+//! The ABI between tcp-trace's eBPF programs and its userspace: one fixed-size [`Event`] per hook
+//! hit, the [`Config`] the loader fills in from the running kernel's BTF, and the small keys and
+//! values of the shared maps. `no_std`, `#[repr(C)]`, no padding left implicit.
+#![no_std]
+
+pub const COMM_LEN: usize = 16;
+
+/// Which kernel hook produced an event. The numbers are part of the recorded-trace format: append,
+/// never renumber.
+pub mod hook {
+    pub const TCP_CLOSE: u8 = 1;
+    pub const TCP_FIN: u8 = 2;
+    pub const TCP_SEND_FIN: u8 = 3;
+    pub const TCP_SEND_ACTIVE_RESET: u8 = 4;
+    pub const TCP_TIME_WAIT: u8 = 5;
+    /// `tcp_timewait_state_process` entry: the segment arriving at a TIME_WAIT minisocket.
+    pub const TW_STATE_PROCESS: u8 = 6;
+    /// `tcp_timewait_state_process` return: the `enum tcp_tw_status` it decided.
+    pub const TW_STATE_PROCESS_RET: u8 = 7;
+    pub const INET_SOCK_SET_STATE: u8 = 8;
+    pub const TCP_SEND_RESET: u8 = 9;
+    pub const TCP_RECEIVE_RESET: u8 = 10;
+    pub const TCP_DESTROY_SOCK: u8 = 11;
+    pub const MAX: u8 = 11;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flag {
+    /// SO_LINGER is on (`SOCK_LINGER` in sk_flags).
+    pub const LINGER: u16 = 1 << 0;
+    /// `reason` holds a kernel `enum sk_rst_reason` value.
+    pub const HAS_REASON: u16 = 1 << 1;
+    /// `SOCK_DONE`: a FIN was received.
+    pub const SOCK_DONE: u16 = 1 << 2;
+    /// `SOCK_DEAD`: the socket is orphaned (no file refers to it any more).
+    pub const ORPHAN: u16 = 1 << 3;
+    /// Addresses and ports were read from the packet (reply reset with no socket), not a socket.
+    pub const TUPLE_FROM_SKB: u16 = 1 << 4;
+    /// `owner_tgid`/`owner_comm` were learned earlier in process context, not guessed.
+    pub const OWNER_KNOWN: u16 = 1 << 5;
+    /// The socket is a TIME_WAIT minisocket (skc_state == TCP_TIME_WAIT).
+    pub const TW_SOCK: u16 = 1 << 6;
+    /// `ret` holds a return value (tcp_timewait_state_process return).
+    pub const HAS_RET: u16 = 1 << 7;
+    /// `tcp_close` details (timeout, linger, unread/unsent/unacked) are filled in.
+    pub const HAS_CLOSE_DETAILS: u16 = 1 << 8;
+}
+
+/// One hook hit. Field use by hook:
+/// - all: `ts_ns`, `cpu`, `tgid`/`tid`/`comm` (current task), `owner_*`, `netns`, `sk`, the tuple
+///   (`family`, `saddr`/`sport` = local end, `daddr`/`dport` = remote end) and `old_state` (the
+///   socket's state when the hook ran).
+/// - `INET_SOCK_SET_STATE`: `old_state` -> `new_state`.
+/// - `TCP_CLOSE`: `timeout` (jiffies), `linger_jiffies`, `unread`, `unsent`, `unacked`, flags.
+/// - `TCP_SEND_ACTIVE_RESET`, `TCP_SEND_RESET`: `reason` if `HAS_REASON`; `skb` (0 = active reset).
+/// - `TCP_TIME_WAIT`: `new_state` = the requested TW substate, `timeout` = timeo (jiffies).
+/// - `TW_STATE_PROCESS`: `old_state` = TW substate, `tcp_flags`, `seq`, `ack_seq`, `seg_len`,
+///   `rcv_nxt` = tw_rcv_nxt; `TW_STATE_PROCESS_RET`: `ret` = tcp_tw_status, `new_state` = substate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub skb: u64,
+    pub timeout: i64,
+    pub linger_jiffies: i64,
+    pub cpu: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub owner_tgid: u32,
+    pub netns: u32,
+    pub reason: u32,
+    pub unread: u32,
+    pub unsent: u32,
+    pub unacked: u32,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub seg_len: u32,
+    pub rcv_nxt: u32,
+    pub ret: i32,
+    pub flags: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub hook: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub tcp_flags: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    pub owner_comm: [u8; COMM_LEN],
+}
+
+pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
+// 5*8 + 14*4 + 4*2 + 4 + 4*16 = 172 -> 176 with the tail alignment; keep it explicit.
+const _: () = assert!(EVENT_SIZE == 176);
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            sk: 0,
+            skb: 0,
+            timeout: 0,
+            linger_jiffies: 0,
+            cpu: 0,
+            tgid: 0,
+            tid: 0,
+            owner_tgid: 0,
+            netns: 0,
+            reason: 0,
+            unread: 0,
+            unsent: 0,
+            unacked: 0,
+            seq: 0,
+            ack_seq: 0,
+            seg_len: 0,
+            rcv_nxt: 0,
+            ret: 0,
+            flags: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            hook: 0,
+            old_state: 0,
+            new_state: 0,
+            tcp_flags: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; COMM_LEN],
+            owner_comm: [0; COMM_LEN],
+        }
+    }
+}
+
+/// What userspace learned from the running kernel's BTF, handed to the programs as a read-only
+/// global before load (so the verifier sees constants). Offsets are byte offsets from the start of
+/// the named struct. A zero `*_present` means the kernel lacks that field or argument.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    // struct sock_common (at offset 0 of sock, inet_timewait_sock and request_sock)
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    /// struct net -> ns.inum
+    pub net_ns_inum: u32,
+    // struct sock
+    pub sk_flags: u32,
+    pub sk_lingertime: u32,
+    pub sk_protocol: u32,
+    // struct tcp_sock
+    pub tp_rcv_nxt: u32,
+    pub tp_copied_seq: u32,
+    pub tp_write_seq: u32,
+    pub tp_snd_nxt: u32,
+    pub tp_snd_una: u32,
+    // inet_timewait_sock / tcp_timewait_sock
+    pub tw_substate: u32,
+    pub tw_rcv_nxt: u32,
+    // struct sk_buff
+    pub skb_len: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    /// Bit numbers in sk_flags (enum sock_flags).
+    pub sock_flag_dead: u32,
+    pub sock_flag_done: u32,
+    pub sock_flag_linger: u32,
+    /// tcp_send_active_reset has a third `enum sk_rst_reason` argument (6.10+).
+    pub active_reset_has_reason: u32,
+    /// The tcp_send_reset tracepoint has a third `reason` argument (6.10+).
+    pub send_reset_has_reason: u32,
+    /// Drop events whose owner is known and is not in `PIDS` (and current is not either).
+    pub filter_pids: u32,
+    /// Drop events whose local and remote ports are both not in `PORTS`.
+    pub filter_ports: u32,
+    /// struct inet_sock -> inet_sport: the local port survives unhashing (skc_num is zeroed
+    /// when a closing socket releases its port).
+    pub inet_sport: u32,
+}
+
+/// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Key of the `LISTENERS` map: who called listen() on (netns, local port). Children created in
+/// softirq inherit it until the accepting process shows itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u32,
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Kernel TCP state numbers (include/net/tcp_states.h): stable kernel ABI.
+pub mod state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+/// Map sizes.
+pub const RING_BYTES: u32 = 4 << 20;
+pub const OWNERS_MAX: u32 = 65536;
+pub const LISTENERS_MAX: u32 = 4096;
+pub const FILTER_MAX: u32 = 64;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::ListenKey {}
+}

@@ -1,0 +1,582 @@
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+        RetProbeContext,
+    },
+};
+use aya_log_ebpf::debug;
+use tcp_trace_common::{
+    AF_INET6, COMM_LEN, Config, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey,
+    OWNERS_MAX, Owner, RING_BYTES, flag, hook, state,
+};
+
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_state: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    net_ns_inum: 0,
+    sk_flags: 0,
+    sk_lingertime: 0,
+    sk_protocol: 0,
+    tp_rcv_nxt: 0,
+    tp_copied_seq: 0,
+    tp_write_seq: 0,
+    tp_snd_nxt: 0,
+    tp_snd_una: 0,
+    tw_substate: 0,
+    tw_rcv_nxt: 0,
+    skb_len: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    sock_flag_dead: 0,
+    sock_flag_done: 0,
+    sock_flag_linger: 0,
+    active_reset_has_reason: 0,
+    send_reset_has_reason: 0,
+    filter_pids: 0,
+    filter_ports: 0,
+    inet_sport: 0,
+};
+
+/// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
+macro_rules! conf {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$field) }
+    };
+}
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+/// Events that did not fit in `EVENTS`, per CPU.
+#[map]
+static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Socket pointer -> the process that owns it, learned in process context.
+#[map]
+static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX, 0);
+/// (netns, port) -> who listens there; children created in softirq inherit it.
+#[map]
+static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entries(LISTENERS_MAX, 0);
+/// `--pid` set (tgids).
+#[map]
+static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
+/// `--port` set.
+#[map]
+static PORTS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
+/// Where events are built: a 176-byte event does not fit beside the rest on the 512-byte BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+/// tcp_timewait_state_process argument, for the kretprobe (which cannot read arguments).
+#[map]
+static TW_ARG: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Reads a `T` at `base + off` in kernel memory; zero if the read faults.
+#[inline(always)]
+fn rd<T: Default>(base: u64, off: u32) -> T {
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+#[inline(always)]
+fn current_owner() -> Owner {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Owner {
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+/// Remembers the current task as `sk`'s owner. Call only where the owner is certainly current.
+#[inline(always)]
+fn learn_owner(sk: u64) {
+    let _ = OWNERS.insert(&sk, &current_owner(), 0);
+}
+
+#[inline(always)]
+fn netns_of(sk: u64) -> u32 {
+    let net: u64 = rd(sk, conf!(skc_net));
+    if net == 0 {
+        return 0;
+    }
+    rd(net, conf!(net_ns_inum))
+}
+
+/// An event with the common header and the socket's identity filled in. `sk` may be a full socket,
+/// a TIME_WAIT minisocket or a request socket: all start with `struct sock_common`.
+#[inline(always)]
+fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
+    let ev = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    *ev = Event::zeroed();
+    ev.hook = hook;
+    ev.sk = sk;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ev.tgid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    ev.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+
+    ev.family = rd::<u16>(sk, conf!(skc_family));
+    ev.sport = rd::<u16>(sk, conf!(skc_num));
+    ev.dport = u16::from_be(rd::<u16>(sk, conf!(skc_dport)));
+    if ev.family == AF_INET6 {
+        ev.saddr = rd(sk, conf!(skc_v6_rcv_saddr));
+        ev.daddr = rd(sk, conf!(skc_v6_daddr));
+    } else {
+        let s: [u8; 4] = rd(sk, conf!(skc_rcv_saddr));
+        let d: [u8; 4] = rd(sk, conf!(skc_daddr));
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    ev.netns = netns_of(sk);
+    ev.old_state = rd::<u8>(sk, conf!(skc_state));
+    if ev.old_state == state::TIME_WAIT {
+        ev.flags |= flag::TW_SOCK;
+    } else if ev.sport == 0 && ev.old_state != state::NEW_SYN_RECV && sk != 0 {
+        // A full socket that released its port on the way to CLOSE.
+        ev.sport = u16::from_be(rd::<u16>(sk, conf!(inet_sport)));
+    }
+    if let Some(owner) = unsafe { OWNERS.get(&sk) } {
+        ev.owner_tgid = owner.tgid;
+        ev.owner_comm = owner.comm;
+        ev.flags |= flag::OWNER_KNOWN;
+    }
+    Some(ev)
+}
+
+/// An event for a packet with no socket (a reply reset): the tuple comes from the incoming
+/// segment's headers, seen from our side (local = its destination).
+#[inline(always)]
+fn skb_event(hook: u8, skb: u64) -> Option<&'static mut Event> {
+    let ev = sock_event(hook, 0)?;
+    ev.family = 0;
+    ev.old_state = 0;
+    ev.flags = flag::TUPLE_FROM_SKB;
+    let head: u64 = rd(skb, conf!(skb_head));
+    let nh: u16 = rd(skb, conf!(skb_network_header));
+    let th: u16 = rd(skb, conf!(skb_transport_header));
+    let ip = head + nh as u64;
+    let tcp = head + th as u64;
+    let version = rd::<u8>(ip, 0) >> 4;
+    if version == 6 {
+        ev.family = AF_INET6;
+        ev.daddr = rd(ip, 8);
+        ev.saddr = rd(ip, 24);
+    } else if version == 4 {
+        ev.family = tcp_trace_common::AF_INET;
+        let s: [u8; 4] = rd(ip, 16);
+        let d: [u8; 4] = rd(ip, 12);
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    ev.dport = u16::from_be(rd::<u16>(tcp, 0));
+    ev.sport = u16::from_be(rd::<u16>(tcp, 2));
+    Some(ev)
+}
+
+/// In-kernel filtering (`--pid`, `--port`): drop what the user did not ask for before it costs a
+/// ring-buffer slot. A socket whose owner is not known yet passes; userspace decides later.
+#[inline(always)]
+fn wanted(ev: &Event) -> bool {
+    if conf!(filter_ports) != 0
+        && unsafe { PORTS.get(&(ev.sport as u32)) }.is_none()
+        && unsafe { PORTS.get(&(ev.dport as u32)) }.is_none()
+    {
+        return false;
+    }
+    if conf!(filter_pids) != 0
+        && ev.flags & flag::OWNER_KNOWN != 0
+        && unsafe { PIDS.get(&ev.owner_tgid) }.is_none()
+    {
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+fn submit(ev: &Event) {
+    if !wanted(ev) {
+        return;
+    }
+    if EVENTS.output::<Event>(ev, 0).is_err()
+        && let Some(n) = DROPPED.get_ptr_mut(0)
+    {
+        unsafe { *n += 1 };
+    }
+}
+
+// ---- hook bodies, shared by both attach forms ------------------------------------------------
+
+#[inline(always)]
+fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
+    // close() runs in the owner's context: this is the most reliable place to learn the owner.
+    learn_owner(sk);
+    let Some(ev) = sock_event(hook::TCP_CLOSE, sk) else {
+        return;
+    };
+    ev.timeout = timeout;
+    let rcv_nxt: u32 = rd(sk, conf!(tp_rcv_nxt));
+    let copied_seq: u32 = rd(sk, conf!(tp_copied_seq));
+    let write_seq: u32 = rd(sk, conf!(tp_write_seq));
+    let snd_nxt: u32 = rd(sk, conf!(tp_snd_nxt));
+    let snd_una: u32 = rd(sk, conf!(tp_snd_una));
+    let sk_flags: u64 = rd(sk, conf!(sk_flags));
+    let done = (sk_flags >> conf!(sock_flag_done)) & 1 != 0;
+    if done {
+        ev.flags |= flag::SOCK_DONE;
+    }
+    if (sk_flags >> conf!(sock_flag_linger)) & 1 != 0 {
+        ev.flags |= flag::LINGER;
+    }
+    if (sk_flags >> conf!(sock_flag_dead)) & 1 != 0 {
+        ev.flags |= flag::ORPHAN;
+    }
+    ev.flags |= flag::HAS_CLOSE_DETAILS;
+    // Same measure as tcp_epollin_ready(): a received FIN occupies one sequence number.
+    let pending_fin = (done && rcv_nxt != copied_seq) as u32;
+    ev.unread = rcv_nxt.wrapping_sub(copied_seq).wrapping_sub(pending_fin);
+    ev.unsent = write_seq.wrapping_sub(snd_nxt);
+    ev.unacked = snd_nxt.wrapping_sub(snd_una);
+    ev.linger_jiffies = rd(sk, conf!(sk_lingertime));
+    ev.rcv_nxt = rcv_nxt;
+    debug!(ctx, "tcp_close sk={:x} unread={} unsent={}", sk, ev.unread, ev.unsent);
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_plain(hook: u8, sk: u64) {
+    if let Some(ev) = sock_event(hook, sk) {
+        submit(ev);
+    }
+}
+
+#[inline(always)]
+fn on_send_fin(sk: u64) {
+    // tcp_send_fin() is only called from close() and shutdown(): process context.
+    learn_owner(sk);
+    on_plain(hook::TCP_SEND_FIN, sk);
+}
+
+#[inline(always)]
+fn on_active_reset(sk: u64, reason: Option<u32>) {
+    let Some(ev) = sock_event(hook::TCP_SEND_ACTIVE_RESET, sk) else {
+        return;
+    };
+    if let Some(r) = reason {
+        ev.reason = r;
+        ev.flags |= flag::HAS_REASON;
+    }
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_time_wait(sk: u64, tw_state: i32, timeo: i32) {
+    let Some(ev) = sock_event(hook::TCP_TIME_WAIT, sk) else {
+        return;
+    };
+    ev.new_state = tw_state as u8;
+    ev.timeout = timeo as i64;
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_tw_process(tw: u64, skb: u64, th: u64) {
+    if let Some(slot) = TW_ARG.get_ptr_mut(0) {
+        unsafe { *slot = tw };
+    }
+    let Some(ev) = sock_event(hook::TW_STATE_PROCESS, tw) else {
+        return;
+    };
+    ev.skb = skb;
+    ev.old_state = rd(tw, conf!(tw_substate));
+    ev.rcv_nxt = rd(tw, conf!(tw_rcv_nxt));
+    ev.seq = u32::from_be(rd(th, 4));
+    ev.ack_seq = u32::from_be(rd(th, 8));
+    let doff = (rd::<u8>(th, 12) >> 4) as u32 * 4;
+    ev.tcp_flags = rd(th, 13);
+    let len: u32 = rd(skb, conf!(skb_len));
+    ev.seg_len = len.saturating_sub(doff);
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_tw_process_ret(tw: u64, status: i32) {
+    let Some(ev) = sock_event(hook::TW_STATE_PROCESS_RET, tw) else {
+        return;
+    };
+    ev.ret = status;
+    ev.flags |= flag::HAS_RET;
+    ev.new_state = rd(tw, conf!(tw_substate));
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_set_state(sk: u64, old: u32, new: u32) {
+    if rd::<u16>(sk, conf!(sk_protocol)) != IPPROTO_TCP {
+        return;
+    }
+    let new = new as u8;
+    match new {
+        // connect(), listen(), close()/shutdown() (tcp_close_state): process context.
+        state::SYN_SENT | state::LISTEN | state::FIN_WAIT1 | state::LAST_ACK => learn_owner(sk),
+        // A child socket, created in softirq: it belongs to whoever listens on its port.
+        state::SYN_RECV => {
+            let key = ListenKey {
+                netns: netns_of(sk),
+                port: rd::<u16>(sk, conf!(skc_num)) as u32,
+            };
+            if let Some(owner) = unsafe { LISTENERS.get(&key) } {
+                let owner = *owner;
+                let _ = OWNERS.insert(&sk, &owner, 0);
+            }
+        }
+        _ => {}
+    }
+    if new == state::LISTEN {
+        let key = ListenKey {
+            netns: netns_of(sk),
+            port: rd::<u16>(sk, conf!(skc_num)) as u32,
+        };
+        let _ = LISTENERS.insert(&key, &current_owner(), 0);
+    }
+    let Some(ev) = sock_event(hook::INET_SOCK_SET_STATE, sk) else {
+        return;
+    };
+    ev.old_state = old as u8;
+    ev.new_state = new;
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) {
+    // Both pointers may be NULL (tp_btf types them "maybe null"): the verifier wants the check
+    // before any arithmetic on them.
+    let ev = if sk != 0 {
+        sock_event(hook::TCP_SEND_RESET, sk)
+    } else if skb != 0 {
+        skb_event(hook::TCP_SEND_RESET, skb)
+    } else {
+        None
+    };
+    let Some(ev) = ev else {
+        return;
+    };
+    ev.skb = skb;
+    if let Some(r) = reason {
+        ev.reason = r;
+        ev.flags |= flag::HAS_REASON;
+    }
+    submit(ev);
+}
+
+#[inline(always)]
+fn on_destroy(sk: u64) {
+    on_plain(hook::TCP_DESTROY_SOCK, sk);
+    let _ = OWNERS.remove(&sk);
+}
+
+// ---- kprobe / kretprobe ----------------------------------------------------------------------
+
+#[inline(always)]
+fn parg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+#[kprobe]
+pub fn kprobe_tcp_close(ctx: ProbeContext) -> u32 {
+    on_tcp_close(&ctx, parg(&ctx, 0), parg(&ctx, 1) as i64);
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_fin(ctx: ProbeContext) -> u32 {
+    on_plain(hook::TCP_FIN, parg(&ctx, 0));
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_send_fin(ctx: ProbeContext) -> u32 {
+    on_send_fin(parg(&ctx, 0));
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
+    let reason = if conf!(active_reset_has_reason) != 0 {
+        Some(parg(&ctx, 2) as u32)
+    } else {
+        None
+    };
+    on_active_reset(parg(&ctx, 0), reason);
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_time_wait(ctx: ProbeContext) -> u32 {
+    on_time_wait(parg(&ctx, 0), parg(&ctx, 1) as i32, parg(&ctx, 2) as i32);
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_timewait_state_process(ctx: ProbeContext) -> u32 {
+    on_tw_process(parg(&ctx, 0), parg(&ctx, 1), parg(&ctx, 2));
+    0
+}
+
+#[kretprobe]
+pub fn kretprobe_tcp_timewait_state_process(ctx: RetProbeContext) -> u32 {
+    let tw = TW_ARG.get(0).copied().unwrap_or(0);
+    on_tw_process_ret(tw, ctx.ret::<i64>() as i32);
+    0
+}
+
+// ---- fentry / fexit --------------------------------------------------------------------------
+
+#[fentry(function = "tcp_close")]
+pub fn fentry_tcp_close(ctx: FEntryContext) -> u32 {
+    on_tcp_close(&ctx, ctx.arg::<u64>(0), ctx.arg::<i64>(1));
+    0
+}
+
+#[fentry(function = "tcp_fin")]
+pub fn fentry_tcp_fin(ctx: FEntryContext) -> u32 {
+    on_plain(hook::TCP_FIN, ctx.arg::<u64>(0));
+    0
+}
+
+#[fentry(function = "tcp_send_fin")]
+pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
+    on_send_fin(ctx.arg::<u64>(0));
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
+    let reason = if conf!(active_reset_has_reason) != 0 {
+        Some(ctx.arg::<u32>(2))
+    } else {
+        None
+    };
+    on_active_reset(ctx.arg::<u64>(0), reason);
+    0
+}
+
+#[fentry(function = "tcp_time_wait")]
+pub fn fentry_tcp_time_wait(ctx: FEntryContext) -> u32 {
+    on_time_wait(ctx.arg::<u64>(0), ctx.arg::<i32>(1), ctx.arg::<i32>(2));
+    0
+}
+
+#[fentry(function = "tcp_timewait_state_process")]
+pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
+    on_tw_process(ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2));
+    0
+}
+
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
+    // bpf_get_func_ret() finds the return value whatever the argument count (3, 4 or 5).
+    let status = ctx.ret::<i64>().unwrap_or(-1) as i32;
+    on_tw_process_ret(ctx.arg::<u64>(0), status);
+    0
+}
+
+// ---- tracepoints: tp_btf and raw_tp read their arguments the same way (an array of u64) -------
+
+#[inline(always)]
+fn tp_arg(ctx: &impl EbpfContext, n: usize) -> u64 {
+    unsafe { *(ctx.as_ptr() as *const u64).add(n) }
+}
+
+macro_rules! tracepoint_pair {
+    ($btf:ident, $raw:ident, $tp:literal, $body:path) => {
+        #[btf_tracepoint(function = $tp)]
+        pub fn $btf(ctx: BtfTracePointContext) -> u32 {
+            $body(&ctx);
+            0
+        }
+
+        #[raw_tracepoint(tracepoint = $tp)]
+        pub fn $raw(ctx: RawTracePointContext) -> u32 {
+            $body(&ctx);
+            0
+        }
+    };
+}
+
+#[inline(always)]
+fn tp_set_state(ctx: &impl EbpfContext) {
+    on_set_state(
+        tp_arg(ctx, 0),
+        tp_arg(ctx, 1) as u32,
+        tp_arg(ctx, 2) as u32,
+    );
+}
+
+#[inline(always)]
+fn tp_send_reset(ctx: &impl EbpfContext) {
+    let reason = if conf!(send_reset_has_reason) != 0 {
+        Some(tp_arg(ctx, 2) as u32)
+    } else {
+        None
+    };
+    on_send_reset(tp_arg(ctx, 0), tp_arg(ctx, 1), reason);
+}
+
+#[inline(always)]
+fn tp_receive_reset(ctx: &impl EbpfContext) {
+    on_plain(hook::TCP_RECEIVE_RESET, tp_arg(ctx, 0));
+}
+
+#[inline(always)]
+fn tp_destroy_sock(ctx: &impl EbpfContext) {
+    on_destroy(tp_arg(ctx, 0));
+}
+
+tracepoint_pair!(
+    tp_btf_inet_sock_set_state,
+    raw_tp_inet_sock_set_state,
+    "inet_sock_set_state",
+    tp_set_state
+);
+tracepoint_pair!(
+    tp_btf_tcp_send_reset,
+    raw_tp_tcp_send_reset,
+    "tcp_send_reset",
+    tp_send_reset
+);
+tracepoint_pair!(
+    tp_btf_tcp_receive_reset,
+    raw_tp_tcp_receive_reset,
+    "tcp_receive_reset",
+    tp_receive_reset
+);
+tracepoint_pair!(
+    tp_btf_tcp_destroy_sock,
+    raw_tp_tcp_destroy_sock,
+    "tcp_destroy_sock",
+    tp_destroy_sock
+);
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

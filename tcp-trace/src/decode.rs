@@ -1,0 +1,397 @@
+//! Raw ring-buffer records -> typed events. Checks sizes and hook numbers (a record that does not
+//! fit the ABI is an error, not a guess) and decodes kernel enums by the names BTF gave them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag, hook};
+
+use crate::kernel::btf::KernelFacts;
+
+/// Reinterprets one ring-buffer record as an [`Event`].
+pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
+    if bytes.len() != EVENT_SIZE {
+        bail!(
+            "event record is {} bytes, expected {EVENT_SIZE}: the eBPF object and this binary \
+             disagree on the ABI",
+            bytes.len()
+        );
+    }
+    // SAFETY: Event is repr(C) plain data, every bit pattern is valid, and the length matches.
+    let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+    if ev.hook == 0 || ev.hook > hook::MAX {
+        bail!("event record has unknown hook number {}", ev.hook);
+    }
+    Ok(ev)
+}
+
+/// The bytes of an [`Event`], as the kernel wrote them (for recording).
+pub fn event_bytes(ev: &Event) -> &[u8] {
+    // SAFETY: Event is repr(C) with explicit layout; reading its bytes is always valid.
+    unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), EVENT_SIZE) }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    TcpClose,
+    TcpFin,
+    TcpSendFin,
+    TcpSendActiveReset,
+    TcpTimeWait,
+    TcpTimewaitStateProcess,
+    TcpTimewaitStateProcessReturn,
+    InetSockSetState,
+    TcpSendReset,
+    TcpReceiveReset,
+    TcpDestroySock,
+}
+
+impl Hook {
+    pub fn from_abi(n: u8) -> Option<Self> {
+        Some(match n {
+            hook::TCP_CLOSE => Hook::TcpClose,
+            hook::TCP_FIN => Hook::TcpFin,
+            hook::TCP_SEND_FIN => Hook::TcpSendFin,
+            hook::TCP_SEND_ACTIVE_RESET => Hook::TcpSendActiveReset,
+            hook::TCP_TIME_WAIT => Hook::TcpTimeWait,
+            hook::TW_STATE_PROCESS => Hook::TcpTimewaitStateProcess,
+            hook::TW_STATE_PROCESS_RET => Hook::TcpTimewaitStateProcessReturn,
+            hook::INET_SOCK_SET_STATE => Hook::InetSockSetState,
+            hook::TCP_SEND_RESET => Hook::TcpSendReset,
+            hook::TCP_RECEIVE_RESET => Hook::TcpReceiveReset,
+            hook::TCP_DESTROY_SOCK => Hook::TcpDestroySock,
+            _ => return None,
+        })
+    }
+
+    /// Short name for human output.
+    pub fn short(self) -> &'static str {
+        match self {
+            Hook::TcpClose => "close",
+            Hook::TcpFin => "fin-rcvd",
+            Hook::TcpSendFin => "send-fin",
+            Hook::TcpSendActiveReset => "active-rst",
+            Hook::TcpTimeWait => "time-wait",
+            Hook::TcpTimewaitStateProcess => "tw-segment",
+            Hook::TcpTimewaitStateProcessReturn => "tw-verdict",
+            Hook::InetSockSetState => "state",
+            Hook::TcpSendReset => "send-rst",
+            Hook::TcpReceiveReset => "rcv-rst",
+            Hook::TcpDestroySock => "destroy",
+        }
+    }
+}
+
+/// Kernel TCP state names (include/net/tcp_states.h).
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
+    /// `kernel`: learned in process context by the eBPF side; `inferred`: deduced in userspace
+    /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner).
+    pub source: OwnerSource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerSource {
+    Kernel,
+    Inferred,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseDetails {
+    /// tcp_close's timeout argument, jiffies (the SO_LINGER time when lingering).
+    pub timeout_jiffies: i64,
+    pub linger: bool,
+    pub linger_jiffies: i64,
+    /// Received bytes the application never read (rcv_nxt - copied_seq, less a pending FIN).
+    pub unread: u32,
+    /// Bytes written but not yet sent (write_seq - snd_nxt).
+    pub unsent: u32,
+    /// Bytes sent but not yet acknowledged (snd_nxt - snd_una).
+    pub unacked: u32,
+    /// A FIN had been received (SOCK_DONE).
+    pub fin_received: bool,
+    pub orphan: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    pub flags: String,
+    pub seq: u32,
+    pub ack: u32,
+    pub len: u32,
+    /// The minisocket's rcv_nxt when the segment arrived.
+    pub tw_rcv_nxt: u32,
+}
+
+/// One decoded event: the stable JSON schema of `--json` lines with `"type": "event"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceEvent {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub hook: Hook,
+    /// The task on the CPU when the hook ran (in softirq: whatever it interrupted).
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// The process that owns the socket, when known.
+    pub owner: Option<Owner>,
+    pub netns: u32,
+    /// Kernel address of the socket (the TIME_WAIT minisocket for TW hooks), as hex.
+    pub sk: String,
+    pub family: Option<String>,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    /// The socket's state when the hook ran (TW substate for TW hooks).
+    pub state: Option<String>,
+    /// inet_sock_set_state: the new state; tcp_time_wait: the requested TW substate;
+    /// tcp_timewait_state_process return: the substate afterwards.
+    pub new_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub close: Option<CloseDetails>,
+    /// RST reason by kernel name (SK_RST_REASON_ prefix dropped), where the kernel has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rst_reason: Option<String>,
+    /// tcp_send_reset: true for an active reset (no incoming segment), false for a reply.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rst_active: Option<bool>,
+    /// tcp_time_wait: timeo in jiffies.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub timeo_jiffies: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub segment: Option<Segment>,
+    /// tcp_timewait_state_process return: enum tcp_tw_status by name.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tw_status: Option<String>,
+}
+
+pub fn comm_str(c: &[u8]) -> String {
+    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
+fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(*raw)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn tcp_flags(f: u8) -> String {
+    const NAMES: [(u8, char); 6] = [
+        (0x02, 'S'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x08, 'P'),
+        (0x10, '.'),
+        (0x20, 'U'),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| f & bit != 0)
+        .map(|(_, c)| *c)
+        .collect()
+}
+
+/// Decodes `ev` with the enum names in `facts`. `owner` is the owner after userspace
+/// attribution (see `flows::owners`), which may know more than the kernel did.
+pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
+    let hook = Hook::from_abi(ev.hook).unwrap_or(Hook::InetSockSetState);
+    let family = match ev.family {
+        AF_INET => Some("ipv4".to_string()),
+        AF_INET6 => Some("ipv6".to_string()),
+        _ => None,
+    };
+    let owner = (ev.flags & flag::OWNER_KNOWN != 0).then(|| Owner {
+        pid: ev.owner_tgid,
+        comm: comm_str(&ev.owner_comm),
+        source: OwnerSource::Kernel,
+    });
+    let has_state = ev.flags & flag::TUPLE_FROM_SKB == 0;
+    let new_state = matches!(
+        hook,
+        Hook::InetSockSetState | Hook::TcpTimeWait | Hook::TcpTimewaitStateProcessReturn
+    )
+    .then(|| state_name(ev.new_state).to_string());
+    let mut out = TraceEvent {
+        ts_ns: ev.ts_ns,
+        cpu: ev.cpu,
+        hook,
+        pid: ev.tgid,
+        tid: ev.tid,
+        comm: comm_str(&ev.comm),
+        owner,
+        netns: ev.netns,
+        sk: format!("{:#x}", ev.sk),
+        family,
+        local: addr(ev.family, &ev.saddr, ev.sport),
+        remote: addr(ev.family, &ev.daddr, ev.dport),
+        state: has_state.then(|| state_name(ev.old_state).to_string()),
+        new_state,
+        close: None,
+        rst_reason: None,
+        rst_active: None,
+        timeo_jiffies: None,
+        segment: None,
+        tw_status: None,
+    };
+    if ev.flags & flag::HAS_REASON != 0 {
+        out.rst_reason = Some(facts.rst_reason_name(ev.reason));
+    }
+    match hook {
+        Hook::TcpClose if ev.flags & flag::HAS_CLOSE_DETAILS != 0 => {
+            out.close = Some(CloseDetails {
+                timeout_jiffies: ev.timeout,
+                linger: ev.flags & flag::LINGER != 0,
+                linger_jiffies: ev.linger_jiffies,
+                unread: ev.unread,
+                unsent: ev.unsent,
+                unacked: ev.unacked,
+                fin_received: ev.flags & flag::SOCK_DONE != 0,
+                orphan: ev.flags & flag::ORPHAN != 0,
+            })
+        }
+        Hook::TcpSendReset => out.rst_active = Some(ev.skb == 0),
+        Hook::TcpSendActiveReset => out.rst_active = Some(true),
+        Hook::TcpTimeWait => out.timeo_jiffies = Some(ev.timeout),
+        Hook::TcpTimewaitStateProcess => {
+            out.segment = Some(Segment {
+                flags: tcp_flags(ev.tcp_flags),
+                seq: ev.seq,
+                ack: ev.ack_seq,
+                len: ev.seg_len,
+                tw_rcv_nxt: ev.rcv_nxt,
+            })
+        }
+        Hook::TcpTimewaitStateProcessReturn if ev.flags & flag::HAS_RET != 0 => {
+            out.tw_status = Some(facts.tw_status_name(ev.ret))
+        }
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::kernel::btf::{KernelBtf, testing::fake_kernel};
+
+    pub fn facts() -> KernelFacts {
+        KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap()).unwrap()
+    }
+
+    pub fn v4_event(hook: u8, sport: u16, dport: u16) -> Event {
+        let mut ev = Event::zeroed();
+        ev.hook = hook;
+        ev.family = AF_INET;
+        ev.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        ev.sport = sport;
+        ev.dport = dport;
+        ev.sk = 0xffff_8880_1234_5678;
+        ev.comm[..4].copy_from_slice(b"curl");
+        ev
+    }
+
+    #[test]
+    fn raw_records_round_trip_and_bad_sizes_are_errors() {
+        let ev = v4_event(hook::TCP_CLOSE, 40000, 80);
+        let bytes = event_bytes(&ev).to_vec();
+        assert_eq!(parse_raw(&bytes).unwrap(), ev);
+        let err = parse_raw(&bytes[..100]).unwrap_err().to_string();
+        assert!(err.contains("100 bytes"), "{err}");
+        let mut bad = ev;
+        bad.hook = 200;
+        assert!(parse_raw(event_bytes(&bad)).is_err());
+    }
+
+    #[test]
+    fn close_with_unread_data_decodes() {
+        let mut ev = v4_event(hook::TCP_CLOSE, 5000, 40000);
+        ev.old_state = 1;
+        ev.flags = flag::HAS_CLOSE_DETAILS | flag::OWNER_KNOWN | flag::LINGER;
+        ev.unread = 42;
+        ev.owner_tgid = 77;
+        ev.owner_comm[..3].copy_from_slice(b"srv");
+        let t = decode(&ev, &facts());
+        assert_eq!(t.hook, Hook::TcpClose);
+        assert_eq!(t.local.unwrap().to_string(), "127.0.0.1:5000");
+        assert_eq!(t.remote.unwrap().to_string(), "127.0.0.2:40000");
+        assert_eq!(t.state.as_deref(), Some("ESTABLISHED"));
+        let c = t.close.unwrap();
+        assert_eq!((c.unread, c.linger), (42, true));
+        assert_eq!(t.owner.unwrap().pid, 77);
+        assert_eq!(t.comm, "curl");
+    }
+
+    #[test]
+    fn reset_reason_and_tw_status_decode_by_name() {
+        let f = facts();
+        let mut ev = v4_event(hook::TCP_SEND_RESET, 1, 2);
+        ev.flags = flag::HAS_REASON;
+        ev.reason = 9;
+        let t = decode(&ev, &f);
+        assert_eq!(t.rst_reason.as_deref(), Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(t.rst_active, Some(true));
+
+        let mut ev = v4_event(hook::TW_STATE_PROCESS_RET, 1, 2);
+        ev.flags = flag::HAS_RET;
+        ev.ret = 3;
+        ev.new_state = 6;
+        let t = decode(&ev, &f);
+        assert_eq!(t.tw_status.as_deref(), Some("SYN"));
+        assert_eq!(t.new_state.as_deref(), Some("TIME_WAIT"));
+    }
+
+    #[test]
+    fn ipv6_and_segment_flags() {
+        let mut ev = v4_event(hook::TW_STATE_PROCESS, 80, 1234);
+        ev.family = AF_INET6;
+        ev.saddr = Ipv6Addr::LOCALHOST.octets();
+        ev.daddr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.tcp_flags = 0x11;
+        ev.seg_len = 0;
+        let t = decode(&ev, &facts());
+        assert_eq!(t.local.unwrap().to_string(), "[::1]:80");
+        assert_eq!(t.remote.unwrap().to_string(), "[::ffff:10.0.0.1]:1234");
+        assert_eq!(t.segment.unwrap().flags, "F.");
+    }
+
+    #[test]
+    fn json_lines_are_stable() {
+        let ev = v4_event(hook::INET_SOCK_SET_STATE, 1, 2);
+        let t = decode(&ev, &facts());
+        let v: serde_json::Value = serde_json::to_value(&t).unwrap();
+        for key in ["ts_ns", "hook", "pid", "comm", "owner", "local", "remote", "state", "sk"] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["hook"], "inet_sock_set_state");
+        let back: TraceEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, t);
+    }
+}

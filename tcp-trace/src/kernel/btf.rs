@@ -1,0 +1,592 @@
+//! What the programs need to know about the running kernel, read from its BTF: struct field
+//! offsets, function and tracepoint signatures, and enum values by name. Pure parsing: it takes
+//! BTF bytes and never touches the system, so it is tested with hand-built BTF blobs.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use btf_rs::{Btf, BtfType, Type};
+use serde::Serialize;
+use tcp_trace_common::Config;
+
+/// The running kernel's BTF, with the look-ups tcp-trace needs.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let btf = Btf::from_bytes(bytes).map_err(|e| anyhow!("malformed BTF: {e}"))?;
+        Ok(Self { btf })
+    }
+
+    fn named(&self, name: &str) -> Vec<Type> {
+        self.btf.resolve_types_by_name(name).unwrap_or_default()
+    }
+
+    fn strukt(&self, name: &str) -> Result<btf_rs::Struct> {
+        self.named(name)
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("struct {name} is not in the kernel's BTF"))
+    }
+
+    fn name_of(&self, t: &dyn BtfType) -> String {
+        self.btf.resolve_name(t).unwrap_or_default()
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn underlying(&self, mut t: Type) -> Result<Type> {
+        for _ in 0..32 {
+            t = match t {
+                Type::Typedef(ref x) => self.btf.resolve_chained_type(x)?,
+                Type::Volatile(ref x) | Type::Const(ref x) | Type::Restrict(ref x) => {
+                    self.btf.resolve_chained_type(x)?
+                }
+                Type::TypeTag(ref x) => self.btf.resolve_chained_type(x)?,
+                other => return Ok(other),
+            };
+        }
+        bail!("type chain too long")
+    }
+
+    /// Byte offset of `field` in `members` (a struct or union body), descending into anonymous
+    /// structs and unions the way C does. Bitfields are refused: the programs read whole bytes.
+    fn find_member(&self, members: &[btf_rs::Member], field: &str) -> Result<Option<(u32, Type)>> {
+        for m in members {
+            let name = self.name_of(m);
+            if name == field {
+                if m.bitfield_size().is_some_and(|b| b != 0) {
+                    bail!("field {field} is a bitfield");
+                }
+                if m.bit_offset() % 8 != 0 {
+                    bail!("field {field} is not byte aligned");
+                }
+                let ty = self.btf.resolve_chained_type(m)?;
+                return Ok(Some((m.bit_offset() / 8, ty)));
+            }
+            if name.is_empty() {
+                let inner = self.underlying(self.btf.resolve_chained_type(m)?)?;
+                let body = match inner {
+                    Type::Struct(s) | Type::Union(s) => s.members,
+                    _ => continue,
+                };
+                if let Some((off, ty)) = self.find_member(&body, field)? {
+                    return Ok(Some((m.bit_offset() / 8 + off, ty)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset of a dotted field path (`"ns.inum"`) from the start of `struct name`.
+    pub fn offset_of(&self, name: &str, path: &str) -> Result<u32> {
+        let mut members = self.strukt(name)?.members;
+        let mut total = 0;
+        let mut parts = path.split('.').peekable();
+        while let Some(field) = parts.next() {
+            let (off, ty) = self
+                .find_member(&members, field)?
+                .ok_or_else(|| anyhow!("struct {name} has no field {path}"))?;
+            total += off;
+            if parts.peek().is_some() {
+                members = match self.underlying(ty)? {
+                    Type::Struct(s) | Type::Union(s) => s.members,
+                    _ => bail!("{name}.{path}: {field} is not a struct"),
+                };
+            }
+        }
+        Ok(total)
+    }
+
+    /// Enumerators of `enum name` (32- or 64-bit), by value.
+    pub fn enum_values(&self, name: &str) -> Result<BTreeMap<u64, String>> {
+        for t in self.named(name) {
+            match t {
+                Type::Enum(e) if !e.members.is_empty() => {
+                    return Ok(e
+                        .members
+                        .iter()
+                        .map(|m| (m.val() as u64, self.name_of(m)))
+                        .collect());
+                }
+                Type::Enum64(e) if !e.members.is_empty() => {
+                    return Ok(e
+                        .members
+                        .iter()
+                        .map(|m| (m.val(), self.name_of(m)))
+                        .collect());
+                }
+                _ => {}
+            }
+        }
+        bail!("enum {name} is not in the kernel's BTF")
+    }
+
+    fn proto_params(&self, proto: &btf_rs::FuncProto) -> Vec<String> {
+        proto.parameters.iter().map(|p| self.name_of(p)).collect()
+    }
+
+    /// Parameter names of kernel function `name`, or None when BTF has no such function (it
+    /// does not exist, or was inlined everywhere and has no symbol).
+    pub fn function_params(&self, name: &str) -> Result<Option<Vec<String>>> {
+        for t in self.named(name) {
+            if let Type::Func(f) = t {
+                if let Type::FuncProto(p) = self.btf.resolve_chained_type(&f)? {
+                    return Ok(Some(self.proto_params(&p)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Arguments of tracepoint `name` (its TP_PROTO, without the leading context pointer), from
+    /// the `btf_trace_<name>` typedef the kernel defines for every tracepoint.
+    pub fn tracepoint_params(&self, name: &str) -> Result<Option<Vec<String>>> {
+        for t in self.named(&format!("btf_trace_{name}")) {
+            if let Type::Typedef(td) = t {
+                let ptr = self.btf.resolve_chained_type(&td)?;
+                let Type::Ptr(ptr) = ptr else { continue };
+                if let Type::FuncProto(p) = self.btf.resolve_chained_type(&ptr)? {
+                    let mut params = self.proto_params(&p);
+                    if !params.is_empty() {
+                        params.remove(0);
+                    }
+                    return Ok(Some(params));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Kernel functions tcp-trace hooks, and whether BTF shows them.
+pub const FUNCTIONS: [&str; 6] = [
+    "tcp_close",
+    "tcp_fin",
+    "tcp_send_fin",
+    "tcp_send_active_reset",
+    "tcp_time_wait",
+    "tcp_timewait_state_process",
+];
+pub const TRACEPOINTS: [&str; 4] = [
+    "inet_sock_set_state",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "tcp_destroy_sock",
+];
+
+/// Everything tcp-trace learned from BTF. Serialized into recorded traces so that replay can
+/// decode them without the kernel.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct KernelFacts {
+    /// Field offsets and signature flags handed to the eBPF programs.
+    #[serde(skip)]
+    pub config: Config,
+    /// `enum sk_rst_reason` (6.10+), value -> name without the `SK_RST_REASON_` prefix.
+    pub rst_reasons: BTreeMap<u64, String>,
+    /// `enum tcp_tw_status`, value -> name without the `TCP_TW_` prefix.
+    pub tw_status: BTreeMap<u64, String>,
+    /// Parameter names of each hooked function; absent when BTF does not list it.
+    pub functions: BTreeMap<String, Vec<String>>,
+    /// Arguments of each tracepoint.
+    pub tracepoints: BTreeMap<String, Vec<String>>,
+}
+
+fn strip_all(map: BTreeMap<u64, String>, prefix: &str) -> BTreeMap<u64, String> {
+    map.into_iter()
+        .map(|(k, v)| (k, v.strip_prefix(prefix).map(str::to_string).unwrap_or(v)))
+        .collect()
+}
+
+impl KernelFacts {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self> {
+        let off = |s: &str, f: &str| {
+            btf.offset_of(s, f)
+                .with_context(|| format!("reading the offset of {s}.{f} from BTF"))
+        };
+        let sock_flags = btf.enum_values("sock_flags")?;
+        let flag_bit = |name: &str| -> Result<u32> {
+            sock_flags
+                .iter()
+                .find(|(_, n)| n.as_str() == name)
+                .map(|(v, _)| *v as u32)
+                .ok_or_else(|| anyhow!("enum sock_flags has no {name}"))
+        };
+        let mut functions = BTreeMap::new();
+        for f in FUNCTIONS {
+            if let Some(p) = btf.function_params(f)? {
+                functions.insert(f.to_string(), p);
+            }
+        }
+        let mut tracepoints = BTreeMap::new();
+        for tp in TRACEPOINTS {
+            if let Some(p) = btf.tracepoint_params(tp)? {
+                tracepoints.insert(tp.to_string(), p);
+            }
+        }
+        let has_param = |params: Option<&Vec<String>>, idx: usize| -> u32 {
+            params.is_some_and(|p| p.len() > idx) as u32
+        };
+        let config = Config {
+            skc_daddr: off("sock_common", "skc_daddr")?,
+            skc_rcv_saddr: off("sock_common", "skc_rcv_saddr")?,
+            skc_dport: off("sock_common", "skc_dport")?,
+            skc_num: off("sock_common", "skc_num")?,
+            skc_family: off("sock_common", "skc_family")?,
+            skc_state: off("sock_common", "skc_state")?,
+            skc_v6_daddr: off("sock_common", "skc_v6_daddr")?,
+            skc_v6_rcv_saddr: off("sock_common", "skc_v6_rcv_saddr")?,
+            skc_net: off("sock_common", "skc_net")?,
+            net_ns_inum: off("net", "ns.inum")?,
+            sk_flags: off("sock_common", "skc_flags")?,
+            sk_lingertime: off("sock", "sk_lingertime")?,
+            sk_protocol: off("sock", "sk_protocol")?,
+            tp_rcv_nxt: off("tcp_sock", "rcv_nxt")?,
+            tp_copied_seq: off("tcp_sock", "copied_seq")?,
+            tp_write_seq: off("tcp_sock", "write_seq")?,
+            tp_snd_nxt: off("tcp_sock", "snd_nxt")?,
+            tp_snd_una: off("tcp_sock", "snd_una")?,
+            tw_substate: off("inet_timewait_sock", "tw_substate")?,
+            // #define tw_rcv_nxt tw_sk.__tw_common.skc_tw_rcv_nxt
+            tw_rcv_nxt: off("sock_common", "skc_tw_rcv_nxt")?,
+            skb_len: off("sk_buff", "len")?,
+            skb_head: off("sk_buff", "head")?,
+            skb_network_header: off("sk_buff", "network_header")?,
+            skb_transport_header: off("sk_buff", "transport_header")?,
+            sock_flag_dead: flag_bit("SOCK_DEAD")?,
+            sock_flag_done: flag_bit("SOCK_DONE")?,
+            sock_flag_linger: flag_bit("SOCK_LINGER")?,
+            // (sk, gfp_t) before 6.10, (sk, gfp_t, enum sk_rst_reason) after.
+            active_reset_has_reason: has_param(functions.get("tcp_send_active_reset"), 2),
+            // TP_PROTO(sk, skb) before 6.10, (sk, skb, reason) after.
+            send_reset_has_reason: has_param(tracepoints.get("tcp_send_reset"), 2),
+            filter_pids: 0,
+            filter_ports: 0,
+            inet_sport: off("inet_sock", "inet_sport")?,
+        };
+        Ok(Self {
+            config,
+            rst_reasons: btf
+                .enum_values("sk_rst_reason")
+                .map(|m| strip_all(m, "SK_RST_REASON_"))
+                .unwrap_or_default(),
+            tw_status: strip_all(btf.enum_values("tcp_tw_status")?, "TCP_TW_"),
+            functions,
+            tracepoints,
+        })
+    }
+
+    pub fn rst_reason_name(&self, value: u32) -> String {
+        self.rst_reasons
+            .get(&(value as u64))
+            .cloned()
+            .unwrap_or_else(|| format!("reason#{value}"))
+    }
+
+    pub fn tw_status_name(&self, value: i32) -> String {
+        self.tw_status
+            .get(&(value as u64))
+            .cloned()
+            .unwrap_or_else(|| format!("status#{value}"))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A tiny BTF writer, to test the look-ups on known layouts without a kernel.
+
+    #[derive(Default)]
+    pub struct BtfBuilder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    const INT: u32 = 1;
+    const PTR: u32 = 2;
+    const STRUCT: u32 = 4;
+    const UNION: u32 = 5;
+    const ENUM: u32 = 6;
+    const TYPEDEF: u32 = 8;
+    const FUNC: u32 = 12;
+    const FUNC_PROTO: u32 = 13;
+
+    impl BtfBuilder {
+        pub fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
+        }
+
+        fn str(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn header(&mut self, name: &str, kind: u32, vlen: u32, size_or_type: u32) -> u32 {
+            let name_off = self.str(name);
+            for w in [name_off, (kind << 24) | vlen, size_or_type] {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        }
+
+        fn word(&mut self, w: u32) {
+            self.types.extend_from_slice(&w.to_le_bytes());
+        }
+
+        pub fn int(&mut self, name: &str, size: u32) -> u32 {
+            let id = self.header(name, INT, 0, size);
+            self.word(size * 8);
+            id
+        }
+
+        pub fn ptr(&mut self, to: u32) -> u32 {
+            self.header("", PTR, 0, to)
+        }
+
+        /// `members`: (name, type id, byte offset).
+        pub fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            self.aggregate(STRUCT, name, size, members)
+        }
+
+        pub fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            self.aggregate(UNION, name, size, members)
+        }
+
+        fn aggregate(&mut self, kind: u32, name: &str, size: u32, m: &[(&str, u32, u32)]) -> u32 {
+            let id = self.header(name, kind, m.len() as u32, size);
+            for (n, ty, off) in m {
+                let n = self.str(n);
+                self.word(n);
+                self.word(*ty);
+                self.word(off * 8);
+            }
+            id
+        }
+
+        pub fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+            let id = self.header(name, ENUM, values.len() as u32, 4);
+            for (n, v) in values {
+                let n = self.str(n);
+                self.word(n);
+                self.word(*v);
+            }
+            id
+        }
+
+        pub fn typedef(&mut self, name: &str, to: u32) -> u32 {
+            self.header(name, TYPEDEF, 0, to)
+        }
+
+        pub fn func_proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
+            let id = self.header("", FUNC_PROTO, params.len() as u32, ret);
+            for (n, ty) in params {
+                let n = self.str(n);
+                self.word(n);
+                self.word(*ty);
+            }
+            id
+        }
+
+        pub fn func(&mut self, name: &str, proto: u32) -> u32 {
+            self.header(name, FUNC, 1, proto)
+        }
+
+        pub fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&0xeb9fu16.to_le_bytes());
+            out.push(1); // version
+            out.push(0); // flags
+            out.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
+            out.extend_from_slice(&0u32.to_le_bytes()); // type_off
+            out.extend_from_slice(&(self.types.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(self.types.len() as u32).to_le_bytes()); // str_off
+            out.extend_from_slice(&(self.strings.len() as u32).to_le_bytes());
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A kernel-shaped BTF: the structs and enums tcp-trace reads, with anonymous unions where
+    /// the kernel has them. `with_reason` adds the 6.10+ reset-reason parameters.
+    pub fn fake_kernel(with_reason: bool) -> Vec<u8> {
+        let mut b = BtfBuilder::new();
+        let u8_ = b.int("unsigned char", 1);
+        let u16_ = b.int("short unsigned int", 2);
+        let u32_ = b.int("unsigned int", 4);
+        let u64_ = b.int("long unsigned int", 8);
+        let addr6 = b.strukt("in6_addr", 16, &[("s6_addr32", u32_, 0)]);
+        let pair = b.strukt("", 8, &[("skc_daddr", u32_, 0), ("skc_rcv_saddr", u32_, 4)]);
+        let addrpair = b.union("", 8, &[("skc_addrpair", u64_, 0), ("", pair, 0)]);
+        let ports = b.strukt("", 4, &[("skc_dport", u16_, 0), ("skc_num", u16_, 2)]);
+        let portpair = b.union("", 4, &[("skc_portpair", u32_, 0), ("", ports, 0)]);
+        let net_fwd = b.strukt("ns_common", 16, &[("stashed", u64_, 0), ("inum", u32_, 12)]);
+        let net = b.strukt("net", 64, &[("passive", u32_, 0), ("ns", net_fwd, 40)]);
+        let netp = b.ptr(net);
+        let possible = b.strukt("", 8, &[("net", netp, 0)]);
+        let possible_t = b.typedef("possible_net_t", possible);
+        let sc = b.strukt(
+            "sock_common",
+            136,
+            &[
+                ("", addrpair, 0),
+                ("skc_hash", u32_, 8),
+                ("", portpair, 12),
+                ("skc_family", u16_, 16),
+                ("skc_state", u8_, 18),
+                ("skc_net", possible_t, 48),
+                ("skc_v6_daddr", addr6, 56),
+                ("skc_v6_rcv_saddr", addr6, 72),
+                ("skc_flags", u64_, 96),
+                ("skc_tw_rcv_nxt", u32_, 104),
+            ],
+        );
+        let sock = b.strukt(
+            "sock",
+            760,
+            &[
+                ("__sk_common", sc, 0),
+                ("sk_lingertime", u64_, 300),
+                ("sk_protocol", u16_, 514),
+            ],
+        );
+        b.strukt(
+            "tcp_sock",
+            2200,
+            &[
+                ("inet_conn", sock, 0),
+                ("rcv_nxt", u32_, 1540),
+                ("copied_seq", u32_, 1544),
+                ("write_seq", u32_, 1700),
+                ("snd_nxt", u32_, 1580),
+                ("snd_una", u32_, 1704),
+            ],
+        );
+        b.strukt("inet_sock", 1000, &[("sk", sock, 0), ("inet_sport", u16_, 780)]);
+        let tw = b.strukt(
+            "inet_timewait_sock",
+            168,
+            &[("__tw_common", sc, 0), ("tw_substate", u8_, 148)],
+        );
+        b.strukt("tcp_timewait_sock", 200, &[("tw_sk", tw, 0), ("tw_rcv_wnd", u32_, 168)]);
+        let hdrs = b.strukt(
+            "",
+            8,
+            &[("transport_header", u16_, 0), ("network_header", u16_, 2)],
+        );
+        let hdr_union = b.union("", 8, &[("", hdrs, 0), ("headers", hdrs, 0)]);
+        b.strukt(
+            "sk_buff",
+            232,
+            &[("len", u32_, 112), ("", hdr_union, 180), ("head", u64_, 200)],
+        );
+        b.enumeration(
+            "sock_flags",
+            &[("SOCK_DEAD", 0), ("SOCK_DONE", 1), ("SOCK_LINGER", 6)],
+        );
+        b.enumeration(
+            "tcp_tw_status",
+            &[
+                ("TCP_TW_SUCCESS", 0),
+                ("TCP_TW_RST", 1),
+                ("TCP_TW_ACK", 2),
+                ("TCP_TW_SYN", 3),
+            ],
+        );
+        let sockp = b.ptr(sock);
+        let voidp = b.ptr(0);
+        let close = b.func_proto(0, &[("sk", sockp), ("timeout", u64_)]);
+        b.func("tcp_close", close);
+        if with_reason {
+            let reason = b.enumeration(
+                "sk_rst_reason",
+                &[
+                    ("SK_RST_REASON_NOT_SPECIFIED", 0),
+                    ("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 9),
+                ],
+            );
+            let ar = b.func_proto(0, &[("sk", sockp), ("priority", u32_), ("reason", reason)]);
+            b.func("tcp_send_active_reset", ar);
+            let tp = b.func_proto(
+                0,
+                &[("__data", voidp), ("sk", sockp), ("skb", voidp), ("reason", reason)],
+            );
+            let tpp = b.ptr(tp);
+            b.typedef("btf_trace_tcp_send_reset", tpp);
+        } else {
+            let ar = b.func_proto(0, &[("sk", sockp), ("priority", u32_)]);
+            b.func("tcp_send_active_reset", ar);
+            let tp = b.func_proto(0, &[("__data", voidp), ("sk", sockp), ("skb", voidp)]);
+            let tpp = b.ptr(tp);
+            b.typedef("btf_trace_tcp_send_reset", tpp);
+        }
+        b.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::fake_kernel;
+    use super::*;
+
+    #[test]
+    fn offsets_descend_into_anonymous_unions_and_nested_paths() {
+        let btf = KernelBtf::from_bytes(&fake_kernel(true)).unwrap();
+        assert_eq!(btf.offset_of("sock_common", "skc_daddr").unwrap(), 0);
+        assert_eq!(btf.offset_of("sock_common", "skc_rcv_saddr").unwrap(), 4);
+        assert_eq!(btf.offset_of("sock_common", "skc_dport").unwrap(), 12);
+        assert_eq!(btf.offset_of("sock_common", "skc_num").unwrap(), 14);
+        assert_eq!(btf.offset_of("net", "ns.inum").unwrap(), 52);
+        assert_eq!(btf.offset_of("sk_buff", "network_header").unwrap(), 182);
+        let err = btf.offset_of("sock", "sk_nonexistent").unwrap_err();
+        assert!(err.to_string().contains("no field sk_nonexistent"), "{err}");
+        assert!(btf.offset_of("no_such_struct", "x").is_err());
+    }
+
+    #[test]
+    fn facts_follow_the_kernel_generation() {
+        let new = KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap())
+            .unwrap();
+        assert_eq!(new.config.active_reset_has_reason, 1);
+        assert_eq!(new.config.send_reset_has_reason, 1);
+        assert_eq!(new.config.sock_flag_linger, 6);
+        assert_eq!(new.config.tp_rcv_nxt, 1540);
+        assert_eq!(new.config.tw_rcv_nxt, 104);
+        assert_eq!(new.rst_reason_name(9), "TCP_ABORT_ON_CLOSE");
+        assert_eq!(new.rst_reason_name(77), "reason#77");
+        assert_eq!(new.tw_status_name(3), "SYN");
+        assert_eq!(
+            new.tracepoints["tcp_send_reset"],
+            vec!["sk".to_string(), "skb".into(), "reason".into()]
+        );
+
+        let old = KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap())
+            .unwrap();
+        assert_eq!(old.config.active_reset_has_reason, 0);
+        assert_eq!(old.config.send_reset_has_reason, 0);
+        assert!(old.rst_reasons.is_empty());
+        assert_eq!(old.functions["tcp_send_active_reset"].len(), 2);
+        assert!(!old.functions.contains_key("tcp_fin"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(KernelBtf::from_bytes(b"not btf").is_err());
+        assert!(KernelBtf::from_bytes(&[]).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! tcp-trace: watch the Linux kernel tear TCP connections down, and check each one against a
+//! reference model of the kernel's teardown state machine.
+//!
+//! The modules follow the data's path: [`kernel`] (facts from BTF and /proc) -> [`attach`] (load
+//! and attach the eBPF programs) -> [`decode`] (raw events to typed ones) -> [`owners`] (who owns
+//! each socket) -> [`live`] (stream and print); [`doctor`] reports what this kernel allows.
+
+pub mod attach;
+pub mod decode;
+pub mod doctor;
+pub mod kernel;
+pub mod live;
+pub mod owners;

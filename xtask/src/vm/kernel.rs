@@ -1,0 +1,220 @@
+//! Fetching and caching Debian kernels: pick the newest package apt offers for a catalogue entry,
+//! download it once, and keep vmlinuz, its config and its module tree under
+//! `<cache>/kernels/<package>/`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use super::catalogue::{self, KernelSpec};
+use super::host::{self, say};
+use super::modules::ModuleTree;
+
+/// Marker written last into a kernel's cache directory: its presence means the entry is whole.
+const COMPLETE: &str = ".complete";
+
+/// A kernel ready to boot, out of the cache.
+#[derive(Debug, Clone)]
+pub struct PreparedKernel {
+    /// The catalogue name (`6.12`).
+    pub name: String,
+    /// The Debian package it came from.
+    pub package: String,
+    /// That package's Debian version (`6.12.117-1~deb12u1`), as apt reported it.
+    pub version: String,
+    /// The kernel release (`uname -r` in the guest).
+    pub release: String,
+    /// `<cache>/kernels/<package>`.
+    pub dir: PathBuf,
+    pub vmlinuz: PathBuf,
+    /// `lib/modules/<release>` as shipped (modules still compressed).
+    pub modules_dir: PathBuf,
+}
+
+impl PreparedKernel {
+    fn load(name: &str, dir: &Path) -> Result<Self> {
+        let read = |f: &str| -> Result<String> {
+            Ok(fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))?.trim().to_owned())
+        };
+        let release = read("release")?;
+        Ok(Self {
+            name: name.to_owned(),
+            package: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            version: read("version").unwrap_or_default(),
+            modules_dir: dir.join("modules").join(&release),
+            vmlinuz: dir.join("vmlinuz"),
+            release,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The module tree, with decompressed modules cached in `<dir>/ko/`.
+    pub fn module_tree(&self) -> Result<ModuleTree> {
+        ModuleTree::open(&self.modules_dir, &self.dir.join("ko"))
+    }
+}
+
+/// Complete cache entries for `spec`, newest package version first.
+pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
+    let dir = host::kernels_dir()?;
+    let Ok(entries) = fs::read_dir(&dir) else { return Ok(Vec::new()) };
+    let mut found = Vec::new();
+    for e in entries {
+        let path = e?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback {
+            if path.join(COMPLETE).exists() {
+                found.push(PreparedKernel::load(spec.name, &path)?);
+            }
+        }
+    }
+    found.sort_by(|a, b| catalogue::deb_version_cmp(&b.version, &a.version));
+    Ok(found)
+}
+
+/// The newest installable package apt offers for `spec` with its version, refreshing apt's lists
+/// once when they have nothing matching. `None` when apt offers nothing.
+pub fn newest_available(spec: &KernelSpec) -> Result<Option<(String, String)>> {
+    let search = || -> Result<Vec<String>> {
+        let out = host::run_checked(Command::new("apt-cache").args([
+            "search",
+            "--names-only",
+            &catalogue::glob_to_regex(spec.package_glob),
+        ]))?;
+        Ok(catalogue::parse_search(&String::from_utf8_lossy(&out.stdout), spec.package_glob))
+    };
+    let mut names = search()?;
+    if names.is_empty() && host::apt_update_once()? {
+        names = search()?;
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let out = host::run_checked(Command::new("apt-cache").arg("policy").args(&names))?;
+    let candidates = catalogue::parse_policy(&String::from_utf8_lossy(&out.stdout));
+    Ok(catalogue::choose_newest(&candidates).cloned())
+}
+
+/// Makes `spec`'s newest kernel available in the cache (downloading and extracting it when it is
+/// not there yet) and returns it. Falls back to the pinned package, then to the newest cached one.
+pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
+    let root = host::kernels_dir()?;
+    let cached = cached_kernels(spec)?;
+    let wanted = match newest_available(spec) {
+        Ok(Some((pkg, version))) => Some((pkg, version)),
+        Ok(None) => {
+            say!("kernel {}: apt offers nothing matching {}; trying {}", spec.name, spec.package_glob, spec.pinned_fallback);
+            None
+        }
+        Err(e) => {
+            if let Some(k) = cached.first() {
+                say!("kernel {}: cannot ask apt ({e:#}); using cached {}", spec.name, k.package);
+                return Ok(k.clone());
+            }
+            say!("kernel {}: cannot ask apt for {} ({e:#}); trying {}", spec.name, spec.package_glob, spec.pinned_fallback);
+            None
+        }
+    };
+    let mut to_try: Vec<(String, String)> = Vec::new();
+    if let Some(w) = wanted {
+        to_try.push(w);
+    }
+    if !to_try.iter().any(|(p, _)| p == spec.pinned_fallback) {
+        to_try.push((spec.pinned_fallback.to_owned(), String::new()));
+    }
+    let mut errors = Vec::new();
+    for (pkg, version) in &to_try {
+        if let Some(k) = cached.iter().find(|k| &k.package == pkg) {
+            say!("kernel {}: using cached {} ({})", spec.name, k.package, k.release);
+            return Ok(k.clone());
+        }
+        match download_and_extract(spec, pkg, version, &root) {
+            Ok(k) => return Ok(k),
+            Err(e) => {
+                say!("kernel {}: could not fetch {pkg}: {e:#}", spec.name);
+                errors.push(format!("{pkg}: {e:#}"));
+            }
+        }
+        // An older cached kernel of the same series beats fetching the pinned one.
+        if let Some(k) = cached.first() {
+            say!("kernel {}: falling back to cached {} ({})", spec.name, k.package, k.release);
+            return Ok(k.clone());
+        }
+    }
+    bail!(
+        "could not get a kernel for {} ({}):\n  {}\nCheck that the Debian mirror is reachable \
+         (apt-get update), or update the catalogue in xtask/src/vm/catalogue.rs",
+        spec.name,
+        spec.package_glob,
+        errors.join("\n  ")
+    )
+}
+
+fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path) -> Result<PreparedKernel> {
+    let staging = root.join(format!(".staging-{pkg}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let result = (|| {
+        say!("kernel {}: downloading {pkg} {version}(apt-get download)", spec.name, version = if version.is_empty() { String::new() } else { format!("{version} ") });
+        let dl = staging.join("download");
+        let deb = match host::apt_download(pkg, &dl) {
+            Ok(deb) => deb,
+            // The lists may be stale (the mirror dropped that version): refresh once and retry.
+            Err(e) => {
+                if host::apt_update_once()? {
+                    host::apt_download(pkg, &dl)?
+                } else {
+                    return Err(e);
+                }
+            }
+        };
+        say!("kernel {}: extracting {}", spec.name, deb.file_name().unwrap_or_default().to_string_lossy());
+        let x = staging.join("x");
+        host::run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
+        let entry = staging.join("entry");
+        fs::create_dir_all(&entry)?;
+        let boot = x.join("boot");
+        let find_boot = |prefix: &str| -> Result<PathBuf> {
+            fs::read_dir(&boot)
+                .with_context(|| format!("{pkg} has no /boot"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+                .with_context(|| format!("{pkg} has no /boot/{prefix}*"))
+        };
+        let vmlinuz = find_boot("vmlinuz-")?;
+        let release = vmlinuz.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        fs::rename(&vmlinuz, entry.join("vmlinuz"))?;
+        if let Ok(config) = find_boot("config-") {
+            fs::rename(config, entry.join("config"))?;
+        }
+        let modules = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|d| x.join(d).join(&release))
+            .find(|d| d.is_dir())
+            .with_context(|| format!("{pkg} has no lib/modules/{release}"))?;
+        fs::create_dir_all(entry.join("modules"))?;
+        fs::rename(&modules, entry.join("modules").join(&release))?;
+        let version = if version.is_empty() { deb_version(&deb).unwrap_or_default() } else { version.to_owned() };
+        fs::write(entry.join("release"), format!("{release}\n"))?;
+        fs::write(entry.join("version"), format!("{version}\n"))?;
+        fs::write(entry.join(COMPLETE), "")?;
+        let dest = root.join(pkg);
+        if let Err(e) = fs::rename(&entry, &dest) {
+            // Another run may have finished the same package first; use its copy.
+            if !dest.join(COMPLETE).exists() {
+                return Err(e).with_context(|| format!("moving the kernel into {}", dest.display()));
+            }
+        }
+        let k = PreparedKernel::load(spec.name, &dest)?;
+        say!("kernel {}: cached {} ({}) in {}", spec.name, pkg, k.release, dest.display());
+        Ok(k)
+    })();
+    let _ = fs::remove_dir_all(&staging);
+    result
+}
+
+fn deb_version(deb: &Path) -> Result<String> {
+    let out = host::run_checked(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
