@@ -1,8 +1,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -253,7 +253,10 @@ fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
     ev.unacked = snd_nxt.wrapping_sub(snd_una);
     ev.linger_jiffies = rd(sk, conf!(sk_lingertime));
     ev.rcv_nxt = rcv_nxt;
-    debug!(ctx, "tcp_close sk={:x} unread={} unsent={}", sk, ev.unread, ev.unsent);
+    debug!(
+        ctx,
+        "tcp_close sk={:x} unread={} unsent={}", sk, ev.unread, ev.unsent
+    );
     submit(ev);
 }
 
@@ -520,11 +523,7 @@ macro_rules! tracepoint_pair {
 
 #[inline(always)]
 fn tp_set_state(ctx: &impl EbpfContext) {
-    on_set_state(
-        tp_arg(ctx, 0),
-        tp_arg(ctx, 1) as u32,
-        tp_arg(ctx, 2) as u32,
-    );
+    on_set_state(tp_arg(ctx, 0), tp_arg(ctx, 1) as u32, tp_arg(ctx, 2) as u32);
 }
 
 #[inline(always)]

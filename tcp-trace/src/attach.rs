@@ -72,7 +72,9 @@ impl fmt::Display for Mechanism {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     /// A kernel function; `ret` = hook its return.
-    Function { ret: bool },
+    Function {
+        ret: bool,
+    },
     Tracepoint,
 }
 
@@ -96,7 +98,11 @@ pub const HOOKS: &[HookDef] = &[
         "fentry_tcp_send_active_reset",
         "kprobe_tcp_send_active_reset",
     ),
-    func("tcp_time_wait", "fentry_tcp_time_wait", "kprobe_tcp_time_wait"),
+    func(
+        "tcp_time_wait",
+        "fentry_tcp_time_wait",
+        "kprobe_tcp_time_wait",
+    ),
     func(
         "tcp_timewait_state_process",
         "fentry_tcp_timewait_state_process",
@@ -331,7 +337,10 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
     };
 }
 
-fn mechanisms_for(def: &HookDef, backend: Backend) -> Result<Vec<(Mechanism, &'static str)>, String> {
+fn mechanisms_for(
+    def: &HookDef,
+    backend: Backend,
+) -> Result<Vec<(Mechanism, &'static str)>, String> {
     match (def.kind, backend) {
         (Target::Tracepoint, _) => Ok(def.programs.to_vec()),
         (Target::Function { .. }, Backend::Auto) => Ok(def.programs.to_vec()),
@@ -407,8 +416,11 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     Ok(Attached { ebpf, hooks })
 }
 
+/// A hook and, for each of its mechanisms, whether it attached (or why not).
+pub type HookProbe = (&'static HookDef, Vec<(Mechanism, Result<(), String>)>);
+
 /// Tries every mechanism of every hook on its own (attach, then detach), for `doctor`.
-pub fn probe_all(facts: &KernelFacts) -> Result<Vec<(&'static HookDef, Vec<(Mechanism, Result<(), String>)>)>> {
+pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
@@ -447,17 +459,30 @@ mod tests {
     #[test]
     fn backends_choose_mechanisms() {
         let close = &HOOKS[0];
-        let set_state = HOOKS.iter().find(|h| h.name == "sock:inet_sock_set_state").unwrap();
-        let names = |b| {
-            mechanisms_for(close, b)
-                .map(|v| v.into_iter().map(|(m, _)| m).collect::<Vec<_>>())
-        };
-        assert_eq!(names(Backend::Auto).unwrap(), [Mechanism::Fentry, Mechanism::Kprobe]);
+        let set_state = HOOKS
+            .iter()
+            .find(|h| h.name == "sock:inet_sock_set_state")
+            .unwrap();
+        let names =
+            |b| mechanisms_for(close, b).map(|v| v.into_iter().map(|(m, _)| m).collect::<Vec<_>>());
+        assert_eq!(
+            names(Backend::Auto).unwrap(),
+            [Mechanism::Fentry, Mechanism::Kprobe]
+        );
         assert_eq!(names(Backend::Fentry).unwrap(), [Mechanism::Fentry]);
         assert_eq!(names(Backend::Kprobe).unwrap(), [Mechanism::Kprobe]);
         assert!(names(Backend::Tracepoint).is_err());
-        for b in [Backend::Auto, Backend::Fentry, Backend::Kprobe, Backend::Tracepoint] {
-            let m: Vec<_> = mechanisms_for(set_state, b).unwrap().into_iter().map(|(m, _)| m).collect();
+        for b in [
+            Backend::Auto,
+            Backend::Fentry,
+            Backend::Kprobe,
+            Backend::Tracepoint,
+        ] {
+            let m: Vec<_> = mechanisms_for(set_state, b)
+                .unwrap()
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect();
             assert_eq!(m, [Mechanism::TpBtf, Mechanism::RawTp]);
         }
     }

@@ -387,7 +387,9 @@ pub(crate) mod tests {
         let ev = v4_event(hook::INET_SOCK_SET_STATE, 1, 2);
         let t = decode(&ev, &facts());
         let v: serde_json::Value = serde_json::to_value(&t).unwrap();
-        for key in ["ts_ns", "hook", "pid", "comm", "owner", "local", "remote", "state", "sk"] {
+        for key in [
+            "ts_ns", "hook", "pid", "comm", "owner", "local", "remote", "state", "sk",
+        ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["hook"], "inet_sock_set_state");

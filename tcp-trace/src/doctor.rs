@@ -29,7 +29,12 @@ pub fn run(json_out: bool) -> Result<u8> {
         ("privileges".into(), privileges.describe()),
         (
             "kprobes".into(),
-            if kprobes { "available" } else { "not available (CONFIG_KPROBES off)" }.into(),
+            if kprobes {
+                "available"
+            } else {
+                "not available (CONFIG_KPROBES off)"
+            }
+            .into(),
         ),
     ];
     let facts = match &btf_bytes {
@@ -82,9 +87,13 @@ pub fn run(json_out: bool) -> Result<u8> {
         for (def, results) in probes {
             let signature = facts.as_ref().and_then(|f| {
                 if def.is_function() {
-                    f.functions.get(def.target).map(|p| format!("({})", p.join(", ")))
+                    f.functions
+                        .get(def.target)
+                        .map(|p| format!("({})", p.join(", ")))
                 } else {
-                    f.tracepoints.get(def.target).map(|p| format!("{} args", p.len()))
+                    f.tracepoints
+                        .get(def.target)
+                        .map(|p| format!("{} args", p.len()))
                 }
             });
             let cell = |m: Mechanism, r: &Result<(), String>| match r {
@@ -125,14 +134,28 @@ pub fn run(json_out: bool) -> Result<u8> {
             let mut table = Table::new();
             table.load_preset(UTF8_FULL_CONDENSED);
             table.set_width(160);
-            table.set_header(["hook", "BTF signature", "trampoline / tp_btf", "kprobe / raw_tp", "auto uses"]);
+            table.set_header([
+                "hook",
+                "BTF signature",
+                "trampoline / tp_btf",
+                "kprobe / raw_tp",
+                "auto uses",
+            ]);
             for r in &rows {
                 let cells = r["cells"].as_array().cloned().unwrap_or_default();
                 table.add_row([
                     r["hook"].as_str().unwrap_or("").to_string(),
                     r["signature"].as_str().unwrap_or("not in BTF").to_string(),
-                    cells.first().and_then(|c| c.as_str()).unwrap_or("").to_string(),
-                    cells.get(1).and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                    cells
+                        .first()
+                        .and_then(|c| c.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                    cells
+                        .get(1)
+                        .and_then(|c| c.as_str())
+                        .unwrap_or("")
+                        .to_string(),
                     r["auto"].as_str().unwrap_or("none").to_string(),
                 ]);
             }

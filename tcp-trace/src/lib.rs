@@ -11,3 +11,4 @@ pub mod doctor;
 pub mod kernel;
 pub mod live;
 pub mod owners;
+pub mod peer;

@@ -1,11 +1,7 @@
 //! The live tracer: check the system, attach, stream the ring buffer with tokio, attribute and
 //! print events, and on Ctrl-C / SIGTERM / --duration detach and print the summary.
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    time::Duration,
-};
+use std::{collections::BTreeMap, io::Write, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -232,7 +228,10 @@ pub fn blind_spots(missing: &[&str]) -> String {
     if missing.contains(&"tcp_send_active_reset") {
         lost.push("active resets outside tcp:tcp_send_reset");
     }
-    if missing.iter().any(|m| m.contains(':') && !m.ends_with(":return")) {
+    if missing
+        .iter()
+        .any(|m| m.contains(':') && !m.ends_with(":return"))
+    {
         lost.push("some tracepoint events (see above)");
     }
     if lost.is_empty() {
@@ -331,7 +330,12 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             };
             let mut ev = decode::decode(&raw, &prep.facts);
             owners.attribute(&mut ev);
-            if !opts.pids.is_empty() && !ev.owner.as_ref().is_some_and(|o| opts.pids.contains(&o.pid)) {
+            if !opts.pids.is_empty()
+                && !ev
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| opts.pids.contains(&o.pid))
+            {
                 continue;
             }
             *counts.entry(ev.hook).or_default() += 1;

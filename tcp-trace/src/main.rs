@@ -6,6 +6,7 @@ use tcp_trace::{
     attach::Backend,
     doctor,
     live::{self, LiveOptions},
+    peer,
 };
 
 /// Watch the Linux kernel tear TCP connections down, live.
@@ -60,6 +61,9 @@ enum Command {
     /// Show the kernel, BTF, lockdown, privileges, and for every hook which attach mechanism
     /// works here or why none does.
     Doctor,
+    /// Test traffic with a known teardown, one end per process (used by the test suite).
+    #[command(hide = true, subcommand)]
+    Peer(peer::PeerCommand),
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
+        Some(Command::Peer(cmd)) => peer::run(cmd),
         None => run_live(cli.trace),
     };
     match result {

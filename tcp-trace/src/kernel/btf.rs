@@ -134,10 +134,10 @@ impl KernelBtf {
     /// does not exist, or was inlined everywhere and has no symbol).
     pub fn function_params(&self, name: &str) -> Result<Option<Vec<String>>> {
         for t in self.named(name) {
-            if let Type::Func(f) = t {
-                if let Type::FuncProto(p) = self.btf.resolve_chained_type(&f)? {
-                    return Ok(Some(self.proto_params(&p)));
-                }
+            if let Type::Func(f) = t
+                && let Type::FuncProto(p) = self.btf.resolve_chained_type(&f)?
+            {
+                return Ok(Some(self.proto_params(&p)));
             }
         }
         Ok(None)
@@ -477,13 +477,21 @@ pub(crate) mod testing {
                 ("snd_una", u32_, 1704),
             ],
         );
-        b.strukt("inet_sock", 1000, &[("sk", sock, 0), ("inet_sport", u16_, 780)]);
+        b.strukt(
+            "inet_sock",
+            1000,
+            &[("sk", sock, 0), ("inet_sport", u16_, 780)],
+        );
         let tw = b.strukt(
             "inet_timewait_sock",
             168,
             &[("__tw_common", sc, 0), ("tw_substate", u8_, 148)],
         );
-        b.strukt("tcp_timewait_sock", 200, &[("tw_sk", tw, 0), ("tw_rcv_wnd", u32_, 168)]);
+        b.strukt(
+            "tcp_timewait_sock",
+            200,
+            &[("tw_sk", tw, 0), ("tw_rcv_wnd", u32_, 168)],
+        );
         let hdrs = b.strukt(
             "",
             8,
@@ -493,7 +501,11 @@ pub(crate) mod testing {
         b.strukt(
             "sk_buff",
             232,
-            &[("len", u32_, 112), ("", hdr_union, 180), ("head", u64_, 200)],
+            &[
+                ("len", u32_, 112),
+                ("", hdr_union, 180),
+                ("head", u64_, 200),
+            ],
         );
         b.enumeration(
             "sock_flags",
@@ -524,7 +536,12 @@ pub(crate) mod testing {
             b.func("tcp_send_active_reset", ar);
             let tp = b.func_proto(
                 0,
-                &[("__data", voidp), ("sk", sockp), ("skb", voidp), ("reason", reason)],
+                &[
+                    ("__data", voidp),
+                    ("sk", sockp),
+                    ("skb", voidp),
+                    ("reason", reason),
+                ],
             );
             let tpp = b.ptr(tp);
             b.typedef("btf_trace_tcp_send_reset", tpp);
@@ -560,8 +577,8 @@ mod tests {
 
     #[test]
     fn facts_follow_the_kernel_generation() {
-        let new = KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap())
-            .unwrap();
+        let new =
+            KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap()).unwrap();
         assert_eq!(new.config.active_reset_has_reason, 1);
         assert_eq!(new.config.send_reset_has_reason, 1);
         assert_eq!(new.config.sock_flag_linger, 6);
@@ -575,8 +592,8 @@ mod tests {
             vec!["sk".to_string(), "skb".into(), "reason".into()]
         );
 
-        let old = KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap())
-            .unwrap();
+        let old =
+            KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
         assert_eq!(old.config.active_reset_has_reason, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
         assert!(old.rst_reasons.is_empty());

@@ -22,7 +22,11 @@ pub fn parse_release(release: &str) -> Option<(u32, u32, u32)> {
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().ok());
-    Some((nums.next()??, nums.next()??, nums.next().flatten().unwrap_or(0)))
+    Some((
+        nums.next()??,
+        nums.next()??,
+        nums.next().flatten().unwrap_or(0),
+    ))
 }
 
 pub fn read_vmlinux_btf() -> Result<Vec<u8>> {

@@ -1,0 +1,404 @@
+//! Live tracing against the running kernel: real loopback connections with known teardowns, the
+//! server and the client in different processes, traced by the real binary with `--json`.
+//!
+//! These need root (BPF). Outside CI they are skipped with a note when not root; in CI
+//! (CI=true) a missing privilege is a failure, because CI must prove the kernel side works.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+
+fn bpf_allowed() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but the tests do not run as root: the BPF tests cannot run");
+        }
+        eprintln!("skipped: needs root to load BPF programs (CI runs it as root)");
+    }
+    root
+}
+
+/// A port unlikely to collide with other tests running in parallel.
+fn test_port(offset: u16) -> u16 {
+    20000 + (std::process::id() % 20000) as u16 + offset * 7
+}
+
+struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Tracer {
+    /// Starts `tcp-trace --json --port P` and waits until it reports its hooks attached.
+    fn start(port: u16, extra: &[&str]) -> Tracer {
+        let mut child = Command::new(BIN)
+            .args(["--json", "--duration", "60s", "--port", &port.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tcp-trace");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("tcp-trace printed nothing within 60 s");
+        let start: Value = serde_json::from_str(&first).expect("first line is JSON");
+        assert_eq!(start["type"], "start", "{first}");
+        let hooks = start["hooks"].as_array().unwrap();
+        for tp in [
+            "sock:inet_sock_set_state",
+            "tcp:tcp_send_reset",
+            "tcp:tcp_receive_reset",
+        ] {
+            let h = hooks.iter().find(|h| h["hook"] == tp).unwrap();
+            assert!(
+                !h["mechanism"].is_null(),
+                "tracepoint {tp} did not attach: {h}"
+            );
+        }
+        Tracer { child, lines: rx }
+    }
+
+    /// Stops the tracer with SIGINT (as Ctrl-C does) and returns every event it printed.
+    fn stop(mut self) -> Vec<Value> {
+        // Let the last events (e.g. the final ACK's state change) reach the ring buffer.
+        thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        let mut events = Vec::new();
+        let mut summary = None;
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            match v["type"].as_str() {
+                Some("event") => events.push(v),
+                Some("summary") => summary = Some(v),
+                _ => {}
+            }
+        }
+        assert!(status.success(), "tcp-trace exited with {status}");
+        let summary = summary.expect("a summary line at exit");
+        assert_eq!(summary["lost"], 0, "events were lost: {summary}");
+        assert_eq!(summary["events"].as_u64().unwrap() as usize, events.len());
+        events
+    }
+}
+
+struct Peer {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Peer {
+    fn spawn(args: &[&str]) -> Peer {
+        let mut child = Command::new(BIN)
+            .arg("peer")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn peer");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Peer { child, out }
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.out.read_line(&mut s).unwrap();
+        s.trim().to_string()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn finish(mut self) -> String {
+        let last = self.line();
+        assert!(self.child.wait().unwrap().success());
+        last
+    }
+}
+
+/// Runs one server (that ends the connection as `teardown` says) and one client, each in its own
+/// process, under the tracer. Returns (events, server pid, client pid, client port).
+fn run_pair(offset: u16, teardown: &str, client_args: &[&str]) -> (Vec<Value>, u32, u32, u16, u16) {
+    let port = test_port(offset);
+    let tracer = Tracer::start(port, &[]);
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut server = Peer::spawn(&[
+        "serve",
+        "--listen",
+        &listen.to_string(),
+        "--teardown",
+        teardown,
+    ]);
+    assert_eq!(server.line(), format!("listening {port}"));
+    let mut args = vec!["connect", "--to"];
+    let to = listen.to_string();
+    args.push(&to);
+    args.extend_from_slice(client_args);
+    let mut client = Peer::spawn(&args);
+    let connected = client.line();
+    let client_port: u16 = connected
+        .strip_prefix("connected ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (spid, cpid) = (server.pid(), client.pid());
+    assert_eq!(server.finish(), "done");
+    let client_said = client.finish();
+    assert!(client_said.starts_with("done"), "{client_said}");
+    let events = tracer.stop();
+    (events, spid, cpid, port, client_port)
+}
+
+fn local_port(e: &Value) -> Option<u16> {
+    e["local"].as_str()?.rsplit(':').next()?.parse().ok()
+}
+
+/// Events of one end: its local port.
+fn side(events: &[Value], port: u16) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| local_port(e) == Some(port))
+        .collect()
+}
+
+fn transitions(events: &[&Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["hook"] == "inet_sock_set_state")
+        .map(|e| {
+            format!(
+                "{}>{}",
+                e["state"].as_str().unwrap(),
+                e["new_state"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn assert_owner(events: &[&Value], pid: u32, what: &str) {
+    let owned: Vec<_> = events.iter().filter(|e| !e["owner"].is_null()).collect();
+    assert!(!owned.is_empty(), "{what}: no event has an owner");
+    for e in owned {
+        assert_eq!(e["owner"]["pid"], pid, "{what}: wrong owner in {e}");
+    }
+}
+
+fn hook_attached(hooks_line_events: &[Value], hook: &str) -> bool {
+    hooks_line_events.iter().any(|e| e["hook"] == hook)
+}
+
+#[test]
+fn clean_active_close_by_the_server() {
+    if !bpf_allowed() {
+        return;
+    }
+    let (events, spid, cpid, port, cport) = run_pair(1, "clean", &[]);
+    let server = side(&events, port);
+    let server: Vec<_> = server
+        .into_iter()
+        .filter(|e| e["state"] != "LISTEN" && e["new_state"] != "LISTEN")
+        .collect();
+    let client = side(&events, cport);
+    let st = transitions(&server);
+    for want in [
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
+    ] {
+        assert!(
+            st.contains(&want.to_string()),
+            "server transitions {st:?} lack {want}"
+        );
+    }
+    let ct = transitions(&client);
+    for want in [
+        "ESTABLISHED>CLOSE_WAIT",
+        "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE",
+    ] {
+        assert!(
+            ct.contains(&want.to_string()),
+            "client transitions {ct:?} lack {want}"
+        );
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["hook"] == "tcp_send_reset" || e["hook"] == "tcp_receive_reset"),
+        "a clean close sent a reset"
+    );
+    assert_owner(&server, spid, "server");
+    assert_owner(&client, cpid, "client");
+    // The server's FIN_WAIT1 -> FIN_WAIT2 runs in softirq (the client's ACK): still the server's.
+    let fw2 = server
+        .iter()
+        .find(|e| e["new_state"] == "FIN_WAIT2")
+        .unwrap();
+    assert_eq!(fw2["owner"]["pid"], spid, "{fw2}");
+    if hook_attached(&events, "tcp_time_wait") {
+        let tw = server
+            .iter()
+            .find(|e| e["hook"] == "tcp_time_wait")
+            .unwrap();
+        assert_eq!(tw["new_state"], "TIME_WAIT", "{tw}");
+    }
+}
+
+#[test]
+fn close_with_unread_data_sends_rst() {
+    if !bpf_allowed() {
+        return;
+    }
+    let (events, spid, cpid, port, cport) = run_pair(2, "unread", &[]);
+    let server = side(&events, port);
+    let client = side(&events, cport);
+    assert!(
+        transitions(&server).contains(&"ESTABLISHED>CLOSE".to_string()),
+        "{server:?}"
+    );
+    let rst = server
+        .iter()
+        .find(|e| e["hook"] == "tcp_send_reset")
+        .unwrap_or_else(|| panic!("no tcp_send_reset on the server side: {server:?}"));
+    assert_eq!(rst["rst_active"], true, "{rst}");
+    assert_eq!(rst["owner"]["pid"], spid, "{rst}");
+    if !rst["rst_reason"].is_null() {
+        assert_eq!(rst["rst_reason"], "TCP_ABORT_ON_CLOSE", "{rst}");
+    }
+    assert!(
+        client.iter().any(|e| e["hook"] == "tcp_receive_reset"),
+        "client saw no RST"
+    );
+    assert!(transitions(&client).contains(&"ESTABLISHED>CLOSE".to_string()));
+    assert_owner(&client, cpid, "client");
+    assert_owner(&server, spid, "server");
+    if let Some(close) = server.iter().find(|e| e["hook"] == "tcp_close") {
+        let unread = close["close"]["unread"].as_u64().unwrap();
+        assert_eq!(unread as usize, tcp_trace::peer::REQUEST.len(), "{close}");
+    }
+}
+
+#[test]
+fn linger_zero_close_sends_rst() {
+    if !bpf_allowed() {
+        return;
+    }
+    let (events, spid, _cpid, port, cport) = run_pair(3, "linger0", &[]);
+    let server = side(&events, port);
+    let client = side(&events, cport);
+    assert!(
+        transitions(&server).contains(&"ESTABLISHED>CLOSE".to_string()),
+        "{server:?}"
+    );
+    let rst = server
+        .iter()
+        .find(|e| e["hook"] == "tcp_send_reset")
+        .unwrap_or_else(|| panic!("no RST from the server: {server:?}"));
+    assert_eq!(rst["rst_active"], true);
+    assert_eq!(rst["owner"]["pid"], spid, "{rst}");
+    assert!(client.iter().any(|e| e["hook"] == "tcp_receive_reset"));
+    assert!(
+        !server.iter().any(|e| e["new_state"] == "FIN_WAIT1"),
+        "linger 0 must not send FIN"
+    );
+    if let Some(close) = server.iter().find(|e| e["hook"] == "tcp_close") {
+        assert_eq!(close["close"]["linger"], true, "{close}");
+        assert_eq!(close["close"]["unread"], 0, "{close}");
+    }
+}
+
+#[test]
+fn pid_filter_keeps_only_that_process() {
+    if !bpf_allowed() {
+        return;
+    }
+    // Two clients, traced with --pid of the server: only server-owned sockets may appear.
+    let port = test_port(4);
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Peer::spawn(&["serve", "--listen", &listen, "--teardown", "clean"]);
+    assert_eq!(server.line(), format!("listening {port}"));
+    let spid = server.pid().to_string();
+    let tracer = Tracer::start(port, &["--pid", &spid]);
+    let mut client = Peer::spawn(&["connect", "--to", &listen]);
+    client.line();
+    assert_eq!(server.finish(), "done");
+    client.finish();
+    let events = tracer.stop();
+    assert!(!events.is_empty(), "nothing traced for the server");
+    for e in &events {
+        assert_eq!(e["owner"]["pid"].to_string(), spid, "{e}");
+        assert_eq!(
+            local_port(e),
+            Some(port),
+            "a client-side event leaked through: {e}"
+        );
+    }
+}
+
+#[test]
+fn unknown_pid_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["--pid", "4000000000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(err.contains("no process has pid 4000000000"), "{err}");
+    } else {
+        assert!(err.contains("CAP_BPF"), "{err}");
+    }
+}
+
+#[test]
+fn doctor_reports_every_hook() {
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+    assert!(v["system"]["kernel"].is_string());
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(v["error"].as_str().unwrap().contains("CAP_BPF"));
+        return;
+    }
+    let hooks = v["hooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 11, "{v}");
+    for h in hooks {
+        let ok = h["auto"].is_string();
+        let reasons: Vec<_> = h["mechanisms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["ok"] == false)
+            .collect();
+        assert!(ok || !reasons.is_empty(), "{h}");
+        for m in reasons {
+            assert!(
+                !m["error"].as_str().unwrap().is_empty(),
+                "a failure without a reason: {h}"
+            );
+        }
+    }
+    assert!(out.status.success());
+}
