@@ -8,7 +8,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "tcp-trace build, set-up, VM and bench tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "tcp-trace build, set-up, VM and bench tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

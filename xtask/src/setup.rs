@@ -160,7 +160,9 @@ fn ensure_bpf_linker(nightly: &str, sysroot: &Path) -> Result<()> {
                 v.trim(),
                 libllvm.display()
             )),
-            Err(e) => say(format!("bpf-linker: present but does not run ({e:#}): rebuilding")),
+            Err(e) => say(format!(
+                "bpf-linker: present but does not run ({e:#}): rebuilding"
+            )),
         }
     }
     let llvm_major = libllvm

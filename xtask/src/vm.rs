@@ -67,13 +67,23 @@ impl GuestFile {
     pub fn host(host: impl Into<PathBuf>, guest_path: impl Into<String>) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let host = host.into();
-        let exec = fs::metadata(&host).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
-        Self { guest_path: guest_path.into(), source: FileSource::Host(host), mode: if exec { 0o755 } else { 0o644 } }
+        let exec = fs::metadata(&host)
+            .map(|m| m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false);
+        Self {
+            guest_path: guest_path.into(),
+            source: FileSource::Host(host),
+            mode: if exec { 0o755 } else { 0o644 },
+        }
     }
 
     /// A file made of `bytes`.
     pub fn bytes(guest_path: impl Into<String>, bytes: impl Into<Vec<u8>>, mode: u32) -> Self {
-        Self { guest_path: guest_path.into(), source: FileSource::Bytes(bytes.into()), mode }
+        Self {
+            guest_path: guest_path.into(),
+            source: FileSource::Bytes(bytes.into()),
+            mode,
+        }
     }
 }
 
@@ -196,10 +206,21 @@ fn busybox_applets(busybox: &std::path::Path) -> Result<&'static str> {
 }
 
 /// [`boot`] for a kernel already in the cache.
-pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJob) -> Result<GuestOutcome> {
-    ensure!(guest.timeout > Duration::ZERO, "the VM timeout must be positive");
-    let tree = kernel.module_tree().with_context(|| format!("reading the modules of {}", kernel.package))?;
-    let plan = tree.plan(&guest.modules).with_context(|| format!("resolving modules for kernel {}", kernel.name))?;
+pub fn boot_prepared(
+    tools: &HostTools,
+    kernel: &PreparedKernel,
+    guest: &GuestJob,
+) -> Result<GuestOutcome> {
+    ensure!(
+        guest.timeout > Duration::ZERO,
+        "the VM timeout must be positive"
+    );
+    let tree = kernel
+        .module_tree()
+        .with_context(|| format!("reading the modules of {}", kernel.package))?;
+    let plan = tree
+        .plan(&guest.modules)
+        .with_context(|| format!("resolving modules for kernel {}", kernel.name))?;
     for (m, why) in &plan.missing {
         say!("kernel {}: warning: module {m} skipped: {why}", kernel.name);
     }
@@ -209,11 +230,18 @@ pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJo
     let init = initramfs::init_script(&plan.load_order, &env);
     let mut t = initramfs::base_tree(&tools.busybox, busybox_applets(&tools.busybox)?, init)?;
     for m in &plan.load_order {
-        let ko = tree.decompressed(m).with_context(|| format!("preparing module {m} of {}", kernel.package))?;
-        t.file(&format!("{}/{m}.ko", initramfs::GUEST_MODULE_DIR), 0o644, Data::Host(ko))?;
+        let ko = tree
+            .decompressed(m)
+            .with_context(|| format!("preparing module {m} of {}", kernel.package))?;
+        t.file(
+            &format!("{}/{m}.ko", initramfs::GUEST_MODULE_DIR),
+            0o644,
+            Data::Host(ko),
+        )?;
     }
     if let Some(bin) = &guest.binary {
-        let is_static = elf::is_static(bin).with_context(|| format!("checking {}", bin.display()))?;
+        let is_static =
+            elf::is_static(bin).with_context(|| format!("checking {}", bin.display()))?;
         ensure!(
             is_static,
             "{} is dynamically linked and cannot run in the VM's initramfs; build it static: \
@@ -225,14 +253,23 @@ pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJo
     for f in &guest.files {
         let data = match &f.source {
             FileSource::Host(p) => {
-                ensure!(p.is_file(), "guest file {} does not exist on the host", p.display());
+                ensure!(
+                    p.is_file(),
+                    "guest file {} does not exist on the host",
+                    p.display()
+                );
                 Data::Host(p.clone())
             }
             FileSource::Bytes(b) => Data::Bytes(b.clone()),
         };
-        t.file(&f.guest_path, f.mode, data).with_context(|| format!("adding {} to the initramfs", f.guest_path))?;
+        t.file(&f.guest_path, f.mode, data)
+            .with_context(|| format!("adding {} to the initramfs", f.guest_path))?;
     }
-    t.file(initramfs::GUEST_JOB, 0o755, Data::Bytes(guest.script.clone().into_bytes()))?;
+    t.file(
+        initramfs::GUEST_JOB,
+        0o755,
+        Data::Bytes(guest.script.clone().into_bytes()),
+    )?;
 
     let dir = qemu::run_dir(&kernel.name)?;
     let initrd = dir.join("initrd.gz");
@@ -266,7 +303,11 @@ pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJo
     })?;
 
     let failure = |what: String| -> anyhow::Error {
-        let panic = if run.console.contains("Kernel panic") { " (the kernel panicked)" } else { "" };
+        let panic = if run.console.contains("Kernel panic") {
+            " (the kernel panicked)"
+        } else {
+            ""
+        };
         anyhow::anyhow!(
             "{what}{panic}; boot files kept in {} (console.log, result.serial, initrd.gz).\n\
              Last console lines:\n{}",
@@ -292,7 +333,11 @@ pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJo
     if std::env::var_os("TCP_TRACE_VM_KEEP").is_none() {
         let _ = fs::remove_dir_all(&dir);
     } else {
-        say!("kernel {}: boot files kept in {}", kernel.name, dir.display());
+        say!(
+            "kernel {}: boot files kept in {}",
+            kernel.name,
+            dir.display()
+        );
     }
     Ok(GuestOutcome {
         kernel: kernel.name.clone(),
@@ -302,13 +347,19 @@ pub fn boot_prepared(tools: &HostTools, kernel: &PreparedKernel, guest: &GuestJo
         result,
         console: run.console,
         elapsed: run.elapsed,
-        modules: ModuleReport { loaded: plan.load_order, builtin: plan.builtin, missing: plan.missing },
+        modules: ModuleReport {
+            loaded: plan.load_order,
+            builtin: plan.builtin,
+            missing: plan.missing,
+        },
     })
 }
 
 /// `cargo xtask vm-run`: boot catalogue kernels under qemu and run a command inside.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example: cargo xtask vm-run --kernel 6.12 --binary target/x86_64-unknown-linux-gnu/release/tcp-trace -- tcp-trace --help")]
+#[command(
+    after_help = "Example: cargo xtask vm-run --kernel 6.12 --binary target/x86_64-unknown-linux-gnu/release/tcp-trace -- tcp-trace --help"
+)]
 pub struct VmRunArgs {
     /// Catalogue kernel to boot (see --list), or `all` for each in turn.
     #[arg(long, default_value = "all")]
@@ -347,7 +398,11 @@ pub fn run(args: VmRunArgs) -> Result<()> {
         return list();
     }
     let specs = kernels_for(&args.kernel)?;
-    let command = if args.command.is_empty() { vec!["uname".to_owned(), "-a".to_owned()] } else { args.command.clone() };
+    let command = if args.command.is_empty() {
+        vec!["uname".to_owned(), "-a".to_owned()]
+    } else {
+        args.command.clone()
+    };
     let mut job = GuestJob::command(&command);
     job.binary = args.binary.clone();
     job.timeout = Duration::from_secs(args.timeout);
@@ -381,7 +436,13 @@ pub fn run(args: VmRunArgs) -> Result<()> {
                     out.exit_code,
                     out.elapsed.as_secs_f64()
                 );
-                summary.push(format!("{} ({}): exit {} in {:.1} s", out.kernel, out.release, out.exit_code, out.elapsed.as_secs_f64()));
+                summary.push(format!(
+                    "{} ({}): exit {} in {:.1} s",
+                    out.kernel,
+                    out.release,
+                    out.exit_code,
+                    out.elapsed.as_secs_f64()
+                ));
                 if !out.success() {
                     failures.push(format!("{}: exit {}", out.kernel, out.exit_code));
                 }
@@ -389,7 +450,11 @@ pub fn run(args: VmRunArgs) -> Result<()> {
             Err(e) => {
                 say!("kernel {}: FAILED: {e:#}", spec.name);
                 summary.push(format!("{}: failed to run", spec.name));
-                failures.push(format!("{}: {}", spec.name, e.to_string().lines().next().unwrap_or_default()));
+                failures.push(format!(
+                    "{}: {}",
+                    spec.name,
+                    e.to_string().lines().next().unwrap_or_default()
+                ));
             }
         }
     }
@@ -408,29 +473,47 @@ fn parse_file_arg(spec: &str) -> Result<GuestFile> {
     let (host, guest) = match spec.rsplit_once(':') {
         Some((h, g)) if g.starts_with('/') => (h, g.to_owned()),
         _ => {
-            let name = std::path::Path::new(spec).file_name().context("--file needs a file path")?;
+            let name = std::path::Path::new(spec)
+                .file_name()
+                .context("--file needs a file path")?;
             (spec, format!("/root/{}", name.to_string_lossy()))
         }
     };
-    ensure!(std::path::Path::new(host).is_file(), "--file {host}: no such file on the host");
+    ensure!(
+        std::path::Path::new(host).is_file(),
+        "--file {host}: no such file on the host"
+    );
     Ok(GuestFile::host(host, guest))
 }
 
 fn list() -> Result<()> {
-    println!("{:<6} {:<40} {:<45} cached", "kernel", "package pattern", "newest apt offers");
+    println!(
+        "{:<6} {:<40} {:<45} cached",
+        "kernel", "package pattern", "newest apt offers"
+    );
     for spec in KERNELS {
         let newest = match newest_available(spec) {
             Ok(Some((pkg, ver))) => format!("{pkg} {ver}"),
             Ok(None) => "(none)".to_owned(),
-            Err(e) => format!("(apt: {})", e.to_string().lines().next().unwrap_or_default()),
+            Err(e) => format!(
+                "(apt: {})",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
         };
         let cached = cached_kernels(spec)?;
         let cached = if cached.is_empty() {
             "(none)".to_owned()
         } else {
-            cached.iter().map(|k| format!("{} [{}]", k.package, k.release)).collect::<Vec<_>>().join(", ")
+            cached
+                .iter()
+                .map(|k| format!("{} [{}]", k.package, k.release))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        println!("{:<6} {:<40} {:<45} {}", spec.name, spec.package_glob, newest, cached);
+        println!(
+            "{:<6} {:<40} {:<45} {}",
+            spec.name, spec.package_glob, newest, cached
+        );
     }
     println!("cache: {}", host::kernels_dir()?.display());
     Ok(())

@@ -53,7 +53,11 @@ pub fn kernels_for(name: &str) -> Result<Vec<&'static KernelSpec>> {
 }
 
 fn catalogue_names() -> String {
-    KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+    KERNELS
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether `name` matches `glob`, where `*` matches any run (possibly empty) of characters other
@@ -133,7 +137,9 @@ pub fn parse_policy(output: &str) -> Vec<(String, String)> {
 
 /// The package with the highest Debian version among `candidates` (ties: the greater name).
 pub fn choose_newest(candidates: &[(String, String)]) -> Option<&(String, String)> {
-    candidates.iter().max_by(|a, b| deb_version_cmp(&a.1, &b.1).then_with(|| a.0.cmp(&b.0)))
+    candidates
+        .iter()
+        .max_by(|a, b| deb_version_cmp(&a.1, &b.1).then_with(|| a.0.cmp(&b.0)))
 }
 
 /// Compares two Debian version strings the way `dpkg --compare-versions` does.
@@ -150,7 +156,9 @@ pub fn deb_version_cmp(a: &str, b: &str) -> Ordering {
     }
     let (ea, ua, ra) = split(a);
     let (eb, ub, rb) = split(b);
-    ea.cmp(&eb).then_with(|| verrevcmp(ua, ub)).then_with(|| verrevcmp(ra, rb))
+    ea.cmp(&eb)
+        .then_with(|| verrevcmp(ua, ub))
+        .then_with(|| verrevcmp(ra, rb))
 }
 
 /// dpkg's `verrevcmp`: alternating non-digit runs (compared with `~` before everything, letters
@@ -244,10 +252,22 @@ linux-image-6.1.0-9-amd64-unsigned:
         let g61 = KERNELS[0].package_glob;
         let g612 = KERNELS[1].package_glob;
         assert!(glob_matches(g61, "linux-image-6.1.0-47-amd64-unsigned"));
-        assert!(!glob_matches(g61, "linux-image-6.1.0-47-cloud-amd64-unsigned"));
-        assert!(!glob_matches(g61, "linux-image-6.12.117+deb12-amd64-unsigned"));
-        assert!(glob_matches(g612, "linux-image-6.12.117+deb12-amd64-unsigned"));
-        assert!(!glob_matches(g612, "linux-image-6.12.117+deb12-rt-amd64-unsigned"));
+        assert!(!glob_matches(
+            g61,
+            "linux-image-6.1.0-47-cloud-amd64-unsigned"
+        ));
+        assert!(!glob_matches(
+            g61,
+            "linux-image-6.12.117+deb12-amd64-unsigned"
+        ));
+        assert!(glob_matches(
+            g612,
+            "linux-image-6.12.117+deb12-amd64-unsigned"
+        ));
+        assert!(!glob_matches(
+            g612,
+            "linux-image-6.12.117+deb12-rt-amd64-unsigned"
+        ));
         assert!(!glob_matches(g612, "linux-image-6.12-amd64-dbg"));
         assert!(glob_matches("a*", "a"));
         assert!(!glob_matches("a*b", "a-b"));
@@ -273,7 +293,10 @@ linux-image-6.1.0-9-amd64-unsigned:
         let names = parse_search(SEARCH, KERNELS[1].package_glob);
         assert_eq!(
             names,
-            ["linux-image-6.12.115+deb12-amd64-unsigned", "linux-image-6.12.117+deb12-amd64-unsigned"]
+            [
+                "linux-image-6.12.115+deb12-amd64-unsigned",
+                "linux-image-6.12.117+deb12-amd64-unsigned"
+            ]
         );
         assert!(choose_newest(&[]).is_none());
     }
@@ -300,7 +323,10 @@ linux-image-6.1.0-9-amd64-unsigned:
 
     #[test]
     fn regex_escapes_and_anchors() {
-        assert_eq!(glob_to_regex("linux-image-6.12*-amd64"), r"^linux-image-6\.12[^-]*-amd64$");
+        assert_eq!(
+            glob_to_regex("linux-image-6.12*-amd64"),
+            r"^linux-image-6\.12[^-]*-amd64$"
+        );
         assert_eq!(glob_to_regex("a+b"), r"^a\+b$");
     }
 

@@ -10,8 +10,14 @@ use anyhow::{Context, Result, bail, ensure};
 const PT_INTERP: u32 = 3;
 
 fn check_ident(ident: &[u8]) -> Result<()> {
-    ensure!(ident.len() >= 16 && &ident[..4] == b"\x7fELF", "not an ELF file");
-    ensure!(ident[4] == 2 && ident[5] == 1, "not a 64-bit little-endian ELF file");
+    ensure!(
+        ident.len() >= 16 && &ident[..4] == b"\x7fELF",
+        "not an ELF file"
+    );
+    ensure!(
+        ident[4] == 2 && ident[5] == 1,
+        "not a 64-bit little-endian ELF file"
+    );
     Ok(())
 }
 
@@ -31,15 +37,23 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 pub fn is_static(path: &Path) -> Result<bool> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut eh = [0u8; 64];
-    f.read_exact_at(&mut eh, 0).with_context(|| format!("{} is too short for ELF", path.display()))?;
+    f.read_exact_at(&mut eh, 0)
+        .with_context(|| format!("{} is too short for ELF", path.display()))?;
     check_ident(&eh).with_context(|| path.display().to_string())?;
     let phoff = u64_at(&eh, 0x20);
     let phentsize = u64::from(u16_at(&eh, 0x36));
     let phnum = u64::from(u16_at(&eh, 0x38));
-    ensure!(phentsize >= 4, "{}: bad program header size", path.display());
+    ensure!(
+        phentsize >= 4,
+        "{}: bad program header size",
+        path.display()
+    );
     let mut ph = vec![0u8; (phentsize * phnum) as usize];
-    f.read_exact_at(&mut ph, phoff).with_context(|| format!("{}: truncated program headers", path.display()))?;
-    Ok(!ph.chunks(phentsize as usize).any(|h| u32_at(h, 0) == PT_INTERP))
+    f.read_exact_at(&mut ph, phoff)
+        .with_context(|| format!("{}: truncated program headers", path.display()))?;
+    Ok(!ph
+        .chunks(phentsize as usize)
+        .any(|h| u32_at(h, 0) == PT_INTERP))
 }
 
 /// The contents of the section called `name` in the ELF image `elf`, if it has one.
@@ -53,7 +67,8 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
     ensure!(shentsize >= 40, "bad section header size {shentsize}");
     let header = |i: usize| -> Result<&[u8]> {
         let start = shoff + i * shentsize;
-        elf.get(start..start + shentsize).context("section header out of bounds")
+        elf.get(start..start + shentsize)
+            .context("section header out of bounds")
     };
     let body = |h: &[u8]| -> Result<&'a [u8]> {
         let (off, size) = (u64_at(h, 24) as usize, u64_at(h, 32) as usize);
@@ -66,7 +81,9 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
     for i in 0..shnum {
         let h = header(i)?;
         let name_off = u32_at(h, 0) as usize;
-        let Some(rest) = names.get(name_off..) else { continue };
+        let Some(rest) = names.get(name_off..) else {
+            continue;
+        };
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         if &rest[..end] == name.as_bytes() {
             return body(h).map(Some);
@@ -84,7 +101,11 @@ pub fn module_depends(ko: &[u8]) -> Result<Vec<String>> {
     for entry in info.split(|&b| b == 0) {
         if let Some(list) = entry.strip_prefix(b"depends=") {
             let list = String::from_utf8_lossy(list);
-            deps.extend(list.split(',').filter(|d| !d.is_empty()).map(super::modules::normalize));
+            deps.extend(
+                list.split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(super::modules::normalize),
+            );
         }
     }
     Ok(deps)
@@ -129,7 +150,10 @@ mod tests {
         assert_eq!(module_depends(&m).unwrap(), ["nf_conntrack", "nf_tables"]);
         let m = fake_module(b"depends=\0name=veth\0");
         assert!(module_depends(&m).unwrap().is_empty());
-        assert!(module_depends(b"not elf at all, not elf at all, not elf at all, not elf at all!!").is_err());
+        assert!(
+            module_depends(b"not elf at all, not elf at all, not elf at all, not elf at all!!")
+                .is_err()
+        );
     }
 
     #[test]

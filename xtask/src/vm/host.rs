@@ -69,13 +69,17 @@ pub fn describe(cmd: &Command) -> String {
 
 /// Whether `program` is on PATH.
 pub fn have_command(program: &str) -> bool {
-    let Some(path) = env::var_os("PATH") else { return false };
+    let Some(path) = env::var_os("PATH") else {
+        return false;
+    };
     env::split_paths(&path).any(|dir| is_executable(&dir.join(program)))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 fn is_root() -> bool {
@@ -120,7 +124,8 @@ pub fn apt_update_once() -> Result<bool> {
     say!("refreshing package lists (apt-get update)");
     let mut cmd = apt_get()?;
     cmd.args(["update", "-qq"]);
-    run_checked(&mut cmd).context("apt-get update failed; check that the Debian mirror is reachable")?;
+    run_checked(&mut cmd)
+        .context("apt-get update failed; check that the Debian mirror is reachable")?;
     Ok(true)
 }
 
@@ -130,7 +135,8 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     let attempt = || -> Result<()> {
         let _guard = APT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut cmd = apt_get()?;
-        cmd.args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages);
+        cmd.args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages);
         run_checked(&mut cmd).map(drop)
     };
     let result = match attempt() {
@@ -155,9 +161,15 @@ pub fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.extension().is_some_and(|e| e == "deb")
-                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
         });
-    deb.with_context(|| format!("apt-get download {package} left no .deb in {}", dir.display()))
+    deb.with_context(|| {
+        format!(
+            "apt-get download {package} left no .deb in {}",
+            dir.display()
+        )
+    })
 }
 
 /// Tools found (or installed) on the host.
@@ -210,7 +222,9 @@ pub fn ensure_host_tools() -> Result<HostTools> {
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|d| d.join(program)).find(|p| is_executable(p))
+    env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
 }
 
 fn find_static_busybox() -> Option<PathBuf> {

@@ -24,7 +24,11 @@ const S_IFCHR: u32 = 0o020000;
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        Self { out, pos: 0, next_ino: 1 }
+        Self {
+            out,
+            pos: 0,
+            next_ino: 1,
+        }
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -38,10 +42,25 @@ impl<W: Write> CpioWriter<W> {
         self.write(&[0u8; 3][..pad])
     }
 
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
-        let size = u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: file too large for cpio")))?;
-        let ino = if name == "TRAILER!!!" { 0 } else { self.next_ino };
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let size = u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: file too large for cpio"),
+            )
+        })?;
+        let ino = if name == "TRAILER!!!" {
+            0
+        } else {
+            self.next_ino
+        };
         self.next_ino += 1;
         let header = format!(
             "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}\
@@ -109,9 +128,18 @@ pub struct Tree {
 }
 
 fn rel(path: &str) -> Result<String> {
-    ensure!(path.starts_with('/'), "guest path {path:?} must be absolute");
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-    ensure!(!parts.contains(&".."), "guest path {path:?} must not contain ..");
+    ensure!(
+        path.starts_with('/'),
+        "guest path {path:?} must be absolute"
+    );
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    ensure!(
+        !parts.contains(&".."),
+        "guest path {path:?} must not contain .."
+    );
     ensure!(!parts.is_empty(), "guest path {path:?} names the root");
     Ok(parts.join("/"))
 }
@@ -166,9 +194,16 @@ impl Tree {
         for (name, node) in &self.nodes {
             match node {
                 Node::Dir => w.dir(name, 0o755)?,
-                Node::File { perm, data: Data::Bytes(b) } => w.file(name, *perm, b)?,
-                Node::File { perm, data: Data::Host(p) } => {
-                    let b = fs::read(p).with_context(|| format!("reading {} for /{name}", p.display()))?;
+                Node::File {
+                    perm,
+                    data: Data::Bytes(b),
+                } => w.file(name, *perm, b)?,
+                Node::File {
+                    perm,
+                    data: Data::Host(p),
+                } => {
+                    let b = fs::read(p)
+                        .with_context(|| format!("reading {} for /{name}", p.display()))?;
                     w.file(name, *perm, &b)?;
                 }
                 Node::Symlink(t) => w.symlink(name, t)?,
@@ -183,7 +218,10 @@ impl Tree {
         let f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let gz = flate2::write::GzEncoder::new(io::BufWriter::new(f), flate2::Compression::fast());
         let gz = self.write_cpio(gz)?;
-        gz.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        gz.finish()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
         Ok(fs::metadata(path)?.len())
     }
 }
@@ -251,7 +289,10 @@ echo o > /proc/sysrq-trigger
 
 /// Single-quotes `s` for sh.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
         return s.to_owned();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -261,7 +302,21 @@ pub fn shell_quote(s: &str) -> String {
 /// with one symlink per applet (`applets` from the host's `busybox --list-full`), and `/init`.
 pub fn base_tree(busybox: &Path, applets: &str, init: String) -> Result<Tree> {
     let mut t = Tree::default();
-    for d in ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc", "/var", "/mnt"] {
+    for d in [
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/root",
+        "/etc",
+        "/var",
+        "/mnt",
+    ] {
         t.dir(d)?;
     }
     t.symlink("/var/run", "/run")?;
@@ -278,7 +333,11 @@ pub fn base_tree(busybox: &Path, applets: &str, init: String) -> Result<Tree> {
     }
     t.symlink("/bin/sh", "/bin/busybox")?;
     t.file("/init", 0o755, Data::Bytes(init.into_bytes()))?;
-    t.file("/etc/hostname", 0o644, Data::Bytes(b"tcp-trace-vm\n".to_vec()))?;
+    t.file(
+        "/etc/hostname",
+        0o644,
+        Data::Bytes(b"tcp-trace-vm\n".to_vec()),
+    )?;
     Ok(t)
 }
 
@@ -302,8 +361,11 @@ mod tests {
         loop {
             assert_eq!(&b[..6], b"070701");
             let f = |i: usize| hex(&b[6 + 8 * i..6 + 8 * (i + 1)]);
-            let (mode, size, rmaj, rmin, namesize) = (f(1), f(6) as usize, f(9), f(10), f(11) as usize);
-            let name = std::str::from_utf8(&b[110..110 + namesize - 1]).unwrap().to_owned();
+            let (mode, size, rmaj, rmin, namesize) =
+                (f(1), f(6) as usize, f(9), f(10), f(11) as usize);
+            let name = std::str::from_utf8(&b[110..110 + namesize - 1])
+                .unwrap()
+                .to_owned();
             assert_eq!(b[110 + namesize - 1], 0);
             let consumed = |b: &[u8]| total - b.len();
             let mut off = 110 + namesize;
@@ -316,23 +378,44 @@ mod tests {
                 assert!(b.is_empty());
                 return out;
             }
-            out.push(Entry { name, mode, rdev: (rmaj, rmin), data });
+            out.push(Entry {
+                name,
+                mode,
+                rdev: (rmaj, rmin),
+                data,
+            });
         }
     }
 
     #[test]
     fn cpio_round_trip() {
         let mut t = Tree::default();
-        t.file("/bin/tcp-trace", 0o755, Data::Bytes(b"\x7fELF...".to_vec())).unwrap();
-        t.file("/etc/vm/job.sh", 0o644, Data::Bytes(b"echo hi\n".to_vec())).unwrap();
+        t.file("/bin/tcp-trace", 0o755, Data::Bytes(b"\x7fELF...".to_vec()))
+            .unwrap();
+        t.file("/etc/vm/job.sh", 0o644, Data::Bytes(b"echo hi\n".to_vec()))
+            .unwrap();
         t.symlink("/bin/sh", "/bin/busybox").unwrap();
         t.char_dev("/dev/console", 5, 1).unwrap();
-        t.file("/odd", 0o600, Data::Bytes(vec![1, 2, 3, 4, 5])).unwrap();
+        t.file("/odd", 0o600, Data::Bytes(vec![1, 2, 3, 4, 5]))
+            .unwrap();
         let archive = t.write_cpio(Vec::new()).unwrap();
         assert_eq!(archive.len() % 4, 0);
         let entries = read_cpio(&archive);
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["bin", "bin/sh", "bin/tcp-trace", "dev", "dev/console", "etc", "etc/vm", "etc/vm/job.sh", "odd"]);
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "bin/sh",
+                "bin/tcp-trace",
+                "dev",
+                "dev/console",
+                "etc",
+                "etc/vm",
+                "etc/vm/job.sh",
+                "odd"
+            ]
+        );
         let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
         assert_eq!(get("bin").mode, S_IFDIR | 0o755);
         assert_eq!(get("bin/sh").mode, S_IFLNK | 0o777);
@@ -345,11 +428,16 @@ mod tests {
 
     #[test]
     fn cpio_matches_the_cpio_tool_when_installed() {
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             return;
         }
         let mut t = Tree::default();
-        t.file("/a/b.txt", 0o644, Data::Bytes(b"hello".to_vec())).unwrap();
+        t.file("/a/b.txt", 0o644, Data::Bytes(b"hello".to_vec()))
+            .unwrap();
         let archive = t.write_cpio(Vec::new()).unwrap();
         let dir = std::env::temp_dir().join(format!("vm-cpio-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
@@ -384,7 +472,10 @@ mod tests {
 
     #[test]
     fn init_loads_modules_in_order_and_reports_exit() {
-        let s = init_script(&["nfnetlink".into(), "nf_tables".into()], &[("VM_KERNEL".into(), "6.12".into())]);
+        let s = init_script(
+            &["nfnetlink".into(), "nf_tables".into()],
+            &[("VM_KERNEL".into(), "6.12".into())],
+        );
         let a = s.find("nfnetlink.ko").unwrap();
         let b = s.find("nf_tables.ko").unwrap();
         assert!(a < b);

@@ -36,12 +36,18 @@ pub struct PreparedKernel {
 impl PreparedKernel {
     fn load(name: &str, dir: &Path) -> Result<Self> {
         let read = |f: &str| -> Result<String> {
-            Ok(fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))?.trim().to_owned())
+            Ok(fs::read_to_string(dir.join(f))
+                .with_context(|| format!("reading {}", dir.join(f).display()))?
+                .trim()
+                .to_owned())
         };
         let release = read("release")?;
         Ok(Self {
             name: name.to_owned(),
-            package: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            package: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             version: read("version").unwrap_or_default(),
             modules_dir: dir.join("modules").join(&release),
             vmlinuz: dir.join("vmlinuz"),
@@ -59,11 +65,16 @@ impl PreparedKernel {
 /// Complete cache entries for `spec`, newest package version first.
 pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
     let dir = host::kernels_dir()?;
-    let Ok(entries) = fs::read_dir(&dir) else { return Ok(Vec::new()) };
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
     let mut found = Vec::new();
     for e in entries {
         let path = e?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback {
             if path.join(COMPLETE).exists() {
                 found.push(PreparedKernel::load(spec.name, &path)?);
@@ -83,7 +94,10 @@ pub fn newest_available(spec: &KernelSpec) -> Result<Option<(String, String)>> {
             "--names-only",
             &catalogue::glob_to_regex(spec.package_glob),
         ]))?;
-        Ok(catalogue::parse_search(&String::from_utf8_lossy(&out.stdout), spec.package_glob))
+        Ok(catalogue::parse_search(
+            &String::from_utf8_lossy(&out.stdout),
+            spec.package_glob,
+        ))
     };
     let mut names = search()?;
     if names.is_empty() && host::apt_update_once()? {
@@ -105,15 +119,29 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
     let wanted = match newest_available(spec) {
         Ok(Some((pkg, version))) => Some((pkg, version)),
         Ok(None) => {
-            say!("kernel {}: apt offers nothing matching {}; trying {}", spec.name, spec.package_glob, spec.pinned_fallback);
+            say!(
+                "kernel {}: apt offers nothing matching {}; trying {}",
+                spec.name,
+                spec.package_glob,
+                spec.pinned_fallback
+            );
             None
         }
         Err(e) => {
             if let Some(k) = cached.first() {
-                say!("kernel {}: cannot ask apt ({e:#}); using cached {}", spec.name, k.package);
+                say!(
+                    "kernel {}: cannot ask apt ({e:#}); using cached {}",
+                    spec.name,
+                    k.package
+                );
                 return Ok(k.clone());
             }
-            say!("kernel {}: cannot ask apt for {} ({e:#}); trying {}", spec.name, spec.package_glob, spec.pinned_fallback);
+            say!(
+                "kernel {}: cannot ask apt for {} ({e:#}); trying {}",
+                spec.name,
+                spec.package_glob,
+                spec.pinned_fallback
+            );
             None
         }
     };
@@ -127,7 +155,12 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
     let mut errors = Vec::new();
     for (pkg, version) in &to_try {
         if let Some(k) = cached.iter().find(|k| &k.package == pkg) {
-            say!("kernel {}: using cached {} ({})", spec.name, k.package, k.release);
+            say!(
+                "kernel {}: using cached {} ({})",
+                spec.name,
+                k.package,
+                k.release
+            );
             return Ok(k.clone());
         }
         match download_and_extract(spec, pkg, version, &root) {
@@ -139,7 +172,12 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
         }
         // An older cached kernel of the same series beats fetching the pinned one.
         if let Some(k) = cached.first() {
-            say!("kernel {}: falling back to cached {} ({})", spec.name, k.package, k.release);
+            say!(
+                "kernel {}: falling back to cached {} ({})",
+                spec.name,
+                k.package,
+                k.release
+            );
             return Ok(k.clone());
         }
     }
@@ -152,11 +190,24 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
     )
 }
 
-fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path) -> Result<PreparedKernel> {
+fn download_and_extract(
+    spec: &KernelSpec,
+    pkg: &str,
+    version: &str,
+    root: &Path,
+) -> Result<PreparedKernel> {
     let staging = root.join(format!(".staging-{pkg}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let result = (|| {
-        say!("kernel {}: downloading {pkg} {version}(apt-get download)", spec.name, version = if version.is_empty() { String::new() } else { format!("{version} ") });
+        say!(
+            "kernel {}: downloading {pkg} {version}(apt-get download)",
+            spec.name,
+            version = if version.is_empty() {
+                String::new()
+            } else {
+                format!("{version} ")
+            }
+        );
         let dl = staging.join("download");
         let deb = match host::apt_download(pkg, &dl) {
             Ok(deb) => deb,
@@ -169,7 +220,11 @@ fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path
                 }
             }
         };
-        say!("kernel {}: extracting {}", spec.name, deb.file_name().unwrap_or_default().to_string_lossy());
+        say!(
+            "kernel {}: extracting {}",
+            spec.name,
+            deb.file_name().unwrap_or_default().to_string_lossy()
+        );
         let x = staging.join("x");
         host::run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
         let entry = staging.join("entry");
@@ -179,11 +234,19 @@ fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path
             fs::read_dir(&boot)
                 .with_context(|| format!("{pkg} has no /boot"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+                })
                 .with_context(|| format!("{pkg} has no /boot/{prefix}*"))
         };
         let vmlinuz = find_boot("vmlinuz-")?;
-        let release = vmlinuz.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        let release = vmlinuz
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .trim_start_matches("vmlinuz-")
+            .to_owned();
         fs::rename(&vmlinuz, entry.join("vmlinuz"))?;
         if let Ok(config) = find_boot("config-") {
             fs::rename(config, entry.join("config"))?;
@@ -195,7 +258,11 @@ fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path
             .with_context(|| format!("{pkg} has no lib/modules/{release}"))?;
         fs::create_dir_all(entry.join("modules"))?;
         fs::rename(&modules, entry.join("modules").join(&release))?;
-        let version = if version.is_empty() { deb_version(&deb).unwrap_or_default() } else { version.to_owned() };
+        let version = if version.is_empty() {
+            deb_version(&deb).unwrap_or_default()
+        } else {
+            version.to_owned()
+        };
         fs::write(entry.join("release"), format!("{release}\n"))?;
         fs::write(entry.join("version"), format!("{version}\n"))?;
         fs::write(entry.join(COMPLETE), "")?;
@@ -203,11 +270,18 @@ fn download_and_extract(spec: &KernelSpec, pkg: &str, version: &str, root: &Path
         if let Err(e) = fs::rename(&entry, &dest) {
             // Another run may have finished the same package first; use its copy.
             if !dest.join(COMPLETE).exists() {
-                return Err(e).with_context(|| format!("moving the kernel into {}", dest.display()));
+                return Err(e)
+                    .with_context(|| format!("moving the kernel into {}", dest.display()));
             }
         }
         let k = PreparedKernel::load(spec.name, &dest)?;
-        say!("kernel {}: cached {} ({}) in {}", spec.name, pkg, k.release, dest.display());
+        say!(
+            "kernel {}: cached {} ({}) in {}",
+            spec.name,
+            pkg,
+            k.release,
+            dest.display()
+        );
         Ok(k)
     })();
     let _ = fs::remove_dir_all(&staging);

@@ -89,7 +89,12 @@ pub fn resolve(
             Ok(Ok(()))
         }
     }
-    let mut walk = Walk { deps_of: &mut deps_of, is_builtin: &is_builtin, state: HashMap::new(), plan: ModulePlan::default() };
+    let mut walk = Walk {
+        deps_of: &mut deps_of,
+        is_builtin: &is_builtin,
+        state: HashMap::new(),
+        plan: ModulePlan::default(),
+    };
     for name in requested {
         let name = normalize(name);
         if let Err(why) = walk.visit(&name)? {
@@ -103,13 +108,22 @@ pub fn resolve(
 pub fn parse_modules_dep(text: &str) -> HashMap<String, Vec<String>> {
     text.lines()
         .filter_map(|l| l.split_once(':'))
-        .map(|(m, deps)| (normalize(m.trim()), deps.split_whitespace().map(normalize).collect()))
+        .map(|(m, deps)| {
+            (
+                normalize(m.trim()),
+                deps.split_whitespace().map(normalize).collect(),
+            )
+        })
         .collect()
 }
 
 /// Names listed in `modules.builtin` (one path per line).
 pub fn parse_builtin(text: &str) -> HashSet<String> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(normalize).collect()
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(normalize)
+        .collect()
 }
 
 /// The modules of one extracted kernel, plus a cache of host-decompressed `.ko` files.
@@ -127,7 +141,8 @@ impl ModuleTree {
         let mut files = HashMap::new();
         let mut stack = vec![modules_dir.join("kernel")];
         while let Some(dir) = stack.pop() {
-            let entries = fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            let entries =
+                fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
             for e in entries {
                 let path = e?.path();
                 if path.is_dir() {
@@ -140,7 +155,9 @@ impl ModuleTree {
         let read = |n: &str| fs::read_to_string(modules_dir.join(n)).ok();
         Ok(Self {
             files,
-            builtin: read("modules.builtin").map(|t| parse_builtin(&t)).unwrap_or_default(),
+            builtin: read("modules.builtin")
+                .map(|t| parse_builtin(&t))
+                .unwrap_or_default(),
             dep_file: read("modules.dep").map(|t| parse_modules_dep(&t)),
             ko_cache: ko_cache.to_owned(),
         })
@@ -148,7 +165,11 @@ impl ModuleTree {
 
     /// The load plan for `requested` on this kernel.
     pub fn plan(&self, requested: &[String]) -> Result<ModulePlan> {
-        resolve(requested, |name| self.deps_of(name), |name| self.builtin.contains(name))
+        resolve(
+            requested,
+            |name| self.deps_of(name),
+            |name| self.builtin.contains(name),
+        )
     }
 
     fn deps_of(&self, name: &str) -> Result<Option<Vec<String>>> {
@@ -159,17 +180,23 @@ impl ModuleTree {
             return Ok(None);
         }
         let ko = fs::read(self.decompressed(name)?)?;
-        super::elf::module_depends(&ko).with_context(|| format!("reading the .modinfo of {name}")).map(Some)
+        super::elf::module_depends(&ko)
+            .with_context(|| format!("reading the .modinfo of {name}"))
+            .map(Some)
     }
 
     /// The uncompressed `.ko` of module `name`, decompressing it into the cache the first time.
     pub fn decompressed(&self, name: &str) -> Result<PathBuf> {
-        let src = self.files.get(name).with_context(|| format!("no module {name} in this kernel"))?;
+        let src = self
+            .files
+            .get(name)
+            .with_context(|| format!("no module {name} in this kernel"))?;
         let dest = self.ko_cache.join(format!("{name}.ko"));
         if dest.exists() {
             return Ok(dest);
         }
-        fs::create_dir_all(&self.ko_cache).with_context(|| format!("creating {}", self.ko_cache.display()))?;
+        fs::create_dir_all(&self.ko_cache)
+            .with_context(|| format!("creating {}", self.ko_cache.display()))?;
         let src_s = src.to_string_lossy();
         let bytes = if src_s.ends_with(".ko") {
             fs::read(src)?
@@ -188,7 +215,9 @@ impl ModuleTree {
         } else {
             bail!("unknown module compression: {}", src.display());
         };
-        let tmp = self.ko_cache.join(format!(".{name}.ko.{}", std::process::id()));
+        let tmp = self
+            .ko_cache
+            .join(format!(".{name}.ko.{}", std::process::id()));
         fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
         Ok(dest)
@@ -218,7 +247,12 @@ kernel/net/netfilter/nft-broken.ko.xz: kernel/net/netfilter/gone.ko.xz
     fn plan(requested: &[&str], builtin: &[&str]) -> ModulePlan {
         let deps = parse_modules_dep(DEP);
         let builtin: HashSet<String> = names(builtin).into_iter().collect();
-        resolve(&names(requested), |n| Ok(deps.get(n).cloned()), |n| builtin.contains(n)).unwrap()
+        resolve(
+            &names(requested),
+            |n| Ok(deps.get(n).cloned()),
+            |n| builtin.contains(n),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -226,7 +260,16 @@ kernel/net/netfilter/nft-broken.ko.xz: kernel/net/netfilter/gone.ko.xz
         let p = plan(&["veth", "nf_tables", "nft_ct"], &[]);
         assert_eq!(
             p.load_order,
-            names(&["veth", "nfnetlink", "libcrc32c", "nf_tables", "nf_defrag_ipv6", "nf_defrag_ipv4", "nf_conntrack", "nft_ct"])
+            names(&[
+                "veth",
+                "nfnetlink",
+                "libcrc32c",
+                "nf_tables",
+                "nf_defrag_ipv6",
+                "nf_defrag_ipv4",
+                "nf_conntrack",
+                "nft_ct"
+            ])
         );
         assert!(p.missing.is_empty() && p.builtin.is_empty());
         for (i, m) in p.load_order.iter().enumerate() {
@@ -239,7 +282,10 @@ kernel/net/netfilter/nft-broken.ko.xz: kernel/net/netfilter/gone.ko.xz
 
     #[test]
     fn missing_and_builtin_are_reported_not_fatal() {
-        let p = plan(&["nft_reject_inet", "veth", "nft-broken", "libcrc32c"], &["veth"]);
+        let p = plan(
+            &["nft_reject_inet", "veth", "nft-broken", "libcrc32c"],
+            &["veth"],
+        );
         assert_eq!(p.load_order, names(&["libcrc32c"]));
         assert_eq!(p.builtin, names(&["veth"]));
         let missing: Vec<&str> = p.missing.iter().map(|(n, _)| n.as_str()).collect();

@@ -40,17 +40,28 @@ pub struct QemuRun {
 /// when it works and TCG otherwise.
 pub fn command(cfg: &QemuConfig<'_>) -> Command {
     let mut cmd = Command::new(cfg.qemu);
-    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-accel", "kvm", "-accel", "tcg"])
-        .args(["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()])
-        .arg("-kernel")
-        .arg(cfg.vmlinuz)
-        .arg("-initrd")
-        .arg(cfg.initrd)
-        .args(["-append", cfg.cmdline])
-        .args(["-serial", "stdio"])
-        .arg("-serial")
-        .arg(format!("file:{}", cfg.result_path.display()));
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-accel", "kvm", "-accel", "tcg"])
+    .args([
+        "-m",
+        &cfg.memory_mib.to_string(),
+        "-smp",
+        &cfg.cpus.to_string(),
+    ])
+    .arg("-kernel")
+    .arg(cfg.vmlinuz)
+    .arg("-initrd")
+    .arg(cfg.initrd)
+    .args(["-append", cfg.cmdline])
+    .args(["-serial", "stdio"])
+    .arg("-serial")
+    .arg(format!("file:{}", cfg.result_path.display()));
     cmd
 }
 
@@ -58,12 +69,17 @@ pub fn command(cfg: &QemuConfig<'_>) -> Command {
 pub fn run(cfg: &QemuConfig<'_>) -> Result<QemuRun> {
     let _ = fs::remove_file(cfg.result_path);
     let mut cmd = command(cfg);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", cfg.qemu.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", cfg.qemu.display()))?;
     let mut stdout = child.stdout.take().context("qemu stdout")?;
     let mut stderr = child.stderr.take().context("qemu stderr")?;
-    let mut log = fs::File::create(cfg.console_log).with_context(|| format!("creating {}", cfg.console_log.display()))?;
+    let mut log = fs::File::create(cfg.console_log)
+        .with_context(|| format!("creating {}", cfg.console_log.display()))?;
     let stream = cfg.stream_console;
     let console_reader = thread::spawn(move || -> Vec<u8> {
         let mut all = Vec::new();
@@ -110,10 +126,18 @@ pub fn run(cfg: &QemuConfig<'_>) -> Result<QemuRun> {
         let _ = fs::OpenOptions::new()
             .append(true)
             .open(cfg.console_log)
-            .and_then(|mut f| f.write_all(b"\n[qemu stderr]\n").and_then(|()| f.write_all(&qemu_stderr)));
+            .and_then(|mut f| {
+                f.write_all(b"\n[qemu stderr]\n")
+                    .and_then(|()| f.write_all(&qemu_stderr))
+            });
     }
     let result_channel = fs::read(cfg.result_path).unwrap_or_default();
-    Ok(QemuRun { console: String::from_utf8_lossy(&console).into_owned(), result_channel, status, elapsed })
+    Ok(QemuRun {
+        console: String::from_utf8_lossy(&console).into_owned(),
+        result_channel,
+        status,
+        elapsed,
+    })
 }
 
 /// Splits the second serial port's bytes into the job's result file contents and its exit status:
@@ -156,16 +180,25 @@ mod tests {
 
     #[test]
     fn result_channel_framing() {
-        assert_eq!(parse_result_channel(b"{\"vm_exit\": 0}\n"), Some((String::new(), 0)));
+        assert_eq!(
+            parse_result_channel(b"{\"vm_exit\": 0}\n"),
+            Some((String::new(), 0))
+        );
         assert_eq!(
             parse_result_channel(b"{\"a\":1}\n{\"b\":2}\n{\"vm_exit\": 3}\n"),
             Some(("{\"a\":1}\n{\"b\":2}\n".to_owned(), 3))
         );
         // A job result that itself ends without a newline got one from /init.
-        assert_eq!(parse_result_channel(b"x\n{\"vm_exit\": 1}"), Some(("x\n".to_owned(), 1)));
+        assert_eq!(
+            parse_result_channel(b"x\n{\"vm_exit\": 1}"),
+            Some(("x\n".to_owned(), 1))
+        );
         assert_eq!(parse_result_channel(b""), None);
         assert_eq!(parse_result_channel(b"partial result\n"), None);
-        assert_eq!(parse_result_channel(b"{\"vm_exit\": 0}\ntrailing junk\n"), None);
+        assert_eq!(
+            parse_result_channel(b"{\"vm_exit\": 0}\ntrailing junk\n"),
+            None
+        );
     }
 
     #[test]
