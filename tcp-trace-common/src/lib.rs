@@ -225,6 +225,38 @@ pub mod state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
+/// A rule of the `validate` segment dropper (a tc classifier on a veth): drop the next
+/// `remaining` TCP segments leaving the interface that match. Test traffic only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropRule {
+    /// Segments still to drop; 0 = rule inactive.
+    pub remaining: u32,
+    /// Only segments from this TCP source port (0 = any).
+    pub sport: u16,
+    /// Only segments to this TCP destination port (0 = any).
+    pub dport: u16,
+    /// TCP flag bits that must all be set.
+    pub flags_set: u8,
+    /// TCP flag bits that must all be clear.
+    pub flags_clear: u8,
+    /// 0 = any payload, 1 = only empty segments, 2 = only segments with data.
+    pub payload: u8,
+    pub _pad: u8,
+    /// Segments dropped by this rule so far.
+    pub dropped: u32,
+}
+
+pub const DROP_RULES_MAX: u32 = 4;
+
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
 /// Map sizes.
 pub const RING_BYTES: u32 = 4 << 20;
 pub const OWNERS_MAX: u32 = 65536;
@@ -237,4 +269,5 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::DropRule {}
 }

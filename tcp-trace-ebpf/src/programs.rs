@@ -4,17 +4,19 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{
+        btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
+    },
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
-        RetProbeContext,
+        RetProbeContext, TcContext,
     },
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, COMM_LEN, Config, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey,
-    OWNERS_MAX, Owner, RING_BYTES, flag, hook, state,
+    AF_INET6, COMM_LEN, Config, DROP_RULES_MAX, DropRule, Event, FILTER_MAX, IPPROTO_TCP,
+    LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES, flag, hook, state,
 };
 
 #[unsafe(no_mangle)]
@@ -570,6 +572,73 @@ tracepoint_pair!(
     "tcp_destroy_sock",
     tp_destroy_sock
 );
+
+// ---- validate's segment dropper (tc egress on a test veth) -----------------------------------
+
+#[map]
+static DROP_RULES: Array<DropRule> = Array::with_max_entries(DROP_RULES_MAX, 0);
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+
+/// Drops chosen TCP segments (IPv4 over Ethernet) so that `validate` can lose a FIN or an ACK
+/// on purpose. Everything else passes untouched.
+#[classifier]
+pub fn drop_segments(ctx: TcContext) -> i32 {
+    const ETH_LEN: usize = 14;
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return TC_ACT_OK;
+    };
+    if u16::from_be(ethertype) != 0x0800 {
+        return TC_ACT_OK;
+    }
+    let Ok(vihl) = ctx.load::<u8>(ETH_LEN) else {
+        return TC_ACT_OK;
+    };
+    let Ok(proto) = ctx.load::<u8>(ETH_LEN + 9) else {
+        return TC_ACT_OK;
+    };
+    if proto != IPPROTO_TCP as u8 {
+        return TC_ACT_OK;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let Ok(total) = ctx.load::<u16>(ETH_LEN + 2) else {
+        return TC_ACT_OK;
+    };
+    let tcp = ETH_LEN + (ihl & 0x3c);
+    let (Ok(sport), Ok(dport), Ok(doff), Ok(flags)) = (
+        ctx.load::<u16>(tcp),
+        ctx.load::<u16>(tcp + 2),
+        ctx.load::<u8>(tcp + 12),
+        ctx.load::<u8>(tcp + 13),
+    ) else {
+        return TC_ACT_OK;
+    };
+    let (sport, dport) = (u16::from_be(sport), u16::from_be(dport));
+    let payload = (u16::from_be(total) as u32)
+        .saturating_sub(ihl as u32)
+        .saturating_sub(((doff >> 4) as u32) * 4);
+    for i in 0..DROP_RULES_MAX {
+        let Some(rule) = DROP_RULES.get_ptr_mut(i) else {
+            continue;
+        };
+        let rule = unsafe { &mut *rule };
+        if rule.remaining == 0
+            || (rule.sport != 0 && rule.sport != sport)
+            || (rule.dport != 0 && rule.dport != dport)
+            || flags & rule.flags_set != rule.flags_set
+            || flags & rule.flags_clear != 0
+            || (rule.payload == 1 && payload != 0)
+            || (rule.payload == 2 && payload == 0)
+        {
+            continue;
+        }
+        rule.remaining -= 1;
+        rule.dropped += 1;
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
+}
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

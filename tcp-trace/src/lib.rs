@@ -10,5 +10,8 @@ pub mod decode;
 pub mod doctor;
 pub mod kernel;
 pub mod live;
+pub mod model;
 pub mod owners;
 pub mod peer;
+pub mod record;
+pub mod validate;

@@ -2,6 +2,7 @@
 //! that the README's two commands work on a fresh machine.
 
 mod setup;
+mod tasks;
 mod vm;
 
 use anyhow::Result;
@@ -21,6 +22,18 @@ struct Cli {
 enum Command {
     /// Install what the eBPF build needs (rust-src, bpf-linker); idempotent and cached.
     Setup,
+    /// Set up, build, and run tcp-trace (default: `tcp-trace validate`); under sudo if not root.
+    Run {
+        /// Arguments for tcp-trace instead of `validate`, e.g. `-- doctor`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up and run the whole test suite: fmt, clippy, unit tests, live kernel tests, VM matrix.
+    Test {
+        /// Leave out the VM kernel matrix (quick local iteration).
+        #[arg(long)]
+        skip_vm: bool,
+    },
     /// Boot a Debian kernel under qemu with a static tcp-trace inside and run a command there.
     VmRun(vm::VmRunArgs),
 }
@@ -28,6 +41,8 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Run { args } => tasks::run(args),
+        Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),
     }
 }

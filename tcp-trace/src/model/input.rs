@@ -153,8 +153,20 @@ pub const INPUTS: &[InputInfo] = {
             Application,
             "close() of a listener with un-accepted children in its accept queue",
         ),
-        info(ShutdownRd, "shutdown-rd", &[], Application, "shutdown(SHUT_RD)"),
-        info(ShutdownWr, "shutdown-wr", &[], Application, "shutdown(SHUT_WR)"),
+        info(
+            ShutdownRd,
+            "shutdown-rd",
+            &[],
+            Application,
+            "shutdown(SHUT_RD)",
+        ),
+        info(
+            ShutdownWr,
+            "shutdown-wr",
+            &[],
+            Application,
+            "shutdown(SHUT_WR)",
+        ),
         info(
             ShutdownRdwr,
             "shutdown-rdwr",
@@ -190,7 +202,13 @@ pub const INPUTS: &[InputInfo] = {
             Peer,
             "the peer's FIN in a segment that also ACKs our FIN",
         ),
-        info(AckOfFin, "ack-of-fin", &["ack"], Peer, "the peer ACKs our FIN"),
+        info(
+            AckOfFin,
+            "ack-of-fin",
+            &["ack"],
+            Peer,
+            "the peer ACKs our FIN",
+        ),
         info(
             AckOfData,
             "ack-of-data",
@@ -233,13 +251,7 @@ pub const INPUTS: &[InputInfo] = {
             PeerToTimeWait,
             "SYN (no ACK) with seq after rcv_nxt: a new incarnation",
         ),
-        info(
-            TwAck,
-            "tw-ack",
-            &[],
-            PeerToTimeWait,
-            "bare ACK at rcv_nxt",
-        ),
+        info(TwAck, "tw-ack", &[], PeerToTimeWait, "bare ACK at rcv_nxt"),
         info(
             TwFinRetransmit,
             "tw-fin-retransmit",

@@ -362,19 +362,34 @@ impl fmt::Display for State {
 
 /// Starting-state names accepted by `State::from_str`, with one-line help.
 pub const STATE_NAMES: &[(&str, &str)] = &[
-    ("established", "ESTABLISHED full socket held by the application"),
+    (
+        "established",
+        "ESTABLISHED full socket held by the application",
+    ),
     ("syn-sent", "SYN_SENT: connect() in progress"),
     (
         "syn-recv",
         "SYN_RECV full socket (Fast Open child or simultaneous open)",
     ),
     ("fin-wait1", "FIN_WAIT1: our FIN sent, not yet ACKed"),
-    ("fin-wait2", "FIN_WAIT2: our FIN ACKed, waiting for the peer's"),
-    ("close", "CLOSE: e.g. after a RST; the application still holds it"),
-    ("close-wait", "CLOSE_WAIT: the peer's FIN arrived, ours not sent"),
+    (
+        "fin-wait2",
+        "FIN_WAIT2: our FIN ACKed, waiting for the peer's",
+    ),
+    (
+        "close",
+        "CLOSE: e.g. after a RST; the application still holds it",
+    ),
+    (
+        "close-wait",
+        "CLOSE_WAIT: the peer's FIN arrived, ours not sent",
+    ),
     ("last-ack", "LAST_ACK: both FINs sent, ours not yet ACKed"),
     ("listen", "LISTEN: a listener"),
-    ("closing", "CLOSING: simultaneous close, our FIN not yet ACKed"),
+    (
+        "closing",
+        "CLOSING: simultaneous close, our FIN not yet ACKed",
+    ),
     (
         "tw-fin-wait2",
         "TIME_WAIT minisocket in substate FIN_WAIT2 (alias: tw:fin_wait2)",
@@ -385,6 +400,27 @@ pub const STATE_NAMES: &[(&str, &str)] = &[
     ),
     ("freed", "nothing left (alias: destroyed)"),
 ];
+
+impl State {
+    /// One line per starting-state name and per flag: for `--help` and error messages.
+    pub fn help_text() -> String {
+        let width = STATE_NAMES
+            .iter()
+            .chain(STATE_FLAGS)
+            .map(|(name, _)| name.len() + 1)
+            .max()
+            .unwrap_or(0);
+        let mut text = String::from("states:\n");
+        for (name, help) in STATE_NAMES {
+            text.push_str(&format!("  {name:width$}  {help}\n"));
+        }
+        text.push_str("flags (append to a state, e.g. fin-wait1+orphan):\n");
+        for (name, help) in STATE_FLAGS {
+            text.push_str(&format!("  {:width$}  {help}\n", format!("+{name}")));
+        }
+        text
+    }
+}
 
 /// Flags that may follow a starting-state name, `+`-separated.
 pub const STATE_FLAGS: &[(&str, &str)] = &[
@@ -398,7 +434,10 @@ pub const STATE_FLAGS: &[(&str, &str)] = &[
         "read-queued",
         "the receive queue holds only already-read skbs",
     ),
-    ("unsent", "written bytes wait unsent; a FIN would queue behind"),
+    (
+        "unsent",
+        "written bytes wait unsent; a FIN would queue behind",
+    ),
     (
         "app-socket",
         "(TIME_WAIT minisocket only) the application still holds its CLOSE socket",
@@ -412,8 +451,14 @@ impl FromStr for State {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let error = || ParseStateError {
             given: s.to_string(),
-            valid: STATE_NAMES.iter().map(|(name, _)| name.to_string()).collect(),
-            flags: STATE_FLAGS.iter().map(|(name, _)| name.to_string()).collect(),
+            valid: STATE_NAMES
+                .iter()
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            flags: STATE_FLAGS
+                .iter()
+                .map(|(name, _)| name.to_string())
+                .collect(),
         };
         let normalized = normalize(s);
         let mut parts = normalized.split('+');

@@ -1,0 +1,92 @@
+//! Timers of a full orphan socket: tcp_keepalive_timer() as the FIN_WAIT2 timer, and
+//! tcp_write_timeout() when retransmissions run out. (The minisocket's timer is in timewait.rs.)
+
+use super::effects::Ctx;
+use super::outcome::{Errno, KernelFunction, Outcome, RstReason, TcpExtCounter};
+use super::params::{ModelParams, TCP_TIMEWAIT_LEN_MS};
+use super::state::{Sock, State, TcpState, TwSubstate};
+
+/// tcp_keepalive_timer() on an orphan FIN_WAIT2 full socket (armed by adjudge_to_death or by the
+/// FIN_WAIT1 ACK rule when tcp_fin_time exceeds 60 s).
+pub(crate) fn tcp_keepalive_timer(sock: &Sock, p: &ModelParams) -> Outcome {
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpKeepaliveTimer);
+    match (sock.state, sock.orphan) {
+        (TcpState::FinWait2, true) => {
+            // The remaining wait, now short enough for a minisocket.
+            let remaining = p.fin_time_ms().saturating_sub(TCP_TIMEWAIT_LEN_MS);
+            if p.tcp_linger2_secs >= 0 && remaining > 0 {
+                cx.tcp_time_wait(TwSubstate::FinWait2, remaining);
+                cx.rule(format!(
+                    "tcp_keepalive_timer(): orphan FIN_WAIT2, tcp_fin_time - 60 s = {remaining} ms \
+                     -> tcp_time_wait(FIN_WAIT2, {remaining} ms)"
+                ));
+            } else {
+                cx.active_reset(RstReason::TcpState);
+                cx.tcp_done();
+                cx.rule(
+                    "tcp_keepalive_timer(): orphan FIN_WAIT2 with no time left (or TCP_LINGER2 < \
+                     0) -> RST, tcp_done(), destroyed",
+                );
+            }
+        }
+        (TcpState::FinWait2, false) => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                "a FIN_WAIT2 socket the application holds has no FIN_WAIT2 timer (it waits \
+                 forever; only SO_KEEPALIVE probes, not modelled)",
+            );
+        }
+        (state, _) => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!("no FIN_WAIT2 timer runs in {state}"),
+            );
+        }
+    }
+    cx.finish()
+}
+
+/// tcp_write_timeout() (or tcp_probe_timer() while zero-window probing) gives up on an orphan
+/// whose FIN is not ACKed.
+pub(crate) fn tcp_write_timeout(sock: &Sock, p: &ModelParams) -> Outcome {
+    use TcpState::*;
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpWriteTimeout);
+    match sock.state {
+        FinWait1 | Closing | LastAck if sock.orphan => {
+            cx.error(Errno::Etimedout);
+            cx.count(TcpExtCounter::TcpAbortOnTimeout);
+            cx.tcp_done();
+            cx.rule(format!(
+                "tcp_write_timeout(): orphan {} out of retries (tcp_orphan_retries = {}: {} \
+                 while the peer seems alive) -> tcp_write_err(): ETIMEDOUT, TCPAbortOnTimeout, \
+                 tcp_done(), destroyed; no RST",
+                sock.state,
+                p.tcp_orphan_retries,
+                p.orphan_retries(true)
+            ));
+        }
+        FinWait1 | Closing | LastAck => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                "the socket is not orphaned: tcp_retries2 governs its retransmissions (not \
+                 modelled)",
+            );
+        }
+        Established | SynSent | SynRecv | FinWait2 | CloseWait | Listen | Close | TimeWait
+        | NewSynRecv => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!(
+                    "no FIN of ours awaits an ACK in {}{}",
+                    sock.state,
+                    if sock.state == FinWait2 {
+                        " (see fin-wait2-timeout)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+    }
+    cx.finish()
+}
