@@ -72,7 +72,7 @@ impl Clock {
     }
 }
 
-fn now_ns(clock: libc::clockid_t) -> u64 {
+pub fn now_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

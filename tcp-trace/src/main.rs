@@ -61,9 +61,97 @@ enum Command {
     /// Show the kernel, BTF, lockdown, privileges, and for every hook which attach mechanism
     /// works here or why none does.
     Doctor,
+    /// Print the reference model: its transition table, or (--explain) a run of inputs step by
+    /// step with the kernel rule behind each decision. No root needed.
+    ///
+    /// Examples:
+    ///   tcp-trace model --kernel 6.1
+    ///   tcp-trace model --explain close,ack-of-fin,fin,tw-expire
+    ///   tcp-trace model --from close-wait --explain close,ack-of-fin
+    #[command(verbatim_doc_comment)]
+    Model(ModelArgs),
+    /// Check the reference model against this kernel: built-in scenarios make real connections
+    /// in private network namespaces, each flow is traced and judged, and a table shows what the
+    /// model expects and what the kernel did. Exit status 1 on any divergence.
+    Validate {
+        /// Run only this scenario (repeatable); `--scenario list` names them.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
+    },
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
     Peer(peer::PeerCommand),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Kernel version whose behaviour to model (default: the running kernel).
+    #[arg(long, value_name = "VERSION")]
+    kernel: Option<String>,
+    /// Comma-separated inputs to run step by step (`--explain help` lists them).
+    #[arg(long, value_name = "INPUTS")]
+    explain: Option<String>,
+    /// Starting state for --explain (`--from help` lists them).
+    #[arg(long, value_name = "STATE", default_value = "established")]
+    from: String,
+    /// net.ipv4.tcp_fin_timeout, seconds.
+    #[arg(long, default_value_t = 60)]
+    fin_timeout: u32,
+    /// net.ipv4.tcp_rfc1337.
+    #[arg(long)]
+    rfc1337: bool,
+    /// TCP_LINGER2 of the socket, seconds (< 0: reset an orphan FIN_WAIT2 at once).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    linger2: i32,
+    /// net.ipv4.tcp_orphan_retries.
+    #[arg(long, default_value_t = 0)]
+    orphan_retries: u32,
+}
+
+fn run_model(args: ModelArgs, json: bool) -> Result<u8> {
+    use tcp_trace::model::{self, Input, KernelGeneration, KernelVersion, ModelParams, State};
+    let release = args.kernel.unwrap_or_else(tcp_trace::kernel::kernel_release);
+    let version: KernelVersion = release
+        .parse()
+        .map_err(|e| anyhow!("--kernel {release}: {e}"))?;
+    let params = ModelParams {
+        tcp_fin_timeout_secs: args.fin_timeout,
+        tcp_rfc1337: args.rfc1337,
+        tcp_linger2_secs: args.linger2,
+        tcp_orphan_retries: args.orphan_retries,
+        ..ModelParams::for_generation(KernelGeneration::for_release(version))
+    };
+    match args.explain {
+        Some(list) if list == "help" => {
+            println!("{}", Input::help_text());
+        }
+        Some(list) => {
+            if args.from == "help" {
+                println!("{}", State::help_text());
+                return Ok(0);
+            }
+            let start: State = args.from.parse().map_err(|e| anyhow!("--from: {e}"))?;
+            let inputs = model::parse_inputs(&list).map_err(|e| anyhow!("--explain: {e}"))?;
+            let explanation = model::explain(params, start, &inputs);
+            if json {
+                println!("{}", serde_json::to_string(&explanation)?);
+            } else {
+                println!("{explanation}");
+            }
+        }
+        None => {
+            let rows = model::transition_table(params);
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                println!("Reference model for kernel {version}:");
+                println!("{}", model::render_table(&rows));
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -90,6 +178,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
+        Some(Command::Model(args)) => run_model(args, cli.trace.json),
+        Some(Command::Validate { scenarios }) => {
+            tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
+                scenarios,
+                json: cli.trace.json,
+                backend: cli.trace.backend,
+            })
+        }
         None => run_live(cli.trace),
     };
     match result {

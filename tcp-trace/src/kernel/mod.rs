@@ -16,6 +16,22 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The running kernel's version as a string the model understands. Distribution kernels often
+/// keep the patch level out of `uname -r` (Debian: "6.1.0-47-amd64" is really 6.1.170), so
+/// /proc/version's "Debian 6.1.170-1" wins where present.
+pub fn kernel_version() -> String {
+    let version = fs::read_to_string("/proc/version").unwrap_or_default();
+    distro_version(&version).unwrap_or_else(kernel_release)
+}
+
+pub fn distro_version(proc_version: &str) -> Option<String> {
+    let words: Vec<&str> = proc_version.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "Debian" && parse_release(w[1]).is_some())
+        .map(|w| w[1].split('-').next().unwrap_or(w[1]).to_string())
+}
+
 /// (major, minor, patch) of a release string such as "6.12.117+deb12-amd64".
 pub fn parse_release(release: &str) -> Option<(u32, u32, u32)> {
     let mut nums = release
@@ -181,6 +197,14 @@ mod tests {
         assert_eq!(parse_release("6.18.44-fc-v669"), Some((6, 18, 44)));
         assert_eq!(parse_release("6.9"), Some((6, 9, 0)));
         assert_eq!(parse_release("weird"), None);
+    }
+
+    #[test]
+    fn debian_versions_come_from_proc_version() {
+        let v = "Linux version 6.1.0-47-amd64 (debian-kernel@lists.debian.org) (gcc-12) #1 SMP \
+                 PREEMPT_DYNAMIC Debian 6.1.170-1 (2025-10-20)";
+        assert_eq!(distro_version(v).as_deref(), Some("6.1.170"));
+        assert_eq!(distro_version("Linux version 6.18.44-fc #1 SMP"), None);
     }
 
     #[test]
