@@ -49,9 +49,13 @@ pub fn as_root(program: &Path) -> Result<Command> {
     let sudo = which("sudo").context(
         "tcp-trace needs root (CAP_BPF, CAP_PERFMON) and sudo is not installed: run this as root",
     )?;
-    say(format!("not root: running {} under sudo", program.display()));
+    say(format!(
+        "not root: running {} under sudo",
+        program.display()
+    ));
     let mut cmd = Command::new(sudo);
-    cmd.arg("--preserve-env=RUST_LOG,TCP_TRACE_VERIFIER_LOG").arg(program);
+    cmd.arg("--preserve-env=RUST_LOG,TCP_TRACE_VERIFIER_LOG")
+        .arg(program);
     Ok(cmd)
 }
 
@@ -67,11 +71,12 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn build_release() -> Result<PathBuf> {
     setup::run()?;
     say("building tcp-trace (release; the eBPF object is built by tcp-trace/build.rs)");
-    status(
-        Command::new("cargo")
-            .current_dir(workspace_root())
-            .args(["build", "--release", "--package", "tcp-trace"]),
-    )?;
+    status(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--package",
+        "tcp-trace",
+    ]))?;
     Ok(workspace_root().join("target/release/tcp-trace"))
 }
 

@@ -18,6 +18,14 @@
 //! and `ko/<module>.ko` decompressed on first use. Each boot works in a temporary directory
 //! (initrd, console log, result channel) that is removed on success and kept on failure, or always
 //! kept with `TCP_TRACE_VM_KEEP=1`.
+//!
+//! qemu runs with TCG (software emulation): /dev/kvm exists on these machines but guests die in it
+//! ("KVM internal error ... emulation failure"); `TCP_TRACE_VM_KVM=1` tries KVM anyway. A boot to
+//! power-off takes 3-9 s. The result channel moves about 400 KB/s, so keep results to a few MB.
+//!
+//! Guest tooling is busybox 1.35: `ip netns` and `ip link add ... peer name X` are not supported.
+//! What works: `unshare -n sleep 600 & pid=$!; ip link add v0 type veth` (the peer is `veth0`),
+//! `ip link set veth0 name v1; ip link set v1 netns $pid; nsenter -t $pid -n ip ...`.
 
 mod catalogue;
 mod elf;
@@ -34,7 +42,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-pub use catalogue::{KERNELS, KernelSpec, kernel_spec, kernels_for};
+#[allow(unused_imports, reason = "library API for the vm-test task")]
+pub use catalogue::kernel_spec;
+pub use catalogue::{KERNELS, KernelSpec, kernels_for};
 pub use host::{HostTools, ensure_host_tools};
 pub use kernel::{PreparedKernel, cached_kernels, newest_available, prepare_kernel};
 pub use modules::DEFAULT_MODULES;
@@ -56,6 +66,7 @@ pub struct GuestFile {
 }
 
 #[derive(Debug, Clone)]
+#[allow(dead_code, reason = "Bytes is library API for the vm-test task")]
 pub enum FileSource {
     /// Read from the host when the initramfs is built.
     Host(PathBuf),
@@ -78,6 +89,7 @@ impl GuestFile {
     }
 
     /// A file made of `bytes`.
+    #[allow(dead_code, reason = "library API for the vm-test task")]
     pub fn bytes(guest_path: impl Into<String>, bytes: impl Into<Vec<u8>>, mode: u32) -> Self {
         Self {
             guest_path: guest_path.into(),
@@ -404,15 +416,17 @@ pub fn run(args: VmRunArgs) -> Result<()> {
         args.command.clone()
     };
     let mut job = GuestJob::command(&command);
-    job.binary = args.binary.clone();
+    if let Some(bin) = &args.binary {
+        job = job.with_binary(bin);
+    }
+    for spec in &args.files {
+        job = job.with_file(parse_file_arg(spec)?);
+    }
     job.timeout = Duration::from_secs(args.timeout);
     job.modules = args.modules.clone();
     job.memory_mib = args.memory;
     job.cpus = args.cpus;
     job.stream_console = !args.quiet;
-    for spec in &args.files {
-        job.files.push(parse_file_arg(spec)?);
-    }
     if let Some(bin) = &job.binary {
         ensure!(bin.is_file(), "--binary {} does not exist", bin.display());
     }
@@ -423,8 +437,18 @@ pub fn run(args: VmRunArgs) -> Result<()> {
         match boot(spec, &job) {
             Ok(out) => {
                 if args.quiet && !out.success() {
-                    eprintln!("{}", out.console);
+                    say!("kernel {}: last console lines:", out.kernel);
+                    eprintln!("{}", out.console_tail(100));
                 }
+                let m = &out.modules;
+                say!(
+                    "kernel {} ({}): modules loaded: {}; built in: {}; skipped: {}",
+                    out.kernel,
+                    out.package,
+                    list_or_none(&m.loaded),
+                    list_or_none(&m.builtin),
+                    list_or_none(&m.missing.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>())
+                );
                 if !out.result.is_empty() {
                     say!("kernel {}: result channel:", out.kernel);
                     print!("{}", out.result);
@@ -467,6 +491,14 @@ pub fn run(args: VmRunArgs) -> Result<()> {
         bail!("the guest command failed on {}", failures.join("; "));
     }
     Ok(())
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(" ")
+    }
 }
 
 fn parse_file_arg(spec: &str) -> Result<GuestFile> {

@@ -322,6 +322,36 @@ linux-image-6.1.0-9-amd64-unsigned:
     }
 
     #[test]
+    fn agrees_with_dpkg_when_installed() {
+        let pairs = [
+            ("6.1.192-2", "6.1.170-1"),
+            ("6.12.117-1~deb12u1", "6.12.117-1"),
+            ("1.2.3a~b", "1.2.3a"),
+            ("2:1.0", "1:9.9"),
+            ("1.0+dfsg-1", "1.0-1"),
+        ];
+        for (a, b) in pairs {
+            let dpkg = |op: &str| {
+                std::process::Command::new("dpkg")
+                    .args(["--compare-versions", a, op, b])
+                    .status()
+                    .ok()
+                    .map(|s| s.success())
+            };
+            let Some(gt) = dpkg("gt") else { return };
+            let lt = dpkg("lt").unwrap_or(false);
+            let want = if gt {
+                Ordering::Greater
+            } else if lt {
+                Ordering::Less
+            } else {
+                Ordering::Equal
+            };
+            assert_eq!(deb_version_cmp(a, b), want, "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn regex_escapes_and_anchors() {
         assert_eq!(
             glob_to_regex("linux-image-6.12*-amd64"),

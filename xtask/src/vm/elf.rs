@@ -92,20 +92,32 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
     Ok(None)
 }
 
-/// The modules a kernel module needs loaded first: the `depends=` entry of its `.modinfo`.
-pub fn module_depends(ko: &[u8]) -> Result<Vec<String>> {
+/// What a kernel module's `.modinfo` says it needs: `depends=` (modules that export symbols it
+/// uses) and the `pre:` part of `softdep=` (modules or aliases to load first if available, e.g.
+/// `crc32c` for libcrc32c, which cannot initialise without a crc32c implementation).
+pub fn module_deps(ko: &[u8]) -> Result<super::modules::ModDeps> {
     let Some(info) = section(ko, ".modinfo")? else {
         bail!("no .modinfo section: not a kernel module");
     };
-    let mut deps = Vec::new();
+    let mut deps = super::modules::ModDeps::default();
     for entry in info.split(|&b| b == 0) {
-        if let Some(list) = entry.strip_prefix(b"depends=") {
-            let list = String::from_utf8_lossy(list);
-            deps.extend(
+        let entry = String::from_utf8_lossy(entry);
+        if let Some(list) = entry.strip_prefix("depends=") {
+            deps.hard.extend(
                 list.split(',')
                     .filter(|d| !d.is_empty())
                     .map(super::modules::normalize),
             );
+        } else if let Some(spec) = entry.strip_prefix("softdep=") {
+            let mut in_pre = false;
+            for word in spec.split_whitespace() {
+                match word {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    m if in_pre => deps.soft_pre.push(super::modules::normalize(m)),
+                    _ => {}
+                }
+            }
         }
     }
     Ok(deps)
@@ -147,11 +159,15 @@ mod tests {
     #[test]
     fn reads_modinfo_depends() {
         let m = fake_module(b"license=GPL\0depends=nf_conntrack,nf-tables\0name=nft_ct\0");
-        assert_eq!(module_depends(&m).unwrap(), ["nf_conntrack", "nf_tables"]);
+        let d = module_deps(&m).unwrap();
+        assert_eq!(d.hard, ["nf_conntrack", "nf_tables"]);
+        assert!(d.soft_pre.is_empty());
         let m = fake_module(b"depends=\0name=veth\0");
-        assert!(module_depends(&m).unwrap().is_empty());
+        assert!(module_deps(&m).unwrap().hard.is_empty());
+        let m = fake_module(b"softdep=pre: crc32c post: foo\0depends=\0name=libcrc32c\0");
+        assert_eq!(module_deps(&m).unwrap().soft_pre, ["crc32c"]);
         assert!(
-            module_depends(b"not elf at all, not elf at all, not elf at all, not elf at all!!")
+            module_deps(b"not elf at all, not elf at all, not elf at all, not elf at all!!")
                 .is_err()
         );
     }

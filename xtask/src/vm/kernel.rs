@@ -2,9 +2,11 @@
 //! download it once, and keep vmlinuz, its config and its module tree under
 //! `<cache>/kernels/<package>/`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
@@ -75,10 +77,10 @@ pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback {
-            if path.join(COMPLETE).exists() {
-                found.push(PreparedKernel::load(spec.name, &path)?);
-            }
+        let ours =
+            catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback;
+        if ours && path.join(COMPLETE).exists() {
+            found.push(PreparedKernel::load(spec.name, &path)?);
         }
     }
     found.sort_by(|a, b| catalogue::deb_version_cmp(&b.version, &a.version));
@@ -113,7 +115,21 @@ pub fn newest_available(spec: &KernelSpec) -> Result<Option<(String, String)>> {
 
 /// Makes `spec`'s newest kernel available in the cache (downloading and extracting it when it is
 /// not there yet) and returns it. Falls back to the pinned package, then to the newest cached one.
+/// The answer is remembered for the rest of the process (later calls neither ask apt nor print).
 pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
+    static PREPARED: Mutex<BTreeMap<String, PreparedKernel>> = Mutex::new(BTreeMap::new());
+    // Held while preparing, so threads booting the same kernel download it once.
+    let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{}\0{}", spec.name, spec.package_glob);
+    if let Some(k) = prepared.get(&key) {
+        return Ok(k.clone());
+    }
+    let k = prepare_uncached(spec)?;
+    prepared.insert(key, k.clone());
+    Ok(k)
+}
+
+fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
     let root = host::kernels_dir()?;
     let cached = cached_kernels(spec)?;
     let wanted = match newest_available(spec) {

@@ -38,13 +38,33 @@ pub struct ModulePlan {
     pub missing: Vec<(String, String)>,
 }
 
+/// A module's direct dependencies.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ModDeps {
+    /// Must be loaded first (they export symbols the module uses).
+    pub hard: Vec<String>,
+    /// Should be loaded first when available: module names or aliases such as `crc32c`, which
+    /// are tried as `<name>_generic` (the portable crypto implementation) and then `<name>`.
+    pub soft_pre: Vec<String>,
+}
+
+impl ModDeps {
+    pub fn hard(hard: Vec<String>) -> Self {
+        Self {
+            hard,
+            soft_pre: Vec::new(),
+        }
+    }
+}
+
 /// Orders `requested` and their dependencies so that each module comes after what it needs.
 /// `deps_of(name)` gives a module's direct dependencies, or `None` when the kernel does not ship
 /// it; `is_builtin(name)` says whether it is compiled in. A requested module that is missing, or
-/// that needs a missing one, lands in `missing` instead of failing the whole plan.
+/// that needs a missing one, lands in `missing` instead of failing the whole plan; soft
+/// dependencies that are missing are skipped.
 pub fn resolve(
     requested: &[String],
-    mut deps_of: impl FnMut(&str) -> Result<Option<Vec<String>>>,
+    mut deps_of: impl FnMut(&str) -> Result<Option<ModDeps>>,
     is_builtin: impl Fn(&str) -> bool,
 ) -> Result<ModulePlan> {
     #[derive(Clone, Copy, PartialEq)]
@@ -59,7 +79,7 @@ pub fn resolve(
         state: HashMap<String, State>,
         plan: ModulePlan,
     }
-    impl<F: FnMut(&str) -> Result<Option<Vec<String>>>> Walk<'_, F> {
+    impl<F: FnMut(&str) -> Result<Option<ModDeps>>> Walk<'_, F> {
         /// Ok(Err(reason)) when `name` cannot be loaded.
         fn visit(&mut self, name: &str) -> Result<std::result::Result<(), String>> {
             match self.state.get(name) {
@@ -78,15 +98,35 @@ pub fn resolve(
                 return Ok(Err(format!("this kernel has no module {name}")));
             };
             self.state.insert(name.to_owned(), State::Visiting);
-            for dep in deps {
+            for dep in deps.hard {
                 if let Err(why) = self.visit(&dep)? {
                     self.state.insert(name.to_owned(), State::Missing);
                     return Ok(Err(format!("{name} needs {dep}: {why}")));
                 }
             }
+            for soft in deps.soft_pre {
+                self.visit_soft(&soft)?;
+            }
             self.state.insert(name.to_owned(), State::Done);
             self.plan.load_order.push(name.to_owned());
             Ok(Ok(()))
+        }
+
+        /// Loads the first available implementation of the soft dependency `alias`, if any.
+        fn visit_soft(&mut self, alias: &str) -> Result<()> {
+            for candidate in [format!("{alias}_generic"), alias.to_owned()] {
+                match self.state.get(&candidate) {
+                    Some(State::Done | State::Visiting) => return Ok(()),
+                    Some(State::Missing) => continue,
+                    None => {}
+                }
+                if (self.is_builtin)(&candidate) || (self.deps_of)(&candidate)?.is_some() {
+                    // A soft dependency that cannot load is not the module's problem.
+                    let _ = self.visit(&candidate)?;
+                    return Ok(());
+                }
+            }
+            Ok(())
         }
     }
     let mut walk = Walk {
@@ -172,15 +212,15 @@ impl ModuleTree {
         )
     }
 
-    fn deps_of(&self, name: &str) -> Result<Option<Vec<String>>> {
+    fn deps_of(&self, name: &str) -> Result<Option<ModDeps>> {
         if let Some(deps) = &self.dep_file {
-            return Ok(deps.get(name).cloned());
+            return Ok(deps.get(name).cloned().map(ModDeps::hard));
         }
         if !self.files.contains_key(name) {
             return Ok(None);
         }
         let ko = fs::read(self.decompressed(name)?)?;
-        super::elf::module_depends(&ko)
+        super::elf::module_deps(&ko)
             .with_context(|| format!("reading the .modinfo of {name}"))
             .map(Some)
     }
@@ -249,7 +289,7 @@ kernel/net/netfilter/nft-broken.ko.xz: kernel/net/netfilter/gone.ko.xz
         let builtin: HashSet<String> = names(builtin).into_iter().collect();
         resolve(
             &names(requested),
-            |n| Ok(deps.get(n).cloned()),
+            |n| Ok(deps.get(n).cloned().map(ModDeps::hard)),
             |n| builtin.contains(n),
         )
         .unwrap()
@@ -294,9 +334,58 @@ kernel/net/netfilter/nft-broken.ko.xz: kernel/net/netfilter/gone.ko.xz
     }
 
     #[test]
+    fn soft_dependencies_prefer_generic_and_are_optional() {
+        let table: HashMap<&str, ModDeps> = HashMap::from([
+            (
+                "libcrc32c",
+                ModDeps {
+                    hard: vec![],
+                    soft_pre: names(&["crc32c"]),
+                },
+            ),
+            ("crc32c_generic", ModDeps::default()),
+            ("crc32c_intel", ModDeps::default()),
+            (
+                "needs_ghost",
+                ModDeps {
+                    hard: vec![],
+                    soft_pre: names(&["ghost"]),
+                },
+            ),
+        ]);
+        let p = resolve(
+            &names(&["libcrc32c", "needs_ghost"]),
+            |n| Ok(table.get(n).cloned()),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.load_order,
+            names(&["crc32c_generic", "libcrc32c", "needs_ghost"])
+        );
+        assert!(p.missing.is_empty(), "{:?}", p.missing);
+        // Built in: nothing to load.
+        let p = resolve(
+            &names(&["libcrc32c"]),
+            |n| Ok(table.get(n).cloned()),
+            |n| n == "crc32c_generic",
+        )
+        .unwrap();
+        assert_eq!(p.load_order, names(&["libcrc32c"]));
+        assert_eq!(p.builtin, names(&["crc32c_generic"]));
+    }
+
+    #[test]
     fn cycles_are_errors() {
         let deps = parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n");
-        assert!(resolve(&names(&["a"]), |n| Ok(deps.get(n).cloned()), |_| false).is_err());
+        assert!(
+            resolve(
+                &names(&["a"]),
+                |n| Ok(deps.get(n).cloned().map(ModDeps::hard)),
+                |_| false
+            )
+            .is_err()
+        );
     }
 
     #[test]
