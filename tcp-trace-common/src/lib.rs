@@ -174,8 +174,9 @@ pub struct Config {
     pub sock_flag_dead: u32,
     pub sock_flag_done: u32,
     pub sock_flag_linger: u32,
-    /// tcp_send_active_reset has a third `enum sk_rst_reason` argument (6.10+).
-    pub active_reset_has_reason: u32,
+    /// Position + 1 of tcp_send_active_reset's `enum sk_rst_reason` argument; 0 = none (before
+    /// 6.10). Usually 3, but compilers may drop the unused gfp_t argument (Debian 6.12: 2).
+    pub active_reset_reason_arg: u32,
     /// The tcp_send_reset tracepoint has a third `reason` argument (6.10+).
     pub send_reset_has_reason: u32,
     /// Drop events whose owner is known and is not in `PIDS` (and current is not either).

@@ -4,9 +4,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{
-        btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
-    },
+    macros::{btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
@@ -48,7 +46,7 @@ static CONFIG: Config = Config {
     sock_flag_dead: 0,
     sock_flag_done: 0,
     sock_flag_linger: 0,
-    active_reset_has_reason: 0,
+    active_reset_reason_arg: 0,
     send_reset_has_reason: 0,
     filter_pids: 0,
     filter_ports: 0,
@@ -419,13 +417,21 @@ pub fn kprobe_tcp_send_fin(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// tcp_send_active_reset's reason, wherever BTF says the argument is. Each arm reads a constant
+/// position, and the verifier only sees the arm the (constant) config selects.
+#[inline(always)]
+fn active_reset_reason(arg: impl Fn(usize) -> u64) -> Option<u32> {
+    match conf!(active_reset_reason_arg) {
+        2 => Some(arg(1) as u32),
+        3 => Some(arg(2) as u32),
+        4 => Some(arg(3) as u32),
+        _ => None,
+    }
+}
+
 #[kprobe]
 pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
-    let reason = if conf!(active_reset_has_reason) != 0 {
-        Some(parg(&ctx, 2) as u32)
-    } else {
-        None
-    };
+    let reason = active_reset_reason(|n| parg(&ctx, n));
     on_active_reset(parg(&ctx, 0), reason);
     0
 }
@@ -471,11 +477,7 @@ pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
 
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
-    let reason = if conf!(active_reset_has_reason) != 0 {
-        Some(ctx.arg::<u32>(2))
-    } else {
-        None
-    };
+    let reason = active_reset_reason(|n| ctx.arg::<u64>(n));
     on_active_reset(ctx.arg::<u64>(0), reason);
     0
 }

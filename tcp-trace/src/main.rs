@@ -110,7 +110,9 @@ struct ModelArgs {
 
 fn run_model(args: ModelArgs, json: bool) -> Result<u8> {
     use tcp_trace::model::{self, Input, KernelGeneration, KernelVersion, ModelParams, State};
-    let release = args.kernel.unwrap_or_else(tcp_trace::kernel::kernel_release);
+    let release = args
+        .kernel
+        .unwrap_or_else(tcp_trace::kernel::kernel_release);
     let version: KernelVersion = release
         .parse()
         .map_err(|e| anyhow!("--kernel {release}: {e}"))?;

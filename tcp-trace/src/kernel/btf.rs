@@ -260,8 +260,12 @@ impl KernelFacts {
             sock_flag_dead: flag_bit("SOCK_DEAD")?,
             sock_flag_done: flag_bit("SOCK_DONE")?,
             sock_flag_linger: flag_bit("SOCK_LINGER")?,
-            // (sk, gfp_t) before 6.10, (sk, gfp_t, enum sk_rst_reason) after.
-            active_reset_has_reason: has_param(functions.get("tcp_send_active_reset"), 2),
+            // (sk, gfp_t) before 6.10, (sk, gfp_t, enum sk_rst_reason) after; found by name
+            // because a compiler may drop the unused gfp_t (BTF then lists (sk, reason)).
+            active_reset_reason_arg: functions
+                .get("tcp_send_active_reset")
+                .and_then(|p| p.iter().position(|n| n == "reason"))
+                .map_or(0, |i| i as u32 + 1),
             // TP_PROTO(sk, skb) before 6.10, (sk, skb, reason) after.
             send_reset_has_reason: has_param(tracepoints.get("tcp_send_reset"), 2),
             filter_pids: 0,
@@ -579,7 +583,7 @@ mod tests {
     fn facts_follow_the_kernel_generation() {
         let new =
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap()).unwrap();
-        assert_eq!(new.config.active_reset_has_reason, 1);
+        assert_eq!(new.config.active_reset_reason_arg, 3);
         assert_eq!(new.config.send_reset_has_reason, 1);
         assert_eq!(new.config.sock_flag_linger, 6);
         assert_eq!(new.config.tp_rcv_nxt, 1540);
@@ -594,11 +598,27 @@ mod tests {
 
         let old =
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
-        assert_eq!(old.config.active_reset_has_reason, 0);
+        assert_eq!(old.config.active_reset_reason_arg, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
         assert!(old.rst_reasons.is_empty());
         assert_eq!(old.functions["tcp_send_active_reset"].len(), 2);
         assert!(!old.functions.contains_key("tcp_fin"));
+    }
+
+    #[test]
+    fn reason_argument_is_found_by_name() {
+        // Debian's 6.12 build: gcc dropped the unused gfp_t, BTF shows (sk, reason).
+        let mut b = super::testing::BtfBuilder::new();
+        let u32_ = b.int("unsigned int", 4);
+        let p = b.ptr(u32_);
+        let proto = b.func_proto(0, &[("sk", p), ("reason", u32_)]);
+        b.func("tcp_send_active_reset", proto);
+        let btf = KernelBtf::from_bytes(&b.build()).unwrap();
+        let params = btf
+            .function_params("tcp_send_active_reset")
+            .unwrap()
+            .unwrap();
+        assert_eq!(params.iter().position(|n| n == "reason"), Some(1));
     }
 
     #[test]

@@ -166,9 +166,11 @@ pub fn veth_pair(
                 rtnetlink::packet_route::link::InfoVeth::Peer(peer),
             ))
             .build();
-        h.link().add(msg).execute().await.context(
-            "create a veth pair (needs CONFIG_VETH; on module kernels `modprobe veth`)",
-        )?;
+        h.link()
+            .add(msg)
+            .execute()
+            .await
+            .context("create a veth pair (needs CONFIG_VETH; on module kernels `modprobe veth`)")?;
         add_addr(&h, &na, addr_a, 24).await?;
         set_up(&h, &na).await
     })?;

@@ -235,7 +235,10 @@ mod tests {
         let total = pkt.len() as u16;
         pkt[2..4].copy_from_slice(&total.to_be_bytes());
         let seen = parse_ipv4_tcp(&pkt).unwrap();
-        assert_eq!((seen.src, seen.dst, seen.seq, seen.ack), (src, dst, 1000, 2000));
+        assert_eq!(
+            (seen.src, seen.dst, seen.seq, seen.ack),
+            (src, dst, 1000, 2000)
+        );
         assert_eq!(seen.len, 1);
         assert_eq!(flag_names(seen.flags), "R.");
         assert!(parse_ipv4_tcp(&pkt[..10]).is_none());

@@ -264,14 +264,20 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> Result<()> {
         )
     };
     if rc != 0 {
-        bail!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+        bail!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
 
 /// Connects from the client namespace, optionally from a given local port.
 fn connect_from(lab: &Lab, local_port: Option<u16>) -> Result<TcpStream> {
-    let (to, from) = (lab.server_addr(), SocketAddrV4::new(lab.client_ip, local_port.unwrap_or(0)));
+    let (to, from) = (
+        lab.server_addr(),
+        SocketAddrV4::new(lab.client_ip, local_port.unwrap_or(0)),
+    );
     lab.client.run(move || {
         // SAFETY: plain socket calls; the fd is owned by the TcpStream.
         unsafe {
@@ -408,9 +414,10 @@ fn half_close(ctx: &mut Ctx) -> Result<()> {
     c.write_all(REQUEST)?;
     c.shutdown(Shutdown::Write)?;
     let got = read_to_eof(&mut c)?;
-    ctx.notes
-        .checks
-        .push(("the answer arrived after SHUT_WR".into(), got == RESPONSE.len()));
+    ctx.notes.checks.push((
+        "the answer arrived after SHUT_WR".into(),
+        got == RESPONSE.len(),
+    ));
     sleep(Duration::from_millis(50));
     drop(c);
     join(server)
@@ -617,7 +624,10 @@ fn fin_ack_lost(ctx: &mut Ctx) -> Result<()> {
 
 /// The server closes first (so TIME_WAIT sits on the server), the client follows. Returns the
 /// client's final sequence number (its FIN's), read through TCP_REPAIR while it was established.
-fn server_time_wait(ctx: &mut Ctx, keep_listening: bool) -> Result<(u32, std::thread::JoinHandle<Result<()>>)> {
+fn server_time_wait(
+    ctx: &mut Ctx,
+    keep_listening: bool,
+) -> Result<(u32, std::thread::JoinHandle<Result<()>>)> {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let server = serve(ctx.lab, move |l| {
         let (mut s, _) = l.accept()?;
@@ -712,9 +722,10 @@ fn tw_syn(ctx: &mut Ctx) -> Result<()> {
     ctx.notes
         .wire
         .push("a new connection from the same port was accepted".into());
-    ctx.notes
-        .checks
-        .push(("the SYN into TIME_WAIT opened a new connection".into(), true));
+    ctx.notes.checks.push((
+        "the SYN into TIME_WAIT opened a new connection".into(),
+        true,
+    ));
     Ok(())
 }
 
@@ -735,9 +746,15 @@ fn tw_rst(ctx: &mut Ctx) -> Result<()> {
     let rfc1337 = ctx.lab.server.read_sysctl("net.ipv4.tcp_rfc1337")? == "1";
     let reset = seen.iter().any(|s| s.has(tcp_flag::RST));
     ctx.notes.checks.push(if rfc1337 {
-        ("TIME_WAIT ignored the RST (probe unanswered)".into(), !reset)
+        (
+            "TIME_WAIT ignored the RST (probe unanswered)".into(),
+            !reset,
+        )
     } else {
-        ("TIME_WAIT died of the RST (probe answered with RST)".into(), reset)
+        (
+            "TIME_WAIT died of the RST (probe answered with RST)".into(),
+            reset,
+        )
     });
     Ok(())
 }
@@ -753,8 +770,9 @@ fn tw_fin_retransmit(ctx: &mut Ctx) -> Result<()> {
     note_seen(ctx, "after a retransmitted FIN, server sent", &seen);
     ctx.notes.checks.push((
         "TIME_WAIT re-ACKed the FIN".into(),
-        seen.iter()
-            .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == write_seq.wrapping_add(1)),
+        seen.iter().any(|s| {
+            s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == write_seq.wrapping_add(1)
+        }),
     ));
     Ok(())
 }

@@ -1,0 +1,848 @@
+//! Events as observations, the model's steps as predictions in the same terms, how the two
+//! match, and the one-line summaries both render to.
+
+use serde::Serialize;
+
+use crate::decode::{CloseDetails, Hook, Segment, TraceEvent};
+use crate::model::{Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire};
+
+/// Which hooks are attached, i.e. which kinds of event a flow can show at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Visibility {
+    pub tcp_close: bool,
+    pub tcp_fin: bool,
+    pub tcp_send_fin: bool,
+    pub tcp_send_active_reset: bool,
+    pub tcp_time_wait: bool,
+    /// tcp_timewait_state_process entry: the segment reaching a minisocket.
+    pub tw_entry: bool,
+    /// tcp_timewait_state_process return: its tcp_tw_status.
+    pub tw_return: bool,
+    pub set_state: bool,
+    pub send_reset: bool,
+    pub receive_reset: bool,
+    pub destroy: bool,
+}
+
+/// Every hook with the name `attach` gives it (`HookStatus::hook`).
+const HOOK_NAMES: [(Hook, &str); 11] = [
+    (Hook::TcpClose, "tcp_close"),
+    (Hook::TcpFin, "tcp_fin"),
+    (Hook::TcpSendFin, "tcp_send_fin"),
+    (Hook::TcpSendActiveReset, "tcp_send_active_reset"),
+    (Hook::TcpTimeWait, "tcp_time_wait"),
+    (Hook::TcpTimewaitStateProcess, "tcp_timewait_state_process"),
+    (
+        Hook::TcpTimewaitStateProcessReturn,
+        "tcp_timewait_state_process:return",
+    ),
+    (Hook::InetSockSetState, "sock:inet_sock_set_state"),
+    (Hook::TcpSendReset, "tcp:tcp_send_reset"),
+    (Hook::TcpReceiveReset, "tcp:tcp_receive_reset"),
+    (Hook::TcpDestroySock, "tcp:tcp_destroy_sock"),
+];
+
+/// The hook's name as `attach` reports it.
+pub fn hook_name(hook: Hook) -> &'static str {
+    HOOK_NAMES
+        .iter()
+        .find(|(h, _)| *h == hook)
+        .map(|(_, name)| *name)
+        .unwrap_or("?")
+}
+
+/// The hook for a name, with or without the tracepoint's `sock:`/`tcp:` system prefix.
+pub fn hook_by_name(name: &str) -> Option<Hook> {
+    fn bare(name: &str) -> &str {
+        let name = name.trim();
+        name.strip_prefix("sock:")
+            .or_else(|| name.strip_prefix("tcp:"))
+            .unwrap_or(name)
+    }
+    HOOK_NAMES
+        .iter()
+        .find(|(_, n)| bare(n) == bare(name))
+        .map(|(hook, _)| *hook)
+}
+
+impl Visibility {
+    /// Every hook attached (a kprobe/fentry kernel).
+    pub fn all() -> Visibility {
+        let mut v = Visibility::default();
+        for (hook, _) in HOOK_NAMES {
+            v.add(hook);
+        }
+        v
+    }
+
+    /// Only the four tracepoints (`--backend tracepoint`, or a kernel without function hooks).
+    pub fn tracepoints_only() -> Visibility {
+        Visibility {
+            set_state: true,
+            send_reset: true,
+            receive_reset: true,
+            destroy: true,
+            ..Visibility::default()
+        }
+    }
+
+    /// From hook names as `attach::HookStatus::hook` spells them; unknown names are ignored.
+    pub fn from_hooks<S: AsRef<str>>(names: &[S]) -> Visibility {
+        let mut v = Visibility::default();
+        for name in names {
+            if let Some(hook) = hook_by_name(name.as_ref()) {
+                v.add(hook);
+            }
+        }
+        v
+    }
+
+    pub fn add(&mut self, hook: Hook) {
+        *self.flag_mut(hook) = true;
+    }
+
+    pub fn has(&self, hook: Hook) -> bool {
+        let mut copy = *self;
+        *copy.flag_mut(hook)
+    }
+
+    fn flag_mut(&mut self, hook: Hook) -> &mut bool {
+        match hook {
+            Hook::TcpClose => &mut self.tcp_close,
+            Hook::TcpFin => &mut self.tcp_fin,
+            Hook::TcpSendFin => &mut self.tcp_send_fin,
+            Hook::TcpSendActiveReset => &mut self.tcp_send_active_reset,
+            Hook::TcpTimeWait => &mut self.tcp_time_wait,
+            Hook::TcpTimewaitStateProcess => &mut self.tw_entry,
+            Hook::TcpTimewaitStateProcessReturn => &mut self.tw_return,
+            Hook::InetSockSetState => &mut self.set_state,
+            Hook::TcpSendReset => &mut self.send_reset,
+            Hook::TcpReceiveReset => &mut self.receive_reset,
+            Hook::TcpDestroySock => &mut self.destroy,
+        }
+    }
+
+    /// Names of the hooks not attached.
+    pub fn missing(&self) -> Vec<&'static str> {
+        HOOK_NAMES
+            .iter()
+            .filter(|(hook, _)| !self.has(*hook))
+            .map(|(_, name)| *name)
+            .collect()
+    }
+}
+
+/// A TCP state by its kernel name.
+pub(crate) fn tcp_state(name: Option<&str>) -> Option<TcpState> {
+    name?.parse().ok()
+}
+
+/// A minisocket substate by its kernel name.
+pub(crate) fn tw_substate(name: Option<&str>) -> Option<TwSubstate> {
+    match tcp_state(name)? {
+        TcpState::FinWait2 => Some(TwSubstate::FinWait2),
+        TcpState::TimeWait => Some(TwSubstate::TimeWait),
+        _ => None,
+    }
+}
+
+/// What one event shows.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Obs {
+    CloseCall {
+        details: Option<CloseDetails>,
+    },
+    SetState {
+        from: TcpState,
+        to: TcpState,
+    },
+    SendFin,
+    FinRcvd,
+    ActiveResetFn {
+        reason: Option<String>,
+    },
+    SendReset {
+        active: bool,
+        reason: Option<String>,
+    },
+    ReceiveReset,
+    TimeWaitCall {
+        substate: Option<TwSubstate>,
+        timeo_jiffies: Option<i64>,
+    },
+    TwSegment {
+        segment: Option<Segment>,
+    },
+    TwReturn {
+        status: Option<String>,
+        after: Option<TwSubstate>,
+    },
+    Destroy,
+    /// An event this module cannot read (e.g. a state name it does not know).
+    Unknown(String),
+}
+
+/// An observation with the event's time and the socket state the hook saw.
+#[derive(Clone, Debug)]
+pub(crate) struct ObsEv {
+    pub ts: u64,
+    pub obs: Obs,
+    /// The full socket's state when the hook ran.
+    pub state: Option<TcpState>,
+    /// TW hooks: the minisocket's substate when the hook ran.
+    pub tw_substate: Option<TwSubstate>,
+}
+
+impl ObsEv {
+    pub fn from_event(ev: &TraceEvent) -> ObsEv {
+        let state = tcp_state(ev.state.as_deref());
+        let obs = match ev.hook {
+            Hook::TcpClose => Obs::CloseCall {
+                details: ev.close.clone(),
+            },
+            Hook::TcpFin => Obs::FinRcvd,
+            Hook::TcpSendFin => Obs::SendFin,
+            Hook::TcpSendActiveReset => Obs::ActiveResetFn {
+                reason: ev.rst_reason.clone(),
+            },
+            Hook::TcpTimeWait => Obs::TimeWaitCall {
+                substate: tw_substate(ev.new_state.as_deref()),
+                timeo_jiffies: ev.timeo_jiffies,
+            },
+            Hook::TcpTimewaitStateProcess => Obs::TwSegment {
+                segment: ev.segment.clone(),
+            },
+            Hook::TcpTimewaitStateProcessReturn => Obs::TwReturn {
+                status: ev.tw_status.clone(),
+                after: tw_substate(ev.new_state.as_deref()),
+            },
+            Hook::InetSockSetState => match (state, tcp_state(ev.new_state.as_deref())) {
+                (Some(from), Some(to)) => Obs::SetState { from, to },
+                _ => Obs::Unknown(format!(
+                    "state change {} -> {}",
+                    ev.state.as_deref().unwrap_or("?"),
+                    ev.new_state.as_deref().unwrap_or("?")
+                )),
+            },
+            Hook::TcpSendReset => Obs::SendReset {
+                active: ev.rst_active.unwrap_or(false),
+                reason: ev.rst_reason.clone(),
+            },
+            Hook::TcpReceiveReset => Obs::ReceiveReset,
+            Hook::TcpDestroySock => Obs::Destroy,
+        };
+        let tw_hook = matches!(
+            ev.hook,
+            Hook::TcpTimewaitStateProcess | Hook::TcpTimewaitStateProcessReturn
+        );
+        ObsEv {
+            ts: ev.ts_ns,
+            obs,
+            state: if tw_hook { None } else { state },
+            tw_substate: if tw_hook {
+                tw_substate(ev.state.as_deref())
+            } else {
+                None
+            },
+        }
+    }
+
+    /// What the summary line shows for it.
+    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+        match &self.obs {
+            Obs::SetState { from, to } => Some(Mark::State {
+                from: *from,
+                to: *to,
+            }),
+            Obs::SendFin => Some(Mark::Fin),
+            // With both reset hooks attached an active reset shows twice; the tracepoint wins.
+            Obs::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
+                reply: false,
+                reason: reason.clone(),
+            }),
+            Obs::SendReset { active, reason } => Some(Mark::Rst {
+                reply: !active,
+                reason: reason.clone(),
+            }),
+            Obs::ReceiveReset => Some(Mark::RstIn),
+            Obs::TimeWaitCall {
+                substate: Some(sub),
+                ..
+            } => Some(Mark::TwCall(*sub)),
+            Obs::TwReturn { status, after } => Some(Mark::TwReturn {
+                status: status.clone(),
+                after: *after,
+            }),
+            Obs::Destroy => Some(Mark::Destroy),
+            _ => None,
+        }
+    }
+}
+
+/// One thing the model says a hook will show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Pred {
+    CloseCall {
+        state: TcpState,
+    },
+    SetState {
+        from: TcpState,
+        to: TcpState,
+    },
+    SendFin,
+    FinRcvd,
+    ActiveResetFn {
+        reason: Option<RstReason>,
+    },
+    SendReset {
+        active: bool,
+        reason: Option<RstReason>,
+    },
+    ReceiveReset {
+        state: TcpState,
+    },
+    TimeWaitCall {
+        substate: TwSubstate,
+        timeo_ms: u64,
+    },
+    TwSegment {
+        substate: TwSubstate,
+    },
+    TwReturn {
+        status: TwStatus,
+        after: TwSubstate,
+        /// The kernel returns SUCCESS instead when its rate limit bites (the model assumes it
+        /// never does).
+        rate_limited: bool,
+    },
+    Destroy,
+}
+
+/// A prediction and whether the flow must show it (optional: the hook may miss it, e.g. an
+/// inlined tcp_fin).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PredItem {
+    pub pred: Pred,
+    pub required: bool,
+}
+
+/// What a step would show through the attached hooks, and what it does that they cannot show.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Prediction {
+    pub items: Vec<PredItem>,
+    pub unseen: Vec<String>,
+}
+
+/// A successful match: what it verified, and what it could not.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MatchNote {
+    pub checked: String,
+    pub unchecked: Option<String>,
+}
+
+fn reason_name(reason: Option<RstReason>) -> String {
+    reason.map_or_else(String::new, |r| format!(" {r}"))
+}
+
+impl Pred {
+    pub fn describe(&self) -> String {
+        match self {
+            Pred::CloseCall { state } => format!("tcp_close in {state}"),
+            Pred::SetState { from, to } => format!("{from} → {to}"),
+            Pred::SendFin => "FIN queued (tcp_send_fin)".into(),
+            Pred::FinRcvd => "peer's FIN processed (tcp_fin)".into(),
+            Pred::ActiveResetFn { reason } => {
+                format!("tcp_send_active_reset{}", reason_name(*reason))
+            }
+            Pred::SendReset { active, reason } => format!(
+                "{} RST{}",
+                if *active { "active" } else { "reply" },
+                reason_name(*reason)
+            ),
+            Pred::ReceiveReset { state } => format!("RST received in {state}"),
+            Pred::TimeWaitCall { substate, timeo_ms } => {
+                format!("tcp_time_wait({substate}, {timeo_ms} ms)")
+            }
+            Pred::TwSegment { substate } => format!("segment at TW({substate})"),
+            Pred::TwReturn { status, after, .. } => {
+                format!("tcp_tw_status {status}, substate {after}")
+            }
+            Pred::Destroy => "socket destroyed".into(),
+        }
+    }
+
+    /// Whether `o` shows this prediction, and with what caveat.
+    pub fn matches(&self, o: &ObsEv, hz: Option<u64>) -> Option<MatchNote> {
+        let ok = |checked: String| {
+            Some(MatchNote {
+                checked,
+                unchecked: None,
+            })
+        };
+        match (self, &o.obs) {
+            (Pred::CloseCall { state }, Obs::CloseCall { .. }) => {
+                state_agrees(*state, o.state).then(|| MatchNote {
+                    checked: self.describe(),
+                    unchecked: None,
+                })
+            }
+            (Pred::SetState { from, to }, Obs::SetState { from: f, to: t }) => {
+                (from == f && to == t).then(|| MatchNote {
+                    checked: self.describe(),
+                    unchecked: None,
+                })
+            }
+            (Pred::SendFin, Obs::SendFin) | (Pred::FinRcvd, Obs::FinRcvd) => ok(self.describe()),
+            (Pred::ActiveResetFn { reason }, Obs::ActiveResetFn { reason: seen }) => {
+                reason_agrees(*reason, seen.as_deref(), self.describe())
+            }
+            (
+                Pred::SendReset { active, reason },
+                Obs::SendReset {
+                    active: seen_active,
+                    reason: seen,
+                },
+            ) if active == seen_active => reason_agrees(*reason, seen.as_deref(), self.describe()),
+            (Pred::ReceiveReset { state }, Obs::ReceiveReset) => {
+                state_agrees(*state, o.state).then(|| MatchNote {
+                    checked: self.describe(),
+                    unchecked: None,
+                })
+            }
+            (
+                Pred::TimeWaitCall { substate, timeo_ms },
+                Obs::TimeWaitCall {
+                    substate: seen,
+                    timeo_jiffies,
+                },
+            ) => {
+                if seen.is_some_and(|s| s != *substate) {
+                    return None;
+                }
+                let mut note = MatchNote {
+                    checked: format!("tcp_time_wait({substate})"),
+                    unchecked: None,
+                };
+                match (hz, timeo_jiffies) {
+                    (Some(hz), Some(jiffies)) => {
+                        let expected = i64::try_from(timeo_ms.saturating_mul(hz) / 1000)
+                            .unwrap_or(i64::MAX);
+                        if (jiffies - expected).abs() > 1 {
+                            return None;
+                        }
+                        note.checked =
+                            format!("tcp_time_wait({substate}, timeo {expected} jiffies)");
+                    }
+                    (None, Some(_)) => {
+                        note.unchecked =
+                            Some("tcp_time_wait timeo not compared: HZ unknown".into());
+                    }
+                    (_, None) => {
+                        note.unchecked = Some("tcp_time_wait timeo not captured".into());
+                    }
+                }
+                if seen.is_none() {
+                    note.unchecked = Some("tcp_time_wait substate not captured".into());
+                }
+                Some(note)
+            }
+            (Pred::TwSegment { substate }, Obs::TwSegment { .. }) => {
+                if o.tw_substate.is_some_and(|s| s != *substate) {
+                    return None;
+                }
+                ok(self.describe())
+            }
+            (
+                Pred::TwReturn {
+                    status,
+                    after,
+                    rate_limited,
+                },
+                Obs::TwReturn {
+                    status: seen,
+                    after: seen_after,
+                },
+            ) => {
+                if seen_after.is_some_and(|s| s != *after) {
+                    return None;
+                }
+                match seen.as_deref() {
+                    Some(name) if name == status.kernel_name() => ok(self.describe()),
+                    Some("SUCCESS") if *rate_limited => Some(MatchNote {
+                        checked: format!("substate {after}"),
+                        unchecked: Some(format!(
+                            "tcp_tw_status SUCCESS where the model says {status}: the kernel's \
+                             rate limit held the ACK back (not modelled)"
+                        )),
+                    }),
+                    Some(_) => None,
+                    None => Some(MatchNote {
+                        checked: format!("substate {after}"),
+                        unchecked: Some("tcp_tw_status not captured".into()),
+                    }),
+                }
+            }
+            (Pred::Destroy, Obs::Destroy) => ok(self.describe()),
+            _ => None,
+        }
+    }
+
+    /// What the summary line shows for it.
+    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+        match self {
+            Pred::SetState { from, to } => Some(Mark::State {
+                from: *from,
+                to: *to,
+            }),
+            Pred::SendFin => Some(Mark::Fin),
+            Pred::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
+                reply: false,
+                reason: reason.map(|r| r.kernel_name().to_string()),
+            }),
+            Pred::SendReset { active, reason } => Some(Mark::Rst {
+                reply: !active,
+                reason: reason.map(|r| r.kernel_name().to_string()),
+            }),
+            Pred::ReceiveReset { .. } => Some(Mark::RstIn),
+            Pred::TimeWaitCall { substate, .. } => Some(Mark::TwCall(*substate)),
+            Pred::TwReturn { status, after, .. } => Some(Mark::TwReturn {
+                status: Some(status.kernel_name().to_string()),
+                after: Some(*after),
+            }),
+            Pred::Destroy => Some(Mark::Destroy),
+            _ => None,
+        }
+    }
+}
+
+fn state_agrees(expected: TcpState, seen: Option<TcpState>) -> bool {
+    seen.is_none_or(|s| s == expected)
+}
+
+fn reason_agrees(
+    expected: Option<RstReason>,
+    seen: Option<&str>,
+    checked: String,
+) -> Option<MatchNote> {
+    match (expected, seen) {
+        (Some(expected), Some(seen)) if expected.kernel_name() == seen => Some(MatchNote {
+            checked,
+            unchecked: None,
+        }),
+        (Some(_), Some(_)) => None,
+        (Some(_), None) => Some(MatchNote {
+            checked,
+            unchecked: Some("RST reason not captured by the hook".into()),
+        }),
+        (None, _) => Some(MatchNote {
+            checked,
+            unchecked: Some("RST reason: this kernel names none (before 6.10)".into()),
+        }),
+    }
+}
+
+/// The close() family, as the tcp_close hook sees it.
+pub(crate) fn is_close_input(input: Input) -> bool {
+    matches!(
+        input,
+        Input::Close
+            | Input::CloseUnread
+            | Input::CloseReadQueued
+            | Input::CloseLinger0
+            | Input::CloseLinger
+            | Input::CloseRepair
+            | Input::MemoryPressure
+            | Input::ListenerCloseWithChildren
+    )
+}
+
+fn is_shutdown_input(input: Input) -> bool {
+    matches!(
+        input,
+        Input::ShutdownRd | Input::ShutdownWr | Input::ShutdownRdwr
+    )
+}
+
+/// A full socket exists: the connection's own, or the CLOSE one the application still holds
+/// next to a minisocket.
+pub(crate) fn holds_full_socket(state: &State) -> bool {
+    match state {
+        State::Socket(_) => true,
+        State::TimeWait(tw) => tw.app_holds_closed_socket,
+        State::Freed => false,
+    }
+}
+
+fn req(pred: Pred) -> PredItem {
+    PredItem {
+        pred,
+        required: true,
+    }
+}
+
+/// What `step` shows through the hooks in `vis`, and what it does unseen.
+pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
+    let o = &step.outcome;
+    let input = step.input;
+    let mut out = Prediction::default();
+    if !o.applicable {
+        return out;
+    }
+    let app_close = is_close_input(input);
+    let app_call = app_close || is_shutdown_input(input);
+    let from_state = step.from.tcp_state();
+
+    if app_close {
+        let state = match &step.from {
+            State::Socket(sock) => Some(sock.state),
+            State::TimeWait(tw) if tw.app_holds_closed_socket => Some(TcpState::Close),
+            _ => None,
+        };
+        if let Some(state) = state {
+            if vis.tcp_close {
+                out.items.push(req(Pred::CloseCall { state }));
+            } else {
+                out.unseen.push(
+                    "close() not visible (tcp_close not attached): close vs shutdown, unread \
+                     bytes and SO_LINGER inferred from what followed"
+                        .into(),
+                );
+            }
+        }
+    }
+    if let State::TimeWait(tw) = &step.from
+        && o.tw_status.is_some()
+    {
+        if vis.tw_entry {
+            out.items.push(req(Pred::TwSegment {
+                substate: tw.substate,
+            }));
+        } else {
+            out.unseen.push(
+                "segments at the TIME_WAIT minisocket not visible: tcp_timewait_state_process \
+                 not attached"
+                    .into(),
+            );
+        }
+    }
+    if matches!(input, Input::Fin | Input::FinAck)
+        && matches!(step.from, State::Socket(_))
+        && o.decided_by == Some(KernelFunction::TcpFin)
+        && vis.tcp_fin
+    {
+        out.items.push(PredItem {
+            pred: Pred::FinRcvd,
+            required: false,
+        });
+    }
+    let reset_received = matches!(step.from, State::Socket(_))
+        && match input {
+            Input::RstExact => o.state_changes.iter().any(|c| c.to == TcpState::Close),
+            Input::DataAfterClose => {
+                o.wire.contains(&Wire::RstReply) && !o.state_changes.is_empty()
+            }
+            _ => false,
+        };
+    if reset_received && let Some(state) = from_state {
+        if vis.receive_reset {
+            out.items.push(req(Pred::ReceiveReset { state }));
+        } else {
+            out.unseen
+                .push("received RST not visible: tcp:tcp_receive_reset not attached".into());
+        }
+    }
+    if let Some(call) = o.time_wait {
+        if vis.tcp_time_wait {
+            out.items.push(req(Pred::TimeWaitCall {
+                substate: call.substate,
+                timeo_ms: call.timeo_ms,
+            }));
+        } else {
+            out.unseen.push(format!(
+                "entry into TIME_WAIT (tcp_time_wait({}, {} ms)) not visible: tcp_time_wait not \
+                 attached",
+                call.substate, call.timeo_ms
+            ));
+        }
+    }
+    for change in &o.state_changes {
+        if vis.set_state {
+            out.items.push(req(Pred::SetState {
+                from: change.from,
+                to: change.to,
+            }));
+        } else {
+            out.unseen.push(format!(
+                "{change} not visible: sock:inet_sock_set_state not attached"
+            ));
+        }
+    }
+    for wire in &o.wire {
+        match wire {
+            // Only close()/shutdown() call tcp_send_fin(); a FIN that leaves later behind data
+            // (ack-of-data) is a transmission, not a call.
+            Wire::FinSent | Wire::FinQueued if app_call => {
+                if vis.tcp_send_fin {
+                    out.items.push(req(Pred::SendFin));
+                } else {
+                    out.unseen
+                        .push("FIN not visible: tcp_send_fin not attached".into());
+                }
+            }
+            Wire::RstActive => {
+                let reason = o.rst_reason;
+                if vis.tcp_send_active_reset {
+                    out.items.push(req(Pred::ActiveResetFn { reason }));
+                }
+                if vis.send_reset {
+                    out.items.push(req(Pred::SendReset {
+                        active: true,
+                        reason,
+                    }));
+                }
+                if !vis.tcp_send_active_reset && !vis.send_reset {
+                    out.unseen.push("RST not visible: no reset hook attached".into());
+                }
+            }
+            Wire::RstReply => {
+                if vis.send_reset {
+                    out.items.push(req(Pred::SendReset {
+                        active: false,
+                        reason: o.rst_reason,
+                    }));
+                } else {
+                    out.unseen
+                        .push("reply RST not visible: tcp:tcp_send_reset not attached".into());
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(status) = o.tw_status {
+        let after = o
+            .next
+            .tw_substate()
+            .or(step.from.tw_substate())
+            .unwrap_or(TwSubstate::TimeWait);
+        if vis.tw_return {
+            out.items.push(req(Pred::TwReturn {
+                status,
+                after,
+                rate_limited: matches!(status, TwStatus::Ack | TwStatus::AckOow)
+                    && o.rule.contains("rate-limited"),
+            }));
+        } else {
+            out.unseen.push(format!(
+                "tcp_tw_status ({status}) not visible: tcp_timewait_state_process:return not \
+                 attached"
+            ));
+        }
+    }
+    if holds_full_socket(&step.from) && !holds_full_socket(&o.next) {
+        if vis.destroy {
+            out.items.push(req(Pred::Destroy));
+        } else {
+            out.unseen
+                .push("socket destruction not visible: tcp:tcp_destroy_sock not attached".into());
+        }
+    }
+    out
+}
+
+/// One element of a summary line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Mark {
+    State {
+        from: TcpState,
+        to: TcpState,
+    },
+    TwCall(TwSubstate),
+    TwReturn {
+        status: Option<String>,
+        after: Option<TwSubstate>,
+    },
+    Fin,
+    Rst {
+        reply: bool,
+        reason: Option<String>,
+    },
+    RstIn,
+    Destroy,
+}
+
+/// The label of a model state in summaries: `FIN_WAIT1`, `TW(TIME_WAIT)`, `gone`.
+pub(crate) fn state_label(state: &State) -> String {
+    match state {
+        State::Socket(sock) => sock.state.kernel_name().to_string(),
+        State::TimeWait(tw) => format!("TW({})", tw.substate),
+        State::Freed => "gone".to_string(),
+    }
+}
+
+/// `FIN_WAIT1 → FIN_WAIT2 → TW(TIME_WAIT); FIN, tw:ACK`: the states the connection went through
+/// (a full socket's CLOSE that tcp_time_wait() caused shows as the minisocket it became), then
+/// what it sent. `verbose` also lists received RSTs and destruction (for one step's detail).
+pub(crate) fn summarize(start: Option<&str>, marks: &[Mark], verbose: bool) -> String {
+    let mut path: Vec<String> = start.map(str::to_string).into_iter().collect();
+    let mut tw_now: Option<TwSubstate> = start.and_then(|s| match s {
+        "TW(TIME_WAIT)" => Some(TwSubstate::TimeWait),
+        "TW(FIN_WAIT2)" => Some(TwSubstate::FinWait2),
+        _ => None,
+    });
+    let mut pending_tw: Option<TwSubstate> = None;
+    let mut packets: Vec<String> = Vec::new();
+    for mark in marks {
+        match mark {
+            Mark::State { from, to } => {
+                if path.last().map(String::as_str) != Some(from.kernel_name()) {
+                    path.push(from.kernel_name().to_string());
+                }
+                match pending_tw.take() {
+                    Some(sub) if *to == TcpState::Close => {
+                        path.push(format!("TW({sub})"));
+                        tw_now = Some(sub);
+                    }
+                    other => {
+                        pending_tw = other;
+                        path.push(to.kernel_name().to_string());
+                    }
+                }
+            }
+            Mark::TwCall(sub) => pending_tw = Some(*sub),
+            Mark::TwReturn { status, after } => {
+                if let Some(status) = status {
+                    packets.push(format!("tw:{status}"));
+                }
+                if let Some(after) = after
+                    && tw_now != Some(*after)
+                {
+                    path.push(format!("TW({after})"));
+                    tw_now = Some(*after);
+                }
+            }
+            Mark::Fin => packets.push("FIN".into()),
+            Mark::Rst { reply, reason } => packets.push(format!(
+                "RST{}{}",
+                if *reply { " reply" } else { "" },
+                reason.as_ref().map_or_else(String::new, |r| format!("({r})"))
+            )),
+            Mark::RstIn if verbose => packets.push("RST received".into()),
+            Mark::Destroy if verbose => packets.push("destroyed".into()),
+            Mark::RstIn | Mark::Destroy => {}
+        }
+    }
+    if let Some(sub) = pending_tw {
+        path.push(format!("TW({sub})"));
+    }
+    let mut line = path.join(" → ");
+    if !packets.is_empty() {
+        if !line.is_empty() {
+            line.push_str("; ");
+        }
+        line.push_str(&packets.join(", "));
+    }
+    if line.is_empty() {
+        line.push_str("(nothing)");
+    }
+    line
+}
