@@ -4,6 +4,7 @@
 mod setup;
 mod tasks;
 mod vm;
+mod vmtest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,19 @@ enum Command {
         #[arg(long)]
         skip_vm: bool,
     },
+    /// The kernel matrix: Debian kernels under qemu (kprobe and fentry) and this machine's kernel,
+    /// each running `tcp-trace validate --json`; prints kernel x backend x scenario -> verdict.
+    VmTest {
+        /// `all` or one catalogue kernel (see `vm-run --list`).
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only these scenarios (repeatable).
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
+        /// Leave out this machine's own kernel.
+        #[arg(long)]
+        skip_host: bool,
+    },
     /// Boot a Debian kernel under qemu with a static tcp-trace inside and run a command there.
     VmRun(vm::VmRunArgs),
 }
@@ -44,5 +58,10 @@ fn main() -> Result<()> {
         Command::Run { args } => tasks::run(args),
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),
+        Command::VmTest {
+            kernel,
+            scenarios,
+            skip_host,
+        } => vmtest::run(&kernel, scenarios, skip_host),
     }
 }
