@@ -8,6 +8,7 @@
 pub mod attach;
 pub mod decode;
 pub mod doctor;
+pub mod flows;
 pub mod kernel;
 pub mod live;
 pub mod model;

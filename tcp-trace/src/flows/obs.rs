@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use crate::decode::{CloseDetails, Hook, Segment, TraceEvent};
-use crate::model::{Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire};
+use crate::model::{
+    Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire,
+};
 
 /// Which hooks are attached, i.e. which kinds of event a flow can show at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -380,12 +382,11 @@ impl Pred {
             })
         };
         match (self, &o.obs) {
-            (Pred::CloseCall { state }, Obs::CloseCall { .. }) => {
-                state_agrees(*state, o.state).then(|| MatchNote {
+            (Pred::CloseCall { state }, Obs::CloseCall { .. }) => state_agrees(*state, o.state)
+                .then(|| MatchNote {
                     checked: self.describe(),
                     unchecked: None,
-                })
-            }
+                }),
             (Pred::SetState { from, to }, Obs::SetState { from: f, to: t }) => {
                 (from == f && to == t).then(|| MatchNote {
                     checked: self.describe(),
@@ -403,12 +404,11 @@ impl Pred {
                     reason: seen,
                 },
             ) if active == seen_active => reason_agrees(*reason, seen.as_deref(), self.describe()),
-            (Pred::ReceiveReset { state }, Obs::ReceiveReset) => {
-                state_agrees(*state, o.state).then(|| MatchNote {
+            (Pred::ReceiveReset { state }, Obs::ReceiveReset) => state_agrees(*state, o.state)
+                .then(|| MatchNote {
                     checked: self.describe(),
                     unchecked: None,
-                })
-            }
+                }),
             (
                 Pred::TimeWaitCall { substate, timeo_ms },
                 Obs::TimeWaitCall {
@@ -425,8 +425,8 @@ impl Pred {
                 };
                 match (hz, timeo_jiffies) {
                     (Some(hz), Some(jiffies)) => {
-                        let expected = i64::try_from(timeo_ms.saturating_mul(hz) / 1000)
-                            .unwrap_or(i64::MAX);
+                        let expected =
+                            i64::try_from(timeo_ms.saturating_mul(hz) / 1000).unwrap_or(i64::MAX);
                         if (jiffies - expected).abs() > 1 {
                             return None;
                         }
@@ -701,7 +701,8 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
                     }));
                 }
                 if !vis.tcp_send_active_reset && !vis.send_reset {
-                    out.unseen.push("RST not visible: no reset hook attached".into());
+                    out.unseen
+                        .push("RST not visible: no reset hook attached".into());
                 }
             }
             Wire::RstReply => {
@@ -824,7 +825,9 @@ pub(crate) fn summarize(start: Option<&str>, marks: &[Mark], verbose: bool) -> S
             Mark::Rst { reply, reason } => packets.push(format!(
                 "RST{}{}",
                 if *reply { " reply" } else { "" },
-                reason.as_ref().map_or_else(String::new, |r| format!("({r})"))
+                reason
+                    .as_ref()
+                    .map_or_else(String::new, |r| format!("({r})"))
             )),
             Mark::RstIn if verbose => packets.push("RST received".into()),
             Mark::Destroy if verbose => packets.push("destroyed".into()),

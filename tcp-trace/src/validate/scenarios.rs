@@ -19,9 +19,41 @@ use super::{
     rawtcp::{RawTcp, Seen, flag_names},
 };
 
+/// What the kernel sent back to a hand-made segment (see [`Probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    Rst,
+    Ack,
+    Nothing,
+}
+
+impl Reply {
+    pub fn of(seen: &[Seen]) -> Reply {
+        if seen.iter().any(|s| s.has(tcp_flag::RST)) {
+            Reply::Rst
+        } else if seen.iter().any(|s| s.has(tcp_flag::ACK)) {
+            Reply::Ack
+        } else {
+            Reply::Nothing
+        }
+    }
+}
+
+/// A wire-level check that works on any kernel: the scenario sends segments at a minisocket (or
+/// where one was) and sees what comes back; the model, run over `inputs` from `start`, says what
+/// should come back.
+pub struct Probe {
+    /// A model state name, e.g. `TW:TIME_WAIT`.
+    pub start: &'static str,
+    pub inputs: &'static [&'static str],
+}
+
 /// What a scenario run leaves for the judge.
 #[derive(Default, Debug)]
 pub struct RunNotes {
+    /// What came back to the scenario's probe segment, if it has one.
+    pub reply: Option<Reply>,
     /// The client's ephemeral port (identifies both flows).
     pub client_port: u16,
     /// What was seen on the wire or done to it, for the "kernel did" column.
@@ -54,7 +86,11 @@ pub struct Scenario {
     /// The focus flow is the listening socket rather than a connection.
     pub focus_listener: bool,
     /// Model inputs the focus flow must show, in this order (other inputs may come between).
+    /// A `@tw` suffix marks an input at a TIME_WAIT minisocket: visible only with the
+    /// tcp_timewait_state_process hook.
     pub script: &'static [&'static str],
+    /// The wire-level check, if any.
+    pub probe: Option<Probe>,
     /// Sysctls set in one namespace before the traffic.
     pub sysctls: &'static [(Side, &'static str, &'static str)],
     pub run: fn(&mut Ctx) -> Result<()>,
@@ -66,8 +102,9 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "client closes first; server answers with its own FIN",
         focus: Side::Client,
         focus_listener: false,
-        script: &["close", "ack-of-fin", "fin"],
+        script: &["close", "ack-of-fin", "fin@tw"],
         sysctls: &[],
+        probe: None,
         run: clean_close,
     },
     Scenario {
@@ -77,6 +114,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["fin", "close", "ack-of-fin"],
         sysctls: &[],
+        probe: None,
         run: clean_close,
     },
     Scenario {
@@ -86,6 +124,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close", "fin", "ack-of-fin"],
         sysctls: &[],
+        probe: None,
         run: simultaneous_close,
     },
     Scenario {
@@ -95,6 +134,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["shutdown-wr", "ack-of-fin", "fin"],
         sysctls: &[],
+        probe: None,
         run: half_close,
     },
     Scenario {
@@ -104,6 +144,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close-unread"],
         sysctls: &[],
+        probe: None,
         run: close_unread,
     },
     Scenario {
@@ -113,6 +154,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close-linger0"],
         sysctls: &[],
+        probe: None,
         run: linger_zero,
     },
     Scenario {
@@ -122,15 +164,17 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close"],
         sysctls: &[],
+        probe: None,
         run: close_unsent,
     },
     Scenario {
         name: "listener-close",
         about: "server closes its listener with an un-accepted child: RST to the child's peer",
         focus: Side::Server,
-        focus_listener: true,
-        script: &["listener-close-with-children"],
+        focus_listener: false,
+        script: &["close-linger0"],
         sysctls: &[],
+        probe: None,
         run: listener_close,
     },
     Scenario {
@@ -138,8 +182,12 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "client writes after the server closed: the server side answers RST",
         focus: Side::Server,
         focus_listener: false,
-        script: &["close"],
+        script: &["close", "ack-of-fin"],
         sysctls: &[],
+        probe: Some(Probe {
+            start: "TW:FIN_WAIT2",
+            inputs: &["tw-data"],
+        }),
         run: data_after_close,
     },
     Scenario {
@@ -149,6 +197,10 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close", "ack-of-fin"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_fin_timeout", "1")],
+        probe: Some(Probe {
+            start: "TW:FIN_WAIT2",
+            inputs: &["tw-expire", "fin"],
+        }),
         run: fin_wait2_timeout,
     },
     Scenario {
@@ -158,6 +210,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close", "ack-of-fin"],
         sysctls: &[],
+        probe: None,
         run: fin_ack_lost,
     },
     Scenario {
@@ -165,8 +218,9 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "a SYN for the same 4-tuple reaches TIME_WAIT: new incarnation",
         focus: Side::Server,
         focus_listener: false,
-        script: &["close", "ack-of-fin", "fin"],
+        script: &["close", "ack-of-fin", "fin@tw", "tw-syn@tw"],
         sysctls: &[],
+        probe: None,
         run: tw_syn,
     },
     Scenario {
@@ -174,8 +228,12 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "an exact RST reaches TIME_WAIT with tcp_rfc1337=0: TIME_WAIT dies",
         focus: Side::Server,
         focus_listener: false,
-        script: &["close", "ack-of-fin", "fin"],
+        script: &["close", "ack-of-fin", "fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "0")],
+        probe: Some(Probe {
+            start: "TW:TIME_WAIT",
+            inputs: &["tw-rst", "tw-ack"],
+        }),
         run: tw_rst,
     },
     Scenario {
@@ -183,8 +241,12 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "an exact RST reaches TIME_WAIT with tcp_rfc1337=1: ignored",
         focus: Side::Server,
         focus_listener: false,
-        script: &["close", "ack-of-fin", "fin"],
+        script: &["close", "ack-of-fin", "fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "1")],
+        probe: Some(Probe {
+            start: "TW:TIME_WAIT",
+            inputs: &["tw-rst", "tw-ack"],
+        }),
         run: tw_rst,
     },
     Scenario {
@@ -192,8 +254,12 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "the peer's FIN arrives again at TIME_WAIT: re-ACKed",
         focus: Side::Server,
         focus_listener: false,
-        script: &["close", "ack-of-fin", "fin"],
+        script: &["close", "ack-of-fin", "fin@tw", "tw-fin-retransmit@tw"],
         sysctls: &[],
+        probe: Some(Probe {
+            start: "TW:TIME_WAIT",
+            inputs: &["tw-fin-retransmit"],
+        }),
         run: tw_fin_retransmit,
     },
 ];
@@ -546,6 +612,7 @@ fn data_after_close(ctx: &mut Ctx) -> Result<()> {
     c.write_all(b"one more thing\n")?;
     let seen = raw.collect_from(ctx.lab.server_addr(), Duration::from_millis(300));
     note_seen(ctx, "after the client's late data, server sent", &seen);
+    ctx.notes.reply = Some(Reply::of(&seen));
     ctx.notes.checks.push((
         "the data after close was answered with RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -573,6 +640,7 @@ fn fin_wait2_timeout(ctx: &mut Ctx) -> Result<()> {
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
     note_seen(ctx, "after the client's late FIN, server sent", &seen);
+    ctx.notes.reply = Some(Reply::of(&seen));
     ctx.notes.checks.push((
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -743,6 +811,7 @@ fn tw_rst(ctx: &mut Ctx) -> Result<()> {
     raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
     note_seen(ctx, "after RST then a probe ACK, server sent", &seen);
+    ctx.notes.reply = Some(Reply::of(&seen));
     let rfc1337 = ctx.lab.server.read_sysctl("net.ipv4.tcp_rfc1337")? == "1";
     let reset = seen.iter().any(|s| s.has(tcp_flag::RST));
     ctx.notes.checks.push(if rfc1337 {
@@ -768,6 +837,7 @@ fn tw_fin_retransmit(ctx: &mut Ctx) -> Result<()> {
     raw.send(from, to, write_seq, 1, tcp_flag::FIN | tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
     note_seen(ctx, "after a retransmitted FIN, server sent", &seen);
+    ctx.notes.reply = Some(Reply::of(&seen));
     ctx.notes.checks.push((
         "TIME_WAIT re-ACKed the FIN".into(),
         seen.iter().any(|s| {

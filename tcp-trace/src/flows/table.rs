@@ -1,0 +1,863 @@
+//! The flow table: a reorder buffer in front, flows keyed by (netns, local, remote) and by socket
+//! pointer, peer links, lifetimes (socket destroyed, minisocket killed or presumed expired, key
+//! reused, idle, capacity), and the report each flow becomes when it ends.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::decode::{Hook, Owner, OwnerSource, TraceEvent};
+use crate::model::{Model, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwSubstate};
+
+use super::infer::classify_tw_segment;
+use super::judge::{JudgeCtx, is_setup_transition, judge};
+use super::obs::{Visibility, tcp_state, tw_substate};
+use super::timeline::{entry, object_of};
+use super::{FlowConfig, FlowEnd, FlowKey, FlowReport, SocketObject, Verdict};
+
+const NS_PER_MS: u64 = 1_000_000;
+const TIMEWAIT_LEN_NS: u64 = TCP_TIMEWAIT_LEN_MS * NS_PER_MS;
+/// A RST this close to a FIN_WAIT2/CLOSING -> CLOSE belongs to it (no minisocket then).
+const RST_NEAR_NS: u64 = 5 * NS_PER_MS;
+/// Loss intervals remembered (older ones are merged).
+const MAX_LOSS_INTERVALS: usize = 64;
+
+/// Counters of what the table did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FlowStats {
+    pub events: u64,
+    /// Events with neither a 4-tuple nor a socket pointer: no flow to put them in.
+    pub unattributed: u64,
+    /// Events older than what the table had already processed (beyond the reorder window).
+    pub late_events: u64,
+    pub flows_started: u64,
+    pub flows_reported: u64,
+    pub evicted_idle: u64,
+    pub evicted_capacity: u64,
+    /// Events processed before their reorder window passed because the buffer was full.
+    pub released_early: u64,
+}
+
+/// An event waiting in the reorder buffer; the heap pops the oldest first.
+struct Pending {
+    ts: u64,
+    seq: u64,
+    ev: TraceEvent,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ts, self.seq) == (other.ts, other.seq)
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.ts, other.seq).cmp(&(self.ts, self.seq))
+    }
+}
+
+/// A TIME_WAIT minisocket known (tcp_time_wait, TW hooks) or presumed (FIN_WAIT2/CLOSING ->
+/// CLOSE with no reset near it) to exist.
+#[derive(Clone, Debug)]
+struct TwTrack {
+    start: u64,
+    deadline: u64,
+    substate: Option<TwSubstate>,
+    presumed: bool,
+    /// The last segment's entry says it dies; the return hook confirms.
+    pending_kill: bool,
+}
+
+struct Flow {
+    id: u64,
+    key: FlowKey,
+    /// The key has both ports (a listener's: its local end); otherwise the flow is followed by
+    /// its socket pointer until an event shows the tuple.
+    key_complete: bool,
+    peer: Option<(u64, FlowKey)>,
+    events: Vec<TraceEvent>,
+    dropped: u64,
+    first_ts: u64,
+    last_ts: u64,
+    full_sk: Option<String>,
+    sockets: Vec<String>,
+    full_gone: bool,
+    tw: Option<TwTrack>,
+    tw_killed: bool,
+    tw_expired: bool,
+    teardown_seen: bool,
+    last_rst: Option<u64>,
+    ended: Option<(u64, FlowEnd)>,
+    lost: bool,
+    notes: Vec<String>,
+}
+
+impl Flow {
+    fn recent_rst(&self, ts: u64) -> bool {
+        self.last_rst.is_some_and(|t| ts.abs_diff(t) <= RST_NEAR_NS)
+    }
+}
+
+/// Flows, built from events; see the module docs.
+pub struct FlowTable {
+    cfg: FlowConfig,
+    vis: Visibility,
+    heap: BinaryHeap<Pending>,
+    seq: u64,
+    /// Events at or before this have been processed.
+    watermark: u64,
+    max_ts: u64,
+    flows: HashMap<u64, Flow>,
+    by_key: HashMap<FlowKey, u64>,
+    by_sk: HashMap<String, u64>,
+    /// (local, remote) -> flows, across netns: for peer links.
+    by_addr: HashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    /// Flow ids in creation order (stale ids skipped): the capacity cap evicts from the front.
+    order: VecDeque<u64>,
+    next_id: u64,
+    ready: Vec<FlowReport>,
+    lost_total: u64,
+    lost_checked_ns: u64,
+    lost_intervals: VecDeque<(u64, u64)>,
+    stats: FlowStats,
+}
+
+fn is_null_sk(sk: &str) -> bool {
+    sk.is_empty() || sk == "0" || sk == "0x0"
+}
+
+/// A v4-mapped IPv6 address as plain IPv4: a dual-stack listener's child and a v4 client see
+/// the same connection with different address families.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+fn addr_key(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketAddr) {
+    (canonical(local), canonical(remote))
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+}
+
+/// The flow's owner: one the kernel learned in process context, else any, else the task that
+/// called close().
+fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
+    events
+        .iter()
+        .filter_map(|e| e.owner.as_ref())
+        .find(|o| o.source == OwnerSource::Kernel)
+        .or_else(|| events.iter().find_map(|e| e.owner.as_ref()))
+        .cloned()
+        .or_else(|| {
+            events
+                .iter()
+                .find(|e| e.hook == Hook::TcpClose)
+                .map(|e| Owner {
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    source: OwnerSource::Inferred,
+                })
+        })
+}
+
+impl FlowTable {
+    pub fn new(config: FlowConfig) -> FlowTable {
+        let vis = Visibility::from_hooks(&config.attached_hooks);
+        FlowTable {
+            cfg: config,
+            vis,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            watermark: 0,
+            max_ts: 0,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            by_sk: HashMap::new(),
+            by_addr: HashMap::new(),
+            order: VecDeque::new(),
+            next_id: 1,
+            ready: Vec::new(),
+            lost_total: 0,
+            lost_checked_ns: 0,
+            lost_intervals: VecDeque::new(),
+            stats: FlowStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &FlowConfig {
+        &self.cfg
+    }
+
+    /// The hooks the verdicts assume attached: the configured ones plus any whose events came.
+    pub fn visibility(&self) -> Visibility {
+        self.vis
+    }
+
+    pub fn stats(&self) -> FlowStats {
+        self.stats
+    }
+
+    /// Flows in the table (open, or ended and waiting out their grace period).
+    pub fn live_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Events waiting in the reorder buffer.
+    pub fn buffered_events(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Queues one event; [`FlowTable::advance`] or [`FlowTable::flush`] processes it.
+    pub fn push(&mut self, ev: TraceEvent) {
+        if ev.ts_ns < self.watermark {
+            self.stats.late_events += 1;
+        }
+        self.max_ts = self.max_ts.max(ev.ts_ns);
+        self.seq += 1;
+        self.heap.push(Pending {
+            ts: ev.ts_ns,
+            seq: self.seq,
+            ev,
+        });
+        while self.heap.len() > self.cfg.max_buffered_events.max(1) {
+            if let Some(p) = self.heap.pop() {
+                self.stats.released_early += 1;
+                self.watermark = self.watermark.max(p.ts);
+                self.ingest(p.ev);
+            }
+        }
+    }
+
+    /// The caller read the kernel's lost-event counter (`total`) at `ts_ns`. If it grew, every
+    /// flow alive since the previous reading may have lost events: their verdict becomes
+    /// `Incomplete (events lost)`.
+    pub fn note_lost(&mut self, ts_ns: u64, total: u64) {
+        if total > self.lost_total {
+            let from = self.lost_checked_ns.min(ts_ns);
+            self.lost_intervals.push_back((from, ts_ns));
+            while self.lost_intervals.len() > MAX_LOSS_INTERVALS {
+                if let Some((start, _)) = self.lost_intervals.pop_front()
+                    && let Some(next) = self.lost_intervals.front_mut()
+                {
+                    next.0 = next.0.min(start);
+                }
+            }
+            let window = self.cfg.reorder_window_ns;
+            for flow in self.flows.values_mut() {
+                if flow.ended.is_none() || flow.last_ts.saturating_add(window) >= from {
+                    flow.lost = true;
+                }
+            }
+            self.lost_total = total;
+        }
+        self.lost_checked_ns = self.lost_checked_ns.max(ts_ns);
+    }
+
+    /// Processes the events older than `now_ns - reorder_window_ns`, ages flows against that
+    /// time, and returns the flows that ended.
+    pub fn advance(&mut self, now_ns: u64) -> Vec<FlowReport> {
+        let mark = now_ns.saturating_sub(self.cfg.reorder_window_ns);
+        while self.heap.peek().is_some_and(|p| p.ts <= mark) {
+            if let Some(p) = self.heap.pop() {
+                self.ingest(p.ev);
+            }
+        }
+        self.watermark = self.watermark.max(mark);
+        self.expire(mark);
+        self.compact_order();
+        std::mem::take(&mut self.ready)
+    }
+
+    /// End of trace: processes everything buffered and reports every flow, ended or not.
+    pub fn flush(&mut self) -> Vec<FlowReport> {
+        while let Some(p) = self.heap.pop() {
+            self.ingest(p.ev);
+        }
+        self.watermark = self.watermark.max(self.max_ts);
+        self.expire(self.max_ts);
+        let mut ids: Vec<(u64, u64)> = self.flows.values().map(|f| (f.first_ts, f.id)).collect();
+        ids.sort_unstable();
+        for (_, id) in ids {
+            self.finish(id, FlowEnd::TraceEnded, None);
+        }
+        self.order.clear();
+        std::mem::take(&mut self.ready)
+    }
+
+    fn ingest(&mut self, ev: TraceEvent) {
+        use TcpState::*;
+        self.stats.events += 1;
+        self.vis.add(ev.hook);
+        let object = object_of(&ev);
+        let key = match (ev.local, ev.remote) {
+            (Some(local), Some(remote)) => Some(FlowKey {
+                netns: ev.netns,
+                local,
+                remote,
+            }),
+            _ => None,
+        };
+        let from = tcp_state(ev.state.as_deref());
+        let to = (ev.hook == Hook::InetSockSetState)
+            .then(|| tcp_state(ev.new_state.as_deref()))
+            .flatten();
+        // A key identifies a connection once both ends are known. Listeners (remote 0, and
+        // several may share a port with SO_REUSEPORT), a SYN_SENT socket before its port is
+        // bound and a listener's child before its addresses are copied are followed by their
+        // socket pointer instead.
+        let complete = key.is_some_and(|k| {
+            k.local.port() != 0 && k.remote.port() != 0 && !k.remote.ip().is_unspecified()
+        });
+        let sk = (object == SocketObject::Socket)
+            .then(|| ev.sk.clone())
+            .filter(|s| !is_null_sk(s));
+        if key.is_none() && sk.is_none() {
+            self.stats.unattributed += 1;
+            return;
+        }
+        let starts_connection = matches!(
+            (from, to),
+            (Some(Close | Listen), Some(SynSent | SynRecv | Listen))
+        );
+
+        // The socket's own flow first (its tuple may not be known yet), then the key's.
+        let mut target = None;
+        if let Some(sk) = &sk
+            && let Some(&id) = self.by_sk.get(sk)
+        {
+            let f = &self.flows[&id];
+            let same_key = !complete || !f.key_complete || key == Some(f.key);
+            let pointer_reused = starts_connection && (f.teardown_seen || f.ended.is_some());
+            if same_key && !pointer_reused {
+                target = Some(id);
+            } else {
+                self.by_sk.remove(sk);
+            }
+        }
+        if target.is_none()
+            && complete
+            && let Some(k) = key
+        {
+            target = self.by_key.get(&k).copied();
+        }
+        if let Some(id) = target {
+            let f = &self.flows[&id];
+            let other_socket =
+                sk.is_some() && f.full_sk != sk && (f.full_sk.is_some() || f.full_gone);
+            let new_connection = starts_connection
+                && (f.teardown_seen || f.full_gone || f.tw.is_some() || f.ended.is_some());
+            if other_socket || new_connection {
+                let note = if f.ended.is_none() && !f.full_gone {
+                    "another socket took this 4-tuple before this one's end was seen"
+                } else if f.tw.is_some() {
+                    "a new connection took the 4-tuple while the minisocket was alive"
+                } else {
+                    "a new connection took the 4-tuple"
+                };
+                self.finish(id, FlowEnd::Reused, Some(note));
+                target = None;
+            }
+        }
+        let id = match target {
+            Some(id) => id,
+            None => self.start_flow(&ev, object, key, complete),
+        };
+        if complete
+            && let Some(k) = key
+            && !self.flows[&id].key_complete
+        {
+            self.rekey(id, k);
+        }
+        if let Some(sk) = &sk
+            && let Some(f) = self.flows.get_mut(&id)
+            && f.full_sk.as_ref().is_none_or(|own| own == sk)
+        {
+            f.full_sk = Some(sk.clone());
+            if ev.hook == Hook::TcpDestroySock || f.full_gone {
+                self.by_sk.remove(sk);
+            } else {
+                self.by_sk.insert(sk.clone(), id);
+            }
+        }
+        self.track(id, ev, object, from, to);
+    }
+
+    fn start_flow(
+        &mut self,
+        ev: &TraceEvent,
+        object: SocketObject,
+        key: Option<FlowKey>,
+        complete: bool,
+    ) -> u64 {
+        self.make_room();
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = key.unwrap_or(FlowKey {
+            netns: ev.netns,
+            local: unspecified(),
+            remote: unspecified(),
+        });
+        let flow = Flow {
+            id,
+            key,
+            key_complete: false,
+            peer: None,
+            events: Vec::new(),
+            dropped: 0,
+            first_ts: ev.ts_ns,
+            last_ts: ev.ts_ns,
+            full_sk: None,
+            sockets: Vec::new(),
+            // First seen from its minisocket or as a bare packet: no full socket we know of.
+            full_gone: object != SocketObject::Socket,
+            tw: None,
+            tw_killed: false,
+            tw_expired: false,
+            teardown_seen: false,
+            last_rst: None,
+            ended: None,
+            lost: false,
+            notes: Vec::new(),
+        };
+        self.flows.insert(id, flow);
+        self.order.push_back(id);
+        self.stats.flows_started += 1;
+        if complete {
+            self.rekey(id, key);
+        }
+        id
+    }
+
+    /// Gives a flow its (now known) key: the key's previous flow ends, the peer is linked.
+    fn rekey(&mut self, id: u64, key: FlowKey) {
+        if let Some(&other) = self.by_key.get(&key)
+            && other != id
+        {
+            self.finish(
+                other,
+                FlowEnd::Reused,
+                Some("a new connection took the 4-tuple"),
+            );
+        }
+        if let Some(f) = self.flows.get_mut(&id) {
+            f.key = key;
+            f.key_complete = true;
+        }
+        self.by_key.insert(key, id);
+        self.by_addr
+            .entry(addr_key(key.local, key.remote))
+            .or_default()
+            .push(id);
+        self.link_peer(id);
+    }
+
+    /// Links `id` with the flow of the connection's other end: the mirrored tuple, in the same
+    /// netns or, failing that, in exactly one other.
+    fn link_peer(&mut self, id: u64) {
+        let Some(f) = self.flows.get(&id) else { return };
+        let key = f.key;
+        if f.peer.is_some()
+            || !f.key_complete
+            || key.remote.port() == 0
+            || key.local.port() == 0
+            || canonical(key.local) == canonical(key.remote)
+        {
+            return;
+        }
+        let candidates: Vec<u64> = self
+            .by_addr
+            .get(&addr_key(key.remote, key.local))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|c| *c != id && self.flows.get(c).is_some_and(|o| o.peer.is_none()))
+            .collect();
+        let pick = |list: &[u64]| -> Option<u64> {
+            let same_ns: Vec<u64> = list
+                .iter()
+                .copied()
+                .filter(|c| self.flows[c].key.netns == key.netns)
+                .collect();
+            match (same_ns.len(), list.len()) {
+                (1, _) => Some(same_ns[0]),
+                (0, 1) => Some(list[0]),
+                _ => None,
+            }
+        };
+        let live: Vec<u64> = candidates
+            .iter()
+            .copied()
+            .filter(|c| self.flows[c].ended.is_none())
+            .collect();
+        let chosen = if live.is_empty() {
+            pick(&candidates)
+        } else {
+            pick(&live)
+        };
+        match chosen {
+            Some(peer) => {
+                let peer_key = self.flows[&peer].key;
+                if let Some(f) = self.flows.get_mut(&id) {
+                    f.peer = Some((peer, peer_key));
+                }
+                if let Some(p) = self.flows.get_mut(&peer) {
+                    p.peer = Some((id, key));
+                }
+            }
+            None if candidates.len() > 1 => {
+                if let Some(f) = self.flows.get_mut(&id) {
+                    f.notes.push(format!(
+                        "{} flows mirror this one's 4-tuple: peer not linked",
+                        candidates.len()
+                    ));
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Evicts the oldest flows while the table is at its cap.
+    fn make_room(&mut self) {
+        let cap = self.cfg.max_flows.max(1);
+        while self.flows.len() >= cap {
+            let Some(id) = self.order.pop_front() else {
+                break;
+            };
+            if self.flows.contains_key(&id) {
+                self.stats.evicted_capacity += 1;
+                let note = format!("evicted: the table was full ({cap} flows)");
+                self.finish(id, FlowEnd::CapacityEvicted, Some(&note));
+            }
+        }
+    }
+
+    fn compact_order(&mut self) {
+        if self.order.len() > 2 * self.flows.len() + 1024 {
+            let flows = &self.flows;
+            self.order.retain(|id| flows.contains_key(id));
+        }
+    }
+
+    /// Updates a flow's lifetime with one event and stores the event.
+    fn track(
+        &mut self,
+        id: u64,
+        ev: TraceEvent,
+        object: SocketObject,
+        from: Option<TcpState>,
+        to: Option<TcpState>,
+    ) {
+        use TcpState::*;
+        let params = self.cfg.params;
+        let hz = self.cfg.hz;
+        let vis = self.vis;
+        let max_events = self.cfg.max_events_per_flow;
+        let Some(f) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let ts = ev.ts_ns;
+        f.first_ts = f.first_ts.min(ts);
+        f.last_ts = f.last_ts.max(ts);
+        if !is_null_sk(&ev.sk) && !f.sockets.contains(&ev.sk) {
+            f.sockets.push(ev.sk.clone());
+        }
+        let setup = matches!((from, to), (Some(a), Some(b)) if is_setup_transition(a, b));
+        if !setup {
+            f.teardown_seen = true;
+        }
+        let new_tw =
+            |start: u64, life: u64, substate: Option<TwSubstate>, presumed: bool| TwTrack {
+                start,
+                deadline: start.saturating_add(life),
+                substate,
+                presumed,
+                pending_kill: false,
+            };
+        match ev.hook {
+            Hook::InetSockSetState if to == Some(Close) => {
+                // tcp_time_wait() ends the full socket with tcp_done(): FIN_WAIT2/CLOSING ->
+                // CLOSE with no reset near it means a minisocket lives on (invisible without the
+                // tcp_time_wait hook).
+                if matches!(from, Some(FinWait2 | Closing)) && f.tw.is_none() && !f.recent_rst(ts) {
+                    f.tw = Some(new_tw(ts, TIMEWAIT_LEN_NS, None, true));
+                }
+                if !vis.destroy {
+                    f.full_gone = true;
+                }
+            }
+            Hook::TcpTimeWait => {
+                let substate = tw_substate(ev.new_state.as_deref());
+                let life_ms = match substate {
+                    Some(TwSubstate::FinWait2) => {
+                        let timeo_ms = match (ev.timeo_jiffies, hz) {
+                            (Some(j), Some(hz)) if hz > 0 => {
+                                u64::try_from(j).unwrap_or(0).saturating_mul(1000) / hz
+                            }
+                            _ => params.fin_time_ms(),
+                        };
+                        timeo_ms.max(params.rto_floor_ms()).min(TCP_TIMEWAIT_LEN_MS)
+                    }
+                    _ => TCP_TIMEWAIT_LEN_MS,
+                };
+                f.tw = Some(new_tw(ts, life_ms * NS_PER_MS, substate, false));
+            }
+            Hook::TcpTimewaitStateProcess => {
+                let seen = tw_substate(ev.state.as_deref());
+                let tw =
+                    f.tw.get_or_insert_with(|| new_tw(ts, TIMEWAIT_LEN_NS, seen, false));
+                tw.presumed = false;
+                if seen.is_some() {
+                    tw.substate = seen;
+                }
+                // What the model makes of the segment: the minisocket killed, re-armed, or left.
+                if let Some(seg) = &ev.segment
+                    && let Some(&input) = classify_tw_segment(seg).first()
+                {
+                    let now = State::time_wait(tw.substate.unwrap_or(TwSubstate::TimeWait));
+                    let step = Model::with_state(params, now).step(input);
+                    match &step.outcome.next {
+                        State::TimeWait(next) => {
+                            tw.substate = Some(next.substate);
+                            if step.outcome.timer.is_some() {
+                                tw.deadline = ts.saturating_add(TIMEWAIT_LEN_NS);
+                            }
+                        }
+                        _ => tw.pending_kill = true,
+                    }
+                }
+                if !vis.tw_return && tw.pending_kill {
+                    f.tw = None;
+                    f.tw_killed = true;
+                }
+            }
+            Hook::TcpTimewaitStateProcessReturn => {
+                let seen = tw_substate(ev.state.as_deref());
+                let tw =
+                    f.tw.get_or_insert_with(|| new_tw(ts, TIMEWAIT_LEN_NS, seen, false));
+                tw.presumed = false;
+                if let Some(after) = tw_substate(ev.new_state.as_deref()) {
+                    tw.substate = Some(after);
+                }
+                let kill = match ev.tw_status.as_deref() {
+                    Some("RST") => true,
+                    Some("SYN") => params.listener_on_port,
+                    Some("SUCCESS") => tw.pending_kill,
+                    _ => false,
+                };
+                tw.pending_kill = false;
+                if kill {
+                    f.tw = None;
+                    f.tw_killed = true;
+                }
+            }
+            // The minisocket's reply to a segment it does not accept: do_time_wait kills it.
+            Hook::TcpSendReset
+                if ev.rst_active == Some(false)
+                    && (object == SocketObject::TimeWait
+                        || ev.rst_reason.as_deref() == Some("TCP_TIMEWAIT_SOCKET"))
+                    && f.tw.is_some() =>
+            {
+                f.tw = None;
+                f.tw_killed = true;
+            }
+            Hook::TcpSendReset | Hook::TcpSendActiveReset | Hook::TcpReceiveReset
+                if object == SocketObject::Socket =>
+            {
+                f.last_rst = Some(ts);
+                // A reset right after FIN_WAIT2 -> CLOSE (TCP_LINGER2 < 0) means no minisocket.
+                if f.tw
+                    .as_ref()
+                    .is_some_and(|tw| tw.presumed && ts.abs_diff(tw.start) <= RST_NEAR_NS)
+                {
+                    f.tw = None;
+                }
+            }
+            Hook::TcpDestroySock
+                if f.full_sk.is_none() || f.full_sk.as_deref() == Some(ev.sk.as_str()) =>
+            {
+                f.full_gone = true;
+            }
+            _ => {}
+        }
+        if f.events.len() < max_events {
+            f.events.push(ev);
+        } else {
+            f.dropped += 1;
+        }
+        if f.ended.is_none() && f.full_gone && f.tw.is_none() {
+            let end = if f.tw_killed {
+                FlowEnd::TimeWaitKilled
+            } else {
+                FlowEnd::Destroyed
+            };
+            f.ended = Some((ts, end));
+        }
+    }
+
+    /// Reports ended flows past their grace period, presumes silent minisockets expired, and
+    /// evicts idle flows.
+    fn expire(&mut self, now: u64) {
+        let grace = self.cfg.end_grace_ns;
+        let idle = self.cfg.idle_evict_ns;
+        let slack = self.cfg.tw_slack_ns;
+        let mut done: Vec<(u64, FlowEnd, Option<String>)> = Vec::new();
+        for (&id, f) in self.flows.iter_mut() {
+            if let Some((t, end)) = f.ended {
+                if t.saturating_add(grace) <= now {
+                    done.push((id, end, None));
+                }
+                continue;
+            }
+            if let Some(tw) = &f.tw {
+                if tw.deadline.saturating_add(slack) <= now {
+                    let deadline = tw.deadline;
+                    f.tw = None;
+                    f.tw_expired = true;
+                    if f.full_gone {
+                        f.ended = Some((deadline, FlowEnd::TimeWaitExpired));
+                        done.push((id, FlowEnd::TimeWaitExpired, None));
+                    }
+                }
+                continue;
+            }
+            if f.last_ts.saturating_add(idle) <= now {
+                done.push((
+                    id,
+                    FlowEnd::IdleEvicted,
+                    Some(format!(
+                        "evicted after {} s without an event",
+                        idle / 1_000_000_000
+                    )),
+                ));
+            }
+        }
+        done.sort_unstable_by_key(|(id, _, _)| *id);
+        for (id, end, note) in done {
+            if end == FlowEnd::IdleEvicted {
+                self.stats.evicted_idle += 1;
+            }
+            self.finish(id, end, note.as_deref());
+        }
+    }
+
+    fn lost_overlaps(&self, first: u64, last: u64) -> bool {
+        let w = self.cfg.reorder_window_ns;
+        self.lost_intervals
+            .iter()
+            .any(|&(a, b)| a <= last.saturating_add(w) && b.saturating_add(w) >= first)
+    }
+
+    /// Removes a flow from the table and queues its report.
+    fn finish(&mut self, id: u64, end: FlowEnd, note: Option<&str>) {
+        let Some(mut flow) = self.flows.remove(&id) else {
+            return;
+        };
+        let end = match flow.ended {
+            Some((_, end)) => end,
+            None => {
+                if let Some(note) = note {
+                    flow.notes.push(note.to_string());
+                }
+                end
+            }
+        };
+        if self.by_key.get(&flow.key) == Some(&id) {
+            self.by_key.remove(&flow.key);
+        }
+        for sk in &flow.sockets {
+            if self.by_sk.get(sk) == Some(&id) {
+                self.by_sk.remove(sk);
+            }
+        }
+        let addr = addr_key(flow.key.local, flow.key.remote);
+        if let Some(list) = self.by_addr.get_mut(&addr) {
+            list.retain(|x| *x != id);
+            if list.is_empty() {
+                self.by_addr.remove(&addr);
+            }
+        }
+        let report = self.report(flow, end);
+        self.stats.flows_reported += 1;
+        self.ready.push(report);
+    }
+
+    fn report(&self, flow: Flow, end: FlowEnd) -> FlowReport {
+        let cx = JudgeCtx {
+            params: &self.cfg.params,
+            vis: self.vis,
+            hz: self.cfg.hz,
+        };
+        let judged_end = if flow.tw_expired && end != FlowEnd::TimeWaitKilled {
+            FlowEnd::TimeWaitExpired
+        } else {
+            end
+        };
+        let judgement = judge(&flow.events, &cx, judged_end);
+        let mut notes = flow.notes;
+        notes.extend(judgement.notes);
+        let lost = flow.lost || self.lost_overlaps(flow.first_ts, flow.last_ts);
+        let verdict = if lost {
+            Verdict::Incomplete {
+                missing: Vec::new(),
+                reason: format!(
+                    "events lost (the kernel's buffer overflowed) during this flow's life; \
+                     from what arrived: {}",
+                    judgement.verdict
+                ),
+            }
+        } else if flow.dropped > 0 {
+            Verdict::Incomplete {
+                missing: Vec::new(),
+                reason: format!(
+                    "{} events beyond the per-flow cap were not kept; from the first {}: {}",
+                    flow.dropped,
+                    flow.events.len(),
+                    judgement.verdict
+                ),
+            }
+        } else {
+            judgement.verdict
+        };
+        let mut events = flow.events;
+        events.sort_by_key(|e| e.ts_ns);
+        FlowReport {
+            id: flow.id,
+            key: flow.key,
+            peer_key: flow.peer.map(|(_, key)| key),
+            peer_id: flow.peer.map(|(id, _)| id),
+            owner: owner_of(&events),
+            sockets: flow.sockets,
+            first_ns: flow.first_ts,
+            last_ns: flow.last_ts,
+            end,
+            timeline: events.iter().map(entry).collect(),
+            events,
+            events_dropped: flow.dropped,
+            teardown: judgement.teardown,
+            inputs: judgement.inputs,
+            steps: judgement.steps,
+            verdict,
+            observed: judgement.observed,
+            expected: judgement.expected,
+            notes,
+        }
+    }
+}
