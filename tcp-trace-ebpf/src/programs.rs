@@ -431,7 +431,14 @@ fn active_reset_reason(arg: impl Fn(usize) -> u64) -> Option<u32> {
 
 #[kprobe]
 pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
-    let reason = active_reset_reason(|n| parg(&ctx, n));
+    // Registers are read at constant offsets first: the verifier refuses a context access at an
+    // offset chosen at run time, which a match over `parg(n)` can compile into.
+    let regs = [parg(&ctx, 1), parg(&ctx, 2), parg(&ctx, 3)];
+    let reason = active_reset_reason(|n| match n {
+        1 => regs[0],
+        2 => regs[1],
+        _ => regs[2],
+    });
     on_active_reset(parg(&ctx, 0), reason);
     0
 }

@@ -24,6 +24,11 @@ pub struct Visibility {
     pub send_reset: bool,
     pub receive_reset: bool,
     pub destroy: bool,
+    /// tcp:tcp_send_reset fires for reply resets sent for a TIME_WAIT minisocket or for no
+    /// socket. Before 6.10 tcp_v4_send_reset() traced only replies from full sockets
+    /// (`if (sk && sk_fullsock(sk))`); "tcp: make trace_tcp_send_reset() available in all reply
+    /// cases" changed that together with the reset reasons.
+    pub reply_reset_without_full_socket: bool,
 }
 
 /// Every hook with the name `attach` gives it (`HookStatus::hook`).
@@ -704,6 +709,17 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
                     out.unseen
                         .push("RST not visible: no reset hook attached".into());
                 }
+            }
+            Wire::RstReply
+                if vis.send_reset
+                    && !vis.reply_reset_without_full_socket
+                    && !matches!(step.from, State::Socket(_)) =>
+            {
+                out.unseen.push(
+                    "reply RST not visible: before 6.10 tcp:tcp_send_reset is not traced for a \
+                     TIME_WAIT minisocket or a missing socket"
+                        .into(),
+                );
             }
             Wire::RstReply => {
                 if vis.send_reset {

@@ -180,7 +180,8 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
 
 impl FlowTable {
     pub fn new(config: FlowConfig) -> FlowTable {
-        let vis = Visibility::from_hooks(&config.attached_hooks);
+        let mut vis = Visibility::from_hooks(&config.attached_hooks);
+        vis.reply_reset_without_full_socket = config.params.kernel.passive_reset_reasons;
         FlowTable {
             cfg: config,
             vis,

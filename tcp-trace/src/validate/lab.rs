@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     thread,
     time::Duration,
@@ -16,7 +16,10 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TcAttachType, tc},
+    programs::{
+        SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
 };
 use tcp_trace_common::{DropRule, Event};
 
@@ -150,6 +153,8 @@ impl Lab {
     }
 }
 
+static NEXT_PRIORITY: AtomicU16 = AtomicU16::new(1);
+
 /// The tc dropper: one program, attached on egress of each lab's veth ends; rules in a map.
 pub struct Dropper {
     rules: Array<MapData, DropRule>,
@@ -176,9 +181,35 @@ impl Dropper {
             ns.run(move || {
                 // Older kernels attach through a clsact qdisc (newer ones use tcx links); it may
                 // exist already.
-                let _ = tc::qdisc_add_clsact(iface);
-                prog.attach(iface, TcAttachType::Egress)
-                    .map_err(|e| anyhow!("attach the segment dropper to {iface}: {e}"))?;
+                let qdisc = tc::qdisc_add_clsact(iface);
+                // Through netlink (before tcx), aya tells attachments apart by (ifindex,
+                // priority, handle), and every lab's veth has the same ifindex in its own
+                // namespace: give each attachment a priority of its own.
+                let tcx = crate::kernel::parse_release(&crate::kernel::kernel_release())
+                    .is_some_and(|v| v >= (6, 6, 0));
+                let result = if tcx {
+                    prog.attach(iface, TcAttachType::Egress)
+                } else {
+                    let priority = NEXT_PRIORITY.fetch_add(1, Ordering::Relaxed);
+                    prog.attach_with_options(
+                        iface,
+                        TcAttachType::Egress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority,
+                            ..Default::default()
+                        }),
+                    )
+                };
+                result.map_err(|e| {
+                    let qdisc = match qdisc {
+                        Err(q) => format!("; adding the clsact qdisc failed too: {q}"),
+                        Ok(()) => String::new(),
+                    };
+                    anyhow!(
+                        "attach the segment dropper to {iface}: {e}{qdisc} (kernels without \
+                         tcx need sch_ingress and cls_bpf: `modprobe sch_ingress cls_bpf`)"
+                    )
+                })?;
                 Ok(())
             })?;
         }

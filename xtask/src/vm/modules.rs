@@ -14,7 +14,17 @@ use anyhow::{Context, Result, bail};
 use super::host::run_checked;
 
 /// Modules loaded in the guest unless the job says otherwise (their dependencies come along).
-pub const DEFAULT_MODULES: &[&str] = &["veth", "nf_tables", "nft_reject_inet", "nft_ct"];
+/// veth for validate's namespace pairs; sch_ingress (clsact) and cls_bpf for its tc segment
+/// dropper on kernels that attach tc programs through a qdisc (before tcx, 6.6); nf_tables for
+/// firewall-based tests.
+pub const DEFAULT_MODULES: &[&str] = &[
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_tables",
+    "nft_reject_inet",
+    "nft_ct",
+];
 
 /// Module names use `_`; file names may use `-`. Strips a `.ko[.xz|.gz|.zst]` suffix and any
 /// directory.
