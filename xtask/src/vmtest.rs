@@ -97,8 +97,15 @@ fn split_runs(result: &str) -> Result<BTreeMap<String, Vec<Value>>> {
     Ok(runs)
 }
 
-/// Reads one `validate --json` run into a column, checking hooks against `want_mechanisms`.
-fn column(kernel: &str, backend: &str, lines: &[Value], want_mechanisms: &[&str]) -> Column {
+/// Reads one `validate --json` run into a column. Tracepoints must always attach; function hooks
+/// must attach with one of `want_mechanisms`, or may be missing when it is None (a kernel that
+/// allows no function hooks, like this machine's).
+fn column(
+    kernel: &str,
+    backend: &str,
+    lines: &[Value],
+    want_mechanisms: Option<&[&str]>,
+) -> Column {
     let mut col = Column {
         kernel: kernel.to_string(),
         backend: backend.to_string(),
@@ -136,15 +143,19 @@ fn column(kernel: &str, backend: &str, lines: &[Value], want_mechanisms: &[&str]
         let name = hook["hook"].as_str().unwrap_or("?");
         let mechanism = hook["mechanism"].as_str();
         let is_function = !name.contains(':') || name.ends_with(":return");
-        let ok = match mechanism {
-            None => false,
-            Some(m) if is_function => want_mechanisms.contains(&m),
-            Some(_) => true,
+        let ok = match (mechanism, want_mechanisms) {
+            (None, None) => is_function,
+            (None, Some(_)) => false,
+            (Some(m), Some(want)) if is_function => want.contains(&m),
+            (Some(_), _) => true,
         };
         if !ok {
             col.problems.push(format!(
                 "hook {name} should attach with {} here but {}",
-                want_mechanisms.join("/"),
+                match (is_function, want_mechanisms) {
+                    (true, Some(want)) => want.join("/"),
+                    _ => "tp_btf/raw_tp".to_string(),
+                },
                 match mechanism {
                     Some(m) => format!("used {m}"),
                     None => format!("did not: {}", hook["failures"]),
@@ -175,17 +186,8 @@ fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
         .unwrap_or_default()
         .trim()
         .to_string();
-    // The host may have any mix of mechanisms: require only that every hook that the doctor
-    // says can attach did, i.e. accept whatever auto chose, but nothing may be missing that
-    // tracepoints provide.
-    let mut col = column(
-        &release,
-        "auto",
-        &lines,
-        &["fentry", "fexit", "kprobe", "kretprobe"],
-    );
-    col.problems
-        .retain(|p| !p.starts_with("hook tcp_") || p.contains("used"));
+    // This machine may allow any mix of mechanisms (here: tracepoints only).
+    let mut col = column(&release, "auto", &lines, None);
     if !out.status.success() && col.problems.is_empty() {
         col.problems.push(format!(
             "validate exited with {}: {}",
@@ -232,7 +234,7 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()>
         let mut any_problem = false;
         for (backend, mechanisms) in VM_BACKENDS {
             let lines = runs.get(*backend).cloned().unwrap_or_default();
-            let col = column(&label, backend, &lines, mechanisms);
+            let col = column(&label, backend, &lines, Some(mechanisms));
             any_problem |= !col.problems.is_empty();
             columns.push(col);
         }
@@ -339,12 +341,21 @@ mod tests {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-        let col = column("6.1", "kprobe", &lines, &["kprobe", "kretprobe"]);
+        let col = column("6.1", "kprobe", &lines, Some(&["kprobe", "kretprobe"]));
         assert_eq!(col.problems.len(), 2, "{:?}", col.problems);
         assert!(col.problems[0].starts_with("b: diverges"));
         assert!(col.problems[1].contains("tcp_fin"));
-        let none = column("6.1", "kprobe", &[], &["kprobe"]);
+        let none = column("6.1", "kprobe", &[], Some(&["kprobe"]));
         assert!(none.problems[0].contains("no summary"));
+        // Without a mechanism requirement, missing function hooks are fine, tracepoints are not.
+        let host = column("6.18", "auto", &lines, None);
+        assert_eq!(host.problems.len(), 1, "{:?}", host.problems);
+        let tp: Vec<Value> =
+            [r#"{"type":"validate","hooks":[{"hook":"tcp:tcp_send_reset","mechanism":null}]}"#]
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        assert_eq!(column("6.18", "auto", &tp, None).problems.len(), 1);
     }
 
     #[test]
