@@ -3,7 +3,9 @@
 //!
 //! The modules follow the data's path: [`kernel`] (facts from BTF and /proc) -> [`attach`] (load
 //! and attach the eBPF programs) -> [`decode`] (raw events to typed ones) -> [`owners`] (who owns
-//! each socket) -> [`live`] (stream and print); [`doctor`] reports what this kernel allows.
+//! each socket) -> [`flows`] (per-flow timelines, judged by the [`model`]) -> [`report`] (print);
+//! [`live`] drives it from the kernel, [`replay`] from a [`record`]ing; [`validate`] checks the
+//! model against this kernel; [`doctor`] reports what this kernel allows.
 
 pub mod attach;
 pub mod decode;
@@ -15,4 +17,6 @@ pub mod model;
 pub mod owners;
 pub mod peer;
 pub mod record;
+pub mod replay;
+pub mod report;
 pub mod validate;

@@ -1,11 +1,10 @@
 //! The live tracer: check the system, attach, stream the ring buffer with tokio, attribute and
 //! print events, and on Ctrl-C / SIGTERM / --duration detach and print the summary.
 
-use std::{collections::BTreeMap, io::Write, time::Duration};
+use std::{io::Write, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::json;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
@@ -13,10 +12,14 @@ use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
     decode::{self, Hook, TraceEvent},
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
-    owners::Owners,
+    record::{Filters, RecordHeader, RecordWriter},
+    report::{self, Pipeline, ReportOptions, View},
 };
 
 pub struct LiveOptions {
+    /// Write the raw events to this recording instead of printing them.
+    pub record: Option<std::path::PathBuf>,
+    pub view: View,
     pub backend: Backend,
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
@@ -51,25 +54,6 @@ pub fn prepare(pids: &[u32]) -> Result<Prepared> {
         release: kernel::kernel_release(),
         tracefs,
     })
-}
-
-/// Converts CLOCK_MONOTONIC nanoseconds (the programs' clock) into wall-clock time.
-struct Clock {
-    realtime_minus_mono: i128,
-}
-
-impl Clock {
-    fn new() -> Self {
-        let mono = now_ns(libc::CLOCK_MONOTONIC) as i128;
-        let real = now_ns(libc::CLOCK_REALTIME) as i128;
-        Self {
-            realtime_minus_mono: real - mono,
-        }
-    }
-
-    fn unix_ns(&self, mono: u64) -> u64 {
-        (mono as i128 + self.realtime_minus_mono).max(0) as u64
-    }
 }
 
 pub fn now_ns(clock: libc::clockid_t) -> u64 {
@@ -259,7 +243,8 @@ fn lost_total(dropped: &PerCpuArray<MapData, u64>) -> u64 {
         .unwrap_or_default()
 }
 
-/// Runs the live trace. Returns the process exit status.
+/// Runs the live trace (or, with `record`, writes the raw events to a file). Returns the
+/// process exit status.
 pub async fn run(opts: LiveOptions) -> Result<u8> {
     let prep = prepare(&opts.pids)?;
     let Attached { mut ebpf, hooks } = attach::attach(
@@ -275,17 +260,59 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     if !hooks.iter().any(|h| h.attached()) {
         bail!("no hook could be attached; `tcp-trace doctor` shows why for each");
     }
-    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    if opts.json {
-        let start = json!({
-            "type": "start",
-            "kernel": prep.release,
-            "backend": opts.backend,
-            "hooks": hooks,
-        });
-        writeln!(stdout, "{start}")?;
-        stdout.flush()?;
-    }
+    let sysctls = report::host_sysctls();
+    let version = kernel::kernel_version();
+    let mut sink = match &opts.record {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut header = RecordHeader::new(
+                prep.release.clone(),
+                opts.backend,
+                hooks.clone(),
+                prep.facts.clone(),
+                Filters {
+                    pids: opts.pids.clone(),
+                    ports: opts.ports.clone(),
+                },
+            );
+            header.sysctls = sysctls.clone();
+            header
+                .sysctls
+                .insert(KERNEL_VERSION_KEY.into(), version.clone());
+            if let Some(hz) = kernel::config_hz() {
+                header.sysctls.insert("kernel.hz".into(), hz.to_string());
+            }
+            Sink::Record(RecordWriter::new(file, &header)?)
+        }
+        None => {
+            let mut pipeline = Pipeline::new(
+                prep.facts.clone(),
+                &hooks,
+                report::model_params(&version, &sysctls),
+                kernel::config_hz(),
+                ReportOptions {
+                    json: opts.json,
+                    view: opts.view,
+                    pids: opts.pids.clone(),
+                    realtime_minus_mono_ns: crate::record::realtime_minus_monotonic_ns(),
+                },
+                std::io::BufWriter::new(std::io::stdout().lock()),
+            );
+            if opts.json {
+                let start = json!({
+                    "type": "start",
+                    "kernel": prep.release,
+                    "version": version,
+                    "backend": opts.backend,
+                    "hooks": hooks,
+                });
+                writeln!(pipeline.out(), "{start}")?;
+                pipeline.out().flush()?;
+            }
+            Sink::Print(Box::new(pipeline))
+        }
+    };
     let mut logger = if opts.kernel_log {
         Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, StderrLog).context("aya-log init")?)
     } else {
@@ -298,12 +325,11 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     // end of this function, and the AsyncFd is dropped first).
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
-    eprintln!("tcp-trace: tracing; Ctrl-C to stop");
+    match &opts.record {
+        Some(p) => eprintln!("tcp-trace: recording to {}; Ctrl-C to stop", p.display()),
+        None => eprintln!("tcp-trace: tracing; Ctrl-C to stop"),
+    }
 
-    let clock = Clock::new();
-    let mut owners = Owners::default();
-    let mut counts: BTreeMap<Hook, u64> = BTreeMap::new();
-    let mut decode_errors = 0u64;
     let mut lost_seen = 0u64;
     // The programs wake us only when a lot is pending; a short tick drains the rest.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
@@ -319,58 +345,26 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     tokio::pin!(deadline);
     let started = std::time::Instant::now();
 
-    let mut drain = |ring: &mut RingBuf<_>, out: &mut dyn Write| -> Result<()> {
-        while let Some(item) = ring.next() {
-            let raw = match decode::parse_raw(&item) {
-                Ok(raw) => raw,
-                Err(_) => {
-                    decode_errors += 1;
-                    continue;
-                }
-            };
-            let mut ev = decode::decode(&raw, &prep.facts);
-            owners.attribute(&mut ev);
-            if !opts.pids.is_empty()
-                && !ev
-                    .owner
-                    .as_ref()
-                    .is_some_and(|o| opts.pids.contains(&o.pid))
-            {
-                continue;
-            }
-            *counts.entry(ev.hook).or_default() += 1;
-            let unix_ns = clock.unix_ns(ev.ts_ns);
-            if opts.json {
-                let mut v = serde_json::to_value(&ev)?;
-                v["type"] = "event".into();
-                v["unix_ns"] = unix_ns.into();
-                writeln!(out, "{v}")?;
-            } else {
-                writeln!(out, "{}", human_line(&ev, unix_ns))?;
-            }
-        }
-        out.flush()?;
-        Ok(())
-    };
-
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut stdout)?;
+                sink.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &mut stdout)?;
+                sink.drain(ring.get_mut())?;
+                sink.tick(now_ns(libc::CLOCK_MONOTONIC))?;
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
             _ = lost_tick.tick() => {
                 let total = lost_total(&dropped);
                 if total > lost_seen {
-                    eprintln!("tcp-trace: warning: {} events lost (ring buffer full), {total} in all", total - lost_seen);
-                    if opts.json {
-                        writeln!(stdout, "{}", json!({"type": "lost", "new": total - lost_seen, "total": total}))?;
-                    }
+                    eprintln!(
+                        "tcp-trace: warning: {} events lost (ring buffer full), {total} in all",
+                        total - lost_seen
+                    );
+                    sink.lost(now_ns(libc::CLOCK_MONOTONIC), total)?;
                     lost_seen = total;
                 }
             }
@@ -380,69 +374,79 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         }
     }
     // Take what is still buffered, then detach (dropping the Ebpf detaches every program).
-    drain(ring.get_mut(), &mut stdout)?;
+    sink.drain(ring.get_mut())?;
     let lost = lost_total(&dropped);
+    if lost > lost_seen {
+        sink.lost(now_ns(libc::CLOCK_MONOTONIC), lost)?;
+    }
     drop(ring);
     drop(ebpf);
+    let seconds = started.elapsed().as_secs_f64();
 
-    let elapsed = started.elapsed();
-    let total: u64 = counts.values().sum();
-    if opts.json {
-        let summary = json!({
-            "type": "summary",
-            "seconds": elapsed.as_secs_f64(),
-            "events": total,
-            "lost": lost,
-            "decode_errors": decode_errors,
-            "by_hook": counts,
-        });
-        writeln!(stdout, "{summary}")?;
-        stdout.flush()?;
-    } else {
-        let mut table = Table::new();
-        table.load_preset(UTF8_FULL_CONDENSED);
-        table.set_header(["hook", "attached as", "events"]);
-        for h in &hooks {
-            let count = decode_hook_name(&h.hook)
-                .and_then(|k| counts.get(&k))
-                .copied()
-                .unwrap_or(0);
-            let how = h
-                .mechanism
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "not attached".into());
-            table.add_row([h.hook.clone(), how, count.to_string()]);
+    match sink {
+        Sink::Record(writer) => {
+            let n = writer.events_written();
+            writer.finish()?;
+            eprintln!("tcp-trace: {n} events recorded in {seconds:.1}s, {lost} lost");
         }
-        eprintln!("{table}");
-        eprintln!(
-            "tcp-trace: {total} events in {:.1}s, {lost} lost{}",
-            elapsed.as_secs_f64(),
-            if decode_errors > 0 {
-                format!(", {decode_errors} malformed records")
+        Sink::Print(mut pipeline) => {
+            let mut summary = pipeline.finish()?;
+            summary["seconds"] = seconds.into();
+            if opts.json {
+                writeln!(pipeline.out(), "{summary}")?;
+                pipeline.out().flush()?;
             } else {
-                String::new()
+                eprintln!("{}", pipeline.summary_table(&hooks));
+                eprintln!(
+                    "tcp-trace: {} events in {seconds:.1}s, {lost} lost{}",
+                    pipeline.events,
+                    if pipeline.malformed > 0 {
+                        format!(", {} malformed records", pipeline.malformed)
+                    } else {
+                        String::new()
+                    }
+                );
             }
-        );
+        }
     }
     Ok(if lost > 0 { EXIT_EVENTS_LOST } else { 0 })
 }
 
-/// The decoded hook a hook name (as in [`attach::HOOKS`]) produces.
-fn decode_hook_name(name: &str) -> Option<Hook> {
-    Some(match name {
-        "tcp_close" => Hook::TcpClose,
-        "tcp_fin" => Hook::TcpFin,
-        "tcp_send_fin" => Hook::TcpSendFin,
-        "tcp_send_active_reset" => Hook::TcpSendActiveReset,
-        "tcp_time_wait" => Hook::TcpTimeWait,
-        "tcp_timewait_state_process" => Hook::TcpTimewaitStateProcess,
-        "tcp_timewait_state_process:return" => Hook::TcpTimewaitStateProcessReturn,
-        "sock:inet_sock_set_state" => Hook::InetSockSetState,
-        "tcp:tcp_send_reset" => Hook::TcpSendReset,
-        "tcp:tcp_receive_reset" => Hook::TcpReceiveReset,
-        "tcp:tcp_destroy_sock" => Hook::TcpDestroySock,
-        _ => return None,
-    })
+/// The header key under which recordings keep the kernel version the model should use.
+pub const KERNEL_VERSION_KEY: &str = "kernel.version";
+
+/// Where the events go: printed (and joined into flows), or written to a recording.
+enum Sink<'a> {
+    Print(Box<Pipeline<std::io::BufWriter<std::io::StdoutLock<'a>>>>),
+    Record(RecordWriter<std::fs::File>),
+}
+
+impl Sink<'_> {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while let Some(item) = ring.next() {
+            match (decode::parse_raw(&item), &mut *self) {
+                (Ok(raw), Sink::Print(p)) => p.event(&raw)?,
+                (Ok(raw), Sink::Record(w)) => w.event(&raw)?,
+                (Err(_), Sink::Print(p)) => p.malformed += 1,
+                (Err(_), Sink::Record(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, now: u64) -> Result<()> {
+        match self {
+            Sink::Print(p) => p.tick(now),
+            Sink::Record(w) => w.flush(),
+        }
+    }
+
+    fn lost(&mut self, ts: u64, total: u64) -> Result<()> {
+        match self {
+            Sink::Print(p) => p.lost(ts, total),
+            Sink::Record(w) => w.lost(ts, total),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -452,7 +456,11 @@ mod tests {
     #[test]
     fn every_hook_name_maps_to_its_event_kind() {
         for def in attach::HOOKS {
-            assert!(decode_hook_name(def.name).is_some(), "{}", def.name);
+            assert!(
+                crate::flows::hook_by_name(def.name).is_some(),
+                "{}",
+                def.name
+            );
         }
     }
 

@@ -7,6 +7,8 @@ use tcp_trace::{
     doctor,
     live::{self, LiveOptions},
     peer,
+    replay::{self, ReplayOptions},
+    report::View,
 };
 
 /// Watch the Linux kernel tear TCP connections down, live.
@@ -54,6 +56,9 @@ struct TraceArgs {
     /// Print the eBPF programs' own log lines (aya-log) on stderr.
     #[arg(long, global = true)]
     kernel_log: bool,
+    /// What to print: every event, each flow's timeline and verdict when it ends, or both.
+    #[arg(long, value_enum, default_value_t = View::Both, global = true)]
+    view: View,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +66,19 @@ enum Command {
     /// Show the kernel, BTF, lockdown, privileges, and for every hook which attach mechanism
     /// works here or why none does.
     Doctor,
+    /// Record the raw events (with the kernel facts needed to read them) to a file, to replay
+    /// later anywhere, without root. Same filters as the live trace.
+    Record {
+        /// The recording to write (format: docs/record-format.md).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: std::path::PathBuf,
+    },
+    /// Rebuild the events, flow timelines and verdicts of a recording, offline (no root).
+    /// Exit status 1 if a flow diverges from the model, 4 if the recording was cut short.
+    Replay {
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
     /// Print the reference model: its transition table, or (--explain) a run of inputs step by
     /// step with the kernel rule behind each decision. No root needed.
     ///
@@ -176,11 +194,23 @@ fn parse_duration(s: &str) -> Result<Duration> {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`tcp-trace ... | head`), like other command-line tools.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
+        Some(Command::Record { output }) => run_live(cli.trace, Some(output)),
+        Some(Command::Replay { file }) => replay::run(
+            &file,
+            ReplayOptions {
+                json: cli.trace.json,
+                view: cli.trace.view,
+                pids: cli.trace.pids,
+            },
+        ),
         Some(Command::Validate { scenarios }) => {
             tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
                 scenarios,
@@ -188,7 +218,7 @@ fn main() -> ExitCode {
                 backend: cli.trace.backend,
             })
         }
-        None => run_live(cli.trace),
+        None => run_live(cli.trace, None),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -199,11 +229,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_live(args: TraceArgs) -> Result<u8> {
+fn run_live(args: TraceArgs, record: Option<std::path::PathBuf>) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(live::run(LiveOptions {
+        record,
+        view: args.view,
         backend: args.backend,
         pids: args.pids,
         ports: args.ports,

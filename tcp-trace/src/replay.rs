@@ -1,0 +1,96 @@
+//! `tcp-trace replay FILE`: a recording, offline and without root: the same decoding, owners,
+//! flows, verdicts and output as the live tracer, from the kernel facts the recording carries.
+
+use std::{fs::File, io::Write, path::Path};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    live::KERNEL_VERSION_KEY,
+    record::{Record, RecordReader},
+    report::{self, Pipeline, ReportOptions, View},
+};
+
+pub struct ReplayOptions {
+    pub json: bool,
+    pub view: View,
+    pub pids: Vec<u32>,
+}
+
+/// Exit status when the recording was cut short but what it holds was replayed.
+pub const EXIT_CUT_SHORT: u8 = 4;
+
+pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let (header, reader) =
+        RecordReader::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let version = header
+        .sysctls
+        .get(KERNEL_VERSION_KEY)
+        .cloned()
+        .unwrap_or_else(|| header.kernel_release.clone());
+    let hz = header.sysctls.get("kernel.hz").and_then(|v| v.parse().ok());
+    let stdout = std::io::stdout().lock();
+    let mut pipeline = Pipeline::new(
+        header.facts.clone(),
+        &header.hooks,
+        report::model_params(&version, &header.sysctls),
+        hz,
+        ReportOptions {
+            json: opts.json,
+            view: opts.view,
+            pids: opts.pids,
+            realtime_minus_mono_ns: header.realtime_minus_monotonic_ns,
+        },
+        std::io::BufWriter::new(stdout),
+    );
+    if opts.json {
+        let start = serde_json::json!({
+            "type": "start",
+            "recording": path.display().to_string(),
+            "kernel": header.kernel_release,
+            "version": version,
+            "backend": header.backend,
+            "hooks": header.hooks,
+        });
+        writeln!(pipeline.out(), "{start}")?;
+    }
+    let mut cut_short = None;
+    let mut last_ts = 0;
+    for record in reader {
+        match record {
+            Ok(Record::Event(ev)) => {
+                last_ts = last_ts.max(ev.ts_ns);
+                pipeline.event(&ev)?;
+                // Keep memory bounded on long recordings: release flows as time passes.
+                pipeline.tick(last_ts)?;
+            }
+            Ok(Record::Lost { ts_ns, total }) => pipeline.lost(ts_ns, total)?,
+            Ok(Record::End { .. }) => {}
+            Err(e) if e.is_cut_short() => {
+                cut_short = Some(e);
+                break;
+            }
+            Err(e) => bail!("{}: {e}", path.display()),
+        }
+    }
+    let summary = pipeline.finish()?;
+    if opts.json {
+        writeln!(pipeline.out(), "{summary}")?;
+        pipeline.out().flush()?;
+    } else {
+        eprintln!("{}", pipeline.summary_table(&header.hooks));
+        eprintln!(
+            "tcp-trace: replayed {} events from {} (kernel {}), {} lost while recording",
+            pipeline.events,
+            path.display(),
+            header.kernel_release,
+            pipeline.lost
+        );
+    }
+    if let Some(e) = cut_short {
+        eprintln!("tcp-trace: warning: {}: {e}", path.display());
+        return Ok(EXIT_CUT_SHORT);
+    }
+    Ok(if pipeline.diverged() { 1 } else { 0 })
+}

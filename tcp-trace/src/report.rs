@@ -1,0 +1,353 @@
+//! The last stage of the data path, shared by the live tracer and `replay`: raw events are
+//! decoded, attributed to their owner, filtered, printed (text or JSON lines), and joined into
+//! flows whose timelines and verdicts are printed as each flow ends; a summary closes the run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+};
+
+use anyhow::Result;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde_json::json;
+use tcp_trace_common::Event;
+
+use crate::{
+    attach::HookStatus,
+    decode::{self, Hook, TraceEvent},
+    flows::{FlowConfig, FlowReport, FlowTable, attached_hook_names},
+    kernel::btf::KernelFacts,
+    live::human_line,
+    model::{KernelGeneration, KernelVersion, ModelParams},
+    owners::Owners,
+};
+
+/// What to print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum View {
+    /// One line per kernel event, and each flow's timeline and verdict when it ends.
+    Both,
+    /// One line per kernel event only.
+    Events,
+    /// Only each flow's timeline and verdict, when it ends.
+    Flows,
+}
+
+pub struct ReportOptions {
+    pub json: bool,
+    pub view: View,
+    pub pids: Vec<u32>,
+    /// Turns CLOCK_MONOTONIC event times into wall-clock time.
+    pub realtime_minus_mono_ns: i64,
+}
+
+/// The model's parameters for this host: the kernel version and the tcp sysctls, from
+/// `settings` (name -> value, as recorded or read from /proc/sys).
+pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> ModelParams {
+    let kernel = version
+        .parse::<KernelVersion>()
+        .map(KernelGeneration::for_release)
+        .unwrap_or_else(|_| KernelGeneration::from_version(6, 12, 0));
+    let int = |key: &str, default: i64| {
+        settings
+            .get(key)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(default)
+    };
+    ModelParams {
+        tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout", 60) as u32,
+        tcp_rfc1337: int("net.ipv4.tcp_rfc1337", 0) != 0,
+        tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries", 0) as u32,
+        ..ModelParams::for_generation(kernel)
+    }
+}
+
+/// The sysctls the model depends on, read from this process's network namespace.
+pub fn host_sysctls() -> BTreeMap<String, String> {
+    [
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_rfc1337",
+        "net.ipv4.tcp_orphan_retries",
+    ]
+    .iter()
+    .filter_map(|k| {
+        let path = format!("/proc/sys/{}", k.replace('.', "/"));
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|v| (k.to_string(), v.trim().to_string()))
+    })
+    .collect()
+}
+
+pub struct Pipeline<W: Write> {
+    facts: KernelFacts,
+    opts: ReportOptions,
+    owners: Owners,
+    flows: FlowTable,
+    out: W,
+    counts: BTreeMap<Hook, u64>,
+    verdicts: BTreeMap<&'static str, u64>,
+    divergent: Vec<String>,
+    pub events: u64,
+    pub lost: u64,
+    pub malformed: u64,
+}
+
+impl<W: Write> Pipeline<W> {
+    pub fn new(
+        facts: KernelFacts,
+        hooks: &[HookStatus],
+        params: ModelParams,
+        hz: Option<u64>,
+        opts: ReportOptions,
+        out: W,
+    ) -> Self {
+        let mut config = FlowConfig::new(params, attached_hook_names(hooks));
+        config.hz = hz;
+        Self {
+            facts,
+            opts,
+            owners: Owners::default(),
+            flows: FlowTable::new(config),
+            out,
+            counts: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            divergent: Vec::new(),
+            events: 0,
+            lost: 0,
+            malformed: 0,
+        }
+    }
+
+    fn wall(&self, mono: u64) -> u64 {
+        (mono as i128 + self.opts.realtime_minus_mono_ns as i128).max(0) as u64
+    }
+
+    fn wanted(&self, ev: &TraceEvent) -> bool {
+        self.opts.pids.is_empty()
+            || ev
+                .owner
+                .as_ref()
+                .is_some_and(|o| self.opts.pids.contains(&o.pid))
+    }
+
+    /// One raw event, as the kernel wrote it.
+    pub fn event(&mut self, raw: &Event) -> Result<()> {
+        let mut ev = decode::decode(raw, &self.facts);
+        self.owners.attribute(&mut ev);
+        if !self.wanted(&ev) {
+            return Ok(());
+        }
+        self.events += 1;
+        *self.counts.entry(ev.hook).or_default() += 1;
+        if self.opts.view != View::Flows {
+            let unix_ns = self.wall(ev.ts_ns);
+            if self.opts.json {
+                let mut v = serde_json::to_value(&ev)?;
+                v["type"] = "event".into();
+                v["unix_ns"] = unix_ns.into();
+                writeln!(self.out, "{v}")?;
+            } else {
+                writeln!(self.out, "{}", human_line(&ev, unix_ns))?;
+            }
+        }
+        self.flows.push(ev);
+        Ok(())
+    }
+
+    pub fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
+        let new = total.saturating_sub(self.lost);
+        self.lost = total;
+        self.flows.note_lost(ts_ns, total);
+        if self.opts.json {
+            writeln!(
+                self.out,
+                "{}",
+                json!({"type": "lost", "ts_ns": ts_ns, "new": new, "total": total})
+            )?;
+        }
+        Ok(())
+    }
+
+    fn flow_done(&mut self, report: FlowReport) -> Result<()> {
+        // Connections merely opened (or still open at the end) are not teardowns.
+        if !report.teardown {
+            return Ok(());
+        }
+        *self.verdicts.entry(report.verdict.label()).or_default() += 1;
+        if report.verdict.diverges() {
+            self.divergent
+                .push(format!("{} > {}", report.key.local, report.key.remote));
+        }
+        if self.opts.view == View::Events {
+            return Ok(());
+        }
+        if self.opts.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["type"] = "flow".into();
+            writeln!(self.out, "{v}")?;
+        } else {
+            writeln!(self.out, "{}", report.render_timeline())?;
+        }
+        Ok(())
+    }
+
+    /// Releases flows that ended before `now_ns` (CLOCK_MONOTONIC, less the reorder window).
+    pub fn tick(&mut self, now_ns: u64) -> Result<()> {
+        for r in self.flows.advance(now_ns) {
+            self.flow_done(r)?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Ends the run: every open flow is reported; returns the summary as JSON.
+    pub fn finish(&mut self) -> Result<serde_json::Value> {
+        for r in self.flows.flush() {
+            self.flow_done(r)?;
+        }
+        self.out.flush()?;
+        Ok(json!({
+            "type": "summary",
+            "events": self.events,
+            "lost": self.lost,
+            "decode_errors": self.malformed,
+            "by_hook": self.counts,
+            "verdicts": self.verdicts,
+            "divergent_flows": self.divergent,
+        }))
+    }
+
+    pub fn out(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// The summary table (text mode): per hook, how it was attached and how many events came.
+    pub fn summary_table(&self, hooks: &[HookStatus]) -> String {
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED);
+        table.set_header(["hook", "attached as", "events"]);
+        for h in hooks {
+            let count = crate::flows::hook_by_name(&h.hook)
+                .and_then(|k| self.counts.get(&k))
+                .copied()
+                .unwrap_or(0);
+            let how = h
+                .mechanism
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "not attached".into());
+            table.add_row([h.hook.clone(), how, count.to_string()]);
+        }
+        let verdicts: BTreeSet<String> = self
+            .verdicts
+            .iter()
+            .map(|(v, n)| format!("{n} {v}"))
+            .collect();
+        let mut out = table.to_string();
+        if !verdicts.is_empty() {
+            out.push_str(&format!(
+                "\nflows: {}",
+                verdicts.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        out
+    }
+
+    pub fn diverged(&self) -> bool {
+        !self.divergent.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::{facts, v4_event};
+    use tcp_trace_common::{flag, hook};
+
+    fn pipeline(view: View, json: bool) -> Pipeline<Vec<u8>> {
+        Pipeline::new(
+            facts(),
+            &[],
+            model_params("6.12.3", &BTreeMap::new()),
+            None,
+            ReportOptions {
+                json,
+                view,
+                pids: vec![],
+                realtime_minus_mono_ns: 0,
+            },
+            Vec::new(),
+        )
+    }
+
+    fn unread_close_stream() -> Vec<Event> {
+        let mut evs = Vec::new();
+        let mut ts = 1_000_000_000;
+        let mut push = |h: u8, old: u8, new: u8, f: &dyn Fn(&mut Event)| {
+            let mut e = v4_event(h, 8080, 40000);
+            e.ts_ns = ts;
+            ts += 1000;
+            e.old_state = old;
+            e.new_state = new;
+            e.flags |= flag::OWNER_KNOWN;
+            e.owner_tgid = 7;
+            f(&mut e);
+            evs.push(e);
+        };
+        push(hook::INET_SOCK_SET_STATE, 1, 7, &|_| {});
+        push(hook::TCP_SEND_RESET, 7, 0, &|e| {
+            e.flags |= flag::HAS_REASON;
+            e.reason = 9;
+        });
+        push(hook::TCP_DESTROY_SOCK, 7, 0, &|_| {});
+        evs
+    }
+
+    #[test]
+    fn events_and_flows_come_out_as_json_lines() {
+        let mut p = pipeline(View::Both, true);
+        for e in unread_close_stream() {
+            p.event(&e).unwrap();
+        }
+        let summary = p.finish().unwrap();
+        let text = String::from_utf8(p.out().clone()).unwrap();
+        let kinds: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].to_string())
+            .collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "\"event\"").count(), 3);
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "\"flow\"").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(summary["events"], 3);
+        assert_eq!(summary["verdicts"]["conforms"], 1, "{summary}");
+    }
+
+    #[test]
+    fn flows_view_prints_timelines_only() {
+        let mut p = pipeline(View::Flows, false);
+        for e in unread_close_stream() {
+            p.event(&e).unwrap();
+        }
+        p.finish().unwrap();
+        let text = String::from_utf8(p.out().clone()).unwrap();
+        assert!(text.contains("TCP_ABORT_ON_CLOSE"), "{text}");
+        assert!(
+            !text.contains("send-rst   CLOSE"),
+            "event lines leaked: {text}"
+        );
+    }
+
+    #[test]
+    fn params_follow_settings() {
+        let mut s = BTreeMap::new();
+        s.insert("net.ipv4.tcp_fin_timeout".to_string(), "7\n".to_string());
+        s.insert("net.ipv4.tcp_rfc1337".to_string(), "1".to_string());
+        let p = model_params("6.1.170", &s);
+        assert_eq!(p.tcp_fin_timeout_secs, 7);
+        assert!(p.tcp_rfc1337);
+        assert!(!p.kernel.passive_reset_reasons);
+    }
+}
