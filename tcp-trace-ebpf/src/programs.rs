@@ -207,12 +207,24 @@ fn wanted(ev: &Event) -> bool {
     true
 }
 
+/// Userspace is woken once this much is pending; below it, its 50 ms drain tick collects the
+/// events. One wakeup per event would cost more than the event.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 #[inline(always)]
 fn submit(ev: &Event) {
     if !wanted(ev) {
         return;
     }
-    if EVENTS.output::<Event>(ev, 0).is_err()
+    let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<Event>(ev, wakeup).is_err()
         && let Some(n) = DROPPED.get_ptr_mut(0)
     {
         unsafe { *n += 1 };

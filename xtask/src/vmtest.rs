@@ -232,6 +232,21 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()>
         };
         let label = format!("{} ({})", spec.name, outcome.release);
         let mut any_problem = false;
+        // doctor: on these kernels every hook has a mechanism.
+        let doctor = runs
+            .get("doctor")
+            .and_then(|d| d.first())
+            .cloned()
+            .unwrap_or_default();
+        let usable = doctor["usable_hooks"].as_u64().unwrap_or(0);
+        let total = doctor["hooks"].as_array().map_or(0, |h| h.len()) as u64;
+        if total == 0 || usable != total {
+            any_problem = true;
+            failures.push(format!(
+                "kernel {}: doctor finds {usable} of {total} hooks usable: {}",
+                spec.name, doctor["hooks"]
+            ));
+        }
         for (backend, mechanisms) in VM_BACKENDS {
             let lines = runs.get(*backend).cloned().unwrap_or_default();
             let col = column(&label, backend, &lines, Some(mechanisms));
