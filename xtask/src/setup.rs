@@ -55,16 +55,6 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_visible(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
-
 pub fn run() -> Result<()> {
     let nightly = nightly();
     let sysroot = nightly_sysroot(&nightly)?;
@@ -111,7 +101,7 @@ fn ensure_rust_src(nightly: &str, sysroot: &Path) -> Result<()> {
     say(format!(
         "rust-src for {nightly}: installing (rustup component add)"
     ));
-    run_visible(Command::new("rustup").args([
+    crate::tasks::status(Command::new("rustup").args([
         "component",
         "add",
         "rust-src",
@@ -175,7 +165,7 @@ fn ensure_bpf_linker(nightly: &str, sysroot: &Path) -> Result<()> {
     say(format!(
         "bpf-linker {BPF_LINKER_VERSION}: building from crates.io against LLVM {llvm_major} (about a minute)"
     ));
-    run_visible(
+    crate::tasks::status(
         Command::new("cargo")
             .arg(format!("+{nightly}"))
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])

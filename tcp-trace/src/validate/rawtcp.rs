@@ -47,6 +47,19 @@ fn checksum(words: &[u8], mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The IPv4 pseudo-header's part of the TCP checksum (RFC 793).
+fn pseudo_header_sum(src: SocketAddrV4, dst: SocketAddrV4, tcp_len: usize) -> u32 {
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    pseudo
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum()
+}
+
 /// A TCP header (no options) plus payload, with the checksum over the IPv4 pseudo-header.
 pub fn build_segment(
     src: SocketAddrV4,
@@ -66,16 +79,7 @@ pub fn build_segment(
     seg.extend_from_slice(&65535u16.to_be_bytes()); // window
     seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
     seg.extend_from_slice(payload);
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&src.ip().octets());
-    pseudo.extend_from_slice(&dst.ip().octets());
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    let partial: u32 = pseudo
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-        .sum();
-    let sum = checksum(&seg, partial);
+    let sum = checksum(&seg, pseudo_header_sum(src, dst, seg.len()));
     seg[16..18].copy_from_slice(&sum.to_be_bytes());
     seg
 }
@@ -217,16 +221,7 @@ mod tests {
         let dst: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
         let seg = build_segment(src, dst, 1000, 2000, tcp_flag::RST | tcp_flag::ACK, b"x");
         // Re-summing a segment with its checksum in place gives zero.
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&src.ip().octets());
-        pseudo.extend_from_slice(&dst.ip().octets());
-        pseudo.extend_from_slice(&[0, 6]);
-        pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-        let partial: u32 = pseudo
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-            .sum();
-        assert_eq!(checksum(&seg, partial), 0);
+        assert_eq!(checksum(&seg, pseudo_header_sum(src, dst, seg.len())), 0);
 
         let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0];
         pkt.extend_from_slice(&src.ip().octets());

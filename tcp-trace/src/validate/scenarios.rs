@@ -96,6 +96,12 @@ pub struct Scenario {
     pub run: fn(&mut Ctx) -> Result<()>,
 }
 
+/// An exact RST at the minisocket, then a bare ACK: answered with RST only if the minisocket died.
+const TW_RST_PROBE: Probe = Probe {
+    start: "TW:TIME_WAIT",
+    inputs: &["tw-rst", "tw-ack"],
+};
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "clean-active-close",
@@ -230,10 +236,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close", "ack-of-fin", "tw-fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "0")],
-        probe: Some(Probe {
-            start: "TW:TIME_WAIT",
-            inputs: &["tw-rst", "tw-ack"],
-        }),
+        probe: Some(TW_RST_PROBE),
         run: tw_rst,
     },
     Scenario {
@@ -243,10 +246,7 @@ pub const SCENARIOS: &[Scenario] = &[
         focus_listener: false,
         script: &["close", "ack-of-fin", "tw-fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "1")],
-        probe: Some(Probe {
-            start: "TW:TIME_WAIT",
-            inputs: &["tw-rst", "tw-ack"],
-        }),
+        probe: Some(TW_RST_PROBE),
         run: tw_rst,
     },
     Scenario {
