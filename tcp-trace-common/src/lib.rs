@@ -90,11 +90,15 @@ pub struct Event {
     pub daddr: [u8; 16],
     pub comm: [u8; COMM_LEN],
     pub owner_comm: [u8; COMM_LEN],
+    /// 1 + the id in `USER_STACKS` of the user call stack of the close() the current task is
+    /// in (only with stack capture on); 0 = none.
+    pub user_stack: u32,
+    pub _reserved: u32,
 }
 
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-// 5*8 + 14*4 + 4*2 + 4 + 4*16 = 172 -> 176 with the tail alignment; keep it explicit.
-const _: () = assert!(EVENT_SIZE == 176);
+// 5*8 + 14*4 + 4*2 + 4 + 4*16 + 2*4 = 180 -> 184 with the tail alignment; keep it explicit.
+const _: () = assert!(EVENT_SIZE == 184);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -130,6 +134,8 @@ impl Event {
             daddr: [0; 16],
             comm: [0; COMM_LEN],
             owner_comm: [0; COMM_LEN],
+            user_stack: 0,
+            _reserved: 0,
         }
     }
 }
@@ -186,6 +192,10 @@ pub struct Config {
     /// struct inet_sock -> inet_sport: the local port survives unhashing (skc_num is zeroed
     /// when a closing socket releases its port).
     pub inet_sport: u32,
+    /// Record the user call stack at close() (syscalls:sys_enter_close) and attach it to the
+    /// events that close() causes.
+    pub capture_stacks: u32,
+    pub _reserved: u32,
 }
 
 /// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.
@@ -263,6 +273,8 @@ pub const RING_BYTES: u32 = 4 << 20;
 pub const OWNERS_MAX: u32 = 65536;
 pub const LISTENERS_MAX: u32 = 4096;
 pub const FILTER_MAX: u32 = 64;
+pub const USER_STACKS_MAX: u32 = 4096;
+pub const CLOSING_MAX: u32 = 16384;
 
 #[cfg(feature = "user")]
 mod user {

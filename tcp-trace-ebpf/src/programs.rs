@@ -4,17 +4,21 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{
+        btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
+        tracepoint,
+    },
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
-        RetProbeContext, TcContext,
+        RetProbeContext, TcContext, TracePointContext, tracing::StackIdContext,
     },
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, COMM_LEN, Config, DROP_RULES_MAX, DropRule, Event, FILTER_MAX, IPPROTO_TCP,
-    LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES, flag, hook, state,
+    AF_INET6, CLOSING_MAX, COMM_LEN, Config, DROP_RULES_MAX, DropRule, Event, FILTER_MAX,
+    IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES, USER_STACKS_MAX, flag,
+    hook, state,
 };
 
 #[unsafe(no_mangle)]
@@ -51,6 +55,8 @@ static CONFIG: Config = Config {
     filter_pids: 0,
     filter_ports: 0,
     inet_sport: 0,
+    capture_stacks: 0,
+    _reserved: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -83,6 +89,13 @@ static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
 /// tcp_timewait_state_process argument, for the kretprobe (which cannot read arguments).
 #[map]
 static TW_ARG: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// User call stacks of close() calls (with stack capture on).
+#[map]
+static USER_STACKS: StackTrace = StackTrace::with_max_entries(USER_STACKS_MAX, 0);
+/// Thread id -> 1 + its stack id in `USER_STACKS`, while that thread is inside close().
+#[map]
+static CLOSING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(CLOSING_MAX, 0);
 
 /// Reads a `T` at `base + off` in kernel memory; zero if the read faults.
 #[inline(always)]
@@ -154,6 +167,15 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
         ev.owner_tgid = owner.tgid;
         ev.owner_comm = owner.comm;
         ev.flags |= flag::OWNER_KNOWN;
+    }
+    // Only for the closer's own sockets: the close() of one socket also runs softirq work for
+    // others (on loopback, its peer's), which must not be blamed on this call.
+    if conf!(capture_stacks) != 0
+        && ev.flags & flag::OWNER_KNOWN != 0
+        && ev.owner_tgid == ev.tgid
+        && let Some(stack) = unsafe { CLOSING.get(&ev.tid) }
+    {
+        ev.user_stack = *stack;
     }
     Some(ev)
 }
@@ -593,6 +615,34 @@ tracepoint_pair!(
     "tcp_destroy_sock",
     tp_destroy_sock
 );
+
+// ---- close() call stacks (opt-in: they cost a stack walk per close() on the host) -----------
+
+const BPF_F_USER_STACK: u64 = 1 << 8;
+
+/// syscalls:sys_enter_close: remember where in the program this thread called close(), so
+/// that the RST (or FIN) it causes can be blamed on a line of code.
+#[tracepoint(category = "syscalls", name = "sys_enter_close")]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    if conf!(capture_stacks) == 0 {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Ok(id) = ctx.get_stackid(&USER_STACKS, BPF_F_USER_STACK) {
+        let _ = CLOSING.insert(&tid, &(id as u32 + 1), 0);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_close")]
+pub fn sys_exit_close(_ctx: TracePointContext) -> u32 {
+    if conf!(capture_stacks) == 0 {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = CLOSING.remove(&tid);
+    0
+}
 
 // ---- validate's segment dropper (tc egress on a test veth) -----------------------------------
 

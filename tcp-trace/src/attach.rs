@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::HashMap as BpfHashMap,
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
 use tcp_trace_common::Config;
@@ -53,6 +53,8 @@ pub enum Mechanism {
     Kretprobe,
     TpBtf,
     RawTp,
+    /// A classic (perf event) tracepoint.
+    Tracepoint,
 }
 
 impl fmt::Display for Mechanism {
@@ -64,6 +66,7 @@ impl fmt::Display for Mechanism {
             Mechanism::Kretprobe => "kretprobe",
             Mechanism::TpBtf => "tp_btf",
             Mechanism::RawTp => "raw_tp",
+            Mechanism::Tracepoint => "tracepoint",
         };
         f.write_str(s)
     }
@@ -200,6 +203,9 @@ impl HookStatus {
 }
 
 pub struct AttachOptions {
+    /// Record the user call stack of close() calls (two more tracepoints; a stack walk per
+    /// close() on the host) and attach it to the events close() causes.
+    pub stacks: bool,
     pub backend: Backend,
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
@@ -314,6 +320,12 @@ fn try_attach(
                 p.load()?;
                 p.attach(def.target)?;
             }
+            Mechanism::Tracepoint => {
+                let p: &mut TracePoint = prog.try_into()?;
+                p.load()?;
+                let (category, name) = def.target.split_once(':').unwrap_or(("tcp", def.target));
+                p.attach(category, name)?;
+            }
         }
         Ok(())
     })();
@@ -361,6 +373,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     let config = Config {
         filter_pids: (!opts.pids.is_empty()) as u32,
         filter_ports: (!opts.ports.is_empty()) as u32,
+        capture_stacks: opts.stacks as u32,
         ..facts.config
     };
     // aya-log's level global: 0 turns the programs' log statements into dead code.
@@ -412,6 +425,31 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
             }
         }
         hooks.push(status);
+    }
+    if opts.stacks {
+        for (name, program) in [
+            ("syscalls:sys_enter_close", "sys_enter_close"),
+            ("syscalls:sys_exit_close", "sys_exit_close"),
+        ] {
+            let result: Result<(), ProgramError> = (|| {
+                let p: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .ok_or(ProgramError::NotLoaded)?
+                    .try_into()?;
+                p.load()?;
+                p.attach("syscalls", program)?;
+                Ok(())
+            })();
+            hooks.push(HookStatus {
+                hook: name.to_string(),
+                mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
+                failures: result
+                    .err()
+                    .map(|e| vec![(Mechanism::Tracepoint, explain(&e, Mechanism::Tracepoint))])
+                    .unwrap_or_default(),
+                skipped: None,
+            });
+        }
     }
     Ok(Attached { ebpf, hooks })
 }

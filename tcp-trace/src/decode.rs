@@ -186,6 +186,10 @@ pub struct TraceEvent {
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tw_status: Option<String>,
+    /// The user call stack of the close() that caused this event (with `--stacks`), innermost
+    /// frame first.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_stack: Option<Vec<crate::stacks::Frame>>,
 }
 
 pub fn comm_str(c: &[u8]) -> String {
@@ -259,6 +263,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
         timeo_jiffies: None,
         segment: None,
         tw_status: None,
+        user_stack: None,
     };
     if ev.flags & flag::HAS_REASON != 0 {
         out.rst_reason = Some(facts.rst_reason_name(ev.reason));

@@ -19,4 +19,5 @@ pub mod peer;
 pub mod record;
 pub mod replay;
 pub mod report;
+pub mod stacks;
 pub mod validate;

@@ -17,6 +17,8 @@ use crate::{
 };
 
 pub struct LiveOptions {
+    /// Capture the user call stack of close() calls (see `attach::AttachOptions::stacks`).
+    pub stacks: bool,
     /// Write the raw events to this recording instead of printing them.
     pub record: Option<std::path::PathBuf>,
     pub view: View,
@@ -149,6 +151,13 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
     if ev.rst_active == Some(false) {
         detail.push_str(" (reply)");
     }
+    if let Some(frame) = ev
+        .user_stack
+        .as_ref()
+        .and_then(|s| s.iter().find(|f| !crate::stacks::is_runtime_frame(f)))
+    {
+        detail.push_str(&format!(" close() at {}", frame.describe()));
+    }
     let on_cpu = match &ev.owner {
         Some(o) if o.pid != ev.pid => format!(" [on cpu: {}/{}]", ev.pid, ev.comm),
         _ => String::new(),
@@ -250,6 +259,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     let Attached { mut ebpf, hooks } = attach::attach(
         &prep.facts,
         &AttachOptions {
+            stacks: opts.stacks,
             backend: opts.backend,
             pids: opts.pids.clone(),
             ports: opts.ports.clone(),
@@ -309,6 +319,14 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 });
                 writeln!(pipeline.out(), "{start}")?;
                 pipeline.out().flush()?;
+            }
+            if opts.stacks {
+                let map = ebpf
+                    .take_map("USER_STACKS")
+                    .context("map USER_STACKS missing")?;
+                pipeline.stacks = Some(crate::stacks::StackResolver::new(
+                    aya::maps::StackTraceMap::try_from(map)?,
+                ));
             }
             Sink::Print(Box::new(pipeline))
         }

@@ -56,6 +56,11 @@ struct TraceArgs {
     /// Print the eBPF programs' own log lines (aya-log) on stderr.
     #[arg(long, global = true)]
     kernel_log: bool,
+    /// Capture the user call stack of every close() (symbolized to function and file:line where
+    /// debug info exists) and show it with the events close() causes. Costs a stack walk per
+    /// close() on the host; frame pointers are needed in the traced program.
+    #[arg(long, global = true)]
+    stacks: bool,
     /// What to print: every event, each flow's timeline and verdict when it ends, or both.
     #[arg(long, value_enum, default_value_t = View::Both, global = true)]
     view: View,
@@ -234,6 +239,7 @@ fn run_live(args: TraceArgs, record: Option<std::path::PathBuf>) -> Result<u8> {
         .enable_all()
         .build()?;
     runtime.block_on(live::run(LiveOptions {
+        stacks: args.stacks,
         record,
         view: args.view,
         backend: args.backend,

@@ -91,6 +91,8 @@ pub struct Pipeline<W: Write> {
     pub events: u64,
     pub lost: u64,
     pub malformed: u64,
+    /// Symbolizes close() call stacks (live only: the process must still exist).
+    pub stacks: Option<crate::stacks::StackResolver>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -116,6 +118,7 @@ impl<W: Write> Pipeline<W> {
             events: 0,
             lost: 0,
             malformed: 0,
+            stacks: None,
         }
     }
 
@@ -134,6 +137,11 @@ impl<W: Write> Pipeline<W> {
     /// One raw event, as the kernel wrote it.
     pub fn event(&mut self, raw: &Event) -> Result<()> {
         let mut ev = decode::decode(raw, &self.facts);
+        if let Some(resolver) = self.stacks.as_mut()
+            && raw.user_stack != 0
+        {
+            ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack));
+        }
         self.owners.attribute(&mut ev);
         if !self.wanted(&ev) {
             return Ok(());

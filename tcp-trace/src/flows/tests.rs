@@ -94,6 +94,7 @@ impl End {
             timeo_jiffies: None,
             segment: None,
             tw_status: None,
+            user_stack: None,
         }
     }
 

@@ -271,6 +271,8 @@ impl KernelFacts {
             filter_pids: 0,
             filter_ports: 0,
             inet_sport: off("inet_sock", "inet_sport")?,
+            capture_stacks: 0,
+            _reserved: 0,
         };
         Ok(Self {
             config,

@@ -307,6 +307,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     let mut attached = attach::attach(
         &prep.facts,
         &AttachOptions {
+            stacks: false,
             backend: opts.backend,
             pids: vec![],
             ports: vec![],
