@@ -19,5 +19,6 @@ pub mod peer;
 pub mod record;
 pub mod replay;
 pub mod report;
+pub mod resets;
 pub mod stacks;
 pub mod validate;

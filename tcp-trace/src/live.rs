@@ -13,7 +13,8 @@ use crate::{
     decode::{self, Hook, TraceEvent},
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     record::{Filters, RecordHeader, RecordWriter},
-    report::{self, Pipeline, ReportOptions, View},
+    report::{self, Pipeline, ReportOptions, ResetsView, View},
+    resets::counters::CounterRun,
 };
 
 pub struct LiveOptions {
@@ -28,10 +29,24 @@ pub struct LiveOptions {
     pub json: bool,
     pub duration: Option<Duration>,
     pub kernel_log: bool,
+    /// `tcp-trace resets`: only the reset diagnoses, then the summary and the counter check.
+    pub resets: Option<ResetsOptions>,
+}
+
+/// What `tcp-trace resets` adds to the live trace.
+#[derive(Clone, Debug, Default)]
+pub struct ResetsOptions {
+    /// Network namespaces whose TcpExt counters to check, besides tcp-trace's own and each
+    /// `--pid`'s (`/proc/PID/ns/net`, `/run/netns/NAME`).
+    pub netns: Vec<std::path::PathBuf>,
 }
 
 /// Exit status when the trace ran but the kernel dropped events (the ring buffer was full).
 pub const EXIT_EVENTS_LOST: u8 = 3;
+
+/// Exit status of `tcp-trace resets` when the kernel's TcpExt abort counters disagree with what
+/// was traced (and no events were lost, which would explain it: then 3).
+pub const EXIT_COUNTER_MISMATCH: u8 = 5;
 
 /// Everything that must hold before anything is loaded; errors name the problem and the fix.
 pub struct Prepared {
@@ -272,6 +287,14 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     }
     let sysctls = report::host_sysctls();
     let version = kernel::kernel_version();
+    // The kernel's counters, read once the hooks are attached: every abort they count from
+    // here on is one the trace can see.
+    let mut counters = match &opts.resets {
+        Some(r) => Some(CounterRun::start(&opts.pids, &r.netns, || {
+            now_ns(libc::CLOCK_MONOTONIC)
+        })?),
+        None => None,
+    };
     let mut sink = match &opts.record {
         Some(path) => {
             let file = std::fs::File::create(path)
@@ -309,6 +332,10 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 },
                 std::io::BufWriter::new(std::io::stdout().lock()),
             );
+            if let Some(run) = &counters {
+                pipeline.set_resets_view(ResetsView::Only);
+                pipeline.resets_mut().set_count_window(run.start_ns, None);
+            }
             if opts.json {
                 let start = json!({
                     "type": "start",
@@ -393,6 +420,14 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     }
     // Take what is still buffered, then detach (dropping the Ebpf detaches every program).
     sink.drain(ring.get_mut())?;
+    if let Some(run) = counters.as_mut() {
+        run.finish(|| now_ns(libc::CLOCK_MONOTONIC));
+        if let Sink::Print(p) = &mut sink {
+            p.resets_mut().set_count_window(run.start_ns, run.end_ns);
+        }
+        // Resets committed to the ring while the counters were read.
+        sink.drain(ring.get_mut())?;
+    }
     let lost = lost_total(&dropped);
     if lost > lost_seen {
         sink.lost(now_ns(libc::CLOCK_MONOTONIC), lost)?;
@@ -400,6 +435,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     drop(ring);
     drop(ebpf);
     let seconds = started.elapsed().as_secs_f64();
+    let mut mismatch_status = 0;
 
     match sink {
         Sink::Record(writer) => {
@@ -410,11 +446,21 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         Sink::Print(mut pipeline) => {
             let mut summary = pipeline.finish()?;
             summary["seconds"] = seconds.into();
+            if let Some(run) = &counters {
+                let filtered = !opts.pids.is_empty() || !opts.ports.is_empty();
+                let mismatch = report_resets(&mut pipeline, run, filtered, opts.json, lost)?;
+                summary["counter_mismatch"] = mismatch.into();
+                if mismatch && lost == 0 {
+                    mismatch_status = EXIT_COUNTER_MISMATCH;
+                }
+            }
             if opts.json {
                 writeln!(pipeline.out(), "{summary}")?;
                 pipeline.out().flush()?;
             } else {
-                eprintln!("{}", pipeline.summary_table(&hooks));
+                if counters.is_none() {
+                    eprintln!("{}", pipeline.summary_table(&hooks));
+                }
                 eprintln!(
                     "tcp-trace: {} events in {seconds:.1}s, {lost} lost{}",
                     pipeline.events,
@@ -427,7 +473,58 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             }
         }
     }
-    Ok(if lost > 0 { EXIT_EVENTS_LOST } else { 0 })
+    Ok(if lost > 0 {
+        EXIT_EVENTS_LOST
+    } else {
+        mismatch_status
+    })
+}
+
+/// `tcp-trace resets` at exit: the process x cause x peer table and the counter check of each
+/// watched namespace (text to stdout, or JSON lines). Returns whether any check failed.
+fn report_resets<W: Write>(
+    pipeline: &mut Pipeline<W>,
+    run: &CounterRun,
+    filtered: bool,
+    json: bool,
+    lost: u64,
+) -> Result<bool> {
+    let (checks, unchecked) = run.checks(pipeline.resets().tally(), filtered);
+    let mismatch = checks.iter().any(|c| c.mismatch());
+    let p = &*pipeline;
+    let wall = |mono: u64| p.wall_ns(mono);
+    if json {
+        let summary = p.resets().summary().json(wall);
+        writeln!(pipeline.out(), "{summary}")?;
+        for c in &checks {
+            let mut v = serde_json::to_value(c)?;
+            v["type"] = "counter_check".into();
+            v["ok"] = (!c.mismatch()).into();
+            writeln!(pipeline.out(), "{v}")?;
+        }
+        if !unchecked.is_empty() {
+            let v = json!({"type": "counter_check_skipped", "netns": unchecked});
+            writeln!(pipeline.out(), "{v}")?;
+        }
+    } else {
+        let text = p.resets().summary().render(wall);
+        writeln!(pipeline.out(), "\n{text}\n")?;
+        let checks_text = crate::resets::summary::render_checks(&checks, &unchecked);
+        writeln!(pipeline.out(), "{checks_text}")?;
+        if mismatch {
+            writeln!(
+                pipeline.out(),
+                "tcp-trace: the kernel's counters disagree with the trace{}",
+                if lost > 0 {
+                    " (events were lost, which explains a shortfall)"
+                } else {
+                    ""
+                }
+            )?;
+        }
+    }
+    pipeline.out().flush()?;
+    Ok(mismatch)
 }
 
 /// The header key under which recordings keep the kernel version the model should use.

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use tcp_trace::{
     attach::Backend,
     doctor,
-    live::{self, LiveOptions},
+    live::{self, LiveOptions, ResetsOptions},
     peer,
     replay::{self, ReplayOptions},
     report::View,
@@ -22,10 +22,12 @@ use tcp_trace::{
 ///   tcp-trace                       every TCP teardown on this host
 ///   tcp-trace --pid 1234            only sockets owned by process 1234 (repeatable)
 ///   tcp-trace --port 443 --json     one JSON object per line, for scripts
+///   tcp-trace resets --pid 1234     why connections are reset, then a summary
 ///   tcp-trace doctor                what this kernel lets tcp-trace see, hook by hook
 ///
 /// Needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (/sys/kernel/btf/vmlinux).
-/// Exit status: 0 ok; 1 error; 2 bad usage; 3 the trace ran but the kernel dropped events.
+/// Exit status: 0 ok; 1 error; 2 bad usage; 3 the trace ran but the kernel dropped events;
+/// 5 (resets) the kernel's TcpExt abort counters disagree with the trace.
 #[derive(Parser)]
 #[command(name = "tcp-trace", version, verbatim_doc_comment)]
 struct Cli {
@@ -77,6 +79,24 @@ enum Command {
         /// The recording to write (format: docs/record-format.md).
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: std::path::PathBuf,
+    },
+    /// Why connections are reset: one line per RST sent or received (and per silent timeout
+    /// abort) with its cause, how sure that is and the evidence; at exit (Ctrl-C or
+    /// --duration) a table by process x cause x peer, and a check of the kernel's TcpExt abort
+    /// counters (TCPAbortOnClose/OnData/OnLinger/OnMemory/OnTimeout) over the same interval in
+    /// tcp-trace's own network namespace, each --pid's and each --netns. Same filters as the
+    /// live trace. Exit status 5 if the counters disagree with the trace (3 if events were lost).
+    ///
+    /// Examples:
+    ///   tcp-trace resets --pid 1234 --duration 1m
+    ///   tcp-trace resets --port 443 --json
+    ///   tcp-trace resets --netns /run/netns/blue
+    #[command(verbatim_doc_comment)]
+    Resets {
+        /// Also check the counters of this network namespace (repeatable): /proc/PID/ns/net,
+        /// /run/netns/NAME.
+        #[arg(long = "netns", value_name = "PATH")]
+        netns: Vec<std::path::PathBuf>,
     },
     /// Rebuild the events, flow timelines and verdicts of a recording, offline (no root).
     /// Exit status 1 if a flow diverges from the model, 4 if the recording was cut short.
@@ -207,7 +227,8 @@ fn main() -> ExitCode {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
-        Some(Command::Record { output }) => run_live(cli.trace, Some(output)),
+        Some(Command::Record { output }) => run_live(cli.trace, Some(output), None),
+        Some(Command::Resets { netns }) => run_live(cli.trace, None, Some(ResetsOptions { netns })),
         Some(Command::Replay { file }) => replay::run(
             &file,
             ReplayOptions {
@@ -223,7 +244,7 @@ fn main() -> ExitCode {
                 backend: cli.trace.backend,
             })
         }
-        None => run_live(cli.trace, None),
+        None => run_live(cli.trace, None, None),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -234,7 +255,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_live(args: TraceArgs, record: Option<std::path::PathBuf>) -> Result<u8> {
+fn run_live(
+    args: TraceArgs,
+    record: Option<std::path::PathBuf>,
+    resets: Option<ResetsOptions>,
+) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -248,5 +273,6 @@ fn run_live(args: TraceArgs, record: Option<std::path::PathBuf>) -> Result<u8> {
         json: args.json,
         duration: args.duration,
         kernel_log: args.kernel_log,
+        resets,
     }))
 }

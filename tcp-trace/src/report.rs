@@ -20,6 +20,7 @@ use crate::{
     live::human_line,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::Owners,
+    resets::{self, HookSet, ResetDiagnosis, ResetTracker, TrackerConfig},
 };
 
 /// What to print.
@@ -31,6 +32,16 @@ pub enum View {
     Events,
     /// Only each flow's timeline and verdict, when it ends.
     Flows,
+}
+
+/// How reset diagnoses (see [`resets`]) are shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetsView {
+    /// A line (or `{"type":"reset"}` object) per diagnosis among the events, except with
+    /// `--view flows`.
+    Inline,
+    /// Only the diagnoses (`tcp-trace resets`): no event lines, no flow timelines.
+    Only,
 }
 
 pub struct ReportOptions {
@@ -88,6 +99,8 @@ pub struct Pipeline<W: Write> {
     counts: BTreeMap<Hook, u64>,
     verdicts: BTreeMap<&'static str, u64>,
     divergent: Vec<String>,
+    resets: ResetTracker,
+    resets_view: ResetsView,
     pub events: u64,
     pub lost: u64,
     pub malformed: u64,
@@ -104,7 +117,12 @@ impl<W: Write> Pipeline<W> {
         opts: ReportOptions,
         out: W,
     ) -> Self {
-        let mut config = FlowConfig::new(params, attached_hook_names(hooks));
+        let attached = attached_hook_names(hooks);
+        let resets = ResetTracker::new(TrackerConfig::new(
+            params.kernel,
+            HookSet::from_names(&attached),
+        ));
+        let mut config = FlowConfig::new(params, attached);
         config.hz = hz;
         Self {
             facts,
@@ -115,11 +133,32 @@ impl<W: Write> Pipeline<W> {
             counts: BTreeMap::new(),
             verdicts: BTreeMap::new(),
             divergent: Vec::new(),
+            resets,
+            resets_view: ResetsView::Inline,
             events: 0,
             lost: 0,
             malformed: 0,
             stacks: None,
         }
+    }
+
+    /// Shows reset diagnoses as `view` says (default: inline).
+    pub fn set_resets_view(&mut self, view: ResetsView) {
+        self.resets_view = view;
+    }
+
+    /// The reset diagnoses' tracker: tallies, summary, the counting window.
+    pub fn resets(&self) -> &ResetTracker {
+        &self.resets
+    }
+
+    pub fn resets_mut(&mut self) -> &mut ResetTracker {
+        &mut self.resets
+    }
+
+    /// Wall-clock ns of a CLOCK_MONOTONIC time.
+    pub fn wall_ns(&self, mono: u64) -> u64 {
+        self.wall(mono)
     }
 
     fn wall(&self, mono: u64) -> u64 {
@@ -148,6 +187,10 @@ impl<W: Write> Pipeline<W> {
         }
         self.events += 1;
         *self.counts.entry(ev.hook).or_default() += 1;
+        self.resets.observe(&ev);
+        if self.resets_view == ResetsView::Only {
+            return Ok(());
+        }
         if self.opts.view != View::Flows {
             let unix_ns = self.wall(ev.ts_ns);
             if self.opts.json {
@@ -173,6 +216,26 @@ impl<W: Write> Pipeline<W> {
                 "{}",
                 json!({"type": "lost", "ts_ns": ts_ns, "new": new, "total": total})
             )?;
+        }
+        Ok(())
+    }
+
+    /// One settled reset diagnosis.
+    fn reset_done(&mut self, d: &ResetDiagnosis) -> Result<()> {
+        if self.resets_view == ResetsView::Inline && self.opts.view == View::Flows {
+            return Ok(());
+        }
+        let unix_ns = self.wall(d.ts_ns);
+        if self.opts.json {
+            let mut v = serde_json::to_value(d)?;
+            v["type"] = "reset".into();
+            v["unix_ns"] = unix_ns.into();
+            if let Some(a) = d.advice() {
+                v["advice"] = a.into();
+            }
+            writeln!(self.out, "{v}")?;
+        } else {
+            writeln!(self.out, "{}", resets::reset_line(d, unix_ns))?;
         }
         Ok(())
     }
@@ -205,6 +268,9 @@ impl<W: Write> Pipeline<W> {
         for r in self.flows.advance(now_ns) {
             self.flow_done(r)?;
         }
+        for d in self.resets.advance(now_ns) {
+            self.reset_done(&d)?;
+        }
         self.out.flush()?;
         Ok(())
     }
@@ -213,6 +279,9 @@ impl<W: Write> Pipeline<W> {
     pub fn finish(&mut self) -> Result<serde_json::Value> {
         for r in self.flows.flush() {
             self.flow_done(r)?;
+        }
+        for d in self.resets.flush() {
+            self.reset_done(&d)?;
         }
         self.out.flush()?;
         Ok(json!({
@@ -223,6 +292,7 @@ impl<W: Write> Pipeline<W> {
             "by_hook": self.counts,
             "verdicts": self.verdicts,
             "divergent_flows": self.divergent,
+            "resets": self.resets.by_cause(),
         }))
     }
 
@@ -256,6 +326,18 @@ impl<W: Write> Pipeline<W> {
             out.push_str(&format!(
                 "\nflows: {}",
                 verdicts.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if !self.resets.by_cause().is_empty() {
+            let causes: Vec<String> = self
+                .resets
+                .by_cause()
+                .iter()
+                .map(|(c, n)| format!("{n} {c}"))
+                .collect();
+            out.push_str(&format!(
+                "\nresets: {} (`tcp-trace resets` adds the summary and the counter check)",
+                causes.join(", ")
             ));
         }
         out
