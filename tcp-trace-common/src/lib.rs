@@ -94,11 +94,14 @@ pub struct Event {
     /// in (only with stack capture on); 0 = none.
     pub user_stack: u32,
     pub _reserved: u32,
+    /// The return address on top of the user stack when close() entered the kernel: the
+    /// caller of libc's close(), which a frame-pointer walk skips (libc keeps no frame).
+    pub close_ret: u64,
 }
 
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-// 5*8 + 14*4 + 4*2 + 4 + 4*16 + 2*4 = 180 -> 184 with the tail alignment; keep it explicit.
-const _: () = assert!(EVENT_SIZE == 184);
+// 5*8 + 14*4 + 4*2 + 4 + 4*16 + 2*4 = 180, + 4 padding + 8 = 192; keep it explicit.
+const _: () = assert!(EVENT_SIZE == 192);
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -136,6 +139,7 @@ impl Event {
             owner_comm: [0; COMM_LEN],
             user_stack: 0,
             _reserved: 0,
+            close_ret: 0,
         }
     }
 }
@@ -195,7 +199,8 @@ pub struct Config {
     /// Record the user call stack at close() (syscalls:sys_enter_close) and attach it to the
     /// events that close() causes.
     pub capture_stacks: u32,
-    pub _reserved: u32,
+    /// struct pt_regs -> sp (the user stack pointer at syscall entry).
+    pub pt_regs_sp: u32,
 }
 
 /// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.
@@ -205,6 +210,17 @@ pub struct Owner {
     pub tgid: u32,
     pub tid: u32,
     pub comm: [u8; COMM_LEN],
+}
+
+/// Value of the `CLOSING` map: where a thread inside close() called it from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseSite {
+    /// 1 + the id in `USER_STACKS`; 0 = the walk failed.
+    pub stack: u32,
+    pub _pad: u32,
+    /// The word on top of the user stack at syscall entry (see `Event::close_ret`).
+    pub ret: u64,
 }
 
 /// Key of the `LISTENERS` map: who called listen() on (netns, local port). Children created in

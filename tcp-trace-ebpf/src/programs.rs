@@ -1,8 +1,9 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_task_pt_regs,
     },
     macros::{
         btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
@@ -16,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, CLOSING_MAX, COMM_LEN, Config, DROP_RULES_MAX, DropRule, Event, FILTER_MAX,
-    IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES, USER_STACKS_MAX, flag,
-    hook, state,
+    AF_INET6, CLOSING_MAX, COMM_LEN, CloseSite, Config, DROP_RULES_MAX, DropRule, Event,
+    FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES,
+    USER_STACKS_MAX, flag, hook, state,
 };
 
 #[unsafe(no_mangle)]
@@ -56,7 +57,7 @@ static CONFIG: Config = Config {
     filter_ports: 0,
     inet_sport: 0,
     capture_stacks: 0,
-    _reserved: 0,
+    pt_regs_sp: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -95,7 +96,7 @@ static TW_ARG: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static USER_STACKS: StackTrace = StackTrace::with_max_entries(USER_STACKS_MAX, 0);
 /// Thread id -> 1 + its stack id in `USER_STACKS`, while that thread is inside close().
 #[map]
-static CLOSING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(CLOSING_MAX, 0);
+static CLOSING: LruHashMap<u32, CloseSite> = LruHashMap::with_max_entries(CLOSING_MAX, 0);
 
 /// Reads a `T` at `base + off` in kernel memory; zero if the read faults.
 #[inline(always)]
@@ -173,9 +174,10 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
     if conf!(capture_stacks) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
         && ev.owner_tgid == ev.tgid
-        && let Some(stack) = unsafe { CLOSING.get(&ev.tid) }
+        && let Some(site) = unsafe { CLOSING.get(&ev.tid) }
     {
-        ev.user_stack = *stack;
+        ev.user_stack = site.stack;
+        ev.close_ret = site.ret;
     }
     Some(ev)
 }
@@ -263,6 +265,17 @@ fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
         return;
     };
     ev.timeout = timeout;
+    fill_queue_details(ev, sk);
+    // No pointers in log lines: the verifier refuses arithmetic on a typed (fentry) pointer.
+    debug!(ctx, "tcp_close unread={} unsent={}", ev.unread, ev.unsent);
+    submit(ev);
+}
+
+/// The socket's queues and SO_LINGER as close() leaves them: unread (rcv_nxt - copied_seq, less
+/// a received FIN), unsent and unacked bytes, linger. close() drains the receive queue but does
+/// not move copied_seq, so this still holds when its RST goes out.
+#[inline(always)]
+fn fill_queue_details(ev: &mut Event, sk: u64) {
     let rcv_nxt: u32 = rd(sk, conf!(tp_rcv_nxt));
     let copied_seq: u32 = rd(sk, conf!(tp_copied_seq));
     let write_seq: u32 = rd(sk, conf!(tp_write_seq));
@@ -287,11 +300,6 @@ fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
     ev.unacked = snd_nxt.wrapping_sub(snd_una);
     ev.linger_jiffies = rd(sk, conf!(sk_lingertime));
     ev.rcv_nxt = rcv_nxt;
-    debug!(
-        ctx,
-        "tcp_close sk={:x} unread={} unsent={}", sk, ev.unread, ev.unsent
-    );
-    submit(ev);
 }
 
 #[inline(always)]
@@ -313,6 +321,7 @@ fn on_active_reset(sk: u64, reason: Option<u32>) {
     let Some(ev) = sock_event(hook::TCP_SEND_ACTIVE_RESET, sk) else {
         return;
     };
+    fill_queue_details(ev, sk);
     if let Some(r) = reason {
         ev.reason = r;
         ev.flags |= flag::HAS_REASON;
@@ -403,7 +412,16 @@ fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) {
     // Both pointers may be NULL (tp_btf types them "maybe null"): the verifier wants the check
     // before any arithmetic on them.
     let ev = if sk != 0 {
-        sock_event(hook::TCP_SEND_RESET, sk)
+        let ev = sock_event(hook::TCP_SEND_RESET, sk);
+        // An active reset (no incoming segment) from a full socket: close(), tcp_disconnect()
+        // or a timer. Its queues tell why.
+        match ev {
+            Some(ev) if skb == 0 && ev.flags & flag::TW_SOCK == 0 => {
+                fill_queue_details(ev, sk);
+                Some(ev)
+            }
+            other => other,
+        }
     } else if skb != 0 {
         skb_event(hook::TCP_SEND_RESET, skb)
     } else {
@@ -412,6 +430,11 @@ fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) {
     let Some(ev) = ev else {
         return;
     };
+    submit_with_reason(ev, skb, reason);
+}
+
+#[inline(always)]
+fn submit_with_reason(ev: &mut Event, skb: u64, reason: Option<u32>) {
     ev.skb = skb;
     if let Some(r) = reason {
         ev.reason = r;
@@ -628,9 +651,23 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if let Ok(id) = ctx.get_stackid(&USER_STACKS, BPF_F_USER_STACK) {
-        let _ = CLOSING.insert(&tid, &(id as u32 + 1), 0);
-    }
+    let stack = ctx
+        .get_stackid(&USER_STACKS, BPF_F_USER_STACK)
+        .map_or(0, |id| id as u32 + 1);
+    // The caller of libc's close(): on top of the user stack when the syscall entered.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let sp: u64 = if regs != 0 {
+        rd(regs, conf!(pt_regs_sp))
+    } else {
+        0
+    };
+    let ret = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    let site = CloseSite {
+        stack,
+        _pad: 0,
+        ret,
+    };
+    let _ = CLOSING.insert(&tid, &site, 0);
     0
 }
 

@@ -268,19 +268,20 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
     if ev.flags & flag::HAS_REASON != 0 {
         out.rst_reason = Some(facts.rst_reason_name(ev.reason));
     }
+    // tcp_close, and active resets from a full socket, carry the socket's queues and linger.
+    if ev.flags & flag::HAS_CLOSE_DETAILS != 0 {
+        out.close = Some(CloseDetails {
+            timeout_jiffies: ev.timeout,
+            linger: ev.flags & flag::LINGER != 0,
+            linger_jiffies: ev.linger_jiffies,
+            unread: ev.unread,
+            unsent: ev.unsent,
+            unacked: ev.unacked,
+            fin_received: ev.flags & flag::SOCK_DONE != 0,
+            orphan: ev.flags & flag::ORPHAN != 0,
+        });
+    }
     match hook {
-        Hook::TcpClose if ev.flags & flag::HAS_CLOSE_DETAILS != 0 => {
-            out.close = Some(CloseDetails {
-                timeout_jiffies: ev.timeout,
-                linger: ev.flags & flag::LINGER != 0,
-                linger_jiffies: ev.linger_jiffies,
-                unread: ev.unread,
-                unsent: ev.unsent,
-                unacked: ev.unacked,
-                fin_received: ev.flags & flag::SOCK_DONE != 0,
-                orphan: ev.flags & flag::ORPHAN != 0,
-            })
-        }
         Hook::TcpSendReset => out.rst_active = Some(ev.skb == 0),
         Hook::TcpSendActiveReset => out.rst_active = Some(true),
         Hook::TcpTimeWait => out.timeo_jiffies = Some(ev.timeout),

@@ -179,7 +179,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(resolver) = self.stacks.as_mut()
             && raw.user_stack != 0
         {
-            ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack));
+            ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack, raw.close_ret));
         }
         self.owners.attribute(&mut ev);
         if !self.wanted(&ev) {

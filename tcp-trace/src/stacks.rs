@@ -45,7 +45,8 @@ pub fn is_runtime_frame(f: &Frame) -> bool {
     let Some(name) = &f.function else {
         return true;
     };
-    const RUNTIME: [&str; 12] = [
+    const RUNTIME: [&str; 13] = [
+        "std::rt::",
         "close",
         "__close",
         "__libc_close",
@@ -62,11 +63,20 @@ pub fn is_runtime_frame(f: &Frame) -> bool {
     RUNTIME.iter().any(|r| name.starts_with(r))
 }
 
+/// Puts `ret` back as the second frame unless the walk already has it there (the innermost
+/// frame is the syscall's own address in libc).
+pub fn with_leaf_caller(mut addrs: Vec<u64>, ret: u64) -> Vec<u64> {
+    if ret != 0 && !addrs.is_empty() && addrs.get(1) != Some(&ret) {
+        addrs.insert(1, ret);
+    }
+    addrs
+}
+
 pub struct StackResolver {
     map: StackTraceMap<MapData>,
     normalizer: Normalizer,
     symbolizer: Symbolizer,
-    cache: HashMap<(u32, u32), Vec<Frame>>,
+    cache: HashMap<(u32, u32, u64), Vec<Frame>>,
 }
 
 impl StackResolver {
@@ -81,22 +91,25 @@ impl StackResolver {
         }
     }
 
-    /// The stack `id` (as the event carries it: 1 + map id) of a thread of process `pid`.
+    /// The stack `id` (as the event carries it: 1 + map id) of a thread of process `pid`, with
+    /// `ret` (the word on top of the user stack at close() entry) put back where the
+    /// frame-pointer walk skipped it: libc's close() keeps no frame, so its caller's frame
+    /// pointer leads straight to the caller's caller.
     ///
     /// Addresses are first normalized to (file, offset) through /proc/<pid>/maps, which is
     /// quick, and then symbolized from the files themselves, which can take a while the first
     /// time (DWARF) but no longer needs the process: short-lived programs still get names.
-    pub fn resolve(&mut self, pid: u32, id: u32) -> Vec<Frame> {
+    pub fn resolve(&mut self, pid: u32, id: u32, ret: u64) -> Vec<Frame> {
         if id == 0 {
             return Vec::new();
         }
-        if let Some(frames) = self.cache.get(&(pid, id)) {
+        if let Some(frames) = self.cache.get(&(pid, id, ret)) {
             return frames.clone();
         }
         let Ok(trace) = self.map.get(&(id - 1), 0) else {
             return Vec::new();
         };
-        let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
+        let addrs = with_leaf_caller(trace.frames().iter().map(|f| f.ip).collect(), ret);
         let mut frames: Vec<Frame> = addrs
             .iter()
             .map(|&addr| Frame {
@@ -125,8 +138,10 @@ impl StackResolver {
                 return frames;
             }
         };
-        for (frame, (offset, meta)) in frames.iter_mut().zip(&normalized.outputs) {
+        let mut out = Vec::with_capacity(frames.len());
+        for (mut frame, (offset, meta)) in frames.into_iter().zip(&normalized.outputs) {
             let Some(UserMeta::Elf(elf)) = normalized.meta.get(*meta) else {
+                out.push(frame);
                 continue;
             };
             let source = Source::Elf(Elf::new(&elf.path));
@@ -139,22 +154,40 @@ impl StackResolver {
                     if debug {
                         eprintln!("stacks: symbolize {}: {e:#}", elf.path.display());
                     }
+                    out.push(frame);
                     continue;
                 }
             };
-            if let Symbolized::Sym(sym) = sym {
-                frame.function = Some(sym.name.to_string());
-                if let Some(ci) = &sym.code_info {
-                    frame.file = Some(ci.to_path().display().to_string());
-                    frame.line = ci.line;
-                }
+            let Symbolized::Sym(sym) = sym else {
+                out.push(frame);
+                continue;
+            };
+            // Functions inlined at this address come first, innermost first: each is a frame
+            // of its own in the source, at the same machine address.
+            for inlined in sym.inlined.iter().rev() {
+                out.push(Frame {
+                    addr: frame.addr,
+                    function: Some(inlined.name.to_string()),
+                    file: inlined
+                        .code_info
+                        .as_ref()
+                        .map(|ci| ci.to_path().display().to_string()),
+                    line: inlined.code_info.as_ref().and_then(|ci| ci.line),
+                });
             }
+            frame.function = Some(sym.name.to_string());
+            if let Some(ci) = &sym.code_info {
+                frame.file = Some(ci.to_path().display().to_string());
+                frame.line = ci.line;
+            }
+            out.push(frame);
         }
+        let frames = out;
         // Bounded: stacks repeat (the same close() call site), and a busy host has few sites.
         if self.cache.len() > 4096 {
             self.cache.clear();
         }
-        self.cache.insert((pid, id), frames.clone());
+        self.cache.insert((pid, id, ret), frames.clone());
         frames
     }
 }
@@ -162,6 +195,14 @@ impl StackResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_skipped_caller_is_put_back_once() {
+        assert_eq!(with_leaf_caller(vec![1, 3, 4], 2), vec![1, 2, 3, 4]);
+        assert_eq!(with_leaf_caller(vec![1, 2, 3], 2), vec![1, 2, 3]);
+        assert_eq!(with_leaf_caller(vec![1, 3], 0), vec![1, 3]);
+        assert_eq!(with_leaf_caller(vec![], 2), Vec::<u64>::new());
+    }
 
     #[test]
     fn runtime_frames_are_skipped_and_frames_describe_themselves() {

@@ -272,7 +272,7 @@ impl KernelFacts {
             filter_ports: 0,
             inet_sport: off("inet_sock", "inet_sport")?,
             capture_stacks: 0,
-            _reserved: 0,
+            pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
         };
         Ok(Self {
             config,

@@ -225,7 +225,7 @@ fn truncation_message_says_what_was_expected() {
     assert_eq!(
         err.to_string(),
         format!(
-            "byte {}: file ends inside an event record (expected 184 bytes, found 12): the \
+            "byte {}: file ends inside an event record (expected 192 bytes, found 12): the \
              recording was cut short after 0 complete records",
             body + 3
         )
@@ -360,14 +360,14 @@ fn additive_header_fields_are_compatible() {
 #[test]
 fn event_size_mismatch() {
     let mut h = header();
-    h.event_size = 176;
+    h.event_size = 184;
     let json = serde_json::to_vec(&h).unwrap();
     let err = read_all(&file_with(1, &json, b"")).unwrap_err();
     assert!(matches!(
         err,
         RecordError::EventSizeMismatch {
-            recorded: 176,
-            expected: 184,
+            recorded: 184,
+            expected: 192,
             ..
         }
     ));
@@ -400,7 +400,7 @@ fn wrong_length_for_known_tags() {
     let err = read_all(&file_with(1, &json, &body)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("byte {at}: event record (tag E) has length 100, expected 184 (file corrupt)")
+        format!("byte {at}: event record (tag E) has length 100, expected 192 (file corrupt)")
     );
     for tag in [TAG_LOST, TAG_END] {
         let body = raw_record(tag, &[0; 8]);
@@ -613,6 +613,7 @@ fn documented_event_layout_matches_the_abi() {
             "owner_comm" => offset_of!(Event, owner_comm),
             "user_stack" => offset_of!(Event, user_stack),
             "_reserved" => offset_of!(Event, _reserved),
+            "close_ret" => offset_of!(Event, close_ret),
             other => panic!("documented field {other} is not in Event"),
         }
     };
@@ -628,5 +629,5 @@ fn documented_event_layout_matches_the_abi() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 33, "every Event field is documented");
+    assert_eq!(seen, 34, "every Event field is documented");
 }

@@ -167,6 +167,12 @@ fn base(ev: &TraceEvent, direction: Direction) -> ResetDiagnosis {
         kernel_reason: specific_reason(ev).map(str::to_string),
         sk: ev.sk.clone(),
         peer_cause: None,
+        close_stack: ev.user_stack.clone().unwrap_or_default(),
+        close_site: ev.user_stack.as_ref().and_then(|s| {
+            s.iter()
+                .find(|f| !crate::stacks::is_runtime_frame(f))
+                .map(crate::stacks::Frame::describe)
+        }),
     }
 }
 
@@ -255,9 +261,15 @@ fn state(ev: &TraceEvent) -> &str {
     ev.state.as_deref().unwrap_or("?")
 }
 
-/// The close() details, when the tcp_close hook saw this socket's close().
-fn close_details_of<'a>(ev: &TraceEvent, cx: &FlowContext<'a>) -> Option<&'a TraceEvent> {
-    cx.close.filter(|c| c.sk == ev.sk && c.close.is_some())
+/// The close() details: from the tcp_close hook when it saw this socket's close(), else from
+/// the reset itself (active resets from a full socket carry the socket's queues and linger).
+fn close_details_of<'b, 'a: 'b>(
+    ev: &'b TraceEvent,
+    cx: &FlowContext<'a>,
+) -> Option<&'b TraceEvent> {
+    cx.close
+        .filter(|c| c.sk == ev.sk && c.close.is_some())
+        .or_else(|| ev.close.is_some().then_some(ev))
 }
 
 fn attach_close_details(d: &mut ResetDiagnosis, close: Option<&TraceEvent>) {

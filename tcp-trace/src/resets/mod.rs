@@ -231,6 +231,12 @@ pub struct ResetDiagnosis {
     /// For a received RST whose sender is traced on this host too: the sender's cause.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_cause: Option<ResetCause>,
+    /// The user call stack of the close() that sent this reset (with `--stacks`), innermost
+    /// first; `close_site` is its first frame in the program itself (past libc and std).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub close_stack: Vec<crate::stacks::Frame>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub close_site: Option<String>,
 }
 
 impl ResetDiagnosis {
@@ -317,8 +323,13 @@ impl ResetDiagnosis {
 /// One human line: `time  owner  local > remote  sent|received|silent  cause (confidence)
 /// evidence`.
 pub fn reset_line(d: &ResetDiagnosis, unix_ns: u64) -> String {
+    let site = d
+        .close_site
+        .as_ref()
+        .map(|s| format!("; close() at {s}"))
+        .unwrap_or_default();
     format!(
-        "{}  {:<22} {:<47} {:<10} {} ({}) {}",
+        "{}  {:<22} {:<47} {:<10} {} ({}) {}{site}",
         time_of_day(unix_ns),
         d.owner_label(),
         format!("{} > {}", d.local, d.peer),
