@@ -110,7 +110,7 @@ impl StackResolver {
             return Vec::new();
         };
         let addrs = with_leaf_caller(trace.frames().iter().map(|f| f.ip).collect(), ret);
-        let mut frames: Vec<Frame> = addrs
+        let frames: Vec<Frame> = addrs
             .iter()
             .map(|&addr| Frame {
                 addr,
