@@ -126,9 +126,16 @@ impl StackResolver {
             ..Default::default()
         };
         let debug = std::env::var_os("TCP_TRACE_DEBUG_STACKS").is_some();
+        // Every frame but the innermost is a return address: the call it returns from ends one
+        // byte earlier, and that is the line to report.
+        let lookup: Vec<u64> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+            .collect();
         let normalized = match self
             .normalizer
-            .normalize_user_addrs_opts(pid.into(), &addrs, &opts)
+            .normalize_user_addrs_opts(pid.into(), &lookup, &opts)
         {
             Ok(n) => n,
             Err(e) => {

@@ -1,0 +1,119 @@
+//! Blame down to the line: a C server (built here with frame pointers and debug info) closes a
+//! connection with unread data from `finish()`; `tcp-trace resets --stacks` must report the
+//! cause, the unread bytes, the server's pid and `finish` at close_unread_peer.c:12.
+//!
+//! Needs root (BPF) and gcc. Outside CI, skipped with a note when either is missing; in CI
+//! (CI=true) that is a failure.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+
+fn skip(why: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but {why}");
+    }
+    eprintln!("skipped: {why}");
+    true
+}
+
+fn build_peer() -> Option<PathBuf> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/close_unread_peer.c");
+    let out = std::env::temp_dir().join(format!("tcp-trace-peer-{}", std::process::id()));
+    let status = Command::new("gcc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .ok()?;
+    status.success().then_some(out)
+}
+
+#[test]
+fn reset_on_unread_data_is_blamed_on_the_line_that_closed() {
+    if unsafe { libc::geteuid() } != 0 && skip("the test does not run as root (BPF)") {
+        return;
+    }
+    let Some(peer) = build_peer() else {
+        skip("gcc could not build the test peer");
+        return;
+    };
+    let port = 41000 + (std::process::id() % 9000) as u16;
+    let mut tracer = Command::new(BIN)
+        .args([
+            "resets",
+            "--json",
+            "--stacks",
+            "--duration",
+            "60s",
+            "--port",
+        ])
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until attached ("tracing" on stderr).
+    let stderr = tracer.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("tracing") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("tcp-trace did not start tracing");
+
+    let mut server = Command::new(&peer)
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.write_all(tcp_trace::peer::REQUEST).unwrap();
+    let server_pid = server.id();
+    assert!(server.wait().unwrap().success());
+    drop(client);
+
+    thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    let out = tracer.wait_with_output().unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let reset = lines
+        .iter()
+        .find(|l| l["type"] == "reset" && l["direction"] == "sent")
+        .unwrap_or_else(|| panic!("no sent reset reported: {lines:?}"));
+    assert_eq!(reset["cause"], "close-unread", "{reset}");
+    assert_eq!(reset["owner"]["pid"], server_pid, "{reset}");
+    assert_eq!(
+        reset["unread_bytes"].as_u64(),
+        Some(tcp_trace::peer::REQUEST.len() as u64),
+        "{reset}"
+    );
+    let site = reset["close_site"].as_str().unwrap_or_default();
+    assert!(
+        site.starts_with("finish (") && site.ends_with("close_unread_peer.c:12)"),
+        "close() blamed on {site:?}: {reset}"
+    );
+    std::fs::remove_file(peer).ok();
+}
