@@ -48,7 +48,10 @@ fn reset_on_unread_data_is_blamed_on_the_line_that_closed() {
         skip("gcc could not build the test peer");
         return;
     };
-    let port = 41000 + (std::process::id() % 9000) as u16;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
     let mut tracer = Command::new(BIN)
         .args([
             "resets",
