@@ -56,8 +56,30 @@ pub fn build_static() -> Result<PathBuf> {
     Ok(tasks::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace"))
 }
 
-/// The guest script: doctor, then validate per backend; each run's JSON lines are preceded by a
-/// marker line so the host can tell them apart.
+/// The guest's part of the reset check: `tcp-trace resets --stacks` while the C peer closes a
+/// connection with 14 unread bytes from `finish()` (close_unread_peer.c:12).
+/// Kernels on which the syscalls:sys_enter_close program attaches but no close() stack reaches
+/// the events (seen on Debian 6.1.192; not understood yet: see the README's known gaps).
+const KNOWN_NO_STACK: &[&str] = &["6.1"];
+
+const RESETS_SCRIPT: &str = r#"
+echo '{"type":"run","run":"resets"}' >> "$R"
+/bin/tcp-trace resets --json --stacks --port 7300 --duration 60s > /tmp/resets.json 2> /tmp/resets.err &
+T=$!
+i=0; while ! grep -q tracing /tmp/resets.err 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+/bin/close-unread-peer 7300 > /tmp/peer.out &
+P=$!
+i=0; while ! grep -q listening /tmp/peer.out 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+/bin/tcp-trace peer connect --to 127.0.0.1:7300 > /dev/null
+wait $P
+sleep 1
+kill -INT $T; wait $T
+printf '{"type":"peer_pid","pid":%s}\n' "$P" >> "$R"
+cat /tmp/resets.json >> "$R"
+"#;
+
+/// The guest script: doctor, then validate per backend, then the reset check; each run's JSON
+/// lines are preceded by a marker line so the host can tell them apart.
 fn guest_script(scenarios: &[String]) -> String {
     let mut s = String::from("set -u\nR=\"$VM_RESULT\"\n");
     s.push_str("echo '{\"type\":\"run\",\"run\":\"doctor\"}' >> \"$R\"\n");
@@ -73,7 +95,82 @@ fn guest_script(scenarios: &[String]) -> String {
              echo \"{{\\\"type\\\":\\\"exit\\\",\\\"status\\\":$?}}\" >> \"$R\"\n"
         ));
     }
+    s.push_str(RESETS_SCRIPT);
     s
+}
+
+/// The C peer of the reset check, built static (the initramfs has no libc) with frame pointers
+/// and debug info.
+fn build_c_peer() -> Result<PathBuf> {
+    let root = tasks::workspace_root();
+    let out = root.join("target/close-unread-peer");
+    tasks::status(
+        Command::new("gcc")
+            .args(["-static", "-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&out)
+            .arg(root.join("tcp-trace/tests/data/close_unread_peer.c")),
+    )
+    .context("building the reset check's C peer (needs gcc and the static libc, libc6-dev)")?;
+    Ok(out)
+}
+
+/// Checks the guest's reset run: the close-unread RST blamed on the peer process, with its 14
+/// unread bytes and `finish` at close_unread_peer.c:12, and the kernel's counters agreeing.
+/// `stack_expected` is false where the kernel is known to record no close() stack (see
+/// KNOWN_NO_STACK); the rest is checked everywhere.
+fn check_resets(lines: &[Value], stack_expected: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pid = lines
+        .iter()
+        .find(|l| l["type"] == "peer_pid")
+        .and_then(|l| l["pid"].as_u64());
+    let Some(reset) = lines
+        .iter()
+        .find(|l| l["type"] == "reset" && l["direction"] == "sent")
+    else {
+        return vec!["resets: no RST sent was reported".into()];
+    };
+    let expect = |ok: bool, what: &str, problems: &mut Vec<String>| {
+        if !ok {
+            problems.push(format!("resets: {what}: {reset}"));
+        }
+    };
+    expect(
+        reset["cause"] == "close-unread",
+        "cause is not close-unread",
+        &mut problems,
+    );
+    expect(
+        reset["unread_bytes"] == 14,
+        "unread bytes are not 14",
+        &mut problems,
+    );
+    expect(
+        pid.is_some() && reset["owner"]["pid"].as_u64() == pid,
+        "not attributed to the peer process",
+        &mut problems,
+    );
+    let site = reset["close_site"].as_str().unwrap_or_default();
+    if stack_expected || !site.is_empty() {
+        expect(
+            site.starts_with("finish (") && site.ends_with("close_unread_peer.c:12)"),
+            "close() not blamed on finish() at close_unread_peer.c:12",
+            &mut problems,
+        );
+    }
+    let checks: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "counter_check")
+        .collect();
+    if checks.is_empty() {
+        problems.push("resets: no counter check".into());
+    }
+    for c in checks {
+        if c["ok"] != true {
+            problems.push(format!("resets: counters disagree: {c}"));
+        }
+    }
+    problems
 }
 
 /// Splits the result channel into runs: marker line -> the JSON lines after it.
@@ -201,12 +298,15 @@ fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
 pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()> {
     let started = Instant::now();
     let bin = build_static()?;
+    let c_peer = build_c_peer()?;
     let tools = vm::ensure_host_tools()?;
     let mut columns = Vec::new();
     let mut failures = Vec::new();
     for spec in vm::kernels_for(kernels)? {
         let kernel = vm::prepare_kernel(spec)?;
-        let mut job = vm::GuestJob::script(guest_script(&scenarios)).with_binary(&bin);
+        let mut job = vm::GuestJob::script(guest_script(&scenarios))
+            .with_binary(&bin)
+            .with_file(vm::GuestFile::host(&c_peer, "/bin/close-unread-peer"));
         job.timeout = Duration::from_secs(420);
         say(format!(
             "kernel {}: doctor, validate (kprobe), validate (fentry)",
@@ -252,6 +352,25 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()>
             let col = column(&label, backend, &lines, Some(mechanisms));
             any_problem |= !col.problems.is_empty();
             columns.push(col);
+        }
+        let resets = runs.get("resets").cloned().unwrap_or_default();
+        let stack_expected = !KNOWN_NO_STACK.contains(&spec.name);
+        let reset_problems = check_resets(&resets, stack_expected);
+        if reset_problems.is_empty() {
+            say(format!(
+                "kernel {}: resets: close-unread, 14 bytes, owner and counters right; close() site: {}",
+                spec.name,
+                if stack_expected {
+                    "finish() at close_unread_peer.c:12"
+                } else {
+                    "not recorded (known gap)"
+                }
+            ));
+        } else {
+            any_problem = true;
+            for p in reset_problems {
+                failures.push(format!("kernel {}: {p}", spec.name));
+            }
         }
         if any_problem {
             failures.push(format!(
@@ -371,6 +490,32 @@ mod tests {
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect();
         assert_eq!(column("6.18", "auto", &tp, None).problems.len(), 1);
+    }
+
+    #[test]
+    fn the_reset_check_wants_cause_bytes_owner_line_and_counters() {
+        let good: Vec<Value> = [
+            r#"{"type":"peer_pid","pid":42}"#,
+            r#"{"type":"reset","direction":"sent","cause":"close-unread","unread_bytes":14,"owner":{"pid":42},"close_site":"finish (/x/close_unread_peer.c:12)"}"#,
+            r#"{"type":"counter_check","ok":true}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        assert!(
+            check_resets(&good, true).is_empty(),
+            "{:?}",
+            check_resets(&good, true)
+        );
+        let mut bad = good.clone();
+        bad[1]["close_site"] = "main (/x/close_unread_peer.c:32)".into();
+        bad[2]["ok"] = false.into();
+        assert_eq!(check_resets(&bad, true).len(), 2);
+        assert_eq!(check_resets(&[], true).len(), 1);
+        let mut no_stack = good.clone();
+        no_stack[1]["close_site"] = Value::Null;
+        assert!(check_resets(&no_stack, false).is_empty());
+        assert_eq!(check_resets(&no_stack, true).len(), 1);
     }
 
     #[test]
