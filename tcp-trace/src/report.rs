@@ -210,6 +210,7 @@ impl<W: Write> Pipeline<W> {
         let new = total.saturating_sub(self.lost);
         self.lost = total;
         self.flows.note_lost(ts_ns, total);
+        self.resets.note_lost(ts_ns, new > 0);
         if self.opts.json {
             writeln!(
                 self.out,

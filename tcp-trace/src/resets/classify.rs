@@ -69,6 +69,9 @@ pub struct FlowContext<'a> {
     pub peer_sent: Option<&'a ResetDiagnosis>,
     /// Events this close in time (ns) belong to the same kernel action.
     pub near_ns: u64,
+    /// The kernel dropped events while this connection was alive: an RST may be missing, so
+    /// nothing is concluded from the absence of one.
+    pub events_lost: bool,
 }
 
 /// Reply-reset reasons (6.10+) for a segment the socket does not accept.
@@ -965,7 +968,7 @@ fn silent_close(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
         .iter()
         .chain(cx.after)
         .any(|e| is_rst(e) && e.sk == ev.sk && near(e, ev, cx));
-    if rst_near || cx.listener_closed.is_some() {
+    if rst_near || cx.listener_closed.is_some() || cx.events_lost {
         return None;
     }
     let closed_by_app = cx.close.is_some_and(|c| c.sk == ev.sk);

@@ -526,6 +526,28 @@ fn a_timeout_is_silent_and_only_where_nothing_else_explains_close() {
     );
 }
 
+#[test]
+fn no_silent_timeout_is_claimed_where_events_were_lost() {
+    let mut s = Stream::new();
+    s.state("ESTABLISHED", "CLOSE").softirq();
+    let at = s.events[0].ts_ns;
+    let mut t = tracker(k(18), TRACEPOINTS);
+    t.note_lost(at.saturating_sub(1_000_000), false);
+    t.note_lost(at + 1_000_000, true); // the RST that explains it may be among the lost
+    for e in &s.events {
+        t.observe(e);
+    }
+    assert!(t.flush().is_empty());
+    // A loss long before the connection says nothing about it.
+    let mut t = tracker(k(18), TRACEPOINTS);
+    t.note_lost(1, true);
+    t.note_lost(2, false);
+    for e in &s.events {
+        t.observe(e);
+    }
+    assert_eq!(t.flush().len(), 1);
+}
+
 // ---- replies and received ------------------------------------------------------------------
 
 #[test]

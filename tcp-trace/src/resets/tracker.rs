@@ -72,6 +72,10 @@ pub struct ResetTracker {
     listener_children: HashMap<String, TraceEvent>,
     listener_children_order: VecDeque<String>,
     pending: Vec<TraceEvent>,
+    /// Intervals (CLOCK_MONOTONIC ns) in which the kernel dropped events: from the previous
+    /// loss check to the one that saw the counter grow.
+    losses: Vec<(u64, u64)>,
+    last_loss_check: u64,
     window: (u64, Option<u64>),
     tally: BTreeMap<u32, Tally>,
     summary: Summary,
@@ -124,6 +128,8 @@ impl ResetTracker {
             listener_children: HashMap::new(),
             listener_children_order: VecDeque::new(),
             pending: Vec::new(),
+            losses: Vec::new(),
+            last_loss_check: 0,
             window: (0, None),
             tally: BTreeMap::new(),
             summary: Summary::default(),
@@ -387,7 +393,23 @@ impl ResetTracker {
             listener_closed,
             peer_sent,
             near_ns: settle,
+            events_lost: {
+                let from = before.first().map_or(ev.ts_ns, |e| e.ts_ns);
+                let to = ev.ts_ns.saturating_add(settle);
+                self.losses.iter().any(|&(a, b)| a <= to && from <= b)
+            },
         }
+    }
+
+    /// The kernel's lost-event counter grew by the time `ts_ns` (CLOCK_MONOTONIC).
+    pub fn note_lost(&mut self, ts_ns: u64, grew: bool) {
+        if grew {
+            self.losses.push((self.last_loss_check, ts_ns));
+            if self.losses.len() > 1024 {
+                self.losses.remove(0);
+            }
+        }
+        self.last_loss_check = ts_ns;
     }
 
     fn diagnose(&self, ev: &TraceEvent) -> Option<ResetDiagnosis> {
