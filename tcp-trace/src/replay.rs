@@ -17,6 +17,9 @@ pub struct ReplayOptions {
     pub pids: Vec<u32>,
 }
 
+/// Trace time between releases of ended flows (the live tracer's drain tick).
+const REPLAY_TICK_NS: u64 = 50_000_000;
+
 /// Exit status when the recording was cut short but what it holds was replayed.
 pub const EXIT_CUT_SHORT: u8 = 4;
 
@@ -57,13 +60,18 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     }
     let mut cut_short = None;
     let mut last_ts = 0;
+    let mut next_tick = 0;
     for record in reader {
         match record {
             Ok(Record::Event(ev)) => {
                 last_ts = last_ts.max(ev.ts_ns);
                 pipeline.event(&ev)?;
-                // Keep memory bounded on long recordings: release flows as time passes.
-                pipeline.tick(last_ts)?;
+                // Keep memory bounded on long recordings: release ended flows as trace time
+                // passes, as often as the live tracer does (every 50 ms), not per event.
+                if last_ts >= next_tick {
+                    pipeline.tick(last_ts)?;
+                    next_tick = last_ts + REPLAY_TICK_NS;
+                }
             }
             Ok(Record::Lost { ts_ns, total }) => pipeline.lost(ts_ns, total)?,
             Ok(Record::End { .. }) => {}
