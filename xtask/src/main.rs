@@ -1,6 +1,7 @@
 //! tcp-trace's task runner: `cargo xtask <task>`. Set-up, builds, VM kernels and benchmarks live here so
 //! that the README's two commands work on a fresh machine.
 
+mod bench;
 mod setup;
 mod tasks;
 mod vm;
@@ -50,6 +51,9 @@ enum Command {
     },
     /// Boot a Debian kernel under qemu with a static tcp-trace inside and run a command there.
     VmRun(vm::VmRunArgs),
+    /// What tracing costs: a loopback connection churn with no tracer, tcp-trace and bpftrace
+    /// side by side, and offline replay throughput and memory (docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -58,6 +62,7 @@ fn main() -> Result<()> {
         Command::Run { args } => tasks::run(args),
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::VmTest {
             kernel,
             scenarios,
