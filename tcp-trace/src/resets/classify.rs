@@ -298,10 +298,15 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
     d.kernel_reason = reason.map(str::to_string);
     let close = close_details_of(ev, cx);
     let trans = closed_just_before(ev, cx);
-    // The RST came from the closing task's own call: it is the closer.
-    let from_close_call = close.is_some_and(|c| c.tid == ev.tid) || trans.is_some();
+    // The RST came from the closing task's own call: it is the closer. Only a seen close()
+    // (tcp_close) or the state change it made says so: the queue details an active RST carries
+    // itself come from timers too (keepalive), whose task on the CPU closed nothing.
+    let tcp_close = cx
+        .close
+        .filter(|c| c.sk == ev.sk && c.hook == Hook::TcpClose);
+    let from_close_call = tcp_close.is_some_and(|c| c.tid == ev.tid) || trans.is_some();
     if from_close_call {
-        d.closer = Some(task(close.filter(|c| c.tid == ev.tid).unwrap_or(ev)));
+        d.closer = Some(task(tcp_close.filter(|c| c.tid == ev.tid).unwrap_or(ev)));
     }
     match reason {
         Some("TCP_ABORT_ON_CLOSE") => close_unread(
