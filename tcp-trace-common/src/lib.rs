@@ -221,6 +221,10 @@ pub struct CloseSite {
     pub _pad: u32,
     /// The word on top of the user stack at syscall entry (see `Event::close_ret`).
     pub ret: u64,
+    /// When close() returned (CLOCK_MONOTONIC ns); 0 while it runs. Before Linux 6.8 the last
+    /// fput() of close(2) ran as task work on the way back to user space, after the syscall's
+    /// exit tracepoint: the socket is torn down just after this.
+    pub exit_ns: u64,
 }
 
 /// Key of the `LISTENERS` map: who called listen() on (netns, local port). Children created in
@@ -291,6 +295,11 @@ pub const LISTENERS_MAX: u32 = 4096;
 pub const FILTER_MAX: u32 = 64;
 pub const USER_STACKS_MAX: u32 = 4096;
 pub const CLOSING_MAX: u32 = 16384;
+/// How long after close() returns its deferred fput() may still be tearing the socket down (see
+/// `CloseSite::exit_ns`). The task work runs before the thread gets back to user space, so no
+/// other syscall of that thread can come in between; the bound only guards against stale
+/// entries, and must allow for slow (emulated) machines.
+pub const CLOSE_TASK_WORK_NS: u64 = 20_000_000;
 
 #[cfg(feature = "user")]
 mod user {
@@ -299,4 +308,5 @@ mod user {
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::DropRule {}
+    unsafe impl aya::Pod for super::CloseSite {}
 }

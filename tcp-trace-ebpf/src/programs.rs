@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, CLOSING_MAX, COMM_LEN, CloseSite, Config, DROP_RULES_MAX, DropRule, Event,
-    FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner, RING_BYTES,
-    USER_STACKS_MAX, flag, hook, state,
+    AF_INET6, CLOSE_TASK_WORK_NS, CLOSING_MAX, COMM_LEN, CloseSite, Config, DROP_RULES_MAX,
+    DropRule, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner,
+    RING_BYTES, USER_STACKS_MAX, flag, hook, state,
 };
 
 #[unsafe(no_mangle)]
@@ -175,6 +175,7 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
         && ev.flags & flag::OWNER_KNOWN != 0
         && ev.owner_tgid == ev.tgid
         && let Some(site) = unsafe { CLOSING.get(&ev.tid) }
+        && (site.exit_ns == 0 || ev.ts_ns.wrapping_sub(site.exit_ns) < CLOSE_TASK_WORK_NS)
     {
         ev.user_stack = site.stack;
         ev.close_ret = site.ret;
@@ -666,6 +667,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         stack,
         _pad: 0,
         ret,
+        exit_ns: 0,
     };
     let _ = CLOSING.insert(&tid, &site, 0);
     0
@@ -676,8 +678,12 @@ pub fn sys_exit_close(_ctx: TracePointContext) -> u32 {
     if conf!(capture_stacks) == 0 {
         return 0;
     }
+    // Not removed: before 6.8 the socket's teardown (the last fput) runs just after this, on the
+    // way back to user space. Events within CLOSE_TASK_WORK_NS still belong to this close().
     let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = CLOSING.remove(&tid);
+    if let Some(site) = CLOSING.get_ptr_mut(&tid) {
+        unsafe { (*site).exit_ns = bpf_ktime_get_ns() };
+    }
     0
 }
 
