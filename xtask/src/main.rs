@@ -2,6 +2,7 @@
 //! that the README's two commands work on a fresh machine.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod tasks;
 mod vm;
@@ -49,6 +50,12 @@ enum Command {
         #[arg(long)]
         skip_host: bool,
     },
+    /// Fuzz the recording reader (cargo-fuzz, libFuzzer) for a bounded time.
+    Fuzz {
+        /// How long to fuzz, seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Boot a Debian kernel under qemu with a static tcp-trace inside and run a command there.
     VmRun(vm::VmRunArgs),
     /// What tracing costs: a loopback connection churn with no tracer, tcp-trace and bpftrace
@@ -62,6 +69,7 @@ fn main() -> Result<()> {
         Command::Run { args } => tasks::run(args),
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),
+        Command::Fuzz { seconds } => fuzz::run(seconds),
         Command::Bench(args) => bench::run(args),
         Command::VmTest {
             kernel,

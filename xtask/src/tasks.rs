@@ -96,7 +96,8 @@ pub fn run(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// The whole suite: formatting, lints, unit and kernel tests; then the VM kernel matrix.
+/// The whole suite: formatting, lints, unit and kernel tests, a minute of fuzzing; then the VM
+/// kernel matrix.
 pub fn test(skip_vm: bool) -> Result<()> {
     setup::run()?;
     let root = workspace_root();
@@ -127,6 +128,7 @@ pub fn test(skip_vm: bool) -> Result<()> {
         );
     }
     status(&mut cmd)?;
+    crate::fuzz::run(60)?;
     if skip_vm {
         say("--skip-vm: not running the VM kernel matrix");
         return Ok(());
