@@ -319,6 +319,13 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     }
     let collector = Collector::start(&mut attached.ebpf)?;
     let mut dropper = Dropper::load(&mut attached.ebpf)?;
+    // An idle lab with the dropper attached for the whole run. Attaching a tc program enables
+    // kernel static keys (tcx, or the egress qdisc hook), and the last detach disables them:
+    // both patch kernel text while other CPUs run. Holding one attachment keeps the keys on, so
+    // the per-scenario attachments and namespace teardowns patch nothing. (Seen under qemu's
+    // emulation: an int3 oops in __dev_queue_xmit during that patching.)
+    let anchor = Lab::new().context("building the anchor namespaces")?;
+    dropper.attach(&mut attached.ebpf, &anchor)?;
     let mut results = Vec::new();
     for s in chosen {
         if !opts.json {
@@ -363,6 +370,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     }
     let lost = collector.lost();
     collector.stop();
+    drop(anchor);
     let failed = results.iter().filter(|r| !r.passed).count();
     if opts.json {
         println!(
