@@ -143,7 +143,7 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
         }
         _ => {
             if let Some(s) = &ev.state {
-                detail = s.clone();
+                detail = s.to_string();
             }
         }
     }

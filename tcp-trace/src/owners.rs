@@ -3,10 +3,12 @@
 //! object) inherits the owner of the full socket that became it, found by (netns, 4-tuple); an
 //! active reset sent from close() names the closer even where no close hook is attached.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use crate::decode::{Hook, Owner, OwnerSource, TraceEvent};
+use foldhash::{HashMap, HashMapExt};
+
+use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
 
 type TupleKey = (u32, SocketAddr, SocketAddr);
 
@@ -16,9 +18,9 @@ const CLOSE_CONTEXT_REASONS: [&str; 2] = ["TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LI
 
 /// Bounded maps from socket to owner; the oldest entries go first.
 pub struct Owners {
-    by_sk: HashMap<String, Owner>,
+    by_sk: HashMap<SockPtr, Owner>,
     by_tuple: HashMap<TupleKey, Owner>,
-    order: VecDeque<(Option<String>, Option<TupleKey>)>,
+    order: VecDeque<(Option<SockPtr>, Option<TupleKey>)>,
     capacity: usize,
 }
 
@@ -38,12 +40,12 @@ impl Owners {
         }
     }
 
-    fn remember(&mut self, sk: Option<String>, tuple: Option<TupleKey>, owner: &Owner) {
+    fn remember(&mut self, sk: Option<SockPtr>, tuple: Option<TupleKey>, owner: &Owner) {
         if let Some(sk) = &sk {
-            self.by_sk.insert(sk.clone(), owner.clone());
+            self.by_sk.insert(*sk, *owner);
         }
         if let Some(t) = tuple {
-            self.by_tuple.insert(t, owner.clone());
+            self.by_tuple.insert(t, *owner);
         }
         self.order.push_back((sk, tuple));
         while self.order.len() > self.capacity {
@@ -87,13 +89,13 @@ impl Owners {
             ev.owner = if closing_reset {
                 Some(Owner {
                     pid: ev.pid,
-                    comm: ev.comm.clone(),
+                    comm: ev.comm,
                     source: OwnerSource::Inferred,
                 })
             } else if is_tw {
-                tuple.and_then(|t| self.by_tuple.get(&t)).cloned()
+                tuple.and_then(|t| self.by_tuple.get(&t)).copied()
             } else {
-                self.by_sk.get(&ev.sk).cloned()
+                self.by_sk.get(&ev.sk).copied()
             }
             .map(|mut o| {
                 if o.source == OwnerSource::Kernel && ev.owner.is_none() {
@@ -103,19 +105,19 @@ impl Owners {
             });
         }
 
-        let Some(owner) = ev.owner.clone() else {
+        let Some(owner) = ev.owner else {
             return;
         };
         match ev.hook {
             // The full socket is about to become a minisocket with the same tuple.
-            Hook::TcpTimeWait => self.remember(Some(ev.sk.clone()), tuple, &owner),
+            Hook::TcpTimeWait => self.remember(Some(ev.sk), tuple, &owner),
             Hook::TcpDestroySock => {
                 self.by_sk.remove(&ev.sk);
             }
             _ if is_tw => {}
             _ => {
                 if self.by_sk.get(&ev.sk) != Some(&owner) {
-                    self.remember(Some(ev.sk.clone()), None, &owner)
+                    self.remember(Some(ev.sk), None, &owner)
                 }
             }
         }

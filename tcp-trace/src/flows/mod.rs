@@ -186,10 +186,10 @@ pub struct TimelineEntry {
     pub ts_ns: u64,
     pub hook: Hook,
     pub object: SocketObject,
-    pub sk: String,
+    pub sk: crate::decode::SockPtr,
     /// The task on the CPU (in softirq: whatever it interrupted).
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::decode::Comm,
     /// e.g. `ESTABLISHED -> FIN_WAIT1`, `active reason=TCP_ABORT_ON_CLOSE`.
     pub detail: String,
 }
@@ -297,7 +297,7 @@ pub struct FlowReport {
     pub peer_id: Option<u64>,
     pub owner: Option<Owner>,
     /// Kernel pointers of the full socket and of the minisocket.
-    pub sockets: Vec<String>,
+    pub sockets: Vec<crate::decode::SockPtr>,
     pub first_ns: u64,
     pub last_ns: u64,
     pub end: FlowEnd,

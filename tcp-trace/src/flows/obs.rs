@@ -166,11 +166,11 @@ pub(crate) enum Obs {
     SendFin,
     FinRcvd,
     ActiveResetFn {
-        reason: Option<String>,
+        reason: Option<&'static str>,
     },
     SendReset {
         active: bool,
-        reason: Option<String>,
+        reason: Option<&'static str>,
     },
     ReceiveReset,
     TimeWaitCall {
@@ -181,7 +181,7 @@ pub(crate) enum Obs {
         segment: Option<Segment>,
     },
     TwReturn {
-        status: Option<String>,
+        status: Option<&'static str>,
         after: Option<TwSubstate>,
     },
     Destroy,
@@ -502,16 +502,16 @@ impl Pred {
             Pred::SendFin => Some(Mark::Fin),
             Pred::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
                 reply: false,
-                reason: reason.map(|r| r.kernel_name().to_string()),
+                reason: reason.map(|r| r.kernel_name()),
             }),
             Pred::SendReset { active, reason } => Some(Mark::Rst {
                 reply: !active,
-                reason: reason.map(|r| r.kernel_name().to_string()),
+                reason: reason.map(|r| r.kernel_name()),
             }),
             Pred::ReceiveReset { .. } => Some(Mark::RstIn),
             Pred::TimeWaitCall { substate, .. } => Some(Mark::TwCall(*substate)),
             Pred::TwReturn { status, after, .. } => Some(Mark::TwReturn {
-                status: Some(status.kernel_name().to_string()),
+                status: Some(status.kernel_name()),
                 after: Some(*after),
             }),
             Pred::Destroy => Some(Mark::Destroy),
@@ -775,13 +775,13 @@ pub(crate) enum Mark {
     },
     TwCall(TwSubstate),
     TwReturn {
-        status: Option<String>,
+        status: Option<&'static str>,
         after: Option<TwSubstate>,
     },
     Fin,
     Rst {
         reply: bool,
-        reason: Option<String>,
+        reason: Option<&'static str>,
     },
     RstIn,
     Destroy,

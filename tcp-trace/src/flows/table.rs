@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::decode::{Hook, Owner, OwnerSource, TraceEvent};
+use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
 use crate::model::{Model, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwSubstate};
 
 use super::infer::classify_tw_segment;
@@ -90,8 +90,8 @@ struct Flow {
     dropped: u64,
     first_ts: u64,
     last_ts: u64,
-    full_sk: Option<String>,
-    sockets: Vec<String>,
+    full_sk: Option<SockPtr>,
+    sockets: Vec<SockPtr>,
     full_gone: bool,
     tw: Option<TwTrack>,
     tw_killed: bool,
@@ -120,7 +120,7 @@ pub struct FlowTable {
     max_ts: u64,
     flows: HashMap<u64, Flow>,
     by_key: HashMap<FlowKey, u64>,
-    by_sk: HashMap<String, u64>,
+    by_sk: HashMap<SockPtr, u64>,
     /// (local, remote) -> flows, across netns: for peer links.
     by_addr: HashMap<(SocketAddr, SocketAddr), Vec<u64>>,
     /// Flow ids in creation order (stale ids skipped): the capacity cap evicts from the front.
@@ -133,8 +133,8 @@ pub struct FlowTable {
     stats: FlowStats,
 }
 
-fn is_null_sk(sk: &str) -> bool {
-    sk.is_empty() || sk == "0" || sk == "0x0"
+fn is_null_sk(sk: &SockPtr) -> bool {
+    sk.is_null()
 }
 
 /// A v4-mapped IPv6 address as plain IPv4: a dual-stack listener's child and a v4 client see
@@ -691,9 +691,7 @@ impl FlowTable {
                     f.tw = None;
                 }
             }
-            Hook::TcpDestroySock
-                if f.full_sk.is_none() || f.full_sk.as_deref() == Some(ev.sk.as_str()) =>
-            {
+            Hook::TcpDestroySock if f.full_sk.is_none() || f.full_sk == Some(ev.sk) => {
                 f.full_gone = true;
             }
             _ => {}

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 
 use super::*;
-use crate::decode::{CloseDetails, Hook, Owner, OwnerSource, Segment, TraceEvent};
+use crate::decode::{
+    CloseDetails, Hook, KState, Owner, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+};
 use crate::model::ModelParams;
 
 const NETNS: u32 = 4_026_531_840;
@@ -82,11 +84,11 @@ impl End {
                 source: OwnerSource::Kernel,
             }),
             netns: self.netns,
-            sk: format!("{:#x}", self.sk),
+            sk: SockPtr(self.sk),
             family: Some("ipv4".into()),
             local: Some(self.local),
             remote: Some(self.remote),
-            state: state.map(str::to_string),
+            state: state.map(KState::from),
             new_state: None,
             close: None,
             rst_reason: None,
@@ -131,7 +133,7 @@ impl End {
 
     fn active_reset(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(reason.into()),
+            rst_reason: Some(intern(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendActiveReset, Some(state))
         }
@@ -139,7 +141,7 @@ impl End {
 
     fn send_rst(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(reason.into()),
+            rst_reason: Some(intern(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendReset, Some(state))
         }
@@ -150,7 +152,7 @@ impl End {
         TraceEvent {
             sk: "0x0".into(),
             owner: None,
-            rst_reason: Some(reason.into()),
+            rst_reason: Some(intern(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, None)
         }
@@ -160,7 +162,7 @@ impl End {
     fn tw_reply_rst(&self, us: u64, reason: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            rst_reason: Some(reason.into()),
+            rst_reason: Some(intern(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, Some("TIME_WAIT"))
         }
@@ -207,7 +209,7 @@ impl End {
     fn tw_ret(&self, us: u64, sub: &str, status: &str, after: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            tw_status: Some(status.into()),
+            tw_status: Some(intern(status)),
             new_state: Some(after.into()),
             ..self.ev(us, Hook::TcpTimewaitStateProcessReturn, Some(sub))
         }

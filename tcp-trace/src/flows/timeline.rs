@@ -71,9 +71,9 @@ pub(crate) fn describe(ev: &TraceEvent) -> String {
             Some(seg) => format!(
                 "TW({state}) {} seq={} ack={} len={} rcv_nxt={}",
                 if seg.flags.is_empty() {
-                    "-"
+                    "-".to_string()
                 } else {
-                    &seg.flags
+                    seg.flags.to_string()
                 },
                 seg.seq,
                 seg.ack,
@@ -98,9 +98,9 @@ pub(crate) fn entry(ev: &TraceEvent) -> TimelineEntry {
         ts_ns: ev.ts_ns,
         hook: ev.hook,
         object: object_of(ev),
-        sk: ev.sk.clone(),
+        sk: ev.sk,
         pid: ev.pid,
-        comm: ev.comm.clone(),
+        comm: ev.comm,
         detail: describe(ev),
     }
 }

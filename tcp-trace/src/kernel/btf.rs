@@ -286,18 +286,18 @@ impl KernelFacts {
         })
     }
 
-    pub fn rst_reason_name(&self, value: u32) -> String {
-        self.rst_reasons
-            .get(&(value as u64))
-            .cloned()
-            .unwrap_or_else(|| format!("reason#{value}"))
+    pub fn rst_reason_name(&self, value: u32) -> &'static str {
+        match self.rst_reasons.get(&(value as u64)) {
+            Some(name) => crate::decode::intern(name),
+            None => crate::decode::intern(&format!("reason#{value}")),
+        }
     }
 
-    pub fn tw_status_name(&self, value: i32) -> String {
-        self.tw_status
-            .get(&(value as u64))
-            .cloned()
-            .unwrap_or_else(|| format!("status#{value}"))
+    pub fn tw_status_name(&self, value: i32) -> &'static str {
+        match self.tw_status.get(&(value as u64)) {
+            Some(name) => crate::decode::intern(name),
+            None => crate::decode::intern(&format!("status#{value}")),
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::decode::{Hook, Owner, OwnerSource, TraceEvent};
+use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
 use crate::model::{KernelGeneration, TcpExtCounter};
 
 use super::{Confidence, Direction, ResetCause, ResetDiagnosis, Task, human_duration};
@@ -168,7 +168,7 @@ fn base(ev: &TraceEvent, direction: Direction) -> ResetDiagnosis {
         counter: None,
         possible_counters: Vec::new(),
         kernel_reason: specific_reason(ev).map(str::to_string),
-        sk: ev.sk.clone(),
+        sk: ev.sk,
         peer_cause: None,
         close_stack: ev.user_stack.clone().unwrap_or_default(),
         close_site: ev.user_stack.as_ref().and_then(|s| {
@@ -183,7 +183,7 @@ fn task(ev: &TraceEvent) -> Task {
     Task {
         pid: ev.pid,
         tid: ev.tid,
-        comm: ev.comm.clone(),
+        comm: ev.comm,
     }
 }
 
@@ -199,8 +199,11 @@ fn is_rst(ev: &TraceEvent) -> bool {
 }
 
 /// State changes of socket `sk` before the event, newest first.
-fn changes_before<'a>(cx: &FlowContext<'a>, sk: &str) -> impl Iterator<Item = &'a TraceEvent> + 'a {
-    let sk = sk.to_string();
+fn changes_before<'a>(
+    cx: &FlowContext<'a>,
+    sk: &SockPtr,
+) -> impl Iterator<Item = &'a TraceEvent> + 'a {
+    let sk = *sk;
     cx.before
         .iter()
         .rev()
@@ -886,7 +889,10 @@ fn time_wait(d: &mut ResetDiagnosis, cx: &FlowContext<'_>, confidence: Confidenc
         evidence = format!(
             "the TIME_WAIT minisocket (substate {}) got [{}]{} and answered RST",
             state(s),
-            s.segment.as_ref().map(|g| g.flags.as_str()).unwrap_or("?"),
+            s.segment
+                .as_ref()
+                .map(|g| g.flags.to_string())
+                .unwrap_or("?".into()),
             s.segment
                 .as_ref()
                 .filter(|g| g.len > 0)

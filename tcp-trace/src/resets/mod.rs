@@ -178,7 +178,7 @@ impl fmt::Display for ResetCause {
 pub struct Task {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: crate::decode::Comm,
 }
 
 impl fmt::Display for Task {
@@ -227,7 +227,7 @@ pub struct ResetDiagnosis {
     /// The kernel's `sk_rst_reason`, when it gave a specific one.
     pub kernel_reason: Option<String>,
     /// Kernel address of the socket the event came from.
-    pub sk: String,
+    pub sk: crate::decode::SockPtr,
     /// For a received RST whose sender is traced on this host too: the sender's cause.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_cause: Option<ResetCause>,

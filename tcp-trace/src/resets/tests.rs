@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use super::counters::{self, CheckVerdict, Tally};
 use super::*;
-use crate::decode::{self, CloseDetails, Hook, OwnerSource, Segment, TraceEvent};
+use crate::decode::{
+    self, CloseDetails, Comm, Hook, KState, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+};
 use crate::model::{self, Input, KernelGeneration, Model, ModelParams, TcpExtCounter, Wire};
 
 const NS: u32 = 4026531840;
@@ -18,7 +20,7 @@ fn k(minor: u32) -> KernelGeneration {
 /// Events of one socket (server 127.0.0.1:8080 <- client 127.0.0.2:40000), owned by pid 7.
 struct Stream {
     ts: u64,
-    sk: String,
+    sk: SockPtr,
     local: u16,
     remote: u16,
     tid: u32,
@@ -45,19 +47,19 @@ impl Stream {
         self.ts += 10_000;
         e.ts_ns = self.ts;
         e.hook = hook;
-        e.state = state.map(str::to_string);
+        e.state = state.map(KState::from);
         e.new_state = None;
         e.close = None;
         e.pid = self.tid;
         e.tid = self.tid;
-        e.comm = format!("task{}", self.tid);
+        e.comm = Comm::from(format!("task{}", self.tid).as_str());
         e.owner = Some(decode::Owner {
             pid: self.owner,
             comm: "server".into(),
             source: OwnerSource::Kernel,
         });
         e.netns = NS;
-        e.sk = self.sk.clone();
+        e.sk = self.sk;
         e.local = Some(format!("127.0.0.1:{}", self.local).parse().unwrap());
         e.remote = Some(format!("127.0.0.2:{}", self.remote).parse().unwrap());
         self.events.push(e);
@@ -86,14 +88,14 @@ impl Stream {
     fn active_rst(&mut self, state: &str, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, Some(state));
         e.rst_active = Some(true);
-        e.rst_reason = reason.map(str::to_string);
+        e.rst_reason = reason.map(intern);
         self
     }
 
     fn reply_rst(&mut self, state: Option<&str>, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, state);
         e.rst_active = Some(false);
-        e.rst_reason = reason.map(str::to_string);
+        e.rst_reason = reason.map(intern);
         self
     }
 
@@ -712,7 +714,7 @@ fn connection_histories_are_bounded() {
     for port in 0..100u16 {
         let mut s = Stream::new();
         s.remote = 1000 + port;
-        s.sk = format!("0x{port:x}");
+        s.sk = SockPtr(port as u64);
         for _ in 0..10 {
             s.state("ESTABLISHED", "FIN_WAIT1");
         }
@@ -740,7 +742,7 @@ fn the_summary_groups_by_process_cause_and_peer() {
         let mut s = Stream::new();
         s.ts += u64::from(i) * 1_000_000;
         s.remote = 40000 + i;
-        s.sk = format!("0x{i:x}");
+        s.sk = SockPtr(i as u64);
         s.state("ESTABLISHED", "CLOSE")
             .active_rst("CLOSE", Some("TCP_ABORT_ON_CLOSE"))
             .destroy();

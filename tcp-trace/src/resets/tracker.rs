@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 
-use crate::decode::{Hook, TraceEvent};
+use crate::decode::{Hook, SockPtr, TraceEvent};
 use crate::model::KernelGeneration;
 
 use super::classify::{FlowContext, HookSet, classify};
@@ -60,17 +60,17 @@ pub struct ResetTracker {
     netns_of_tuple: HashMap<Tuple, Vec<u32>>,
     /// The connection of each socket, for its events without a 4-tuple (tcp_disconnect()
     /// clears the destination port before the socket is destroyed).
-    sk_conn: HashMap<String, ConnKey>,
-    sk_order: VecDeque<String>,
+    sk_conn: HashMap<SockPtr, ConnKey>,
+    sk_order: VecDeque<SockPtr>,
     lru: VecDeque<(ConnKey, u64)>,
     clock: u64,
     /// Listeners between LISTEN -> CLOSE and their destruction (inet_csk_listen_stop() runs in
     /// between), by socket.
-    closing_listeners: HashMap<String, TraceEvent>,
+    closing_listeners: HashMap<SockPtr, TraceEvent>,
     /// Children that went to CLOSE inside their listener's close(): socket -> the listener's
     /// LISTEN -> CLOSE.
-    listener_children: HashMap<String, TraceEvent>,
-    listener_children_order: VecDeque<String>,
+    listener_children: HashMap<SockPtr, TraceEvent>,
+    listener_children_order: VecDeque<SockPtr>,
     pending: Vec<TraceEvent>,
     /// Intervals (CLOCK_MONOTONIC ns) in which the kernel dropped events: from the previous
     /// loss check to the one that saw the counter grow.
@@ -208,10 +208,10 @@ impl ResetTracker {
                 }
             }
             if tuple(ev).is_some()
-                && ev.sk != "0x0"
-                && self.sk_conn.insert(ev.sk.clone(), key) != Some(key)
+                && !ev.sk.is_null()
+                && self.sk_conn.insert(ev.sk, key) != Some(key)
             {
-                self.sk_order.push_back(ev.sk.clone());
+                self.sk_order.push_back(ev.sk);
                 if self.sk_order.len() > 2 * self.cfg.max_connections
                     && let Some(old) = self.sk_order.pop_front()
                 {
@@ -263,7 +263,7 @@ impl ResetTracker {
                 // A listener whose destruction went unseen must not claim later children.
                 self.closing_listeners
                     .retain(|_, l| ev.ts_ns.saturating_sub(l.ts_ns) <= settle);
-                self.closing_listeners.insert(ev.sk.clone(), ev.clone());
+                self.closing_listeners.insert(ev.sk, ev.clone());
             }
             Hook::TcpDestroySock => {
                 self.closing_listeners.remove(&ev.sk);
@@ -284,8 +284,8 @@ impl ResetTracker {
                 });
                 if let Some(l) = listener {
                     let l = l.clone();
-                    self.listener_children.insert(ev.sk.clone(), l);
-                    self.listener_children_order.push_back(ev.sk.clone());
+                    self.listener_children.insert(ev.sk, l);
+                    self.listener_children_order.push_back(ev.sk);
                     if self.listener_children_order.len() > 4096
                         && let Some(old) = self.listener_children_order.pop_front()
                     {

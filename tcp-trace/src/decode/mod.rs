@@ -9,6 +9,10 @@ use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag, hook};
 
 use crate::kernel::btf::KernelFacts;
 
+mod values;
+
+pub use values::{Comm, Family, KState, SockPtr, TcpFlags, intern};
+
 /// Reinterprets one ring-buffer record as an [`Event`].
 pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
     if bytes.len() != EVENT_SIZE {
@@ -86,27 +90,13 @@ impl Hook {
 
 /// Kernel TCP state names (include/net/tcp_states.h).
 pub fn state_name(s: u8) -> &'static str {
-    match s {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
+    KState(s).name()
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// `kernel`: learned in process context by the eBPF side; `inferred`: deduced in userspace
     /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner).
     pub source: OwnerSource,
@@ -119,7 +109,7 @@ pub enum OwnerSource {
     Inferred,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct CloseDetails {
     /// tcp_close's timeout argument, jiffies (the SO_LINGER time when lingering).
     pub timeout_jiffies: i64,
@@ -136,9 +126,9 @@ pub struct CloseDetails {
     pub orphan: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Segment {
-    pub flags: String,
+    pub flags: TcpFlags,
     pub seq: u32,
     pub ack: u32,
     pub len: u32,
@@ -147,7 +137,7 @@ pub struct Segment {
 }
 
 /// One decoded event: the stable JSON schema of `--json` lines with `"type": "event"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TraceEvent {
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
     pub ts_ns: u64,
@@ -156,25 +146,25 @@ pub struct TraceEvent {
     /// The task on the CPU when the hook ran (in softirq: whatever it interrupted).
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// The process that owns the socket, when known.
     pub owner: Option<Owner>,
     pub netns: u32,
     /// Kernel address of the socket (the TIME_WAIT minisocket for TW hooks), as hex.
-    pub sk: String,
-    pub family: Option<String>,
+    pub sk: SockPtr,
+    pub family: Option<Family>,
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     /// The socket's state when the hook ran (TW substate for TW hooks).
-    pub state: Option<String>,
+    pub state: Option<KState>,
     /// inet_sock_set_state: the new state; tcp_time_wait: the requested TW substate;
     /// tcp_timewait_state_process return: the substate afterwards.
-    pub new_state: Option<String>,
+    pub new_state: Option<KState>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub close: Option<CloseDetails>,
     /// RST reason by kernel name (SK_RST_REASON_ prefix dropped), where the kernel has one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rst_reason: Option<String>,
+    pub rst_reason: Option<&'static str>,
     /// tcp_send_reset: true for an active reset (no incoming segment), false for a reply.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rst_active: Option<bool>,
@@ -185,7 +175,7 @@ pub struct TraceEvent {
     pub segment: Option<Segment>,
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tw_status: Option<String>,
+    pub tw_status: Option<&'static str>,
     /// The user call stack of the close() that caused this event (with `--stacks`), innermost
     /// frame first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -193,8 +183,7 @@ pub struct TraceEvent {
 }
 
 pub fn comm_str(c: &[u8]) -> String {
-    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
-    String::from_utf8_lossy(&c[..end]).into_owned()
+    Comm::from_kernel(c).as_str().to_owned()
 }
 
 fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
@@ -206,34 +195,18 @@ fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-fn tcp_flags(f: u8) -> String {
-    const NAMES: [(u8, char); 6] = [
-        (0x02, 'S'),
-        (0x01, 'F'),
-        (0x04, 'R'),
-        (0x08, 'P'),
-        (0x10, '.'),
-        (0x20, 'U'),
-    ];
-    NAMES
-        .iter()
-        .filter(|(bit, _)| f & bit != 0)
-        .map(|(_, c)| *c)
-        .collect()
-}
-
 /// Decodes `ev` with the enum names in `facts`. `owner` is the owner after userspace
 /// attribution (see `flows::owners`), which may know more than the kernel did.
 pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
     let hook = Hook::from_abi(ev.hook).unwrap_or(Hook::InetSockSetState);
     let family = match ev.family {
-        AF_INET => Some("ipv4".to_string()),
-        AF_INET6 => Some("ipv6".to_string()),
+        AF_INET => Some(Family::Ipv4),
+        AF_INET6 => Some(Family::Ipv6),
         _ => None,
     };
     let owner = (ev.flags & flag::OWNER_KNOWN != 0).then(|| Owner {
         pid: ev.owner_tgid,
-        comm: comm_str(&ev.owner_comm),
+        comm: Comm::from_kernel(&ev.owner_comm),
         source: OwnerSource::Kernel,
     });
     let has_state = ev.flags & flag::TUPLE_FROM_SKB == 0;
@@ -241,21 +214,21 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
         hook,
         Hook::InetSockSetState | Hook::TcpTimeWait | Hook::TcpTimewaitStateProcessReturn
     )
-    .then(|| state_name(ev.new_state).to_string());
+    .then_some(KState(ev.new_state));
     let mut out = TraceEvent {
         ts_ns: ev.ts_ns,
         cpu: ev.cpu,
         hook,
         pid: ev.tgid,
         tid: ev.tid,
-        comm: comm_str(&ev.comm),
+        comm: Comm::from_kernel(&ev.comm),
         owner,
         netns: ev.netns,
-        sk: format!("{:#x}", ev.sk),
+        sk: SockPtr(ev.sk),
         family,
         local: addr(ev.family, &ev.saddr, ev.sport),
         remote: addr(ev.family, &ev.daddr, ev.dport),
-        state: has_state.then(|| state_name(ev.old_state).to_string()),
+        state: has_state.then_some(KState(ev.old_state)),
         new_state,
         close: None,
         rst_reason: None,
@@ -287,7 +260,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
         Hook::TcpTimeWait => out.timeo_jiffies = Some(ev.timeout),
         Hook::TcpTimewaitStateProcess => {
             out.segment = Some(Segment {
-                flags: tcp_flags(ev.tcp_flags),
+                flags: TcpFlags(ev.tcp_flags),
                 seq: ev.seq,
                 ack: ev.ack_seq,
                 len: ev.seg_len,
@@ -393,13 +366,14 @@ pub(crate) mod tests {
         let ev = v4_event(hook::INET_SOCK_SET_STATE, 1, 2);
         let t = decode(&ev, &facts());
         let v: serde_json::Value = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["sk"], "0xffff888012345678");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["comm"], "curl");
         for key in [
             "ts_ns", "hook", "pid", "comm", "owner", "local", "remote", "state", "sk",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["hook"], "inet_sock_set_state");
-        let back: TraceEvent = serde_json::from_value(v).unwrap();
-        assert_eq!(back, t);
     }
 }
