@@ -90,6 +90,25 @@ pub fn host_sysctls() -> BTreeMap<String, String> {
     .collect()
 }
 
+/// One `--json` line: the object's own fields after `type` (and `unix_ns`, `advice` where they
+/// apply), serialized straight into the output.
+#[derive(serde::Serialize)]
+struct JsonLine<'a, T: serde::Serialize> {
+    r#type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advice: Option<&'a str>,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn json_line<T: serde::Serialize>(out: &mut impl Write, line: &JsonLine<'_, T>) -> Result<()> {
+    serde_json::to_writer(&mut *out, line)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
 pub struct Pipeline<W: Write> {
     facts: KernelFacts,
     opts: ReportOptions,
@@ -194,10 +213,15 @@ impl<W: Write> Pipeline<W> {
         if self.opts.view != View::Flows {
             let unix_ns = self.wall(ev.ts_ns);
             if self.opts.json {
-                let mut v = serde_json::to_value(&ev)?;
-                v["type"] = "event".into();
-                v["unix_ns"] = unix_ns.into();
-                writeln!(self.out, "{v}")?;
+                json_line(
+                    &mut self.out,
+                    &JsonLine {
+                        r#type: "event",
+                        unix_ns: Some(unix_ns),
+                        advice: None,
+                        body: &ev,
+                    },
+                )?;
             } else {
                 writeln!(self.out, "{}", human_line(&ev, unix_ns))?;
             }
@@ -228,13 +252,16 @@ impl<W: Write> Pipeline<W> {
         }
         let unix_ns = self.wall(d.ts_ns);
         if self.opts.json {
-            let mut v = serde_json::to_value(d)?;
-            v["type"] = "reset".into();
-            v["unix_ns"] = unix_ns.into();
-            if let Some(a) = d.advice() {
-                v["advice"] = a.into();
-            }
-            writeln!(self.out, "{v}")?;
+            let advice = d.advice();
+            json_line(
+                &mut self.out,
+                &JsonLine {
+                    r#type: "reset",
+                    unix_ns: Some(unix_ns),
+                    advice: advice.as_deref(),
+                    body: d,
+                },
+            )?;
         } else {
             writeln!(self.out, "{}", resets::reset_line(d, unix_ns))?;
         }
@@ -255,9 +282,15 @@ impl<W: Write> Pipeline<W> {
             return Ok(());
         }
         if self.opts.json {
-            let mut v = serde_json::to_value(&report)?;
-            v["type"] = "flow".into();
-            writeln!(self.out, "{v}")?;
+            json_line(
+                &mut self.out,
+                &JsonLine {
+                    r#type: "flow",
+                    unix_ns: None,
+                    advice: None,
+                    body: &report,
+                },
+            )?;
         } else {
             writeln!(self.out, "{}", report.render_timeline())?;
         }

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::decode::{CloseDetails, Hook, Segment, TraceEvent};
+use crate::decode::{CloseDetails, Hook, KState, Segment, TraceEvent};
 use crate::model::{
     Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire,
 };
@@ -139,14 +139,14 @@ impl Visibility {
     }
 }
 
-/// A TCP state by its kernel name.
-pub(crate) fn tcp_state(name: Option<&str>) -> Option<TcpState> {
-    name?.parse().ok()
+/// A TCP state by its kernel number.
+pub(crate) fn tcp_state(state: Option<KState>) -> Option<TcpState> {
+    TcpState::from_kernel(state?.0)
 }
 
 /// A minisocket substate by its kernel name.
-pub(crate) fn tw_substate(name: Option<&str>) -> Option<TwSubstate> {
-    match tcp_state(name)? {
+pub(crate) fn tw_substate(state: Option<KState>) -> Option<TwSubstate> {
+    match tcp_state(state)? {
         TcpState::FinWait2 => Some(TwSubstate::FinWait2),
         TcpState::TimeWait => Some(TwSubstate::TimeWait),
         _ => None,
@@ -202,7 +202,7 @@ pub(crate) struct ObsEv {
 
 impl ObsEv {
     pub fn from_event(ev: &TraceEvent) -> ObsEv {
-        let state = tcp_state(ev.state.as_deref());
+        let state = tcp_state(ev.state);
         let obs = match ev.hook {
             Hook::TcpClose => Obs::CloseCall {
                 details: ev.close.clone(),
@@ -213,7 +213,7 @@ impl ObsEv {
                 reason: ev.rst_reason.clone(),
             },
             Hook::TcpTimeWait => Obs::TimeWaitCall {
-                substate: tw_substate(ev.new_state.as_deref()),
+                substate: tw_substate(ev.new_state),
                 timeo_jiffies: ev.timeo_jiffies,
             },
             Hook::TcpTimewaitStateProcess => Obs::TwSegment {
@@ -221,9 +221,9 @@ impl ObsEv {
             },
             Hook::TcpTimewaitStateProcessReturn => Obs::TwReturn {
                 status: ev.tw_status.clone(),
-                after: tw_substate(ev.new_state.as_deref()),
+                after: tw_substate(ev.new_state),
             },
-            Hook::InetSockSetState => match (state, tcp_state(ev.new_state.as_deref())) {
+            Hook::InetSockSetState => match (state, tcp_state(ev.new_state)) {
                 (Some(from), Some(to)) => Obs::SetState { from, to },
                 _ => Obs::Unknown(format!(
                     "state change {} -> {}",
@@ -247,7 +247,7 @@ impl ObsEv {
             obs,
             state: if tw_hook { None } else { state },
             tw_substate: if tw_hook {
-                tw_substate(ev.state.as_deref())
+                tw_substate(ev.state)
             } else {
                 None
             },

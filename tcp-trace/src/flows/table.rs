@@ -2,8 +2,10 @@
 //! pointer, peer links, lifetimes (socket destroyed, minisocket killed or presumed expired, key
 //! reused, idle, capacity), and the report each flow becomes when it ends.
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::Serialize;
@@ -40,30 +42,46 @@ pub struct FlowStats {
     pub released_early: u64,
 }
 
-/// An event waiting in the reorder buffer; the heap pops the oldest first.
-struct Pending {
-    ts: u64,
+/// Events waiting to be processed in time order: a heap of small keys (time, arrival) over a
+/// slab of events, so that reordering moves 24-byte keys rather than whole events.
+#[derive(Default)]
+struct ReorderBuffer {
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slots: Vec<Option<TraceEvent>>,
+    free: Vec<u32>,
     seq: u64,
-    ev: TraceEvent,
 }
 
-impl PartialEq for Pending {
-    fn eq(&self, other: &Self) -> bool {
-        (self.ts, self.seq) == (other.ts, other.seq)
+impl ReorderBuffer {
+    fn push(&mut self, ev: TraceEvent) {
+        let ts = ev.ts_ns;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slots.push(Some(ev));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.seq += 1;
+        self.heap.push(Reverse((ts, self.seq, slot)));
     }
-}
 
-impl Eq for Pending {}
-
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+    /// The time of the oldest event.
+    fn oldest(&self) -> Option<u64> {
+        self.heap.peek().map(|Reverse((ts, _, _))| *ts)
     }
-}
 
-impl Ord for Pending {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.ts, other.seq).cmp(&(self.ts, self.seq))
+    fn pop(&mut self) -> Option<TraceEvent> {
+        let Reverse((_, _, slot)) = self.heap.pop()?;
+        self.free.push(slot);
+        self.slots[slot as usize].take()
+    }
+
+    fn len(&self) -> usize {
+        self.heap.len()
     }
 }
 
@@ -101,6 +119,9 @@ struct Flow {
     ended: Option<(u64, FlowEnd)>,
     lost: bool,
     notes: Vec<String>,
+    /// When `expire` looks at this flow next (its entry in `FlowTable::deadlines`); `u64::MAX`:
+    /// not scheduled.
+    next_check: u64,
 }
 
 impl Flow {
@@ -113,12 +134,15 @@ impl Flow {
 pub struct FlowTable {
     cfg: FlowConfig,
     vis: Visibility,
-    heap: BinaryHeap<Pending>,
-    seq: u64,
+    heap: ReorderBuffer,
     /// Events at or before this have been processed.
     watermark: u64,
     max_ts: u64,
     flows: HashMap<u64, Flow>,
+    /// (time, flow id): when each flow may end by timing out (grace after its end, TIME_WAIT
+    /// deadline, idleness), so that aging costs O(flows due), not a walk over the table.
+    /// Entries whose time is not the flow's `next_check` are stale and skipped.
+    deadlines: BinaryHeap<Reverse<(u64, u64)>>,
     by_key: HashMap<FlowKey, u64>,
     by_sk: HashMap<SockPtr, u64>,
     /// (local, remote) -> flows, across netns: for peer links.
@@ -185,11 +209,11 @@ impl FlowTable {
         FlowTable {
             cfg: config,
             vis,
-            heap: BinaryHeap::new(),
-            seq: 0,
+            heap: ReorderBuffer::default(),
             watermark: 0,
             max_ts: 0,
             flows: HashMap::new(),
+            deadlines: BinaryHeap::new(),
             by_key: HashMap::new(),
             by_sk: HashMap::new(),
             by_addr: HashMap::new(),
@@ -232,17 +256,12 @@ impl FlowTable {
             self.stats.late_events += 1;
         }
         self.max_ts = self.max_ts.max(ev.ts_ns);
-        self.seq += 1;
-        self.heap.push(Pending {
-            ts: ev.ts_ns,
-            seq: self.seq,
-            ev,
-        });
+        self.heap.push(ev);
         while self.heap.len() > self.cfg.max_buffered_events.max(1) {
-            if let Some(p) = self.heap.pop() {
+            if let Some(ev) = self.heap.pop() {
                 self.stats.released_early += 1;
-                self.watermark = self.watermark.max(p.ts);
-                self.ingest(p.ev);
+                self.watermark = self.watermark.max(ev.ts_ns);
+                self.ingest(ev);
             }
         }
     }
@@ -276,9 +295,9 @@ impl FlowTable {
     /// time, and returns the flows that ended.
     pub fn advance(&mut self, now_ns: u64) -> Vec<FlowReport> {
         let mark = now_ns.saturating_sub(self.cfg.reorder_window_ns);
-        while self.heap.peek().is_some_and(|p| p.ts <= mark) {
-            if let Some(p) = self.heap.pop() {
-                self.ingest(p.ev);
+        while self.heap.oldest().is_some_and(|ts| ts <= mark) {
+            if let Some(ev) = self.heap.pop() {
+                self.ingest(ev);
             }
         }
         self.watermark = self.watermark.max(mark);
@@ -289,8 +308,8 @@ impl FlowTable {
 
     /// End of trace: processes everything buffered and reports every flow, ended or not.
     pub fn flush(&mut self) -> Vec<FlowReport> {
-        while let Some(p) = self.heap.pop() {
-            self.ingest(p.ev);
+        while let Some(ev) = self.heap.pop() {
+            self.ingest(ev);
         }
         self.watermark = self.watermark.max(self.max_ts);
         self.expire(self.max_ts);
@@ -316,9 +335,9 @@ impl FlowTable {
             }),
             _ => None,
         };
-        let from = tcp_state(ev.state.as_deref());
+        let from = tcp_state(ev.state);
         let to = (ev.hook == Hook::InetSockSetState)
-            .then(|| tcp_state(ev.new_state.as_deref()))
+            .then(|| tcp_state(ev.new_state))
             .flatten();
         // A key identifies a connection once both ends are known. Listeners (remote 0, and
         // several may share a port with SO_REUSEPORT), a SYN_SENT socket before its port is
@@ -399,6 +418,33 @@ impl FlowTable {
             }
         }
         self.track(id, ev, object, from, to);
+        self.schedule(id);
+    }
+
+    /// The time from which `expire` has something to do with `f`.
+    fn due(&self, f: &Flow) -> u64 {
+        if let Some((t, _)) = f.ended {
+            t.saturating_add(self.cfg.end_grace_ns)
+        } else if let Some(tw) = &f.tw {
+            tw.deadline.saturating_add(self.cfg.tw_slack_ns)
+        } else {
+            f.last_ts.saturating_add(self.cfg.idle_evict_ns)
+        }
+    }
+
+    /// Makes sure `expire` looks at flow `id` by its due time. A later due time (the flow saw
+    /// another event) needs no new entry: the old one is found early and re-queued then.
+    fn schedule(&mut self, id: u64) {
+        let Some(f) = self.flows.get(&id) else {
+            return;
+        };
+        let due = self.due(f);
+        if due < f.next_check {
+            if let Some(f) = self.flows.get_mut(&id) {
+                f.next_check = due;
+            }
+            self.deadlines.push(Reverse((due, id)));
+        }
     }
 
     fn start_flow(
@@ -437,6 +483,7 @@ impl FlowTable {
             ended: None,
             lost: false,
             notes: Vec::new(),
+            next_check: u64::MAX,
         };
         self.flows.insert(id, flow);
         self.order.push_back(id);
@@ -605,7 +652,7 @@ impl FlowTable {
                 }
             }
             Hook::TcpTimeWait => {
-                let substate = tw_substate(ev.new_state.as_deref());
+                let substate = tw_substate(ev.new_state);
                 let life_ms = match substate {
                     Some(TwSubstate::FinWait2) => {
                         let timeo_ms = match (ev.timeo_jiffies, hz) {
@@ -621,7 +668,7 @@ impl FlowTable {
                 f.tw = Some(new_tw(ts, life_ms * NS_PER_MS, substate, false));
             }
             Hook::TcpTimewaitStateProcess => {
-                let seen = tw_substate(ev.state.as_deref());
+                let seen = tw_substate(ev.state);
                 let tw =
                     f.tw.get_or_insert_with(|| new_tw(ts, TIMEWAIT_LEN_NS, seen, false));
                 tw.presumed = false;
@@ -650,11 +697,11 @@ impl FlowTable {
                 }
             }
             Hook::TcpTimewaitStateProcessReturn => {
-                let seen = tw_substate(ev.state.as_deref());
+                let seen = tw_substate(ev.state);
                 let tw =
                     f.tw.get_or_insert_with(|| new_tw(ts, TIMEWAIT_LEN_NS, seen, false));
                 tw.presumed = false;
-                if let Some(after) = tw_substate(ev.new_state.as_deref()) {
+                if let Some(after) = tw_substate(ev.new_state) {
                     tw.substate = Some(after);
                 }
                 let kill = match ev.tw_status.as_deref() {
@@ -714,27 +761,41 @@ impl FlowTable {
     /// Reports ended flows past their grace period, presumes silent minisockets expired, and
     /// evicts idle flows.
     fn expire(&mut self, now: u64) {
-        let grace = self.cfg.end_grace_ns;
         let idle = self.cfg.idle_evict_ns;
-        let slack = self.cfg.tw_slack_ns;
         let mut done: Vec<(u64, FlowEnd, Option<String>)> = Vec::new();
-        for (&id, f) in self.flows.iter_mut() {
+        let mut later = Vec::new();
+        while let Some(&Reverse((t, id))) = self.deadlines.peek() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(f) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            if f.next_check != t {
+                continue;
+            }
+            f.next_check = u64::MAX;
             if let Some((t, end)) = f.ended {
-                if t.saturating_add(grace) <= now {
+                if t.saturating_add(self.cfg.end_grace_ns) <= now {
                     done.push((id, end, None));
+                } else {
+                    later.push(id);
                 }
                 continue;
             }
             if let Some(tw) = &f.tw {
-                if tw.deadline.saturating_add(slack) <= now {
+                if tw.deadline.saturating_add(self.cfg.tw_slack_ns) <= now {
                     let deadline = tw.deadline;
                     f.tw = None;
                     f.tw_expired = true;
                     if f.full_gone {
                         f.ended = Some((deadline, FlowEnd::TimeWaitExpired));
                         done.push((id, FlowEnd::TimeWaitExpired, None));
+                        continue;
                     }
                 }
+                later.push(id);
                 continue;
             }
             if f.last_ts.saturating_add(idle) <= now {
@@ -746,7 +807,12 @@ impl FlowTable {
                         idle / 1_000_000_000
                     )),
                 ));
+            } else {
+                later.push(id);
             }
+        }
+        for id in later {
+            self.schedule(id);
         }
         done.sort_unstable_by_key(|(id, _, _)| *id);
         for (id, end, note) in done {

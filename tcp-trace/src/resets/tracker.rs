@@ -7,7 +7,9 @@
 //! listeners between their close and their destruction; pending events leave after the settle
 //! window.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 
 use crate::decode::{Hook, SockPtr, TraceEvent};

@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Leave out the offline replay.
     #[arg(long)]
     skip_replay: bool,
+    /// Write the replay recordings into DIR and keep them there (to replay or profile by hand).
+    #[arg(long, value_name = "DIR")]
+    keep_recordings: Option<PathBuf>,
     /// Measure this tcp-trace binary instead of building the workspace's (e.g. another commit's).
     #[arg(long, value_name = "PATH")]
     tcp_trace: Option<PathBuf>,
@@ -386,7 +389,10 @@ fn live(
 
 /// The offline part; returns whether replay met its targets.
 fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
-    let scratch = Scratch::new("replay")?;
+    let scratch = match &args.keep_recordings {
+        Some(dir) => Scratch::kept(dir)?,
+        None => Scratch::new("replay")?,
+    };
     say("replay: recording this machine's header (tcp-trace record, 300 ms)");
     let header = offline::record_header(bins, &scratch.0)?;
 
@@ -435,7 +441,7 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
             ));
         }
     }
-    let _ = std::fs::remove_file(&path);
+    scratch.done_with(&path);
 
     // Memory: the 1M-flow recording, once (the peak is deterministic).
     let shape = Shape::with_flows(args.flows);
@@ -452,7 +458,7 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
             rss as f64 / 1024.0
         ));
     }
-    let _ = std::fs::remove_file(&path);
+    scratch.done_with(&path);
 
     println!(
         "\nOffline replay of synthetic recordings (connections alternating clean and rst-unread, \

@@ -145,8 +145,8 @@ pub fn replay_once(bin: &Path, file: &Path, mode: Mode) -> Result<ReplayRun> {
     })
 }
 
-/// A scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
+/// A scratch directory, removed on drop unless kept.
+pub struct Scratch(pub PathBuf, pub bool);
 
 impl Scratch {
     /// `tcp-trace-bench-PID-TAG` under the temporary directory (the replay recordings: a GB for
@@ -166,15 +166,30 @@ impl Scratch {
         }
     }
 
+    /// `dir` itself, kept afterwards (`--keep-recordings`: to profile a replay by hand).
+    pub fn kept(dir: &Path) -> Result<Scratch> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir.to_path_buf(), true))
+    }
+
     fn under(parent: &Path, tag: &str) -> Result<Scratch> {
         let dir = parent.join(format!("tcp-trace-bench-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Scratch(dir))
+        Ok(Scratch(dir, false))
+    }
+
+    /// Removes a recording once measured, unless the directory is kept.
+    pub fn done_with(&self, file: &Path) {
+        if !self.1 {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
