@@ -289,6 +289,13 @@ pub fn intern(name: &str) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Events are queued, kept in flows and in reset histories by the hundred thousand: a new
+    /// field that makes them much bigger should be a decision, not an accident.
+    #[test]
+    fn decoded_events_stay_small() {
+        assert!(std::mem::size_of::<crate::decode::TraceEvent>() <= 288);
+    }
+
     #[test]
     fn comm_keeps_utf8_and_replaces_the_rest() {
         assert_eq!(Comm::from_kernel(b"curl\0\0\0"), "curl");

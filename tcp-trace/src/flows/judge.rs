@@ -735,6 +735,10 @@ fn success(
                 "TW({}) still alive at the end of the trace (fate unseen)",
                 tw.substate
             )),
+            FlowEnd::TimeWaitUnseen => notes.push(format!(
+                "TW({}) presumed alive when reported (its fate is not visible with these hooks)",
+                tw.substate
+            )),
             FlowEnd::Reused => notes.push(format!(
                 "TW({}) ended by a new connection on the same 4-tuple",
                 tw.substate

@@ -144,6 +144,9 @@ pub enum FlowEnd {
     TimeWaitKilled,
     /// The minisocket was silent for its lifetime: presumed expired (its death has no event).
     TimeWaitExpired,
+    /// Reported with its minisocket presumed alive: no attached hook can follow it (tracepoints
+    /// only), so its fate is not waited for.
+    TimeWaitUnseen,
     /// A new connection (or another socket) took the key.
     Reused,
     /// No event for `idle_evict_ns`.
@@ -160,6 +163,7 @@ impl fmt::Display for FlowEnd {
             FlowEnd::Destroyed => "destroyed",
             FlowEnd::TimeWaitKilled => "TIME_WAIT killed",
             FlowEnd::TimeWaitExpired => "TIME_WAIT expired (presumed)",
+            FlowEnd::TimeWaitUnseen => "in TIME_WAIT (minisocket not followed)",
             FlowEnd::Reused => "4-tuple reused",
             FlowEnd::IdleEvicted => "evicted (idle)",
             FlowEnd::CapacityEvicted => "evicted (table full)",

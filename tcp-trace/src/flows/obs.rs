@@ -246,11 +246,7 @@ impl ObsEv {
             ts: ev.ts_ns,
             obs,
             state: if tw_hook { None } else { state },
-            tw_substate: if tw_hook {
-                tw_substate(ev.state)
-            } else {
-                None
-            },
+            tw_substate: if tw_hook { tw_substate(ev.state) } else { None },
         }
     }
 

@@ -23,6 +23,17 @@ const NS_PER_MS: u64 = 1_000_000;
 const TIMEWAIT_LEN_NS: u64 = TCP_TIMEWAIT_LEN_MS * NS_PER_MS;
 /// A RST this close to a FIN_WAIT2/CLOSING -> CLOSE belongs to it (no minisocket then).
 const RST_NEAR_NS: u64 = 5 * NS_PER_MS;
+/// Note on flows whose minisocket no attached hook can follow.
+const TW_UNSEEN_NOTE: &str = "the TIME_WAIT minisocket is invisible without tcp_time_wait or \
+     tcp_timewait_state_process: the flow is reported shortly after its full socket closed, and \
+     later events of the 4-tuple start a new flow";
+fn idle_note(idle_ns: u64) -> String {
+    format!(
+        "evicted after {} s without an event",
+        idle_ns / 1_000_000_000
+    )
+}
+
 /// Loss intervals remembered (older ones are merged).
 const MAX_LOSS_INTERVALS: usize = 64;
 
@@ -93,6 +104,9 @@ struct TwTrack {
     deadline: u64,
     substate: Option<TwSubstate>,
     presumed: bool,
+    /// No attached hook can see the minisocket: the flow is reported when `deadline` (shortly
+    /// after the full socket closed) passes, with the minisocket presumed still alive.
+    unseen: bool,
     /// The last segment's entry says it dies; the return hook confirms.
     pending_kill: bool,
 }
@@ -426,7 +440,12 @@ impl FlowTable {
         if let Some((t, _)) = f.ended {
             t.saturating_add(self.cfg.end_grace_ns)
         } else if let Some(tw) = &f.tw {
-            tw.deadline.saturating_add(self.cfg.tw_slack_ns)
+            if tw.unseen && !f.full_gone {
+                // Reported once the socket is destroyed (that event reschedules it).
+                f.last_ts.saturating_add(self.cfg.idle_evict_ns)
+            } else {
+                tw.deadline.saturating_add(self.cfg.tw_slack_ns)
+            }
         } else {
             f.last_ts.saturating_add(self.cfg.idle_evict_ns)
         }
@@ -637,6 +656,7 @@ impl FlowTable {
                 deadline: start.saturating_add(life),
                 substate,
                 presumed,
+                unseen: false,
                 pending_kill: false,
             };
         match ev.hook {
@@ -645,7 +665,15 @@ impl FlowTable {
                 // CLOSE with no reset near it means a minisocket lives on (invisible without the
                 // tcp_time_wait hook).
                 if matches!(from, Some(FinWait2 | Closing)) && f.tw.is_none() && !f.recent_rst(ts) {
-                    f.tw = Some(new_tw(ts, TIMEWAIT_LEN_NS, None, true));
+                    // Without a minisocket hook nothing of its life can be seen: waiting out
+                    // TIME_WAIT (60 s) would only hold the flow, and its memory, for a minute.
+                    // It is reported once the tw slack has passed instead.
+                    let unseen = !(vis.tcp_time_wait || vis.tw_entry || vis.tw_return);
+                    let life = if unseen { 0 } else { TIMEWAIT_LEN_NS };
+                    f.tw = Some(TwTrack {
+                        unseen,
+                        ..new_tw(ts, life, None, true)
+                    });
                 }
                 if !vis.destroy {
                     f.full_gone = true;
@@ -785,7 +813,18 @@ impl FlowTable {
                 continue;
             }
             if let Some(tw) = &f.tw {
-                if tw.deadline.saturating_add(self.cfg.tw_slack_ns) <= now {
+                if tw.unseen {
+                    if f.full_gone && tw.deadline.saturating_add(self.cfg.tw_slack_ns) <= now {
+                        f.ended = Some((tw.deadline, FlowEnd::TimeWaitUnseen));
+                        f.notes.push(TW_UNSEEN_NOTE.to_string());
+                        done.push((id, FlowEnd::TimeWaitUnseen, None));
+                        continue;
+                    }
+                    if !f.full_gone && f.last_ts.saturating_add(idle) <= now {
+                        done.push((id, FlowEnd::IdleEvicted, Some(idle_note(idle))));
+                        continue;
+                    }
+                } else if tw.deadline.saturating_add(self.cfg.tw_slack_ns) <= now {
                     let deadline = tw.deadline;
                     f.tw = None;
                     f.tw_expired = true;
@@ -799,14 +838,7 @@ impl FlowTable {
                 continue;
             }
             if f.last_ts.saturating_add(idle) <= now {
-                done.push((
-                    id,
-                    FlowEnd::IdleEvicted,
-                    Some(format!(
-                        "evicted after {} s without an event",
-                        idle / 1_000_000_000
-                    )),
-                ));
+                done.push((id, FlowEnd::IdleEvicted, Some(idle_note(idle))));
             } else {
                 later.push(id);
             }
