@@ -29,6 +29,8 @@ pub struct LiveOptions {
     pub json: bool,
     pub duration: Option<Duration>,
     pub kernel_log: bool,
+    /// Size of the kernel's ring buffer for events, in bytes (`--buffer-size`).
+    pub buffer_size: u32,
     /// `tcp-trace resets`: only the reset diagnoses, then the summary and the counter check.
     pub resets: Option<ResetsOptions>,
 }
@@ -279,6 +281,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             pids: opts.pids.clone(),
             ports: opts.ports.clone(),
             kernel_log: opts.kernel_log,
+            buffer_size: opts.buffer_size,
         },
     )?;
     report_hooks(&hooks, opts.backend, &prep.release);
