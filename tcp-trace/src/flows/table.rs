@@ -349,7 +349,10 @@ impl FlowTable {
         {
             let f = &self.flows[&id];
             let same_key = !complete || !f.key_complete || key == Some(f.key);
-            let pointer_reused = starts_connection && (f.teardown_seen || f.ended.is_some());
+            // A socket's life starts in CLOSE (or as a listener's child): anything already seen
+            // under its pointer was an earlier socket's, whose end was not seen (events lost).
+            let pointer_reused =
+                starts_connection && (f.teardown_seen || f.ended.is_some() || !f.events.is_empty());
             if same_key && !pointer_reused {
                 target = Some(id);
             } else {

@@ -1102,3 +1102,23 @@ fn reuseport_listeners_are_separate_flows() {
         assert_eq!(r.end, FlowEnd::Destroyed);
     }
 }
+
+#[test]
+fn a_reused_socket_pointer_starts_a_new_flow_even_if_the_old_end_was_lost() {
+    // A connect() whose every later event was lost, then a new socket at the same address.
+    let unbound = End::new(0xc1, "127.0.0.1:0", "127.0.0.1:5599");
+    let c = client();
+    let events = vec![
+        unbound.set(10, "CLOSE", "SYN_SENT"),
+        unbound.set(1000, "CLOSE", "SYN_SENT"),
+        c.set(1010, "SYN_SENT", "ESTABLISHED"),
+        c.rcv_rst(1100, "ESTABLISHED"),
+        c.set(1101, "ESTABLISHED", "CLOSE"),
+        c.destroy(1102),
+    ];
+    let reports = run(config(&TRACEPOINTS), events);
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    let r = find(&reports, &c);
+    assert_eq!(r.first_ns, 1000 * US, "{}", r.render_timeline());
+    assert_eq!(r.timeline.len(), 5, "{}", r.render_timeline());
+}
