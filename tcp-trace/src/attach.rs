@@ -210,6 +210,77 @@ pub struct AttachOptions {
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
     pub kernel_log: bool,
+    /// Size of the EVENTS ring buffer in bytes (`--buffer-size`): a power of two and a multiple
+    /// of the page size (see [`parse_buffer_size`]).
+    pub buffer_size: u32,
+}
+
+/// The EVENTS ring buffer's size when `--buffer-size` is not given.
+pub const DEFAULT_BUFFER_SIZE: u32 = tcp_trace_common::RING_BYTES;
+
+/// The memory page size (the ring buffer's size must be a multiple of it).
+pub fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u32 } else { 4096 }
+}
+
+/// Parses `--buffer-size`: bytes, or with a binary suffix (`64K`, `4M`, `1G`; `KiB`/`MiB`/`GiB`
+/// and lower case too). The kernel wants a ring buffer whose size is a power of two and a
+/// multiple of the page size (`page`); anything else is refused with the nearest sizes that work.
+pub fn parse_buffer_size(s: &str, page: u32) -> Result<u32, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size: use bytes or a suffix K, M or G (e.g. 64K, 4M)")
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size suffix `{other}` in `{s}`: use K, M or G (e.g. 64K, 4M)"
+            ));
+        }
+    };
+    let bytes = n.saturating_mul(mult);
+    let max = 1u64 << 31;
+    let show = |b: u64| {
+        if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+            format!("{}M", b >> 20)
+        } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
+            format!("{}K", b >> 10)
+        } else {
+            b.to_string()
+        }
+    };
+    if bytes > max {
+        return Err(format!(
+            "{s} is too large for a ring buffer: at most {}",
+            show(max)
+        ));
+    }
+    let page = u64::from(page.max(1));
+    if bytes < page || !bytes.is_power_of_two() || !bytes.is_multiple_of(page) {
+        let lower = if bytes < page {
+            None
+        } else {
+            Some(1u64 << (63 - bytes.leading_zeros()))
+        };
+        let upper = bytes.max(page).next_power_of_two().min(max);
+        let fix = match lower {
+            Some(l) if l != upper => format!("use {} or {}", show(l), show(upper)),
+            _ => format!("use {}", show(upper)),
+        };
+        return Err(format!(
+            "{s} ({bytes} bytes) cannot size the kernel's ring buffer: it must be a power of two \
+             and a multiple of the page size ({page} bytes); {fix}"
+        ));
+    }
+    Ok(bytes as u32)
 }
 
 /// The loaded object with its attached programs. Dropping it detaches everything.
@@ -382,6 +453,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         .btf(Some(&btf))
         .override_global("CONFIG", &config, true)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .map_max_entries("EVENTS", opts.buffer_size)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) failed")?;
 
@@ -523,5 +595,33 @@ mod tests {
                 .collect();
             assert_eq!(m, [Mechanism::TpBtf, Mechanism::RawTp]);
         }
+    }
+
+    #[test]
+    fn buffer_sizes_parse_with_suffixes() {
+        assert_eq!(parse_buffer_size("4M", 4096), Ok(4 << 20));
+        assert_eq!(parse_buffer_size("64K", 4096), Ok(64 << 10));
+        assert_eq!(parse_buffer_size("64kib", 4096), Ok(64 << 10));
+        assert_eq!(parse_buffer_size("8192", 4096), Ok(8192));
+        assert_eq!(parse_buffer_size("1G", 4096), Ok(1 << 30));
+        assert_eq!(DEFAULT_BUFFER_SIZE, 4 << 20);
+    }
+
+    #[test]
+    fn bad_buffer_sizes_name_the_problem_and_the_fix() {
+        let e = parse_buffer_size("3M", 4096).unwrap_err();
+        assert!(e.contains("power of two"), "{e}");
+        assert!(e.contains("use 2M or 4M"), "{e}");
+        let e = parse_buffer_size("1K", 4096).unwrap_err();
+        assert!(e.contains("page size (4096 bytes)"), "{e}");
+        assert!(e.contains("use 4K"), "{e}");
+        let e = parse_buffer_size("4K", 16384).unwrap_err();
+        assert!(e.contains("use 16K"), "{e}");
+        let e = parse_buffer_size("4Q", 4096).unwrap_err();
+        assert!(e.contains("suffix"), "{e}");
+        let e = parse_buffer_size("lots", 4096).unwrap_err();
+        assert!(e.contains("not a size"), "{e}");
+        let e = parse_buffer_size("4G", 4096).unwrap_err();
+        assert!(e.contains("too large"), "{e}");
     }
 }

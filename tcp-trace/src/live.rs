@@ -29,6 +29,8 @@ pub struct LiveOptions {
     pub json: bool,
     pub duration: Option<Duration>,
     pub kernel_log: bool,
+    /// Size of the kernel's ring buffer for events, in bytes (`--buffer-size`).
+    pub buffer_size: u32,
     /// `tcp-trace resets`: only the reset diagnoses, then the summary and the counter check.
     pub resets: Option<ResetsOptions>,
 }
@@ -279,6 +281,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             pids: opts.pids.clone(),
             ports: opts.ports.clone(),
             kernel_log: opts.kernel_log,
+            buffer_size: opts.buffer_size,
         },
     )?;
     report_hooks(&hooks, opts.backend, &prep.release);
@@ -375,7 +378,13 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         None => eprintln!("tcp-trace: tracing; Ctrl-C to stop"),
     }
 
-    let mut lost_seen = 0u64;
+    // The lost counter as last read, and when: read on every drain tick, warned about once a
+    // second at most.
+    let mut lost_check = LostCheck {
+        ts_ns: now_ns(libc::CLOCK_MONOTONIC),
+        total: 0,
+    };
+    let mut lost_warned = 0u64;
     // The programs wake us only when a lot is pending; a short tick drains the rest.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     let mut lost_tick = tokio::time::interval(Duration::from_secs(1));
@@ -399,18 +408,21 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             }
             _ = drain_tick.tick() => {
                 sink.drain(ring.get_mut())?;
+                // The lost counter is read before ended flows are released (100 ms after their
+                // end, every 50 ms here), so each flow is judged knowing whether events were
+                // lost during its life, and each reset diagnosed knowing it too.
+                sink.check_lost(&mut lost_check, lost_total(&dropped))?;
                 sink.tick(now_ns(libc::CLOCK_MONOTONIC))?;
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
             _ = lost_tick.tick() => {
-                let total = lost_total(&dropped);
-                if total > lost_seen {
+                let total = lost_check.total;
+                if total > lost_warned {
                     eprintln!(
                         "tcp-trace: warning: {} events lost (ring buffer full), {total} in all",
-                        total - lost_seen
+                        total - lost_warned
                     );
-                    sink.lost(now_ns(libc::CLOCK_MONOTONIC), total)?;
-                    lost_seen = total;
+                    lost_warned = total;
                 }
             }
             _ = sigint.recv() => break,
@@ -428,10 +440,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         // Resets committed to the ring while the counters were read.
         sink.drain(ring.get_mut())?;
     }
-    let lost = lost_total(&dropped);
-    if lost > lost_seen {
-        sink.lost(now_ns(libc::CLOCK_MONOTONIC), lost)?;
-    }
+    sink.check_lost(&mut lost_check, lost_total(&dropped))?;
+    let lost = lost_check.total;
     drop(ring);
     drop(ebpf);
     let seconds = started.elapsed().as_secs_f64();
@@ -556,12 +566,29 @@ impl Sink<'_> {
         }
     }
 
-    fn lost(&mut self, ts: u64, total: u64) -> Result<()> {
+    /// Reports a reading of the kernel's lost counter (`total`, now). The pipeline hears every
+    /// reading, so that a loss is placed between the last reading without it and this one. A
+    /// recording gets that earlier reading and this one when the counter grew: replay then
+    /// places the loss in the same interval.
+    fn check_lost(&mut self, last: &mut LostCheck, total: u64) -> Result<()> {
+        let now = now_ns(libc::CLOCK_MONOTONIC);
         match self {
-            Sink::Print(p) => p.lost(ts, total),
-            Sink::Record(w) => w.lost(ts, total),
+            Sink::Print(p) => p.lost(now, total)?,
+            Sink::Record(w) if total > last.total => {
+                w.lost(last.ts_ns, last.total)?;
+                w.lost(now, total)?;
+            }
+            Sink::Record(_) => {}
         }
+        *last = LostCheck { ts_ns: now, total };
+        Ok(())
     }
+}
+
+/// A reading of the kernel's lost-event counter (CLOCK_MONOTONIC).
+struct LostCheck {
+    ts_ns: u64,
+    total: u64,
 }
 
 #[cfg(test)]

@@ -68,6 +68,11 @@ struct TraceArgs {
     /// close() on the host; frame pointers are needed in the traced program.
     #[arg(long, global = true)]
     stacks: bool,
+    /// Size of the kernel's ring buffer for events, in bytes (suffixes K, M, G): a power of two
+    /// and a multiple of the page size. Larger rides out longer bursts before events are lost
+    /// (exit status 3); the memory is the kernel's, taken for as long as the trace runs.
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_buffer_size, global = true)]
+    buffer_size: u32,
     /// What to print: every event, each flow's timeline and verdict when it ends, or both.
     #[arg(long, value_enum, default_value_t = View::Both, global = true)]
     view: View,
@@ -204,6 +209,10 @@ fn run_model(args: ModelArgs, json: bool) -> Result<u8> {
     Ok(0)
 }
 
+fn parse_buffer_size(s: &str) -> Result<u32, String> {
+    tcp_trace::attach::parse_buffer_size(s, tcp_trace::attach::page_size())
+}
+
 fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s
@@ -278,6 +287,7 @@ fn run_live(
         json: args.json,
         duration: args.duration,
         kernel_log: args.kernel_log,
+        buffer_size: args.buffer_size,
         resets,
     }))
 }

@@ -230,12 +230,15 @@ impl<W: Write> Pipeline<W> {
         Ok(())
     }
 
+    /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading
+    /// counts, unchanged ones too: a loss is placed after the last reading without it. A `lost`
+    /// line is printed only when the counter grew.
     pub fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
         let new = total.saturating_sub(self.lost);
         self.lost = total;
         self.flows.note_lost(ts_ns, total);
         self.resets.note_lost(ts_ns, new > 0);
-        if self.opts.json {
+        if self.opts.json && new > 0 {
             writeln!(
                 self.out,
                 "{}",

@@ -13,20 +13,12 @@ use std::{
     time::Duration,
 };
 
+use common::bpf_allowed;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+mod common;
 
-fn bpf_allowed() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but the tests do not run as root: the BPF tests cannot run");
-        }
-        eprintln!("skipped: needs root to load BPF programs (CI runs it as root)");
-    }
-    root
-}
+const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 /// A port nothing listens on now: the kernel picks it from the ephemeral range (other tests and
 /// benchmarks running at the same time take fixed ports elsewhere).

@@ -21,19 +21,14 @@ use std::{
 };
 
 use serde_json::Value;
+
+mod common;
 use tcp_trace::validate::netns::Netns;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn root_allowed() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but the tests do not run as root: the BPF tests cannot run");
-        }
-        eprintln!("skipped: needs root to load BPF programs and create namespaces");
-    }
-    root
+    common::root_for("load BPF programs and create network namespaces")
 }
 
 /// Ports unlikely to collide with other tests' (the tracer's --port filter is host-wide).

@@ -12,20 +12,12 @@ use std::{
     time::Duration,
 };
 
+use common::bpf_allowed;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+mod common;
 
-fn root() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but the tests do not run as root: the BPF tests cannot run");
-        }
-        eprintln!("skipped: needs root to load BPF programs");
-    }
-    root
-}
+const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn free_port(v6: bool) -> u16 {
     let addr = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
@@ -114,7 +106,7 @@ fn summary(lines: &[Value]) -> &Value {
 
 #[test]
 fn sigterm_detaches_and_prints_the_summary() {
-    if !root() {
+    if !bpf_allowed() {
         return;
     }
     let port = free_port(false);
@@ -133,7 +125,7 @@ fn sigterm_detaches_and_prints_the_summary() {
 
 #[test]
 fn two_tracers_at_once_both_see_everything() {
-    if !root() {
+    if !bpf_allowed() {
         return;
     }
     let port = free_port(false);
@@ -164,7 +156,7 @@ fn two_tracers_at_once_both_see_everything() {
 
 #[test]
 fn a_traced_process_that_exits_mid_trace_is_fine() {
-    if !root() {
+    if !bpf_allowed() {
         return;
     }
     let port = free_port(false);
@@ -199,7 +191,7 @@ fn a_traced_process_that_exits_mid_trace_is_fine() {
 
 #[test]
 fn ipv6_and_ipv4_mapped_flows_are_traced_and_judged() {
-    if !root() {
+    if !bpf_allowed() {
         return;
     }
     // IPv6 on both ends.

@@ -17,15 +17,9 @@ use std::{
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+mod common;
 
-fn skip(why: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but {why}");
-    }
-    eprintln!("skipped: {why}");
-    true
-}
+const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn build_peer() -> Option<PathBuf> {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/close_unread_peer.c");
@@ -41,11 +35,11 @@ fn build_peer() -> Option<PathBuf> {
 
 #[test]
 fn reset_on_unread_data_is_blamed_on_the_line_that_closed() {
-    if unsafe { libc::geteuid() } != 0 && skip("the test does not run as root (BPF)") {
+    if !common::bpf_allowed() {
         return;
     }
     let Some(peer) = build_peer() else {
-        skip("gcc could not build the test peer");
+        common::skip("gcc could not build the test peer");
         return;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -132,6 +132,9 @@ struct Flow {
     last_rst: Option<u64>,
     ended: Option<(u64, FlowEnd)>,
     lost: bool,
+    /// The first event processed was the connection's set-up (a state change into SYN_SENT,
+    /// SYN_RECV, ...): nothing of it came before.
+    seen_from_start: bool,
     notes: Vec<String>,
     /// When `expire` looks at this flow next (its entry in `FlowTable::deadlines`); `u64::MAX`:
     /// not scheduled.
@@ -379,7 +382,10 @@ impl FlowTable {
         {
             let f = &self.flows[&id];
             let same_key = !complete || !f.key_complete || key == Some(f.key);
-            let pointer_reused = starts_connection && (f.teardown_seen || f.ended.is_some());
+            // A socket's life starts in CLOSE (or as a listener's child): anything already seen
+            // under its pointer was an earlier socket's, whose end was not seen (events lost).
+            let pointer_reused =
+                starts_connection && (f.teardown_seen || f.ended.is_some() || !f.events.is_empty());
             if same_key && !pointer_reused {
                 target = Some(id);
             } else {
@@ -501,6 +507,7 @@ impl FlowTable {
             last_rst: None,
             ended: None,
             lost: false,
+            seen_from_start: false,
             notes: Vec::new(),
             next_check: u64::MAX,
         };
@@ -647,6 +654,9 @@ impl FlowTable {
             f.sockets.push(ev.sk.clone());
         }
         let setup = matches!((from, to), (Some(a), Some(b)) if is_setup_transition(a, b));
+        if f.events.is_empty() && f.dropped == 0 {
+            f.seen_from_start = setup;
+        }
         if !setup {
             f.teardown_seen = true;
         }
@@ -910,7 +920,15 @@ impl FlowTable {
         let judgement = judge(&flow.events, &cx, judged_end);
         let mut notes = flow.notes;
         notes.extend(judgement.notes);
-        let lost = flow.lost || self.lost_overlaps(flow.first_ts, flow.last_ts);
+        // A flow first seen mid-life may have lost its earlier events to any loss before it was
+        // first seen, however long before (a connection opened during an overflow, closed later).
+        let lost = flow.lost
+            || self.lost_overlaps(flow.first_ts, flow.last_ts)
+            || (!flow.seen_from_start
+                && self
+                    .lost_intervals
+                    .front()
+                    .is_some_and(|&(from, _)| from <= flow.first_ts));
         let verdict = if lost {
             Verdict::Incomplete {
                 missing: Vec::new(),

@@ -774,19 +774,58 @@ fn lost_events_make_the_verdict_incomplete() {
         assert!(reason.contains("events lost"), "{reason}");
     }
 
-    // A flow entirely after the loss is judged normally.
+    // A flow entirely after the loss, seen from its set-up on, is judged normally.
+    let late = || -> Vec<TraceEvent> {
+        let s = End::new(0x51, "127.0.0.1:5599", "127.0.0.1:50948");
+        let c = End::new(0xc1, "127.0.0.1:50948", "127.0.0.1:5599");
+        let mut events = vec![
+            c.set(10, "CLOSE", "SYN_SENT"),
+            s.set(20, "LISTEN", "SYN_RECV"),
+            c.set(30, "SYN_SENT", "ESTABLISHED"),
+            s.set(40, "SYN_RECV", "ESTABLISHED"),
+        ];
+        events.extend(unread_tracepoints());
+        for e in &mut events {
+            e.ts_ns += 10 * SEC;
+        }
+        events
+    };
+    let lossy_table = || {
+        let mut table = FlowTable::new(config(&TRACEPOINTS));
+        table.note_lost(0, 0);
+        table.note_lost(10 * US, 7);
+        table.note_lost(50 * US, 7);
+        table
+    };
+    let mut table = lossy_table();
+    for ev in late() {
+        table.push(ev);
+    }
+    let reports = table.flush();
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        assert!(r.verdict.conforms(), "{}", r.render_timeline());
+    }
+
+    // The same flows first seen mid-life (their set-up not seen) may have lost it to that
+    // loss, seconds earlier: incomplete.
+    let mut table = lossy_table();
+    for ev in late().into_iter().skip(4) {
+        table.push(ev);
+    }
+    let reports = table.flush();
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        let Verdict::Incomplete { reason, .. } = &r.verdict else {
+            panic!("{}", r.render_timeline());
+        };
+        assert!(reason.contains("events lost"), "{reason}");
+    }
+    // Without a loss they conform (a trace started mid-connection).
     let mut table = FlowTable::new(config(&TRACEPOINTS));
     table.note_lost(0, 0);
-    table.note_lost(10 * US, 7);
-    table.note_lost(50 * US, 7);
-    let late: Vec<TraceEvent> = unread_tracepoints()
-        .into_iter()
-        .map(|mut e| {
-            e.ts_ns += 10 * SEC;
-            e
-        })
-        .collect();
-    for ev in late {
+    table.note_lost(50 * US, 0);
+    for ev in late().into_iter().skip(4) {
         table.push(ev);
     }
     assert!(table.flush().iter().all(|r| r.verdict.conforms()));
@@ -1064,4 +1103,24 @@ fn reuseport_listeners_are_separate_flows() {
         assert_eq!(r.timeline.len(), 3);
         assert_eq!(r.end, FlowEnd::Destroyed);
     }
+}
+
+#[test]
+fn a_reused_socket_pointer_starts_a_new_flow_even_if_the_old_end_was_lost() {
+    // A connect() whose every later event was lost, then a new socket at the same address.
+    let unbound = End::new(0xc1, "127.0.0.1:0", "127.0.0.1:5599");
+    let c = client();
+    let events = vec![
+        unbound.set(10, "CLOSE", "SYN_SENT"),
+        unbound.set(1000, "CLOSE", "SYN_SENT"),
+        c.set(1010, "SYN_SENT", "ESTABLISHED"),
+        c.rcv_rst(1100, "ESTABLISHED"),
+        c.set(1101, "ESTABLISHED", "CLOSE"),
+        c.destroy(1102),
+    ];
+    let reports = run(config(&TRACEPOINTS), events);
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    let r = find(&reports, &c);
+    assert_eq!(r.first_ns, 1000 * US, "{}", r.render_timeline());
+    assert_eq!(r.timeline.len(), 5, "{}", r.render_timeline());
 }

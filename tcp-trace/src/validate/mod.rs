@@ -312,6 +312,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             pids: vec![],
             ports: vec![],
             kernel_log: false,
+            buffer_size: attach::DEFAULT_BUFFER_SIZE,
         },
     )?;
     if !opts.json {
