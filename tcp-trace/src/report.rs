@@ -109,6 +109,15 @@ fn json_line<T: serde::Serialize>(out: &mut impl Write, line: &JsonLine<'_, T>) 
     Ok(())
 }
 
+/// Sizes of the pipeline's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub flows: usize,
+    pub buffered_events: usize,
+    pub reset_histories: usize,
+    pub owners: usize,
+}
+
 pub struct Pipeline<W: Write> {
     facts: KernelFacts,
     opts: ReportOptions,
@@ -333,6 +342,16 @@ impl<W: Write> Pipeline<W> {
         }))
     }
 
+    /// What the pipeline holds in memory now (all bounded; see `many_short_flows_keep_memory_bounded`).
+    pub fn held(&self) -> Held {
+        Held {
+            flows: self.flows.live_flows(),
+            buffered_events: self.flows.buffered_events(),
+            reset_histories: self.resets.connections(),
+            owners: self.owners.len(),
+        }
+    }
+
     pub fn out(&mut self) -> &mut W {
         &mut self.out
     }
@@ -428,6 +447,108 @@ mod tests {
         });
         push(hook::TCP_DESTROY_SOCK, 7, 0, &|_| {});
         evs
+    }
+
+    /// Events of `n` loopback connections as this machine's tracepoints report them (clean
+    /// close, the client end into TIME_WAIT), one every 70 us from `t0`, socket addresses from a
+    /// small pool as the slab reuses them.
+    fn churn(first: u64, n: u64, t0: u64) -> Vec<Event> {
+        let mut evs = Vec::new();
+        for c in first..first + n {
+            let mut ts = t0 + (c - first) * 70_000;
+            let port = 32768 + (c % 14_000) as u16 * 2;
+            let (client_sk, server_sk) = (
+                0xffff_8880_0000_0000 + (c % 512) * 4096,
+                0xffff_8880_1000_0000 + (c % 512) * 4096,
+            );
+            let mut push = |sk: u64, local: u16, remote: u16, hook: u8, old: u8, new: u8| {
+                let mut e = v4_event(hook, local, remote);
+                e.sk = sk;
+                e.ts_ns = ts;
+                ts += 1_000;
+                e.old_state = old;
+                e.new_state = new;
+                e.flags |= flag::OWNER_KNOWN;
+                e.owner_tgid = 7;
+                evs.push(e);
+            };
+            let set = hook::INET_SOCK_SET_STATE;
+            push(client_sk, port, 8080, set, 7, 2);
+            push(server_sk, 8080, port, set, 10, 3);
+            push(server_sk, 8080, port, set, 3, 1);
+            push(client_sk, port, 8080, set, 2, 1);
+            push(client_sk, port, 8080, set, 1, 4);
+            push(server_sk, 8080, port, set, 1, 8);
+            push(client_sk, port, 8080, set, 4, 5);
+            push(server_sk, 8080, port, set, 8, 9);
+            push(client_sk, port, 8080, set, 5, 7);
+            push(client_sk, port, 8080, hook::TCP_DESTROY_SOCK, 7, 0);
+            push(server_sk, 8080, port, set, 9, 7);
+            push(server_sk, 8080, port, hook::TCP_DESTROY_SOCK, 7, 0);
+        }
+        evs
+    }
+
+    #[test]
+    fn many_short_flows_keep_memory_bounded() {
+        let hooks: Vec<HookStatus> = [
+            "sock:inet_sock_set_state",
+            "tcp:tcp_send_reset",
+            "tcp:tcp_receive_reset",
+            "tcp:tcp_destroy_sock",
+        ]
+        .iter()
+        .map(|h| HookStatus {
+            hook: h.to_string(),
+            mechanism: Some(crate::attach::Mechanism::TpBtf),
+            failures: Vec::new(),
+            skipped: None,
+        })
+        .collect();
+        let mut p = Pipeline::new(
+            facts(),
+            &hooks,
+            model_params("6.18.0", &BTreeMap::new()),
+            None,
+            ReportOptions {
+                json: true,
+                view: View::Flows,
+                pids: vec![],
+                realtime_minus_mono_ns: 0,
+            },
+            std::io::sink(),
+        );
+        // 36,000 connections (72,000 flows) in chunks of 6,000, 0.42 s of trace time each.
+        let chunk = 6_000;
+        let mut sizes = Vec::new();
+        for i in 0..6 {
+            let t0 = 1_000_000_000 + i * chunk * 70_000;
+            for e in churn(i * chunk, chunk, t0) {
+                p.event(&e).unwrap();
+                if e.ts_ns % 50_000_000 < 1_000 {
+                    p.tick(e.ts_ns).unwrap();
+                }
+            }
+            p.tick(t0 + chunk * 70_000).unwrap();
+            sizes.push(p.held());
+        }
+        eprintln!("held after each chunk: {sizes:?}");
+        let summary = p.finish().unwrap();
+        assert_eq!(summary["verdicts"]["conforms"], 2 * 6 * chunk, "{summary}");
+        // What the tables hold levels off after the first chunks instead of growing with the
+        // number of flows seen.
+        let (early, late) = (sizes[2], sizes[5]);
+        assert!(
+            late.flows <= early.flows + early.flows / 10 + 100,
+            "{sizes:?}"
+        );
+        assert!(late.reset_histories <= 16_384, "{sizes:?}");
+        assert!(
+            late.owners <= early.owners + early.owners / 10 + 100,
+            "{sizes:?}"
+        );
+        // About a second of connections (their client ends' minisockets are not followed).
+        assert!(late.flows < 20_000, "{sizes:?}");
     }
 
     #[test]
