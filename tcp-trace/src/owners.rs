@@ -18,10 +18,20 @@ const CLOSE_CONTEXT_REASONS: [&str; 2] = ["TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LI
 
 /// Bounded maps from socket to owner; the oldest entries go first.
 pub struct Owners {
-    by_sk: HashMap<SockPtr, Owner>,
-    by_tuple: HashMap<TupleKey, Owner>,
-    order: VecDeque<(Option<SockPtr>, Option<TupleKey>)>,
+    /// Each entry with the stamp of the `remember` that wrote it.
+    by_sk: HashMap<SockPtr, (Owner, u64)>,
+    by_tuple: HashMap<TupleKey, (Owner, u64)>,
+    /// What was remembered, oldest first; an entry whose stamp no longer matches its map's is
+    /// stale (overwritten or removed) and is dropped when the queue is compacted.
+    order: VecDeque<(Remembered, u64)>,
+    stamp: u64,
     capacity: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Remembered {
+    Sk(SockPtr),
+    Tuple(TupleKey),
 }
 
 impl Default for Owners {
@@ -36,24 +46,48 @@ impl Owners {
             by_sk: HashMap::new(),
             by_tuple: HashMap::new(),
             order: VecDeque::new(),
+            stamp: 0,
             capacity,
         }
     }
 
     fn remember(&mut self, sk: Option<SockPtr>, tuple: Option<TupleKey>, owner: &Owner) {
-        if let Some(sk) = &sk {
-            self.by_sk.insert(*sk, *owner);
+        self.stamp += 1;
+        let stamp = self.stamp;
+        if let Some(sk) = sk {
+            self.by_sk.insert(sk, (*owner, stamp));
+            self.order.push_back((Remembered::Sk(sk), stamp));
         }
         if let Some(t) = tuple {
-            self.by_tuple.insert(t, *owner);
+            self.by_tuple.insert(t, (*owner, stamp));
+            self.order.push_back((Remembered::Tuple(t), stamp));
         }
-        self.order.push_back((sk, tuple));
-        while self.order.len() > self.capacity {
-            if let Some((sk, tuple)) = self.order.pop_front() {
-                if let Some(sk) = sk {
+        while self.len() > self.capacity {
+            let Some((what, stamp)) = self.order.pop_front() else {
+                break;
+            };
+            self.forget_if(what, stamp);
+        }
+        // Destroyed sockets leave stale entries behind: keep the queue proportional to what
+        // is remembered, not to every socket ever seen.
+        if self.order.len() > 2 * self.len() + 1024 {
+            let (by_sk, by_tuple) = (&self.by_sk, &self.by_tuple);
+            self.order.retain(|&(what, stamp)| match what {
+                Remembered::Sk(sk) => by_sk.get(&sk).is_some_and(|e| e.1 == stamp),
+                Remembered::Tuple(t) => by_tuple.get(&t).is_some_and(|e| e.1 == stamp),
+            });
+        }
+    }
+
+    fn forget_if(&mut self, what: Remembered, stamp: u64) {
+        match what {
+            Remembered::Sk(sk) => {
+                if self.by_sk.get(&sk).is_some_and(|e| e.1 == stamp) {
                     self.by_sk.remove(&sk);
                 }
-                if let Some(t) = tuple {
+            }
+            Remembered::Tuple(t) => {
+                if self.by_tuple.get(&t).is_some_and(|e| e.1 == stamp) {
                     self.by_tuple.remove(&t);
                 }
             }
@@ -93,9 +127,9 @@ impl Owners {
                     source: OwnerSource::Inferred,
                 })
             } else if is_tw {
-                tuple.and_then(|t| self.by_tuple.get(&t)).copied()
+                tuple.and_then(|t| self.by_tuple.get(&t)).map(|e| e.0)
             } else {
-                self.by_sk.get(&ev.sk).copied()
+                self.by_sk.get(&ev.sk).map(|e| e.0)
             }
             .map(|mut o| {
                 if o.source == OwnerSource::Kernel && ev.owner.is_none() {
@@ -116,7 +150,7 @@ impl Owners {
             }
             _ if is_tw => {}
             _ => {
-                if self.by_sk.get(&ev.sk) != Some(&owner) {
+                if self.by_sk.get(&ev.sk).map(|e| e.0) != Some(owner) {
                     self.remember(Some(ev.sk), None, &owner)
                 }
             }

@@ -449,6 +449,8 @@ impl FlowTable {
             if tw.unseen && !f.full_gone {
                 // Reported once the socket is destroyed (that event reschedules it).
                 f.last_ts.saturating_add(self.cfg.idle_evict_ns)
+            } else if tw.unseen {
+                tw.deadline.saturating_add(self.cfg.end_grace_ns)
             } else {
                 tw.deadline.saturating_add(self.cfg.tw_slack_ns)
             }
@@ -677,7 +679,7 @@ impl FlowTable {
                 if matches!(from, Some(FinWait2 | Closing)) && f.tw.is_none() && !f.recent_rst(ts) {
                     // Without a minisocket hook nothing of its life can be seen: waiting out
                     // TIME_WAIT (60 s) would only hold the flow, and its memory, for a minute.
-                    // It is reported once the tw slack has passed instead.
+                    // It is reported like any ended flow, after the end grace.
                     let unseen = !(vis.tcp_time_wait || vis.tw_entry || vis.tw_return);
                     let life = if unseen { 0 } else { TIMEWAIT_LEN_NS };
                     f.tw = Some(TwTrack {
@@ -824,7 +826,7 @@ impl FlowTable {
             }
             if let Some(tw) = &f.tw {
                 if tw.unseen {
-                    if f.full_gone && tw.deadline.saturating_add(self.cfg.tw_slack_ns) <= now {
+                    if f.full_gone && tw.deadline.saturating_add(self.cfg.end_grace_ns) <= now {
                         f.ended = Some((tw.deadline, FlowEnd::TimeWaitUnseen));
                         f.notes.push(TW_UNSEEN_NOTE.to_string());
                         done.push((id, FlowEnd::TimeWaitUnseen, None));
