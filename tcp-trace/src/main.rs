@@ -1,11 +1,5 @@
 use std::{process::ExitCode, time::Duration};
 
-/// Decoding and judging allocate small, short-lived objects per event and per flow; mimalloc
-/// serves those several times faster than glibc's allocator (measured with `cargo xtask bench`).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
 use tcp_trace::{
