@@ -494,7 +494,7 @@ impl FlowTable {
             key,
             key_complete: false,
             peer: None,
-            events: Vec::new(),
+            events: Vec::with_capacity(8),
             dropped: 0,
             first_ts: ev.ts_ns,
             last_ts: ev.ts_ns,

@@ -224,7 +224,7 @@ impl ResetTracker {
             let clock = self.clock;
             let max = self.cfg.max_events_per_connection;
             let conn = self.conns.entry(key).or_insert_with(|| Conn {
-                events: Vec::new(),
+                events: Vec::with_capacity(8),
                 touched: clock,
             });
             // A new incarnation of the 4-tuple (connect() from CLOSE, a child of a listener)
