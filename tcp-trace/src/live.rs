@@ -140,7 +140,7 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
             detail = format!(
                 "TW({}) => {}",
                 ev.new_state.as_deref().unwrap_or("?"),
-                ev.tw_status.as_deref().unwrap_or("?")
+                ev.tw_status.unwrap_or("?")
             )
         }
         _ => {

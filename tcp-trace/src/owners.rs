@@ -118,7 +118,6 @@ impl Owners {
                 && ev.rst_active == Some(true)
                 && ev
                     .rst_reason
-                    .as_deref()
                     .is_some_and(|r| CLOSE_CONTEXT_REASONS.contains(&r));
             ev.owner = if closing_reset {
                 Some(Owner {

@@ -335,7 +335,7 @@ pub(crate) mod tests {
         ev.flags = flag::HAS_REASON;
         ev.reason = 9;
         let t = decode(&ev, &f);
-        assert_eq!(t.rst_reason.as_deref(), Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(t.rst_reason, Some("TCP_ABORT_ON_CLOSE"));
         assert_eq!(t.rst_active, Some(true));
 
         let mut ev = v4_event(hook::TW_STATE_PROCESS_RET, 1, 2);
@@ -343,7 +343,7 @@ pub(crate) mod tests {
         ev.ret = 3;
         ev.new_state = 6;
         let t = decode(&ev, &f);
-        assert_eq!(t.tw_status.as_deref(), Some("SYN"));
+        assert_eq!(t.tw_status, Some("SYN"));
         assert_eq!(t.new_state.as_deref(), Some("TIME_WAIT"));
     }
 

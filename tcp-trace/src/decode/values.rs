@@ -366,7 +366,7 @@ mod from_text {
 
     impl PartialEq<&str> for TcpFlags {
         fn eq(&self, other: &&str) -> bool {
-            self.to_string() == *other
+            *self == TcpFlags::from(*other)
         }
     }
 

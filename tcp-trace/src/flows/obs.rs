@@ -204,23 +204,21 @@ impl ObsEv {
     pub fn from_event(ev: &TraceEvent) -> ObsEv {
         let state = tcp_state(ev.state);
         let obs = match ev.hook {
-            Hook::TcpClose => Obs::CloseCall {
-                details: ev.close.clone(),
-            },
+            Hook::TcpClose => Obs::CloseCall { details: ev.close },
             Hook::TcpFin => Obs::FinRcvd,
             Hook::TcpSendFin => Obs::SendFin,
             Hook::TcpSendActiveReset => Obs::ActiveResetFn {
-                reason: ev.rst_reason.clone(),
+                reason: ev.rst_reason,
             },
             Hook::TcpTimeWait => Obs::TimeWaitCall {
                 substate: tw_substate(ev.new_state),
                 timeo_jiffies: ev.timeo_jiffies,
             },
             Hook::TcpTimewaitStateProcess => Obs::TwSegment {
-                segment: ev.segment.clone(),
+                segment: ev.segment,
             },
             Hook::TcpTimewaitStateProcessReturn => Obs::TwReturn {
-                status: ev.tw_status.clone(),
+                status: ev.tw_status,
                 after: tw_substate(ev.new_state),
             },
             Hook::InetSockSetState => match (state, tcp_state(ev.new_state)) {
@@ -233,7 +231,7 @@ impl ObsEv {
             },
             Hook::TcpSendReset => Obs::SendReset {
                 active: ev.rst_active.unwrap_or(false),
-                reason: ev.rst_reason.clone(),
+                reason: ev.rst_reason,
             },
             Hook::TcpReceiveReset => Obs::ReceiveReset,
             Hook::TcpDestroySock => Obs::Destroy,
@@ -261,11 +259,11 @@ impl ObsEv {
             // With both reset hooks attached an active reset shows twice; the tracepoint wins.
             Obs::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
                 reply: false,
-                reason: reason.clone(),
+                reason: *reason,
             }),
             Obs::SendReset { active, reason } => Some(Mark::Rst {
                 reply: !active,
-                reason: reason.clone(),
+                reason: *reason,
             }),
             Obs::ReceiveReset => Some(Mark::RstIn),
             Obs::TimeWaitCall {
@@ -273,7 +271,7 @@ impl ObsEv {
                 ..
             } => Some(Mark::TwCall(*sub)),
             Obs::TwReturn { status, after } => Some(Mark::TwReturn {
-                status: status.clone(),
+                status: *status,
                 after: *after,
             }),
             Obs::Destroy => Some(Mark::Destroy),

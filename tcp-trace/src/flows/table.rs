@@ -213,7 +213,7 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
                 .find(|e| e.hook == Hook::TcpClose)
                 .map(|e| Owner {
                     pid: e.pid,
-                    comm: e.comm.clone(),
+                    comm: e.comm,
                     source: OwnerSource::Inferred,
                 })
         })
@@ -364,7 +364,7 @@ impl FlowTable {
             k.local.port() != 0 && k.remote.port() != 0 && !k.remote.ip().is_unspecified()
         });
         let sk = (object == SocketObject::Socket)
-            .then(|| ev.sk.clone())
+            .then_some(ev.sk)
             .filter(|s| !is_null_sk(s));
         if key.is_none() && sk.is_none() {
             self.stats.unattributed += 1;
@@ -430,11 +430,11 @@ impl FlowTable {
             && let Some(f) = self.flows.get_mut(&id)
             && f.full_sk.as_ref().is_none_or(|own| own == sk)
         {
-            f.full_sk = Some(sk.clone());
+            f.full_sk = Some(*sk);
             if ev.hook == Hook::TcpDestroySock || f.full_gone {
                 self.by_sk.remove(sk);
             } else {
-                self.by_sk.insert(sk.clone(), id);
+                self.by_sk.insert(*sk, id);
             }
         }
         self.track(id, ev, object, from, to);
@@ -653,7 +653,7 @@ impl FlowTable {
         f.first_ts = f.first_ts.min(ts);
         f.last_ts = f.last_ts.max(ts);
         if !is_null_sk(&ev.sk) && !f.sockets.contains(&ev.sk) {
-            f.sockets.push(ev.sk.clone());
+            f.sockets.push(ev.sk);
         }
         let setup = matches!((from, to), (Some(a), Some(b)) if is_setup_transition(a, b));
         if f.events.is_empty() && f.dropped == 0 {
@@ -744,7 +744,7 @@ impl FlowTable {
                 if let Some(after) = tw_substate(ev.new_state) {
                     tw.substate = Some(after);
                 }
-                let kill = match ev.tw_status.as_deref() {
+                let kill = match ev.tw_status {
                     Some("RST") => true,
                     Some("SYN") => params.listener_on_port,
                     Some("SUCCESS") => tw.pending_kill,
@@ -760,7 +760,7 @@ impl FlowTable {
             Hook::TcpSendReset
                 if ev.rst_active == Some(false)
                     && (object == SocketObject::TimeWait
-                        || ev.rst_reason.as_deref() == Some("TCP_TIMEWAIT_SOCKET"))
+                        || ev.rst_reason == Some("TCP_TIMEWAIT_SOCKET"))
                     && f.tw.is_some() =>
             {
                 f.tw = None;

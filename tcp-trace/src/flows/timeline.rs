@@ -82,10 +82,9 @@ pub(crate) fn describe(ev: &TraceEvent) -> String {
             ),
             None => format!("TW({state})"),
         },
-        Hook::TcpTimewaitStateProcessReturn => format!(
-            "{} -> TW({new_state})",
-            ev.tw_status.as_deref().unwrap_or("?")
-        ),
+        Hook::TcpTimewaitStateProcessReturn => {
+            format!("{} -> TW({new_state})", ev.tw_status.unwrap_or("?"))
+        }
         Hook::TcpFin | Hook::TcpSendFin | Hook::TcpReceiveReset | Hook::TcpDestroySock => {
             state.to_string()
         }

@@ -145,7 +145,6 @@ fn unspecified() -> SocketAddr {
 /// The kernel's reason, unless it gave none or NOT_SPECIFIED (6.10/6.11 active resets).
 fn specific_reason(ev: &TraceEvent) -> Option<&str> {
     ev.rst_reason
-        .as_deref()
         .filter(|r| *r != "NOT_SPECIFIED" && !r.is_empty())
 }
 
@@ -160,7 +159,7 @@ fn base(ev: &TraceEvent, direction: Direction) -> ResetDiagnosis {
         unsent_bytes: None,
         unacked_bytes: None,
         unread_wait_max_ns: None,
-        owner: ev.owner.clone(),
+        owner: ev.owner,
         closer: None,
         local: ev.local.unwrap_or_else(unspecified),
         peer: ev.remote.unwrap_or_else(unspecified),
@@ -253,14 +252,10 @@ fn app_close_at<'a>(cx: &FlowContext<'a>) -> Option<&'a TraceEvent> {
 
 /// The owner of the connection this (socket-less) event belongs to, from its history.
 fn owner_from_history(cx: &FlowContext<'_>) -> Option<Owner> {
-    cx.before
-        .iter()
-        .rev()
-        .find_map(|e| e.owner.clone())
-        .map(|mut o| {
-            o.source = OwnerSource::Inferred;
-            o
-        })
+    cx.before.iter().rev().find_map(|e| e.owner).map(|mut o| {
+        o.source = OwnerSource::Inferred;
+        o
+    })
 }
 
 fn state(ev: &TraceEvent) -> &str {
