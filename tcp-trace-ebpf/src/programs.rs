@@ -232,9 +232,12 @@ fn wanted(ev: &Event) -> bool {
     true
 }
 
-/// Userspace is woken once this much is pending; below it, its 50 ms drain tick collects the
-/// events. One wakeup per event would cost more than the event.
+/// Userspace is woken when the pending data crosses this much; below it, and above it until the
+/// reader has caught up, its 50 ms drain tick collects the events. A wakeup per event would cost
+/// more than the event (an irq_work self-IPI, a VM exit under KVM).
 const WAKEUP_BYTES: u64 = 64 * 1024;
+/// What one event takes in the ring: the 8-byte record header, the event, rounded up to 8.
+const RECORD_BYTES: u64 = (8 + core::mem::size_of::<Event>() as u64 + 7) & !7;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -244,7 +247,10 @@ fn submit(ev: &Event) {
     if !wanted(ev) {
         return;
     }
-    let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+    // Wake the reader once per crossing of the mark, not for every event above it: the reader,
+    // once woken, drains everything pending.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let wakeup = if pending < WAKEUP_BYTES && pending + RECORD_BYTES >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
