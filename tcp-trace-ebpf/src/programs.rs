@@ -9,7 +9,7 @@ use aya_ebpf::{
         btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
         tracepoint,
     },
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, ring_buf::RingBufEntry},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
         RetProbeContext, TcContext, TracePointContext, tracing::StackIdContext,
@@ -295,7 +295,7 @@ fn fill_sock_id(ev: &mut Event, hook: u8, sk: u64, id: &SockId) {
     if conf!(capture_stacks) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
         && ev.owner_tgid == ev.tgid
-        && let Some(site) = unsafe { CLOSING.get(&ev.tid) }
+        && let Some(site) = unsafe { CLOSING.get(&on_stack(&ev.tid)) }
         && (site.exit_ns == 0 || ev.ts_ns.wrapping_sub(site.exit_ns) < CLOSE_TASK_WORK_NS)
     {
         ev.user_stack = site.stack;
@@ -332,6 +332,13 @@ fn fill_skb(ev: &mut Event, hook: u8, skb: u64) {
     ev.sport = u16::from_be(rd::<u16>(tcp, 2));
 }
 
+/// A copy of a field of an event being built, for use as a map key: before 6.x (seen on 6.1) the
+/// verifier takes no map key in ring-buffer memory, and a plain copy may be optimised away.
+#[inline(always)]
+fn on_stack(field: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(field) }
+}
+
 /// In-kernel filtering (`--pid`, `--port`): drop what the user did not ask for before it costs a
 /// ring-buffer slot. A socket whose owner is not known yet passes; userspace decides later.
 #[inline(always)]
@@ -344,7 +351,7 @@ fn wanted(ev: &Event) -> bool {
     }
     if conf!(filter_pids) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
-        && unsafe { PIDS.get(&ev.owner_tgid) }.is_none()
+        && unsafe { PIDS.get(&on_stack(&ev.owner_tgid)) }.is_none()
     {
         return false;
     }
@@ -372,55 +379,51 @@ fn zero(ev: *mut Event) {
     }
 }
 
-/// Where one event is built: its slot in the ring buffer or, the ring being full, `SCRATCH`, only
-/// to tell whether the filter wanted it (then it counts in `DROPPED`). Not a closure-taking
-/// function: the closures would become BPF subprograms shared by the programs, not inlined.
-struct Slot {
-    entry: Option<RingBufEntry<Event>>,
-    ev: *mut Event,
-}
-
-impl Slot {
-    /// A zeroed event to fill.
-    #[inline(always)]
-    fn new() -> Option<Slot> {
-        let mut entry = EVENTS.reserve::<Event>(0);
-        let ev = match &mut entry {
-            Some(e) => e.as_mut_ptr(),
-            None => SCRATCH.get_ptr_mut(0)?,
-        };
-        zero(ev);
-        Some(Slot { entry, ev })
-    }
-
-    #[inline(always)]
-    fn ev(&mut self) -> &mut Event {
-        unsafe { &mut *self.ev }
-    }
-
-    /// Submits the event, or discards it if the filter does not want it.
-    #[inline(always)]
-    fn send(self) {
-        let keep = wanted(unsafe { &*self.ev });
-        match self.entry {
-            Some(entry) if keep => {
-                // Wake the reader once per crossing of the mark, not for every event above it:
-                // once woken, it drains everything pending. The query counts this event.
-                let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-                let wakeup = if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
-                    BPF_RB_FORCE_WAKEUP
+/// Builds one event in place in its ring-buffer slot (zeroed first) and submits it, or discards
+/// it if the filter does not want it. If the ring is full, the event is built in `SCRATCH`
+/// instead, only to count it in `DROPPED` if it was wanted. A macro, not a function taking a
+/// closure: the closures would become BPF subprograms shared by the programs; and the two paths
+/// stay apart, since before 6.4 the verifier does not know that a reserved (non-NULL) slot
+/// pointer tested again is not NULL, and reports it unreleased.
+macro_rules! emit {
+    (|$ev:ident| $body:block) => {
+        match EVENTS.reserve::<Event>(0) {
+            Some(mut entry) => {
+                let p = entry.as_mut_ptr();
+                zero(p);
+                let $ev = unsafe { &mut *p };
+                $body
+                if wanted($ev) {
+                    entry.submit(wakeup_flag());
                 } else {
-                    BPF_RB_NO_WAKEUP
-                };
-                entry.submit(wakeup);
+                    entry.discard(BPF_RB_NO_WAKEUP);
+                }
             }
-            Some(entry) => entry.discard(BPF_RB_NO_WAKEUP),
             None => {
-                if keep && let Some(n) = DROPPED.get_ptr_mut(0) {
-                    unsafe { *n += 1 };
+                if let Some(p) = SCRATCH.get_ptr_mut(0) {
+                    zero(p);
+                    let $ev = unsafe { &mut *p };
+                    $body
+                    if wanted($ev)
+                        && let Some(n) = DROPPED.get_ptr_mut(0)
+                    {
+                        unsafe { *n += 1 };
+                    }
                 }
             }
         }
+    };
+}
+
+/// Wake the reader once per crossing of the mark, not for every event above it: once woken, it
+/// drains everything pending. Called with this event reserved, so the query counts it.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 
@@ -430,16 +433,13 @@ impl Slot {
 fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
     // close() runs in the owner's context: this is the most reliable place to learn the owner.
     learn_owner(sk);
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock(ev, hook::TCP_CLOSE, sk);
-    ev.timeout = timeout;
-    fill_queue_details(ev, sk);
-    // No pointers in log lines: the verifier refuses arithmetic on a typed (fentry) pointer.
-    debug!(ctx, "tcp_close unread={} unsent={}", ev.unread, ev.unsent);
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_CLOSE, sk);
+        ev.timeout = timeout;
+        fill_queue_details(ev, sk);
+        // No pointers in log lines: the verifier refuses arithmetic on a typed (fentry) pointer.
+        debug!(ctx, "tcp_close unread={} unsent={}", ev.unread, ev.unsent);
+    });
 }
 
 /// The socket's queues and SO_LINGER as close() leaves them: unread (rcv_nxt - copied_seq, less
@@ -475,11 +475,9 @@ fn fill_queue_details(ev: &mut Event, sk: u64) {
 
 #[inline(always)]
 fn on_plain(hook: u8, sk: u64) {
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    fill_sock(slot.ev(), hook, sk);
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook, sk);
+    });
 }
 
 #[inline(always)]
@@ -491,29 +489,23 @@ fn on_send_fin(sk: u64) {
 
 #[inline(always)]
 fn on_active_reset(sk: u64, reason: Option<u32>) {
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock(ev, hook::TCP_SEND_ACTIVE_RESET, sk);
-    fill_queue_details(ev, sk);
-    if let Some(r) = reason {
-        ev.reason = r;
-        ev.flags |= flag::HAS_REASON;
-    }
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_SEND_ACTIVE_RESET, sk);
+        fill_queue_details(ev, sk);
+        if let Some(r) = reason {
+            ev.reason = r;
+            ev.flags |= flag::HAS_REASON;
+        }
+    });
 }
 
 #[inline(always)]
 fn on_time_wait(sk: u64, tw_state: i32, timeo: i32) {
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock(ev, hook::TCP_TIME_WAIT, sk);
-    ev.new_state = tw_state as u8;
-    ev.timeout = timeo as i64;
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_TIME_WAIT, sk);
+        ev.new_state = tw_state as u8;
+        ev.timeout = timeo as i64;
+    });
 }
 
 #[inline(always)]
@@ -521,34 +513,28 @@ fn on_tw_process(tw: u64, skb: u64, th: u64) {
     if let Some(slot) = TW_ARG.get_ptr_mut(0) {
         unsafe { *slot = tw };
     }
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock(ev, hook::TW_STATE_PROCESS, tw);
-    ev.skb = skb;
-    ev.old_state = rd(tw, conf!(tw_substate));
-    ev.rcv_nxt = rd(tw, conf!(tw_rcv_nxt));
-    ev.seq = u32::from_be(rd(th, 4));
-    ev.ack_seq = u32::from_be(rd(th, 8));
-    let doff = (rd::<u8>(th, 12) >> 4) as u32 * 4;
-    ev.tcp_flags = rd(th, 13);
-    let len: u32 = rd(skb, conf!(skb_len));
-    ev.seg_len = len.saturating_sub(doff);
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook::TW_STATE_PROCESS, tw);
+        ev.skb = skb;
+        ev.old_state = rd(tw, conf!(tw_substate));
+        ev.rcv_nxt = rd(tw, conf!(tw_rcv_nxt));
+        ev.seq = u32::from_be(rd(th, 4));
+        ev.ack_seq = u32::from_be(rd(th, 8));
+        let doff = (rd::<u8>(th, 12) >> 4) as u32 * 4;
+        ev.tcp_flags = rd(th, 13);
+        let len: u32 = rd(skb, conf!(skb_len));
+        ev.seg_len = len.saturating_sub(doff);
+    });
 }
 
 #[inline(always)]
 fn on_tw_process_ret(tw: u64, status: i32) {
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock(ev, hook::TW_STATE_PROCESS_RET, tw);
-    ev.ret = status;
-    ev.flags |= flag::HAS_RET;
-    ev.new_state = rd(tw, conf!(tw_substate));
-    slot.send();
+    emit!(|ev| {
+        fill_sock(ev, hook::TW_STATE_PROCESS_RET, tw);
+        ev.ret = status;
+        ev.flags |= flag::HAS_RET;
+        ev.new_state = rd(tw, conf!(tw_substate));
+    });
 }
 
 #[inline(always)]
@@ -577,43 +563,42 @@ fn on_set_state(sk: u64, old: u32, new: u32) {
     if new == state::LISTEN {
         let _ = LISTENERS.insert(&key, &current_owner(), 0);
     }
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
-    fill_sock_id(ev, hook::INET_SOCK_SET_STATE, sk, &id);
-    ev.old_state = old as u8;
-    ev.new_state = new;
-    slot.send();
+    emit!(|ev| {
+        fill_sock_id(ev, hook::INET_SOCK_SET_STATE, sk, &id);
+        ev.old_state = old as u8;
+        ev.new_state = new;
+    });
 }
 
 #[inline(always)]
 fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) {
     // Both pointers may be NULL (tp_btf types them "maybe null"): the verifier wants the check
-    // before any arithmetic on them.
-    if sk == 0 && skb == 0 {
-        return;
-    }
-    let Some(mut slot) = Slot::new() else {
-        return;
-    };
-    let ev = slot.ev();
+    // before any arithmetic on them (nor may they be or-ed together to test both at once).
     if sk != 0 {
-        fill_sock(ev, hook::TCP_SEND_RESET, sk);
-        // An active reset (no incoming segment) from a full socket: close(),
-        // tcp_disconnect() or a timer. Its queues tell why.
-        if skb == 0 && ev.flags & flag::TW_SOCK == 0 {
-            fill_queue_details(ev, sk);
-        }
-    } else {
-        fill_skb(ev, hook::TCP_SEND_RESET, skb);
+        emit!(|ev| {
+            fill_sock(ev, hook::TCP_SEND_RESET, sk);
+            // An active reset (no incoming segment) from a full socket: close(),
+            // tcp_disconnect() or a timer. Its queues tell why.
+            if skb == 0 && ev.flags & flag::TW_SOCK == 0 {
+                fill_queue_details(ev, sk);
+            }
+            reset_details(ev, skb, reason);
+        });
+    } else if skb != 0 {
+        emit!(|ev| {
+            fill_skb(ev, hook::TCP_SEND_RESET, skb);
+            reset_details(ev, skb, reason);
+        });
     }
+}
+
+#[inline(always)]
+fn reset_details(ev: &mut Event, skb: u64, reason: Option<u32>) {
     ev.skb = skb;
     if let Some(r) = reason {
         ev.reason = r;
         ev.flags |= flag::HAS_REASON;
     }
-    slot.send();
 }
 
 #[inline(always)]
