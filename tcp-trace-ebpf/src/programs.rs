@@ -1,9 +1,9 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_task_pt_regs,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        generated as raw,
     },
     macros::{
         btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
@@ -84,7 +84,8 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
 /// `--port` set.
 #[map]
 static PORTS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
-/// Where events are built: a 176-byte event does not fit beside the rest on the 512-byte BPF stack.
+/// Events are built in their ring-buffer slot. When the ring is full, the event is built here
+/// instead, only to tell whether the filter wanted it (then it counts in `DROPPED`).
 #[map]
 static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
 /// tcp_timewait_state_process argument, for the kretprobe (which cannot read arguments).
@@ -104,37 +105,164 @@ fn rd<T: Default>(base: u64, off: u32) -> T {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
 }
 
+/// The current task's name, written straight into `dst` (aya's `bpf_get_current_comm` goes
+/// through a zeroed stack copy, which compiles to a call to a byte-at-a-time BPF `memset`).
+#[inline(always)]
+fn current_comm(dst: &mut [u8; COMM_LEN]) {
+    unsafe { raw::bpf_get_current_comm(dst.as_mut_ptr().cast(), COMM_LEN as u32) };
+}
+
+/// A 16-byte name copied as four words (both ends are 4-aligned: in `Owner` and in `Event`); a
+/// plain array copy compiles to a call to a byte-at-a-time BPF `memmove`.
+#[inline(always)]
+fn copy_comm(dst: &mut [u8; COMM_LEN], src: &[u8; COMM_LEN]) {
+    let (d, s) = (dst.as_mut_ptr() as *mut u32, src.as_ptr() as *const u32);
+    for i in 0..COMM_LEN / 4 {
+        unsafe { core::ptr::write_volatile(d.add(i), *s.add(i)) };
+    }
+}
+
 #[inline(always)]
 fn current_owner() -> Owner {
     let pid_tgid = bpf_get_current_pid_tgid();
-    Owner {
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    let mut owner = core::mem::MaybeUninit::<Owner>::uninit();
+    let o = owner.as_mut_ptr();
+    // The helper writes all of comm (the name, zero-padded; zeroes on failure): no zeroing first,
+    // which would compile to a `memset` call.
+    unsafe {
+        (*o).tgid = (pid_tgid >> 32) as u32;
+        (*o).tid = pid_tgid as u32;
+        raw::bpf_get_current_comm((&raw mut (*o).comm).cast(), COMM_LEN as u32);
+        owner.assume_init()
     }
+}
+
+/// Owners compared word by word (a derived `==` on the comm array may become a `bcmp` call).
+#[inline(always)]
+fn same_owner(a: &Owner, b: &Owner) -> bool {
+    const WORDS: usize = core::mem::size_of::<Owner>() / 4;
+    let (a, b) = (
+        a as *const Owner as *const u32,
+        b as *const Owner as *const u32,
+    );
+    let mut i = 0;
+    while i < WORDS {
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Records `owner` as `sk`'s owner, unless it is already: a lookup costs less than an LRU update.
+#[inline(always)]
+fn set_owner(sk: u64, owner: &Owner) {
+    if let Some(known) = unsafe { OWNERS.get(&sk) }
+        && same_owner(known, owner)
+    {
+        return;
+    }
+    let _ = OWNERS.insert(&sk, owner, 0);
 }
 
 /// Remembers the current task as `sk`'s owner. Call only where the owner is certainly current.
 #[inline(always)]
 fn learn_owner(sk: u64) {
-    let _ = OWNERS.insert(&sk, &current_owner(), 0);
+    set_owner(sk, &current_owner());
+}
+
+/// How much of the head of `struct sock_common` is read at once: family, ports, addresses, state
+/// and the netns pointer lie within it on the kernels seen (6.1-6.18: up to byte 88). A field the
+/// running kernel's BTF puts beyond it is read on its own.
+const SKC_HEAD: usize = 96;
+
+#[repr(C, align(8))]
+struct SkcHead([u8; SKC_HEAD]);
+
+impl SkcHead {
+    /// The `T` at `off` (a BTF offset, a constant to the verifier): from the copy when it lies
+    /// within it and is aligned, else read from `sk`.
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, sk: u64, off: u32) -> T {
+        let at = off as usize;
+        if at + core::mem::size_of::<T>() <= SKC_HEAD && at % core::mem::align_of::<T>() == 0 {
+            unsafe { *(self.0.as_ptr().add(at) as *const T) }
+        } else {
+            rd(sk, off)
+        }
+    }
+}
+
+/// A socket's identity, from one read of the head of its `struct sock_common` (plus one for the
+/// netns inode number). All zero if `sk` cannot be read.
+struct SockId {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    netns: u32,
+    family: u16,
+    /// skc_num: the local port, host order (0 once a closing socket released it).
+    num: u16,
+    /// skc_dport, network order.
+    dport_be: u16,
+    state: u8,
 }
 
 #[inline(always)]
-fn netns_of(sk: u64) -> u32 {
-    let net: u64 = rd(sk, conf!(skc_net));
-    if net == 0 {
-        return 0;
+fn sock_id(sk: u64) -> SockId {
+    let mut head = core::mem::MaybeUninit::<SkcHead>::uninit();
+    // On failure the helper zeroes the copy.
+    let _ = unsafe {
+        raw::bpf_probe_read_kernel(
+            head.as_mut_ptr().cast(),
+            SKC_HEAD as u32,
+            sk as *const core::ffi::c_void,
+        )
+    };
+    let head = unsafe { head.assume_init_ref() };
+    let family = head.get::<u16>(sk, conf!(skc_family));
+    let (saddr, daddr) = if family == AF_INET6 {
+        (
+            head.get::<[u32; 4]>(sk, conf!(skc_v6_rcv_saddr)),
+            head.get::<[u32; 4]>(sk, conf!(skc_v6_daddr)),
+        )
+    } else {
+        (
+            [head.get::<u32>(sk, conf!(skc_rcv_saddr)), 0, 0, 0],
+            [head.get::<u32>(sk, conf!(skc_daddr)), 0, 0, 0],
+        )
+    };
+    let net = head.get::<u64>(sk, conf!(skc_net));
+    SockId {
+        saddr,
+        daddr,
+        netns: if net == 0 {
+            0
+        } else {
+            rd(net, conf!(net_ns_inum))
+        },
+        family,
+        num: head.get::<u16>(sk, conf!(skc_num)),
+        dport_be: head.get::<u16>(sk, conf!(skc_dport)),
+        state: head.get::<u8>(sk, conf!(skc_state)),
     }
-    rd(net, conf!(net_ns_inum))
 }
 
-/// An event with the common header and the socket's identity filled in. `sk` may be a full socket,
+#[inline(always)]
+fn addr_bytes(words: [u32; 4]) -> [u8; 16] {
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
+/// Fills a (zeroed) event's common header and the socket's identity. `sk` may be a full socket,
 /// a TIME_WAIT minisocket or a request socket: all start with `struct sock_common`.
 #[inline(always)]
-fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
-    let ev = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
-    *ev = Event::zeroed();
+fn fill_sock(ev: &mut Event, hook: u8, sk: u64) {
+    fill_sock_id(ev, hook, sk, &sock_id(sk));
+}
+
+/// `fill_sock` with the socket's identity already read.
+#[inline(always)]
+fn fill_sock_id(ev: &mut Event, hook: u8, sk: u64, id: &SockId) {
     ev.hook = hook;
     ev.sk = sk;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
@@ -142,22 +270,15 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.tgid = (pid_tgid >> 32) as u32;
     ev.tid = pid_tgid as u32;
-    ev.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    current_comm(&mut ev.comm);
 
-    ev.family = rd::<u16>(sk, conf!(skc_family));
-    ev.sport = rd::<u16>(sk, conf!(skc_num));
-    ev.dport = u16::from_be(rd::<u16>(sk, conf!(skc_dport)));
-    if ev.family == AF_INET6 {
-        ev.saddr = rd(sk, conf!(skc_v6_rcv_saddr));
-        ev.daddr = rd(sk, conf!(skc_v6_daddr));
-    } else {
-        let s: [u8; 4] = rd(sk, conf!(skc_rcv_saddr));
-        let d: [u8; 4] = rd(sk, conf!(skc_daddr));
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
-    ev.netns = netns_of(sk);
-    ev.old_state = rd::<u8>(sk, conf!(skc_state));
+    ev.family = id.family;
+    ev.sport = id.num;
+    ev.dport = u16::from_be(id.dport_be);
+    ev.saddr = addr_bytes(id.saddr);
+    ev.daddr = addr_bytes(id.daddr);
+    ev.netns = id.netns;
+    ev.old_state = id.state;
     if ev.old_state == state::TIME_WAIT {
         ev.flags |= flag::TW_SOCK;
     } else if ev.sport == 0 && ev.old_state != state::NEW_SYN_RECV && sk != 0 {
@@ -166,7 +287,7 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
     }
     if let Some(owner) = unsafe { OWNERS.get(&sk) } {
         ev.owner_tgid = owner.tgid;
-        ev.owner_comm = owner.comm;
+        copy_comm(&mut ev.owner_comm, &owner.comm);
         ev.flags |= flag::OWNER_KNOWN;
     }
     // Only for the closer's own sockets: the close() of one socket also runs softirq work for
@@ -174,20 +295,19 @@ fn sock_event(hook: u8, sk: u64) -> Option<&'static mut Event> {
     if conf!(capture_stacks) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
         && ev.owner_tgid == ev.tgid
-        && let Some(site) = unsafe { CLOSING.get(&ev.tid) }
+        && let Some(site) = unsafe { CLOSING.get(&on_stack(&ev.tid)) }
         && (site.exit_ns == 0 || ev.ts_ns.wrapping_sub(site.exit_ns) < CLOSE_TASK_WORK_NS)
     {
         ev.user_stack = site.stack;
         ev.close_ret = site.ret;
     }
-    Some(ev)
 }
 
 /// An event for a packet with no socket (a reply reset): the tuple comes from the incoming
 /// segment's headers, seen from our side (local = its destination).
 #[inline(always)]
-fn skb_event(hook: u8, skb: u64) -> Option<&'static mut Event> {
-    let ev = sock_event(hook, 0)?;
+fn fill_skb(ev: &mut Event, hook: u8, skb: u64) {
+    fill_sock(ev, hook, 0);
     ev.family = 0;
     ev.old_state = 0;
     ev.flags = flag::TUPLE_FROM_SKB;
@@ -210,7 +330,13 @@ fn skb_event(hook: u8, skb: u64) -> Option<&'static mut Event> {
     }
     ev.dport = u16::from_be(rd::<u16>(tcp, 0));
     ev.sport = u16::from_be(rd::<u16>(tcp, 2));
-    Some(ev)
+}
+
+/// A copy of a field of an event being built, for use as a map key: before 6.x (seen on 6.1) the
+/// verifier takes no map key in ring-buffer memory, and a plain copy may be optimised away.
+#[inline(always)]
+fn on_stack(field: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 /// In-kernel filtering (`--pid`, `--port`): drop what the user did not ask for before it costs a
@@ -225,34 +351,79 @@ fn wanted(ev: &Event) -> bool {
     }
     if conf!(filter_pids) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
-        && unsafe { PIDS.get(&ev.owner_tgid) }.is_none()
+        && unsafe { PIDS.get(&on_stack(&ev.owner_tgid)) }.is_none()
     {
         return false;
     }
     true
 }
 
-/// Userspace is woken once this much is pending; below it, its 50 ms drain tick collects the
-/// events. One wakeup per event would cost more than the event.
+/// Userspace is woken when the pending data crosses this much; below it, and above it until the
+/// reader has caught up, its 50 ms drain tick collects the events. A wakeup per event would cost
+/// more than the event (an irq_work self-IPI, a VM exit under KVM).
 const WAKEUP_BYTES: u64 = 64 * 1024;
+/// What one event takes in the ring: the 8-byte record header, the event, rounded up to 8.
+const RECORD_BYTES: u64 = (8 + core::mem::size_of::<Event>() as u64 + 7) & !7;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
+/// Zeroes an event in place with word stores: `*ev = Event::zeroed()` compiles to a call to a
+/// byte-at-a-time BPF `memset`. Volatile, so that LLVM cannot turn the stores back into one.
 #[inline(always)]
-fn submit(ev: &Event) {
-    if !wanted(ev) {
-        return;
+fn zero(ev: *mut Event) {
+    const WORDS: usize = core::mem::size_of::<Event>() / 8;
+    let w = ev as *mut u64;
+    for i in 0..WORDS {
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
     }
-    let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+}
+
+/// Builds one event in place in its ring-buffer slot (zeroed first) and submits it, or discards
+/// it if the filter does not want it. If the ring is full, the event is built in `SCRATCH`
+/// instead, only to count it in `DROPPED` if it was wanted. A macro, not a function taking a
+/// closure: the closures would become BPF subprograms shared by the programs; and the two paths
+/// stay apart, since before 6.4 the verifier does not know that a reserved (non-NULL) slot
+/// pointer tested again is not NULL, and reports it unreleased.
+macro_rules! emit {
+    (|$ev:ident| $body:block) => {
+        match EVENTS.reserve::<Event>(0) {
+            Some(mut entry) => {
+                let p = entry.as_mut_ptr();
+                zero(p);
+                let $ev = unsafe { &mut *p };
+                $body
+                if wanted($ev) {
+                    entry.submit(wakeup_flag());
+                } else {
+                    entry.discard(BPF_RB_NO_WAKEUP);
+                }
+            }
+            None => {
+                if let Some(p) = SCRATCH.get_ptr_mut(0) {
+                    zero(p);
+                    let $ev = unsafe { &mut *p };
+                    $body
+                    if wanted($ev)
+                        && let Some(n) = DROPPED.get_ptr_mut(0)
+                    {
+                        unsafe { *n += 1 };
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Wake the reader once per crossing of the mark, not for every event above it: once woken, it
+/// drains everything pending. Called with this event reserved, so the query counts it.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
-    };
-    if EVENTS.output::<Event>(ev, wakeup).is_err()
-        && let Some(n) = DROPPED.get_ptr_mut(0)
-    {
-        unsafe { *n += 1 };
     }
 }
 
@@ -262,14 +433,13 @@ fn submit(ev: &Event) {
 fn on_tcp_close(ctx: &impl EbpfContext, sk: u64, timeout: i64) {
     // close() runs in the owner's context: this is the most reliable place to learn the owner.
     learn_owner(sk);
-    let Some(ev) = sock_event(hook::TCP_CLOSE, sk) else {
-        return;
-    };
-    ev.timeout = timeout;
-    fill_queue_details(ev, sk);
-    // No pointers in log lines: the verifier refuses arithmetic on a typed (fentry) pointer.
-    debug!(ctx, "tcp_close unread={} unsent={}", ev.unread, ev.unsent);
-    submit(ev);
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_CLOSE, sk);
+        ev.timeout = timeout;
+        fill_queue_details(ev, sk);
+        // No pointers in log lines: the verifier refuses arithmetic on a typed (fentry) pointer.
+        debug!(ctx, "tcp_close unread={} unsent={}", ev.unread, ev.unsent);
+    });
 }
 
 /// The socket's queues and SO_LINGER as close() leaves them: unread (rcv_nxt - copied_seq, less
@@ -305,9 +475,9 @@ fn fill_queue_details(ev: &mut Event, sk: u64) {
 
 #[inline(always)]
 fn on_plain(hook: u8, sk: u64) {
-    if let Some(ev) = sock_event(hook, sk) {
-        submit(ev);
-    }
+    emit!(|ev| {
+        fill_sock(ev, hook, sk);
+    });
 }
 
 #[inline(always)]
@@ -319,25 +489,23 @@ fn on_send_fin(sk: u64) {
 
 #[inline(always)]
 fn on_active_reset(sk: u64, reason: Option<u32>) {
-    let Some(ev) = sock_event(hook::TCP_SEND_ACTIVE_RESET, sk) else {
-        return;
-    };
-    fill_queue_details(ev, sk);
-    if let Some(r) = reason {
-        ev.reason = r;
-        ev.flags |= flag::HAS_REASON;
-    }
-    submit(ev);
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_SEND_ACTIVE_RESET, sk);
+        fill_queue_details(ev, sk);
+        if let Some(r) = reason {
+            ev.reason = r;
+            ev.flags |= flag::HAS_REASON;
+        }
+    });
 }
 
 #[inline(always)]
 fn on_time_wait(sk: u64, tw_state: i32, timeo: i32) {
-    let Some(ev) = sock_event(hook::TCP_TIME_WAIT, sk) else {
-        return;
-    };
-    ev.new_state = tw_state as u8;
-    ev.timeout = timeo as i64;
-    submit(ev);
+    emit!(|ev| {
+        fill_sock(ev, hook::TCP_TIME_WAIT, sk);
+        ev.new_state = tw_state as u8;
+        ev.timeout = timeo as i64;
+    });
 }
 
 #[inline(always)]
@@ -345,30 +513,28 @@ fn on_tw_process(tw: u64, skb: u64, th: u64) {
     if let Some(slot) = TW_ARG.get_ptr_mut(0) {
         unsafe { *slot = tw };
     }
-    let Some(ev) = sock_event(hook::TW_STATE_PROCESS, tw) else {
-        return;
-    };
-    ev.skb = skb;
-    ev.old_state = rd(tw, conf!(tw_substate));
-    ev.rcv_nxt = rd(tw, conf!(tw_rcv_nxt));
-    ev.seq = u32::from_be(rd(th, 4));
-    ev.ack_seq = u32::from_be(rd(th, 8));
-    let doff = (rd::<u8>(th, 12) >> 4) as u32 * 4;
-    ev.tcp_flags = rd(th, 13);
-    let len: u32 = rd(skb, conf!(skb_len));
-    ev.seg_len = len.saturating_sub(doff);
-    submit(ev);
+    emit!(|ev| {
+        fill_sock(ev, hook::TW_STATE_PROCESS, tw);
+        ev.skb = skb;
+        ev.old_state = rd(tw, conf!(tw_substate));
+        ev.rcv_nxt = rd(tw, conf!(tw_rcv_nxt));
+        ev.seq = u32::from_be(rd(th, 4));
+        ev.ack_seq = u32::from_be(rd(th, 8));
+        let doff = (rd::<u8>(th, 12) >> 4) as u32 * 4;
+        ev.tcp_flags = rd(th, 13);
+        let len: u32 = rd(skb, conf!(skb_len));
+        ev.seg_len = len.saturating_sub(doff);
+    });
 }
 
 #[inline(always)]
 fn on_tw_process_ret(tw: u64, status: i32) {
-    let Some(ev) = sock_event(hook::TW_STATE_PROCESS_RET, tw) else {
-        return;
-    };
-    ev.ret = status;
-    ev.flags |= flag::HAS_RET;
-    ev.new_state = rd(tw, conf!(tw_substate));
-    submit(ev);
+    emit!(|ev| {
+        fill_sock(ev, hook::TW_STATE_PROCESS_RET, tw);
+        ev.ret = status;
+        ev.flags |= flag::HAS_RET;
+        ev.new_state = rd(tw, conf!(tw_substate));
+    });
 }
 
 #[inline(always)]
@@ -377,71 +543,62 @@ fn on_set_state(sk: u64, old: u32, new: u32) {
         return;
     }
     let new = new as u8;
+    let id = sock_id(sk);
+    let key = ListenKey {
+        netns: id.netns,
+        port: id.num as u32,
+    };
     match new {
         // connect(), listen(), close()/shutdown() (tcp_close_state): process context.
         state::SYN_SENT | state::LISTEN | state::FIN_WAIT1 | state::LAST_ACK => learn_owner(sk),
         // A child socket, created in softirq: it belongs to whoever listens on its port.
         state::SYN_RECV => {
-            let key = ListenKey {
-                netns: netns_of(sk),
-                port: rd::<u16>(sk, conf!(skc_num)) as u32,
-            };
             if let Some(owner) = unsafe { LISTENERS.get(&key) } {
                 let owner = *owner;
-                let _ = OWNERS.insert(&sk, &owner, 0);
+                set_owner(sk, &owner);
             }
         }
         _ => {}
     }
     if new == state::LISTEN {
-        let key = ListenKey {
-            netns: netns_of(sk),
-            port: rd::<u16>(sk, conf!(skc_num)) as u32,
-        };
         let _ = LISTENERS.insert(&key, &current_owner(), 0);
     }
-    let Some(ev) = sock_event(hook::INET_SOCK_SET_STATE, sk) else {
-        return;
-    };
-    ev.old_state = old as u8;
-    ev.new_state = new;
-    submit(ev);
+    emit!(|ev| {
+        fill_sock_id(ev, hook::INET_SOCK_SET_STATE, sk, &id);
+        ev.old_state = old as u8;
+        ev.new_state = new;
+    });
 }
 
 #[inline(always)]
 fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) {
     // Both pointers may be NULL (tp_btf types them "maybe null"): the verifier wants the check
-    // before any arithmetic on them.
-    let ev = if sk != 0 {
-        let ev = sock_event(hook::TCP_SEND_RESET, sk);
-        // An active reset (no incoming segment) from a full socket: close(), tcp_disconnect()
-        // or a timer. Its queues tell why.
-        match ev {
-            Some(ev) if skb == 0 && ev.flags & flag::TW_SOCK == 0 => {
+    // before any arithmetic on them (nor may they be or-ed together to test both at once).
+    if sk != 0 {
+        emit!(|ev| {
+            fill_sock(ev, hook::TCP_SEND_RESET, sk);
+            // An active reset (no incoming segment) from a full socket: close(),
+            // tcp_disconnect() or a timer. Its queues tell why.
+            if skb == 0 && ev.flags & flag::TW_SOCK == 0 {
                 fill_queue_details(ev, sk);
-                Some(ev)
             }
-            other => other,
-        }
+            reset_details(ev, skb, reason);
+        });
     } else if skb != 0 {
-        skb_event(hook::TCP_SEND_RESET, skb)
-    } else {
-        None
-    };
-    let Some(ev) = ev else {
-        return;
-    };
-    submit_with_reason(ev, skb, reason);
+        emit!(|ev| {
+            fill_skb(ev, hook::TCP_SEND_RESET, skb);
+            reset_details(ev, skb, reason);
+        });
+    }
 }
 
 #[inline(always)]
-fn submit_with_reason(ev: &mut Event, skb: u64, reason: Option<u32>) {
+fn reset_details(ev: &mut Event, skb: u64, reason: Option<u32>) {
     ev.skb = skb;
     if let Some(r) = reason {
         ev.reason = r;
         ev.flags |= flag::HAS_REASON;
     }
-    submit(ev);
 }
 
 #[inline(always)]
