@@ -379,25 +379,29 @@ fn zero(ev: *mut Event) {
     }
 }
 
-/// Builds one event in place in its ring-buffer slot (zeroed first) and submits it, or discards
-/// it if the filter does not want it. If the ring is full, the event is built in `SCRATCH`
-/// instead, only to count it in `DROPPED` if it was wanted. A macro, not a function taking a
-/// closure: the closures would become BPF subprograms shared by the programs; and the two paths
-/// stay apart, since before 6.4 the verifier does not know that a reserved (non-NULL) slot
+/// Builds one event and sends it. Without `--pid`/`--port` every event is wanted, so it is built
+/// in place in its ring-buffer slot (zeroed first) and submitted. With a filter it is built in
+/// `SCRATCH` and copied into the ring only if wanted: a reserved slot that is then discarded still
+/// holds ring space until the reader passes it, so unwanted traffic would crowd out the wanted.
+/// When the ring is full the event is counted in `DROPPED` (if wanted). A macro, not a function
+/// taking a closure: the closures would become BPF subprograms shared by the programs; and the two
+/// paths stay apart, since before 6.4 the verifier does not know that a reserved (non-NULL) slot
 /// pointer tested again is not NULL, and reports it unreleased.
 macro_rules! emit {
     (|$ev:ident| $body:block) => {
-        match EVENTS.reserve::<Event>(0) {
+        let filtered = conf!(filter_ports) != 0 || conf!(filter_pids) != 0;
+        let slot = if filtered {
+            None
+        } else {
+            EVENTS.reserve::<Event>(0)
+        };
+        match slot {
             Some(mut entry) => {
                 let p = entry.as_mut_ptr();
                 zero(p);
                 let $ev = unsafe { &mut *p };
                 $body
-                if wanted($ev) {
-                    entry.submit(wakeup_flag());
-                } else {
-                    entry.discard(BPF_RB_NO_WAKEUP);
-                }
+                entry.submit(wakeup_flag(0));
             }
             None => {
                 if let Some(p) = SCRATCH.get_ptr_mut(0) {
@@ -405,6 +409,7 @@ macro_rules! emit {
                     let $ev = unsafe { &mut *p };
                     $body
                     if wanted($ev)
+                        && EVENTS.output::<Event>($ev, wakeup_flag(RECORD_BYTES)).is_err()
                         && let Some(n) = DROPPED.get_ptr_mut(0)
                     {
                         unsafe { *n += 1 };
@@ -416,10 +421,10 @@ macro_rules! emit {
 }
 
 /// Wake the reader once per crossing of the mark, not for every event above it: once woken, it
-/// drains everything pending. Called with this event reserved, so the query counts it.
+/// drains everything pending. `extra`: what this event adds if it is not reserved yet.
 #[inline(always)]
-fn wakeup_flag() -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+fn wakeup_flag(extra: u64) -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA) + extra;
     if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
