@@ -389,32 +389,36 @@ fn zero(ev: *mut Event) {
 /// pointer tested again is not NULL, and reports it unreleased.
 macro_rules! emit {
     (|$ev:ident| $body:block) => {
-        let filtered = conf!(filter_ports) != 0 || conf!(filter_pids) != 0;
-        let slot = if filtered {
-            None
+        if conf!(filter_ports) != 0 || conf!(filter_pids) != 0 {
+            emit_aside!(|$ev| $body);
         } else {
-            EVENTS.reserve::<Event>(0)
-        };
-        match slot {
-            Some(mut entry) => {
-                let p = entry.as_mut_ptr();
-                zero(p);
-                let $ev = unsafe { &mut *p };
-                $body
-                entry.submit(wakeup_flag(0));
-            }
-            None => {
-                if let Some(p) = SCRATCH.get_ptr_mut(0) {
+            match EVENTS.reserve::<Event>(0) {
+                Some(mut entry) => {
+                    let p = entry.as_mut_ptr();
                     zero(p);
                     let $ev = unsafe { &mut *p };
                     $body
-                    if wanted($ev)
-                        && EVENTS.output::<Event>($ev, wakeup_flag(RECORD_BYTES)).is_err()
-                        && let Some(n) = DROPPED.get_ptr_mut(0)
-                    {
-                        unsafe { *n += 1 };
-                    }
+                    entry.submit(wakeup_flag(0));
                 }
+                None => emit_aside!(|$ev| $body),
+            }
+        }
+    };
+}
+
+/// [`emit!`]'s other path: the event built in `SCRATCH`, copied into the ring if wanted, counted
+/// in `DROPPED` if the ring is full.
+macro_rules! emit_aside {
+    (|$ev:ident| $body:block) => {
+        if let Some(p) = SCRATCH.get_ptr_mut(0) {
+            zero(p);
+            let $ev = unsafe { &mut *p };
+            $body
+            if wanted($ev)
+                && EVENTS.output::<Event>($ev, wakeup_flag(RECORD_BYTES)).is_err()
+                && let Some(n) = DROPPED.get_ptr_mut(0)
+            {
+                unsafe { *n += 1 };
             }
         }
     };
