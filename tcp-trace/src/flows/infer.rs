@@ -124,6 +124,15 @@ pub(crate) fn candidates(
         }
         Obs::ActiveResetFn { .. } | Obs::SendReset { active: true, .. } => {
             c.push(&[FinWait2Timeout], None);
+            if sock.is_some_and(|s| {
+                s.orphan
+                    && matches!(
+                        s.state,
+                        TcpState::FinWait1 | TcpState::Closing | TcpState::LastAck
+                    )
+            }) {
+                c.push(&[OrphanOutOfResources], None);
+            }
             if app_may_close {
                 aborts(&mut c, params);
             }
@@ -309,6 +318,11 @@ fn set_state(
             if app_may_close {
                 c.push(&[Close], Some(CLOSE_OR_SHUTDOWN));
                 c.push(&[ShutdownWr], Some(CLOSE_OR_SHUTDOWN));
+                // close() sent its FIN, then tcp_check_oom() reset the orphan at once.
+                c.push(
+                    &[MemoryPressure],
+                    Some("close() not visible (tcp_close not attached): its FIN then a RST"),
+                );
             } else {
                 c.push(&[ShutdownWr], None);
             }
@@ -351,6 +365,7 @@ fn set_state(
             c.push(&[FinAck], None);
             if orphan {
                 c.push(&[OrphanRetriesExhausted], None);
+                c.push(&[OrphanOutOfResources], None);
             }
             if hidden_close {
                 c.push(&[Close, AckOfFin], unseen);
@@ -360,6 +375,7 @@ fn set_state(
         (FinWait1, CLOSED) => {
             if orphan {
                 c.push(&[OrphanRetriesExhausted], None);
+                c.push(&[OrphanOutOfResources], None);
             }
             if hidden_close {
                 c.push(&[Close, OrphanRetriesExhausted], unseen);
@@ -442,6 +458,9 @@ pub(crate) fn classify_tw_segment(seg: &Segment) -> Vec<Input> {
             vec![TwSyn]
         };
     }
+    if has('F') && !has('.') {
+        return vec![FinWithoutAck];
+    }
     if has('F') {
         let end = seg.seq.wrapping_add(seg.len).wrapping_add(1);
         return if end == seg.tw_rcv_nxt {
@@ -458,12 +477,12 @@ pub(crate) fn classify_tw_segment(seg: &Segment) -> Vec<Input> {
         return if at {
             vec![TwData]
         } else {
-            vec![TwFinRetransmit]
+            vec![TwOldDuplicate, TwFinRetransmit]
         };
     }
     if at {
         vec![TwAck]
     } else {
-        vec![TwAck, TwFinRetransmit]
+        vec![TwAck, TwFinRetransmit, TwOldDuplicate]
     }
 }

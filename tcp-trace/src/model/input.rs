@@ -38,6 +38,7 @@ pub enum Input {
     RstInWindow,
     RstOutOfWindow,
     DataAfterClose,
+    FinWithoutAck,
     // Segments as a TIME_WAIT minisocket sees them.
     TwSyn,
     TwAck,
@@ -45,10 +46,12 @@ pub enum Input {
     TwRst,
     TwData,
     TwFin,
+    TwOldDuplicate,
     // Timers.
     FinWait2Timeout,
     TwExpire,
     OrphanRetriesExhausted,
+    OrphanOutOfResources,
 }
 
 /// Who causes an input.
@@ -245,6 +248,13 @@ pub const INPUTS: &[InputInfo] = {
             "new in-window data beyond rcv_nxt (after close(): the orphan RCV_SHUTDOWN abort)",
         ),
         info(
+            FinWithoutAck,
+            "fin-without-ack",
+            &["fin-no-ack"],
+            Peer,
+            "a segment with FIN but without the ACK flag (dropped before anything else looks at it)",
+        ),
+        info(
             TwSyn,
             "tw-syn",
             &[],
@@ -281,6 +291,13 @@ pub const INPUTS: &[InputInfo] = {
             "FIN at rcv_nxt (in substate FIN_WAIT2: the peer's first FIN)",
         ),
         info(
+            TwOldDuplicate,
+            "tw-old-duplicate",
+            &[],
+            PeerToTimeWait,
+            "an old duplicate: an ACK segment whose data ends at or before rcv_nxt (seq before rcv_nxt, outside the window)",
+        ),
+        info(
             FinWait2Timeout,
             "fin-wait2-timeout",
             &[],
@@ -300,6 +317,13 @@ pub const INPUTS: &[InputInfo] = {
             &["retries-exhausted"],
             Timer,
             "an orphan's retransmissions (or zero-window probes) run out (tcp_orphan_retries)",
+        ),
+        info(
+            OrphanOutOfResources,
+            "orphan-out-of-resources",
+            &["timer-oom"],
+            Timer,
+            "an orphan's retransmission (or zero-window probe) timer finds too many orphans or TCP memory pressure (tcp_check_oom)",
         ),
     ]
 };
@@ -369,15 +393,18 @@ impl Input {
             RstInWindow => Action::Segment(Segment::Rst(RstSeq::InWindow)),
             RstOutOfWindow => Action::Segment(Segment::Rst(RstSeq::OutOfWindow)),
             DataAfterClose => Action::Segment(Segment::Data),
+            FinWithoutAck => Action::Segment(Segment::FinNoAck),
             TwSyn => Action::TimeWaitSegment(TwSegment::Syn),
             TwAck => Action::TimeWaitSegment(TwSegment::BareAck),
             TwFinRetransmit => Action::TimeWaitSegment(TwSegment::OldFin),
             TwRst => Action::TimeWaitSegment(TwSegment::Rst(RstSeq::Exact)),
             TwData => Action::TimeWaitSegment(TwSegment::NewData),
             TwFin => Action::TimeWaitSegment(TwSegment::NewFin),
+            TwOldDuplicate => Action::TimeWaitSegment(TwSegment::OldDuplicate),
             FinWait2Timeout => Action::FinWait2Timeout,
             TwExpire => Action::TwExpire,
             OrphanRetriesExhausted => Action::OrphanRetriesExhausted,
+            OrphanOutOfResources => Action::OrphanOutOfResources,
         }
     }
 }
@@ -503,6 +530,8 @@ pub(crate) enum Segment {
     AckOfData,
     Data,
     Rst(RstSeq),
+    /// FIN set, ACK clear (and no SYN/RST), at rcv_nxt.
+    FinNoAck,
 }
 
 impl Segment {
@@ -520,6 +549,7 @@ impl Segment {
             (Segment::AckOfFin | Segment::AckOfData, _) => TwSegment::BareAck,
             (Segment::Data, _) => TwSegment::NewData,
             (Segment::Rst(seq), _) => TwSegment::Rst(seq),
+            (Segment::FinNoAck, _) => TwSegment::FinNoAck,
         }
     }
 }
@@ -537,6 +567,10 @@ pub(crate) enum TwSegment {
     NewFin,
     /// Payload at rcv_nxt.
     NewData,
+    /// An ACK segment ending at or before rcv_nxt: an old duplicate, outside the window.
+    OldDuplicate,
+    /// A FIN without the ACK flag at rcv_nxt.
+    FinNoAck,
     Rst(RstSeq),
 }
 
@@ -558,4 +592,5 @@ pub(crate) enum Action {
     FinWait2Timeout,
     TwExpire,
     OrphanRetriesExhausted,
+    OrphanOutOfResources,
 }

@@ -151,6 +151,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
             input::Segment::AckOfData => receive::tcp_ack_of_data(sock, p),
             input::Segment::Data => receive::tcp_rcv_state_process_data(sock, p),
             input::Segment::Rst(seq) => receive::tcp_validate_incoming_rst(sock, seq, p),
+            input::Segment::FinNoAck => receive::tcp_rcv_state_process_no_ack(sock, p),
         },
         Action::TimeWaitSegment(_) | Action::TwExpire => Outcome::not_applicable(
             &here,
@@ -162,6 +163,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
         ),
         Action::FinWait2Timeout => timers::tcp_keepalive_timer(sock, p),
         Action::OrphanRetriesExhausted => timers::tcp_write_timeout(sock, p),
+        Action::OrphanOutOfResources => timers::tcp_out_of_resources(sock, p),
     }
 }
 
@@ -205,7 +207,7 @@ fn time_wait_input(tw: &TimeWaitSock, input: Input, p: &ModelParams) -> Outcome 
             &here,
             "the minisocket is already in TIME_WAIT (see tw-expire)",
         ),
-        Action::OrphanRetriesExhausted => Outcome::not_applicable(
+        Action::OrphanRetriesExhausted | Action::OrphanOutOfResources => Outcome::not_applicable(
             &here,
             "a minisocket retransmits nothing; only its own timer runs",
         ),
@@ -232,7 +234,8 @@ fn freed_input(input: Input, p: &ModelParams) -> Outcome {
         | Action::Write
         | Action::FinWait2Timeout
         | Action::TwExpire
-        | Action::OrphanRetriesExhausted => {
+        | Action::OrphanRetriesExhausted
+        | Action::OrphanOutOfResources => {
             Outcome::not_applicable(&State::Freed, "the socket is freed; nothing is left")
         }
     }

@@ -298,6 +298,8 @@ pub enum KernelFunction {
     TcpKeepaliveTimer,
     #[serde(rename = "tcp_write_timeout")]
     TcpWriteTimeout,
+    #[serde(rename = "tcp_out_of_resources")]
+    TcpOutOfResources,
     #[serde(rename = "tw_timer_handler")]
     TwTimerHandler,
 }
@@ -322,6 +324,7 @@ impl KernelFunction {
             KernelFunction::TcpTimewaitStateProcess => "tcp_timewait_state_process",
             KernelFunction::TcpKeepaliveTimer => "tcp_keepalive_timer",
             KernelFunction::TcpWriteTimeout => "tcp_write_timeout",
+            KernelFunction::TcpOutOfResources => "tcp_out_of_resources",
             KernelFunction::TwTimerHandler => "tw_timer_handler",
         }
     }

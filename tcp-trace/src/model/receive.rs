@@ -72,6 +72,31 @@ pub(crate) fn tcp_validate_incoming_rst(sock: &Sock, rst: RstSeq, p: &ModelParam
     cx.finish()
 }
 
+/// A segment with neither ACK nor RST nor SYN (here: a FIN without ACK). tcp_rcv_state_process()
+/// drops it right after its per-state prologue, before tcp_validate_incoming() and before the
+/// FIN is looked at (`!th->ack && !th->rst && !th->syn` -> SKB_DROP_REASON_TCP_FLAGS);
+/// tcp_rcv_established()'s slow path has the same check for ESTABLISHED, LISTEN ignores it, and
+/// tcp_rcv_synsent_state_process() discards it.
+pub(crate) fn tcp_rcv_state_process_no_ack(sock: &Sock, p: &ModelParams) -> Outcome {
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpRcvStateProcess);
+    match sock.state {
+        TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!("no full socket takes segments in {}", sock.state),
+            );
+        }
+        TcpState::SynSent => {
+            cx.decided_by(KernelFunction::TcpRcvSynsentStateProcess);
+            cx.rule("tcp_rcv_synsent_state_process(): neither ACK, RST nor SYN -> discarded");
+        }
+        state => cx.rule(format!(
+            "tcp_rcv_state_process(): {state}: no ACK flag (nor RST, SYN) -> discarded before              tcp_validate_incoming() and tcp_fin(): no state change, nothing sent"
+        )),
+    }
+    cx.finish()
+}
+
 /// The ACK of our FIN: tcp_rcv_state_process()'s FIN_WAIT1, CLOSING and LAST_ACK cases
 /// (snd_una == write_seq). `fin_follows`: the same segment carries the peer's FIN, which matters
 /// to the orphan FIN_WAIT1 rule.

@@ -1075,3 +1075,125 @@ fn fin_is_queued_behind_unsent_data_until_the_window_opens() {
     assert_eq!(steps[3].outcome.wire, vec![Wire::FinSent]);
     assert_eq!(*steps[4].to(), State::time_wait(TwSubstate::FinWait2));
 }
+
+#[test]
+fn fin_without_ack_is_discarded_before_anything_looks_at_it() {
+    let p = kernel(6, 12);
+    for start in [
+        "established",
+        "fin-wait1",
+        "fin-wait1+orphan",
+        "fin-wait2",
+        "close-wait",
+        "closing",
+        "last-ack",
+    ] {
+        let s = step(&p, &state(start), Input::FinWithoutAck);
+        assert!(s.outcome.applicable, "{start}");
+        assert_eq!(*s.to(), state(start), "{start}: no state change");
+        assert!(s.outcome.wire.is_empty(), "{start}: nothing sent");
+        assert!(s.outcome.state_changes.is_empty() && s.outcome.counters.is_empty());
+        assert_eq!(
+            s.outcome.decided_by,
+            Some(KernelFunction::TcpRcvStateProcess)
+        );
+    }
+    // Then the proper FIN+ACK still completes the close (FIN_WAIT1 -> TIME_WAIT).
+    let steps = run(
+        &p,
+        state("fin-wait1+orphan"),
+        &[Input::FinWithoutAck, Input::FinAck],
+    );
+    assert_eq!(
+        steps[1].to().tw_substate(),
+        Some(TwSubstate::TimeWait),
+        "{}",
+        steps[1]
+    );
+    // At a minisocket: FIN_WAIT2 ignores it; TIME_WAIT answers out of window, without re-arming.
+    let s = step(
+        &p,
+        &State::time_wait(TwSubstate::FinWait2),
+        Input::FinWithoutAck,
+    );
+    assert_eq!(s.outcome.tw_status, Some(TwStatus::Success));
+    assert!(s.outcome.wire.is_empty());
+    let s = step(
+        &p,
+        &State::time_wait(TwSubstate::TimeWait),
+        Input::FinWithoutAck,
+    );
+    assert_eq!(s.outcome.wire, vec![Wire::AckImmediate]);
+    assert_eq!(s.outcome.timer, None);
+}
+
+#[test]
+fn old_duplicate_at_time_wait_is_acked_and_the_minisocket_lives_on() {
+    let tw = State::time_wait(TwSubstate::TimeWait);
+    for (p, status) in [
+        (kernel(6, 1), TwStatus::Ack),
+        (kernel(6, 12), TwStatus::Ack),
+        (kernel(6, 18), TwStatus::AckOow),
+    ] {
+        let s = step(&p, &tw, Input::TwOldDuplicate);
+        assert_eq!(s.outcome.tw_status, Some(status));
+        assert_eq!(s.outcome.wire, vec![Wire::AckImmediate]);
+        assert_eq!(s.outcome.timer, Some(TimerArmed::TimeWait { ms: 60_000 }));
+        assert_eq!(*s.to(), tw);
+        // An old RST (not at rcv_nxt) is dropped silently; a bare ACK then finds it alive.
+        let steps = run(
+            &p,
+            tw.clone(),
+            &[Input::TwOldDuplicate, Input::RstOutOfWindow, Input::TwAck],
+        );
+        assert!(steps[1].outcome.wire.is_empty() && steps[2].outcome.wire.is_empty());
+        assert_eq!(steps[1].outcome.tw_status, Some(TwStatus::Success));
+        assert_eq!(*steps[2].to(), tw);
+    }
+    // In substate FIN_WAIT2 it is outside the window: ACKed, timer untouched.
+    let s = step(
+        &kernel(6, 12),
+        &State::time_wait(TwSubstate::FinWait2),
+        Input::TwOldDuplicate,
+    );
+    assert_eq!(s.outcome.wire, vec![Wire::AckImmediate]);
+    assert_eq!(s.outcome.timer, None);
+}
+
+#[test]
+fn orphan_timer_out_of_resources_resets() {
+    for (p, reason) in [
+        (kernel(6, 1), None),
+        (kernel(6, 10), Some(RstReason::NotSpecified)),
+        (kernel(6, 12), Some(RstReason::TcpAbortOnMemory)),
+    ] {
+        for start in ["fin-wait1+orphan", "closing+orphan", "last-ack+orphan"] {
+            let s = step(&p, &state(start), Input::OrphanOutOfResources);
+            assert_eq!(s.outcome.wire, vec![Wire::RstActive], "{start}");
+            assert_eq!(s.outcome.rst_reason, reason, "{start}");
+            assert_eq!(s.outcome.counters, vec![TcpExtCounter::TcpAbortOnMemory]);
+            assert_eq!(
+                s.outcome.decided_by,
+                Some(KernelFunction::TcpOutOfResources)
+            );
+            assert_eq!(*s.to(), State::Freed);
+        }
+    }
+    let p = kernel(6, 12);
+    for start in ["fin-wait1", "established", "fin-wait2+orphan"] {
+        assert!(
+            !step(&p, &state(start), Input::OrphanOutOfResources)
+                .outcome
+                .applicable,
+            "{start}"
+        );
+    }
+    // close() then the timer: FIN first, then the RST (two steps, unlike memory-pressure).
+    let steps = run(
+        &p,
+        State::established(),
+        &[Input::Close, Input::OrphanOutOfResources],
+    );
+    assert_eq!(steps[0].outcome.wire, vec![Wire::FinSent]);
+    assert_eq!(steps[1].outcome.wire, vec![Wire::RstActive]);
+}

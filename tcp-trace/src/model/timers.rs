@@ -1,5 +1,6 @@
-//! Timers of a full orphan socket: tcp_keepalive_timer() as the FIN_WAIT2 timer, and
-//! tcp_write_timeout() when retransmissions run out. (The minisocket's timer is in timewait.rs.)
+//! Timers of a full orphan socket: tcp_keepalive_timer() as the FIN_WAIT2 timer,
+//! tcp_write_timeout() when retransmissions run out, and tcp_out_of_resources() when the
+//! retransmission timer finds too many orphans or too little memory. (The minisocket's timer is in timewait.rs.)
 
 use super::effects::Ctx;
 use super::outcome::{Errno, KernelFunction, Outcome, RstReason, TcpExtCounter};
@@ -83,6 +84,54 @@ pub(crate) fn tcp_write_timeout(sock: &Sock, p: &ModelParams) -> Outcome {
                         " (see fin-wait2-timeout)"
                     } else {
                         ""
+                    }
+                ),
+            );
+        }
+    }
+    cx.finish()
+}
+
+/// tcp_out_of_resources(sk, do_reset), which tcp_write_timeout() (and tcp_probe_timer()) call for
+/// an orphan before counting retries: tcp_check_oom(sk, shift) -- more orphans than
+/// tcp_max_orphans (the count cached every 100 ms, shifted left when the peer has been silent
+/// for 2 * TCP_RTO_MAX or an ICMP error arrived) or tcp_mem's hard limit exceeded with more than
+/// SOCK_MIN_SNDBUF queued -- kills the orphan: RST (TCP_ABORT_ON_MEMORY) if it sent something
+/// within TCP_TIMEWAIT_LEN, its window is closed or its peer seems alive, then tcp_done() and
+/// TCPAbortOnMemory. The model takes the RST as sent (an orphan retransmitting its FIN sent it
+/// less than a minute ago).
+pub(crate) fn tcp_out_of_resources(sock: &Sock, p: &ModelParams) -> Outcome {
+    use TcpState::*;
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpOutOfResources);
+    match sock.state {
+        FinWait1 | Closing | LastAck if sock.orphan => {
+            cx.active_reset(RstReason::TcpAbortOnMemory);
+            cx.tcp_done();
+            cx.count(TcpExtCounter::TcpAbortOnMemory);
+            cx.rule(format!(
+                "tcp_out_of_resources(): orphan {} on its retransmission timer, \
+                 tcp_check_oom() -> RST (TCP_ABORT_ON_MEMORY), tcp_done(), TCPAbortOnMemory; \
+                 destroyed",
+                sock.state
+            ));
+        }
+        FinWait1 | Closing | LastAck => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                "tcp_write_timeout() calls tcp_out_of_resources() only for an orphan (SOCK_DEAD)",
+            );
+        }
+        Established | SynSent | SynRecv | FinWait2 | CloseWait | Listen | Close | TimeWait
+        | NewSynRecv => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!(
+                    "no orphan retransmission timer runs in {}{}",
+                    sock.state,
+                    if sock.orphan {
+                        ""
+                    } else {
+                        " (the socket is not orphaned)"
                     }
                 ),
             );

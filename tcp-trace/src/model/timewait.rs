@@ -38,6 +38,19 @@ fn tcp_timewait_state_process(
                  -> rate-limited ACK, {oow_ack}"
             ),
         ),
+        (TwSubstate::FinWait2, OldDuplicate) => (
+            oow_ack,
+            Keep,
+            format!(
+                "FIN_WAIT2: an old duplicate, outside [rcv_nxt, rcv_nxt + rcv_wnd] -> \
+                 rate-limited ACK, {oow_ack}"
+            ),
+        ),
+        (TwSubstate::FinWait2, FinNoAck) => (
+            TwStatus::Success,
+            Keep,
+            "FIN_WAIT2: no ACK flag -> ignored (TCP_TW_SUCCESS), timer untouched".into(),
+        ),
         (TwSubstate::FinWait2, Rst(RstSeq::Exact | RstSeq::InWindow)) => (
             TwStatus::Success,
             Kill,
@@ -115,6 +128,23 @@ fn tcp_timewait_state_process(
             format!(
                 "TIME_WAIT: retransmitted FIN (seq = rcv_nxt - 1) -> timer re-armed to 60 s, \
                  re-ACK rate-limited by tcp_invalid_ratelimit (500 ms), {oow_ack}"
+            ),
+        ),
+        (TwSubstate::TimeWait, OldDuplicate) => (
+            oow_ack,
+            Rearm,
+            format!(
+                "TIME_WAIT: an old duplicate (seq before rcv_nxt, ACK set) -> timer re-armed to \
+                 60 s, ACK rate-limited by tcp_invalid_ratelimit (500 ms; TCP_TW_SUCCESS and \
+                 nothing sent when limited), {oow_ack}"
+            ),
+        ),
+        (TwSubstate::TimeWait, FinNoAck) => (
+            oow_ack,
+            Keep,
+            format!(
+                "TIME_WAIT: not a bare segment at rcv_nxt, no ACK flag -> timer not re-armed, \
+                 rate-limited ACK, {oow_ack}"
             ),
         ),
         (TwSubstate::TimeWait, NewFin | NewData) => (
