@@ -125,6 +125,11 @@ enum Command {
         /// Run only this scenario (repeatable); `--scenario list` names them.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
+        /// This run owns the machine (a VM guest, a CI machine): scenarios that change host-wide
+        /// sysctls for a moment (close-memory-pressure: net.ipv4.tcp_max_orphans) may run; they
+        /// restore them afterwards. Without it they are reported as not run.
+        #[arg(long)]
+        owns_machine: bool,
     },
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
@@ -246,13 +251,15 @@ fn main() -> ExitCode {
                 pids: cli.trace.pids,
             },
         ),
-        Some(Command::Validate { scenarios }) => {
-            tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
-                scenarios,
-                json: cli.trace.json,
-                backend: cli.trace.backend,
-            })
-        }
+        Some(Command::Validate {
+            scenarios,
+            owns_machine,
+        }) => tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
+            scenarios,
+            json: cli.trace.json,
+            backend: cli.trace.backend,
+            owns_machine,
+        }),
         None => run_live(cli.trace, None, None),
     };
     match result {

@@ -537,6 +537,10 @@ pub(crate) fn judge(events: &[TraceEvent], cx: &JudgeCtx, end: FlowEnd) -> Judge
         let o = ObsEv::from_event(ev);
         if let Obs::Unknown(what) = &o.obs {
             notes.push(format!("ignored an event the judge cannot read: {what}"));
+        } else if matches!(o.obs, Obs::SetState { from, to } if from == to) {
+            // tcp_set_state() to the state the socket is in (close() after shutdown():
+            // new_state[FIN_WAIT2] = FIN_WAIT2): the tracepoint fires in inet_sk_state_store()
+            // all the same, but nothing changed.
         } else {
             known.push(o);
         }

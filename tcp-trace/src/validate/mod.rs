@@ -28,13 +28,16 @@ use crate::{
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::Owners,
 };
-use lab::{Collector, Dropper, Lab, Side};
-use scenarios::{Ctx, RunNotes, SCENARIOS, Scenario};
+use lab::{Collector, Dropper, Lab, SERVER_PORT, Side};
+use scenarios::{Ctx, ModelSetting, RunNotes, SCENARIOS, Scenario};
 
 pub struct ValidateOptions {
     pub scenarios: Vec<String>,
     pub json: bool,
     pub backend: Backend,
+    /// This run owns the machine (a VM guest, a CI machine): scenarios may change host-wide
+    /// sysctls for a moment. Without it those scenarios are reported as not run.
+    pub owns_machine: bool,
 }
 
 /// One scenario's result: a `--json` line with `"type": "scenario"`.
@@ -63,20 +66,48 @@ pub struct Check {
     pub passed: bool,
 }
 
-/// The model's parameters for a flow in `ns`: this kernel plus that namespace's sysctls.
-fn params_for(version: &KernelVersion, lab: &Lab, side: Side) -> Result<ModelParams> {
+/// The model's parameters for a flow in `ns`: this kernel plus that namespace's sysctls and the
+/// socket options the scenario set there.
+fn params_for(version: &KernelVersion, lab: &Lab, s: &Scenario, side: Side) -> Result<ModelParams> {
     let ns = lab.ns(side);
     let int = |key: &str| -> Result<i64> {
         ns.read_sysctl(key)?
             .parse()
             .with_context(|| format!("sysctl {key}"))
     };
-    Ok(ModelParams {
+    let mut params = ModelParams {
         tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout")? as u32,
         tcp_rfc1337: int("net.ipv4.tcp_rfc1337")? != 0,
         tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries")? as u32,
         ..ModelParams::for_generation(KernelGeneration::for_release(*version))
-    })
+    };
+    for (_, setting) in s.model.iter().filter(|(at, _)| *at == side) {
+        match setting {
+            ModelSetting::Linger2(secs) => params.tcp_linger2_secs = *secs,
+            ModelSetting::NoListener => params.listener_on_port = false,
+        }
+    }
+    Ok(params)
+}
+
+/// The inputs of `script` in order in `inputs` (others may come between); those marked `@tw`
+/// only where the minisocket's hook is attached, `a|b` either (where the attached hooks cannot
+/// tell them apart). The first one missing, if any.
+fn missing_input<'s>(script: &[&'s str], inputs: &[String], tw_visible: bool) -> Option<&'s str> {
+    let mut it = inputs.iter();
+    for want in script {
+        let (want, at_tw) = match want.strip_suffix("@tw") {
+            Some(w) => (w, true),
+            None => (*want, false),
+        };
+        if at_tw && !tw_visible {
+            continue;
+        }
+        if !it.any(|i| want.split('|').any(|w| w == i)) {
+            return Some(want);
+        }
+    }
+    None
 }
 
 /// Judges one scenario from its events.
@@ -95,8 +126,10 @@ fn judge(
     let mut reports = Vec::new();
     // Each side's flows are judged with that namespace's sysctls.
     for side in [Side::Client, Side::Server] {
-        let mut config =
-            FlowConfig::new(params_for(version, lab, side)?, attached_hook_names(hooks));
+        let mut config = FlowConfig::new(
+            params_for(version, lab, s, side)?,
+            attached_hook_names(hooks),
+        );
         config.hz = kernel::config_hz();
         let mut table = FlowTable::new(config);
         let mut owners = Owners::default();
@@ -134,6 +167,45 @@ fn judge(
             failures.push(format!("{} > {}: {}", r.key.local, r.key.remote, r.verdict));
         }
     }
+    let tw_visible = hooks
+        .iter()
+        .any(|h| h.hook == "tcp_timewait_state_process" && h.attached());
+    for also in &notes.also {
+        let ns = lab.ns(also.side).inode;
+        let (local, remote) = match also.side {
+            Side::Server => (SERVER_PORT, also.client_port),
+            Side::Client => (also.client_port, SERVER_PORT),
+        };
+        match reports.iter().find(|r| {
+            r.key.netns == ns && r.key.local.port() == local && r.key.remote.port() == remote
+        }) {
+            None => failures.push(format!(
+                "the {:?} flow of port {} was not seen",
+                also.side, also.client_port
+            )),
+            Some(r) => {
+                if let Some(want) = missing_input(also.script, &r.inputs, tw_visible) {
+                    failures.push(format!(
+                        "the flow {} > {} did not go through `{want}` (inputs: {})",
+                        r.key.local,
+                        r.key.remote,
+                        r.inputs.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    let mut checks = notes.checks.clone();
+    let mut flow_checked = Vec::new();
+    if let (Some(f), Some(flow_checks)) = (focus, s.flow_checks) {
+        for (what, ok) in flow_checks(f, &notes) {
+            if !ok {
+                failures.push(format!("check failed: {what}"));
+            }
+            flow_checked.push(what.clone());
+            checks.push((what, ok));
+        }
+    }
     let (verdict, model_expects, kernel_did, inputs, unchecked) = match focus {
         None => {
             failures.push("the focus flow was not seen".into());
@@ -148,25 +220,11 @@ fn judge(
         Some(f) => {
             // The scenario's inputs must appear in this order; those at a minisocket only where
             // its hook is attached.
-            let tw_visible = hooks
-                .iter()
-                .any(|h| h.hook == "tcp_timewait_state_process" && h.attached());
-            let mut it = f.inputs.iter();
-            for want in s.script {
-                let (want, at_tw) = match want.strip_suffix("@tw") {
-                    Some(w) => (w, true),
-                    None => (*want, false),
-                };
-                if at_tw && !tw_visible {
-                    continue;
-                }
-                if !it.any(|i| i == want) {
-                    failures.push(format!(
-                        "the focus flow did not go through `{want}` (inputs: {})",
-                        f.inputs.join(", ")
-                    ));
-                    break;
-                }
+            if let Some(want) = missing_input(s.script, &f.inputs, tw_visible) {
+                failures.push(format!(
+                    "the focus flow did not go through `{want}` (inputs: {})",
+                    f.inputs.join(", ")
+                ));
             }
             let unchecked = match &f.verdict {
                 Verdict::Conforms { unchecked, .. } => unchecked.clone(),
@@ -190,22 +248,25 @@ fn judge(
     let mut model_expects = model_expects;
     let mut kernel_did = kernel_did;
     if let Some(probe) = &s.probe {
-        let expected = probe_expectation(probe, &params_for(version, lab, s.focus)?)?;
+        let all = probe_expectations(probe, &params_for(version, lab, s, s.focus)?)?;
+        // The scenario saw the replies to the probe's last inputs.
+        let answered = notes.replies.len().min(all.len());
+        let expected = &all[all.len() - answered..];
         model_expects.push_str(&format!(
             "; probe {} -> {expected:?}",
             probe.inputs.join(",")
         ));
-        match notes.reply {
-            Some(got) => {
-                kernel_did.push_str(&format!("; probe -> {got:?}"));
-                if got != expected {
-                    failures.push(format!(
-                        "probe {}: the model expects {expected:?} back, the kernel sent {got:?}",
-                        probe.inputs.join(",")
-                    ));
-                }
+        if notes.replies.is_empty() {
+            failures.push("the probe was not sent".into());
+        } else {
+            let got = &notes.replies;
+            kernel_did.push_str(&format!("; probe -> {got:?}"));
+            if got.as_slice() != expected {
+                failures.push(format!(
+                    "probe {}: the model expects {expected:?} back, the kernel sent {got:?}",
+                    probe.inputs.join(",")
+                ));
             }
-            None => failures.push("the probe was not sent".into()),
         }
     }
     // Incomplete only for want of hooks is a pass; incomplete for lost events is not.
@@ -235,19 +296,21 @@ fn judge(
         kernel_did,
         detail,
         inputs,
-        checks: notes
-            .checks
+        checks: checks
             .into_iter()
             .map(|(what, passed)| Check { what, passed })
             .collect(),
-        wire: notes.wire,
+        wire: notes.wire.into_iter().chain(flow_checked).collect(),
         unchecked,
         flows: reports,
     })
 }
 
-/// What the model says comes back on the wire after the probe's inputs.
-fn probe_expectation(probe: &scenarios::Probe, params: &ModelParams) -> Result<scenarios::Reply> {
+/// What the model says comes back on the wire after each of the probe's inputs.
+fn probe_expectations(
+    probe: &scenarios::Probe,
+    params: &ModelParams,
+) -> Result<Vec<scenarios::Reply>> {
     use crate::model::{Model, State, Wire, parse_inputs};
     let start: State = probe
         .start
@@ -256,28 +319,50 @@ fn probe_expectation(probe: &scenarios::Probe, params: &ModelParams) -> Result<s
     let inputs =
         parse_inputs(&probe.inputs.join(",")).map_err(|e| anyhow::anyhow!("probe inputs: {e}"))?;
     let steps = Model::with_state(*params, start).run(&inputs);
-    let wire = steps
-        .last()
-        .map(|s| s.outcome.wire.clone())
-        .unwrap_or_default();
-    Ok(
-        if wire
-            .iter()
-            .any(|w| matches!(w, Wire::RstReply | Wire::RstActive))
-        {
-            scenarios::Reply::Rst
-        } else if wire.iter().any(|w| {
-            matches!(
-                w,
-                Wire::AckImmediate | Wire::ChallengeAck | Wire::AckDelayed
-            )
-        }) {
-            scenarios::Reply::Ack
-        } else {
-            scenarios::Reply::Nothing
-        },
-    )
+    Ok(steps
+        .iter()
+        .map(|step| {
+            let wire = &step.outcome.wire;
+            if wire
+                .iter()
+                .any(|w| matches!(w, Wire::RstReply | Wire::RstActive))
+            {
+                scenarios::Reply::Rst
+            } else if wire.iter().any(|w| {
+                matches!(
+                    w,
+                    Wire::AckImmediate | Wire::ChallengeAck | Wire::AckDelayed
+                )
+            }) {
+                scenarios::Reply::Ack
+            } else {
+                scenarios::Reply::Nothing
+            }
+        })
+        .collect())
 }
+
+/// A scenario that was not run, and why: reported, never counted as passed.
+fn not_run(s: &Scenario, why: String) -> ScenarioResult {
+    ScenarioResult {
+        scenario: s.name,
+        about: s.about,
+        focus: s.focus,
+        verdict: NOT_RUN.into(),
+        passed: false,
+        model_expects: String::new(),
+        kernel_did: String::new(),
+        detail: why,
+        inputs: vec![],
+        checks: vec![],
+        wire: vec![],
+        unchecked: vec![],
+        flows: vec![],
+    }
+}
+
+/// The verdict of a scenario that was not run.
+pub const NOT_RUN: &str = "not-run";
 
 pub fn list() -> String {
     let mut out = String::from("scenarios:\n");
@@ -329,6 +414,25 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     dropper.attach(&mut attached.ebpf, &anchor)?;
     let mut results = Vec::new();
     for s in chosen {
+        if !s.host_sysctls.is_empty() && !opts.owns_machine {
+            let why = format!(
+                "not run: it changes the host-wide sysctl {} for a moment, which would affect \
+                 every connection on this machine; run validate with --owns-machine where it \
+                 owns the machine (VM guests, CI)",
+                s.host_sysctls.join(", ")
+            );
+            if !opts.json {
+                eprintln!("tcp-trace: validate: {}: {why}", s.name);
+            }
+            let result = not_run(s, why);
+            if opts.json {
+                let mut v = serde_json::to_value(&result)?;
+                v["type"] = "scenario".into();
+                println!("{v}");
+            }
+            results.push(result);
+            continue;
+        }
         if !opts.json {
             eprintln!("tcp-trace: validate: {} ...", s.name);
         }
@@ -372,7 +476,8 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     let lost = collector.lost();
     collector.stop();
     drop(anchor);
-    let failed = results.iter().filter(|r| !r.passed).count();
+    let not_run = results.iter().filter(|r| r.verdict == NOT_RUN).count();
+    let failed = results.iter().filter(|r| !r.passed).count() - not_run;
     if opts.json {
         println!(
             "{}",
@@ -383,8 +488,9 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
                 "backend": opts.backend,
                 "hooks": attached.hooks,
                 "scenarios": results.len(),
-                "passed": results.len() - failed,
+                "passed": results.len() - failed - not_run,
                 "failed": failed,
+                "not_run": not_run,
                 "lost": lost,
             })
         );
@@ -406,6 +512,8 @@ fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Bac
         }
         let verdict = if r.passed {
             r.verdict.clone()
+        } else if r.verdict == NOT_RUN {
+            format!("NOT RUN\n{}", r.detail)
         } else {
             format!("FAILED ({})\n{}", r.verdict, r.detail)
         };
@@ -428,6 +536,14 @@ fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Bac
             println!("  {}: {}", r.scenario, r.unchecked.join("; "));
         }
     }
-    let failed = results.iter().filter(|r| !r.passed).count();
-    println!("{} passed, {failed} failed", results.len() - failed);
+    let not_run = results.iter().filter(|r| r.verdict == NOT_RUN).count();
+    let failed = results.iter().filter(|r| !r.passed).count() - not_run;
+    print!(
+        "{} passed, {failed} failed",
+        results.len() - failed - not_run
+    );
+    if not_run > 0 {
+        print!(", {not_run} not run (see above)");
+    }
+    println!();
 }

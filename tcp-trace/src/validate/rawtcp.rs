@@ -122,6 +122,26 @@ impl RawTcp {
         })
     }
 
+    /// Like [`RawTcp::open`], with a receive buffer of `bytes` (SO_RCVBUFFORCE, as root): room
+    /// for a bulk transfer's copies while a reader drains them.
+    pub fn open_with_buffer(bytes: i32) -> Result<RawTcp> {
+        let raw = RawTcp::open()?;
+        // SAFETY: a valid int option on our own fd.
+        let rc = unsafe {
+            libc::setsockopt(
+                raw.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+        if rc != 0 {
+            bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        }
+        Ok(raw)
+    }
+
     pub fn send(
         &self,
         src: SocketAddrV4,
@@ -130,7 +150,20 @@ impl RawTcp {
         ack: u32,
         flags: u8,
     ) -> Result<()> {
-        let seg = build_segment(src, dst, seq, ack, flags, &[]);
+        self.send_data(src, dst, seq, ack, flags, &[])
+    }
+
+    /// A segment with a payload.
+    pub fn send_data(
+        &self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<()> {
+        let seg = build_segment(src, dst, seq, ack, flags, payload);
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: 0,
@@ -158,6 +191,17 @@ impl RawTcp {
 
     /// Segments arriving from `from` within `wait`.
     pub fn collect_from(&self, from: SocketAddrV4, wait: Duration) -> Vec<Seen> {
+        self.collect_until(from, wait, |_| false)
+    }
+
+    /// Segments arriving from `from` within `wait`, up to and including the first one `last`
+    /// accepts.
+    pub fn collect_until(
+        &self,
+        from: SocketAddrV4,
+        wait: Duration,
+        last: impl Fn(&Seen) -> bool,
+    ) -> Vec<Seen> {
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
         let mut buf = [0u8; 2048];
@@ -188,6 +232,9 @@ impl RawTcp {
                 && seen.src == from
             {
                 out.push(seen);
+                if last(&seen) {
+                    break;
+                }
             }
         }
         out

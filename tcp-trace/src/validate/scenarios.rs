@@ -16,8 +16,10 @@ use tcp_trace_common::{DropRule, tcp_flag};
 
 use super::{
     lab::{Dropper, Lab, SERVER_PORT, Side},
+    netns::Netns,
     rawtcp::{RawTcp, Seen, flag_names},
 };
+use crate::flows::FlowReport;
 
 /// What the kernel sent back to a hand-made segment (see [`Probe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -49,17 +51,40 @@ pub struct Probe {
     pub inputs: &'static [&'static str],
 }
 
+/// Another flow of the scenario that must go through given inputs (besides the focus flow).
+#[derive(Debug, Clone)]
+pub struct AlsoFlow {
+    pub side: Side,
+    /// The client's ephemeral port of that connection.
+    pub client_port: u16,
+    pub script: &'static [&'static str],
+}
+
+/// What the model must know about a namespace's sockets that its sysctls do not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSetting {
+    /// The sockets set TCP_LINGER2 to this many seconds.
+    Linger2(i32),
+    /// No listener owns the port when a SYN reaches the minisocket.
+    NoListener,
+}
+
 /// What a scenario run leaves for the judge.
 #[derive(Default, Debug)]
 pub struct RunNotes {
-    /// What came back to the scenario's probe segment, if it has one.
-    pub reply: Option<Reply>,
+    /// What came back to the probe's segments: one reply per input, for the last
+    /// `replies.len()` inputs of the probe (the earlier ones are timers or unanswered by design).
+    pub replies: Vec<Reply>,
     /// The client's ephemeral port (identifies both flows).
     pub client_port: u16,
     /// What was seen on the wire or done to it, for the "kernel did" column.
     pub wire: Vec<String>,
     /// Scenario-specific checks: (what, passed).
     pub checks: Vec<(String, bool)>,
+    /// Other flows with inputs of their own to check.
+    pub also: Vec<AlsoFlow>,
+    /// Moments the scenario noted, CLOCK_MONOTONIC ns (the events' clock).
+    pub marks: Vec<(&'static str, u64)>,
 }
 
 pub struct Ctx<'a> {
@@ -93,6 +118,13 @@ pub struct Scenario {
     pub probe: Option<Probe>,
     /// Sysctls set in one namespace before the traffic.
     pub sysctls: &'static [(Side, &'static str, &'static str)],
+    /// Socket options the scenario sets, which the model of that side's flows must know.
+    pub model: &'static [(Side, ModelSetting)],
+    /// Host-wide sysctls the scenario changes for a moment (and restores): it runs only where
+    /// validate owns the machine (`--owns-machine`), else it is reported as not run.
+    pub host_sysctls: &'static [&'static str],
+    /// Checks on the judged focus flow itself (e.g. when a step came).
+    pub flow_checks: Option<fn(&FlowReport, &RunNotes) -> Vec<(String, bool)>>,
     pub run: fn(&mut Ctx) -> Result<()>,
 }
 
@@ -111,6 +143,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "ack-of-fin", "tw-fin@tw"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: clean_close,
     },
     Scenario {
@@ -121,6 +156,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["fin", "close", "ack-of-fin"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: clean_close,
     },
     Scenario {
@@ -131,6 +169,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "fin", "ack-of-fin"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: simultaneous_close,
     },
     Scenario {
@@ -141,6 +182,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["shutdown-wr", "ack-of-fin", "fin"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: half_close,
     },
     Scenario {
@@ -151,6 +195,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close-unread"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: close_unread,
     },
     Scenario {
@@ -161,6 +208,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close-linger0"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: linger_zero,
     },
     Scenario {
@@ -171,6 +221,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: close_unsent,
     },
     Scenario {
@@ -181,6 +234,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close-linger0"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: listener_close,
     },
     Scenario {
@@ -194,6 +250,9 @@ pub const SCENARIOS: &[Scenario] = &[
             start: "TW:FIN_WAIT2",
             inputs: &["tw-data"],
         }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: data_after_close,
     },
     Scenario {
@@ -207,6 +266,9 @@ pub const SCENARIOS: &[Scenario] = &[
             start: "TW:FIN_WAIT2",
             inputs: &["tw-expire", "fin"],
         }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: fin_wait2_timeout,
     },
     Scenario {
@@ -217,6 +279,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "ack-of-fin"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: fin_ack_lost,
     },
     Scenario {
@@ -227,6 +292,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "ack-of-fin", "tw-fin@tw", "tw-syn@tw"],
         sysctls: &[],
         probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: tw_syn,
     },
     Scenario {
@@ -237,6 +305,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "ack-of-fin", "tw-fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "0")],
         probe: Some(TW_RST_PROBE),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: tw_rst,
     },
     Scenario {
@@ -247,6 +318,9 @@ pub const SCENARIOS: &[Scenario] = &[
         script: &["close", "ack-of-fin", "tw-fin@tw", "tw-rst@tw"],
         sysctls: &[(Side::Server, "net.ipv4.tcp_rfc1337", "1")],
         probe: Some(TW_RST_PROBE),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: tw_rst,
     },
     Scenario {
@@ -260,7 +334,119 @@ pub const SCENARIOS: &[Scenario] = &[
             start: "TW:TIME_WAIT",
             inputs: &["tw-fin-retransmit"],
         }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
         run: tw_fin_retransmit,
+    },
+    Scenario {
+        name: "orphan-retries-exhausted",
+        about: "every ACK of the server's FIN is lost, tcp_orphan_retries=1: CLOSE without RST, the late FIN finds no socket",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close", "orphan-retries-exhausted"],
+        sysctls: &[(Side::Server, "net.ipv4.tcp_orphan_retries", "1")],
+        probe: Some(Probe {
+            start: "freed",
+            inputs: &["fin"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: orphan_retries_exhausted,
+    },
+    Scenario {
+        name: "fin-without-ack",
+        about: "in FIN_WAIT1 a FIN without the ACK flag is discarded; the real FIN+ACK then completes the close",
+        focus: Side::Client,
+        focus_listener: false,
+        // Without tcp_fin the FIN+ACK shows as FIN_WAIT1 -> FIN_WAIT2 -> CLOSE: ack-of-fin, fin.
+        script: &["shutdown-wr", "fin-ack|fin"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "fin-wait1",
+            inputs: &["fin-without-ack"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: fin_without_ack,
+    },
+    Scenario {
+        name: "fin-timeout-over-60s",
+        about: "orphan FIN_WAIT2 with tcp_fin_timeout=61: keepalive timer for 1 s, then tcp_time_wait(FIN_WAIT2, 1 s)",
+        focus: Side::Server,
+        focus_listener: false,
+        // Without tcp_time_wait, FIN_WAIT2 -> CLOSE could be the peer's FIN as far as the
+        // events go; the timing check (before the peer's FIN was sent) settles it.
+        script: &["close", "ack-of-fin", "fin-wait2-timeout|fin"],
+        sysctls: &[(Side::Server, "net.ipv4.tcp_fin_timeout", "61")],
+        probe: Some(Probe {
+            start: "tw-fin-wait2",
+            inputs: &["tw-expire", "fin"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: Some(fin_timeout_over_60s_timing),
+        run: fin_timeout_over_60s,
+    },
+    Scenario {
+        name: "linger2-negative",
+        about: "TCP_LINGER2 -1: close() in FIN_WAIT2 resets at once; an orphan FIN_WAIT1 resets when its FIN is ACKed",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["shutdown-wr", "ack-of-fin", "close"],
+        sysctls: &[],
+        probe: None,
+        model: &[(Side::Server, ModelSetting::Linger2(-1))],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: linger2_negative,
+    },
+    Scenario {
+        name: "close-memory-pressure",
+        about: "tcp_max_orphans=0 (host-wide) with an orphan about: close() sends FIN then RST; the orphan's timer resets it",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["memory-pressure"],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &["net.ipv4.tcp_max_orphans"],
+        flow_checks: None,
+        run: close_memory_pressure,
+    },
+    Scenario {
+        name: "tw-syn-no-listener",
+        about: "a SYN TIME_WAIT would accept, but no listener owns the port: answered with an ACK, the minisocket lives on",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close", "ack-of-fin", "tw-fin@tw", "tw-syn@tw"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "tw-time-wait",
+            inputs: &["tw-syn", "tw-ack"],
+        }),
+        model: &[(Side::Server, ModelSetting::NoListener)],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: tw_syn_no_listener,
+    },
+    Scenario {
+        name: "tw-old-duplicate",
+        about: "an old duplicate segment at TIME_WAIT is ACKed, an old RST dropped silently; the minisocket lives on",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close", "ack-of-fin", "tw-fin@tw", "tw-old-duplicate@tw"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "tw-time-wait",
+            inputs: &["tw-old-duplicate", "rst-out-of-window", "tw-ack"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: tw_old_duplicate,
     },
 ];
 
@@ -565,13 +751,39 @@ fn close_unsent(ctx: &mut Ctx) -> Result<()> {
     let mut c = connect_from(ctx.lab, None)?;
     ctx.notes.client_port = local_port(&c);
     let sent = sent_rx.recv_timeout(Duration::from_secs(10))?;
+    // Watch what arrives while the client reads: the FIN must ride on the last data segment
+    // (tcp_send_fin() sets it on the unsent tail skb, and tso_fragment() keeps it on the last
+    // piece), never on a segment of its own.
+    let raw = ctx.lab.client.run(|| RawTcp::open_with_buffer(8 << 20))?;
+    let from = ctx.lab.server_addr();
+    let watcher = std::thread::spawn(move || {
+        raw.collect_until(from, Duration::from_secs(10), |s| s.has(tcp_flag::FIN))
+    });
     let got = read_to_eof(&mut c)?;
+    let seen = watcher
+        .join()
+        .map_err(|_| anyhow!("the segment watcher panicked"))?;
     ctx.notes.wire.push(format!(
         "server queued {sent} bytes then closed; client read {got} bytes then EOF"
     ));
     ctx.notes.checks.push((
         "every byte arrived before the FIN (no RST)".into(),
         got == sent,
+    ));
+    let fins: Vec<&Seen> = seen.iter().filter(|s| s.has(tcp_flag::FIN)).collect();
+    ctx.notes.wire.push(match fins.first() {
+        Some(f) => format!(
+            "the FIN came on a segment with {} data bytes [{}]",
+            f.len,
+            flag_names(f.flags)
+        ),
+        None => "no FIN seen on the wire".into(),
+    });
+    ctx.notes.checks.push((
+        "the FIN rode on the last data segment (no FIN-only segment)".into(),
+        !fins.is_empty()
+            && fins.iter().all(|f| f.len > 0)
+            && !seen.iter().any(|s| s.has(tcp_flag::RST)),
     ));
     drop(c);
     join(server)
@@ -612,7 +824,7 @@ fn data_after_close(ctx: &mut Ctx) -> Result<()> {
     c.write_all(b"one more thing\n")?;
     let seen = raw.collect_from(ctx.lab.server_addr(), Duration::from_millis(300));
     note_seen(ctx, "after the client's late data, server sent", &seen);
-    ctx.notes.reply = Some(Reply::of(&seen));
+    ctx.notes.replies.push(Reply::of(&seen));
     ctx.notes.checks.push((
         "the data after close was answered with RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -640,7 +852,7 @@ fn fin_wait2_timeout(ctx: &mut Ctx) -> Result<()> {
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
     note_seen(ctx, "after the client's late FIN, server sent", &seen);
-    ctx.notes.reply = Some(Reply::of(&seen));
+    ctx.notes.replies.push(Reply::of(&seen));
     ctx.notes.checks.push((
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -811,7 +1023,7 @@ fn tw_rst(ctx: &mut Ctx) -> Result<()> {
     raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
     note_seen(ctx, "after RST then a probe ACK, server sent", &seen);
-    ctx.notes.reply = Some(Reply::of(&seen));
+    ctx.notes.replies.push(Reply::of(&seen));
     let rfc1337 = ctx.lab.server.read_sysctl("net.ipv4.tcp_rfc1337")? == "1";
     let reset = seen.iter().any(|s| s.has(tcp_flag::RST));
     ctx.notes.checks.push(if rfc1337 {
@@ -837,12 +1049,551 @@ fn tw_fin_retransmit(ctx: &mut Ctx) -> Result<()> {
     raw.send(from, to, write_seq, 1, tcp_flag::FIN | tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
     note_seen(ctx, "after a retransmitted FIN, server sent", &seen);
-    ctx.notes.reply = Some(Reply::of(&seen));
+    ctx.notes.replies.push(Reply::of(&seen));
     ctx.notes.checks.push((
         "TIME_WAIT re-ACKed the FIN".into(),
         seen.iter().any(|s| {
             s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == write_seq.wrapping_add(1)
         }),
+    ));
+    Ok(())
+}
+
+/// The kernel's TCP states as TCP_INFO reports them (include/net/tcp_states.h).
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_CLOSE: u8 = 7;
+
+/// tcpi_state of TCP_INFO: the full socket's state.
+fn tcp_state(s: &TcpStream) -> Result<u8> {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as u32;
+    // SAFETY: a buffer of `len` bytes; the kernel writes at most that much.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("TCP_INFO: {}", std::io::Error::last_os_error());
+    }
+    Ok(info[0])
+}
+
+/// Waits until `s` is in `state` (TCP_INFO), at most `limit`; returns the last state seen.
+fn wait_state(s: &TcpStream, state: u8, limit: Duration) -> Result<u8> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = tcp_state(s)?;
+        if now == state || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        sleep(Duration::from_millis(5));
+    }
+}
+
+fn set_linger2(s: &TcpStream, secs: i32) -> Result<()> {
+    setsockopt_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_LINGER2, secs).context("TCP_LINGER2")
+}
+
+/// One TcpExt counter of a namespace (/proc/net/netstat as seen from inside it): the
+/// kernel's own account, an independent check of what the trace claims.
+fn tcpext(ns: &Netns, name: &str) -> Result<u64> {
+    let text = ns.run(|| {
+        std::fs::read_to_string("/proc/thread-self/net/netstat").context("read /proc/net/netstat")
+    })?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next(), lines.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no TcpExt lines in /proc/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| anyhow!("/proc/net/netstat has no TcpExt counter {name}"))?
+        .1
+        .parse()
+        .with_context(|| format!("TcpExt {name}"))
+}
+
+/// Notes a server TcpExt counter and checks it reached `at_least`.
+fn check_counter(ctx: &mut Ctx, name: &str, at_least: u64) -> Result<()> {
+    let n = tcpext(&ctx.lab.server, name)?;
+    ctx.notes.wire.push(format!("server TcpExt {name} = {n}"));
+    ctx.notes.checks.push((
+        format!("the server counted {name} (>= {at_least})"),
+        n >= at_least,
+    ));
+    Ok(())
+}
+
+/// A host-wide sysctl changed for one scenario: the old value goes back when this is dropped
+/// (also when the scenario fails). Only scenarios that declare it in `host_sysctls` use it, and
+/// those run only where validate owns the machine. (A SIGKILL in between would leave it set.)
+pub struct HostSysctl {
+    path: String,
+    old: String,
+}
+
+impl HostSysctl {
+    /// Reads the current value; `file` is opened for writing now, in this (the host's)
+    /// namespace, so another thread may write through it later.
+    fn open(key: &str) -> Result<(HostSysctl, std::fs::File)> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let old = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {path}"))?
+            .trim()
+            .to_string();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open {path} for writing"))?;
+        Ok((HostSysctl { path, old }, file))
+    }
+}
+
+impl Drop for HostSysctl {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!(
+                "tcp-trace: validate: could not restore {} to {}: {e}",
+                self.path, self.old
+            );
+        }
+    }
+}
+
+/// The server closes; every ACK the client sends afterwards is lost, so the orphan retransmits
+/// its FIN until tcp_write_timeout() gives up. retransmits_timed_out() counts time, not
+/// retransmissions: with tcp_orphan_retries = N it gives up once (2^(N+1) - 1) x TCP_RTO_MIN
+/// have passed since the first transmission, which is N retransmissions at the minimal RTO (one
+/// more when the timer's jiffy rounding lands just short).
+fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        s.write_all(RESPONSE)?;
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(s);
+        Ok(())
+    })?;
+    let mut c = connect_from(ctx.lab, None)?;
+    let port = local_port(&c);
+    ctx.notes.client_port = port;
+    c.write_all(REQUEST)?;
+    read_exact_len(&mut c, RESPONSE.len())?;
+    sleep(SETTLE);
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: port,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    })?;
+    let server_addr = ctx.lab.server_addr();
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    go_tx.send(())?;
+    // The listener goes with the server thread, so nothing on the port answers later but the
+    // kernel's no-socket reset.
+    join(server)?;
+    let retries: u64 = ctx
+        .lab
+        .server
+        .read_sysctl("net.ipv4.tcp_orphan_retries")?
+        .parse()?;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut aborted = 0;
+    while Instant::now() < deadline && aborted == 0 {
+        seen.extend(raw.collect_from(server_addr, Duration::from_millis(100)));
+        aborted = tcpext(&ctx.lab.server, "TCPAbortOnTimeout")?;
+    }
+    let fins = seen.iter().filter(|s| s.has(tcp_flag::FIN)).count() as u64;
+    let dropped = ctx.dropped()?;
+    ctx.notes.wire.push(format!(
+        "server sent its FIN {fins}x, the client's {dropped} ACKs were dropped"
+    ));
+    // retransmits_timed_out() measures from retrans_stamp, the first retransmission, so the
+    // orphan gives up at the RTO after N + 1 retransmissions; a tail loss probe may add one.
+    ctx.notes.checks.push((
+        format!(
+            "the FIN was retransmitted tcp_orphan_retries + 1 = {} times on the RTO (plus at \
+             most one tail loss probe)",
+            retries + 1
+        ),
+        (retries + 2..=retries + 3).contains(&fins),
+    ));
+    check_counter(ctx, "TCPAbortOnTimeout", 1)?;
+    ctx.dropper.clear()?;
+    drop(c);
+    let seen = raw.collect_from(server_addr, Duration::from_millis(300));
+    note_seen(ctx, "after the client's late FIN, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "the late FIN found no socket: RST".into(),
+        seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    Ok(())
+}
+
+/// The client half-closes; the server's bare ACKs are lost, so the client stays in FIN_WAIT1.
+/// A hand-made FIN without the ACK flag at the client's rcv_nxt must change nothing; the
+/// server's real FIN (which ACKs the client's) then ends it in TIME_WAIT.
+fn fin_without_ack(ctx: &mut Ctx) -> Result<()> {
+    let (seq_tx, seq_rx) = mpsc::channel::<u32>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        s.write_all(RESPONSE)?;
+        seq_tx.send(send_queue_seq(&s)?)?;
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(s);
+        sleep(SETTLE);
+        Ok(())
+    })?;
+    let mut c = connect_from(ctx.lab, None)?;
+    let port = local_port(&c);
+    ctx.notes.client_port = port;
+    c.write_all(REQUEST)?;
+    read_exact_len(&mut c, RESPONSE.len())?;
+    let server_seq = seq_rx.recv_timeout(Duration::from_secs(5))?;
+    sleep(SETTLE);
+    // Only a segment with FIN may carry the ACK of the client's FIN from now on.
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        dport: port,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    })?;
+    c.shutdown(Shutdown::Write)?;
+    let before = wait_state(&c, TCP_FIN_WAIT1, Duration::from_millis(500))?;
+    let (from, to) = (ctx.lab.server_addr(), client_addr(ctx));
+    let raw = ctx.lab.server.run(RawTcp::open)?;
+    raw.send(from, to, server_seq, 0, tcp_flag::FIN)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    let after = tcp_state(&c)?;
+    // The client's own FIN retransmissions carry ack = server_seq; an answer to our FIN
+    // would ACK server_seq + 1.
+    let answers: Vec<Seen> = seen
+        .iter()
+        .filter(|s| s.has(tcp_flag::RST) || s.ack == server_seq.wrapping_add(1))
+        .copied()
+        .collect();
+    note_seen(
+        ctx,
+        "after a FIN without ACK, the client answered",
+        &answers,
+    );
+    ctx.notes.replies.push(Reply::of(&answers));
+    ctx.notes.checks.push((
+        "the client stayed in FIN_WAIT1 (the FIN without ACK was discarded)".into(),
+        before == TCP_FIN_WAIT1 && after == TCP_FIN_WAIT1,
+    ));
+    go_tx.send(())?;
+    join(server)?;
+    let end = wait_state(&c, TCP_CLOSE, Duration::from_secs(1))?;
+    ctx.notes.checks.push((
+        "the server's FIN+ACK then completed the close (the full socket handed over to \
+         TIME_WAIT: CLOSE)"
+            .into(),
+        end == TCP_CLOSE,
+    ));
+    drop(c);
+    sleep(SETTLE);
+    Ok(())
+}
+
+/// tcp_fin_timeout = 61 on the server: its orphan FIN_WAIT2 first waits tcp_fin_time - 60 s = 1 s
+/// on the keepalive timer as a full socket, then becomes a FIN_WAIT2 minisocket for the same 1 s.
+fn fin_timeout_over_60s(ctx: &mut Ctx) -> Result<()> {
+    let server = serve(ctx.lab, |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        drop(s);
+        Ok(())
+    })?;
+    let mut c = connect_from(ctx.lab, None)?;
+    ctx.notes.client_port = local_port(&c);
+    c.write_all(REQUEST)?;
+    read_to_eof(&mut c)?;
+    join(server)?;
+    let fin_time: u64 = ctx
+        .lab
+        .server
+        .read_sysctl("net.ipv4.tcp_fin_timeout")?
+        .parse()?;
+    let excess = Duration::from_secs(fin_time.saturating_sub(60));
+    // Keepalive timer, then the minisocket's own timer, then some slack.
+    sleep(excess * 2 + Duration::from_millis(800));
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    let server_addr = ctx.lab.server_addr();
+    ctx.notes
+        .marks
+        .push(("peer FIN", crate::live::now_ns(libc::CLOCK_MONOTONIC)));
+    drop(c);
+    let seen = raw.collect_from(server_addr, Duration::from_millis(300));
+    note_seen(ctx, "after the client's late FIN, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "both timers ran out within seconds: the late FIN found no socket (RST)".into(),
+        seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    Ok(())
+}
+
+/// When tcp_time_wait(FIN_WAIT2) came: tcp_fin_time - 60 s (1 s) after FIN_WAIT2, neither at
+/// once (the <= 60 s path) nor after the full minute, and before the peer sent its FIN.
+fn fin_timeout_over_60s_timing(f: &FlowReport, notes: &RunNotes) -> Vec<(String, bool)> {
+    let at = |inputs: &[&str]| {
+        f.steps
+            .iter()
+            .find(|s| inputs.contains(&s.input.as_str()))
+            .and_then(|s| s.at_ns)
+    };
+    let peer_fin = notes
+        .marks
+        .iter()
+        .find(|(what, _)| *what == "peer FIN")
+        .map(|(_, ns)| *ns);
+    let check = match (
+        at(&["ack-of-fin"]),
+        at(&["fin-wait2-timeout", "fin"]),
+        peer_fin,
+    ) {
+        (Some(fin_wait2), Some(minisocket), Some(peer_fin)) => {
+            let ms = minisocket.saturating_sub(fin_wait2) / 1_000_000;
+            let before_peer = peer_fin.saturating_sub(minisocket) / 1_000_000;
+            (
+                format!(
+                    "FIN_WAIT2 -> CLOSE (tcp_time_wait(FIN_WAIT2)) came {ms} ms after FIN_WAIT2 \
+                     (the keepalive timer: tcp_fin_time - 60 s = 1000 ms; want 900 ms .. 30 s), \
+                     {before_peer} ms before the peer's FIN"
+                ),
+                (900..30_000).contains(&ms) && peer_fin > minisocket,
+            )
+        }
+        (a, b, c) => (
+            format!(
+                "the FIN_WAIT2 minisocket's timing: FIN_WAIT2 at {a:?}, FIN_WAIT2 -> CLOSE at \
+                 {b:?}, the peer's FIN at {c:?} (all needed)"
+            ),
+            false,
+        ),
+    };
+    vec![check]
+}
+
+/// TCP_LINGER2 = -1 on two server sockets: the first half-closes, reaches FIN_WAIT2 (held by the
+/// application, so no timer) and is then closed: adjudge_to_death resets it (active RST,
+/// TCP_ABORT_ON_LINGER). The second is closed while ESTABLISHED: the orphan's FIN_WAIT1 sees the
+/// ACK of its FIN and tcp_rcv_state_process() calls tcp_done() and answers with a RST
+/// (TCPAbortOnData).
+fn linger2_negative(ctx: &mut Ctx) -> Result<()> {
+    let (states_tx, states_rx) = mpsc::channel::<u8>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut s1, _) = l.accept()?;
+        read_exact_len(&mut s1, REQUEST.len())?;
+        s1.shutdown(Shutdown::Write)?;
+        states_tx.send(wait_state(&s1, TCP_FIN_WAIT2, Duration::from_secs(2))?)?;
+        set_linger2(&s1, -1)?;
+        drop(s1);
+        let (mut s2, _) = l.accept()?;
+        read_exact_len(&mut s2, REQUEST.len())?;
+        set_linger2(&s2, -1)?;
+        drop(s2);
+        sleep(SETTLE);
+        Ok(())
+    })?;
+    let mut c1 = connect_from(ctx.lab, None)?;
+    ctx.notes.client_port = local_port(&c1);
+    c1.write_all(REQUEST)?;
+    let fin_wait2 = states_rx.recv_timeout(Duration::from_secs(5))?;
+    ctx.notes.checks.push((
+        "the first server socket reached FIN_WAIT2 before close()".into(),
+        fin_wait2 == TCP_FIN_WAIT2,
+    ));
+    let end1 = wait_state(&c1, TCP_CLOSE, Duration::from_secs(2))?;
+    let mut c2 = connect_from(ctx.lab, None)?;
+    let port2 = local_port(&c2);
+    c2.write_all(REQUEST)?;
+    join(server)?;
+    let end2 = wait_state(&c2, TCP_CLOSE, Duration::from_secs(2))?;
+    ctx.notes.checks.push((
+        "close() in FIN_WAIT2 reset the first client at once".into(),
+        end1 == TCP_CLOSE,
+    ));
+    ctx.notes.checks.push((
+        "the orphan's FIN_WAIT1 -> FIN_WAIT2 reset the second client".into(),
+        end2 == TCP_CLOSE,
+    ));
+    check_counter(ctx, "TCPAbortOnLinger", 1)?;
+    check_counter(ctx, "TCPAbortOnData", 1)?;
+    ctx.notes.also.push(AlsoFlow {
+        side: Side::Server,
+        client_port: port2,
+        script: &["close", "ack-of-fin"],
+    });
+    drop((c1, c2));
+    Ok(())
+}
+
+/// tcp_check_oom() with net.ipv4.tcp_max_orphans = 0 (host-wide, restored afterwards). Orphans
+/// are counted from a cache tcp_orphan_update() refreshes every 100 ms, so an orphan must exist
+/// before: connection A's server socket is closed with every ACK of its FIN lost. Then, within
+/// microseconds in one thread, tcp_max_orphans = 0 and close() of connection B: its FIN goes out,
+/// then tcp_check_oom() resets it (TCP_ABORT_ON_MEMORY). At A's next retransmission timeout
+/// tcp_out_of_resources() resets A too.
+fn close_memory_pressure(ctx: &mut Ctx) -> Result<()> {
+    let (guard, mut max_orphans) = HostSysctl::open("net.ipv4.tcp_max_orphans")?;
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut a, _) = l.accept()?;
+        read_exact_len(&mut a, REQUEST.len())?;
+        let (mut b, _) = l.accept()?;
+        read_exact_len(&mut b, REQUEST.len())?;
+        ready_tx.send(())?;
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(a);
+        // Past the orphan cache's refresh, before A's second retransmission (~600 ms).
+        sleep(Duration::from_millis(350));
+        max_orphans.write_all(b"0").context("tcp_max_orphans = 0")?;
+        drop(b);
+        Ok(())
+    })?;
+    let mut ca = connect_from(ctx.lab, None)?;
+    let port_a = local_port(&ca);
+    ca.write_all(REQUEST)?;
+    let mut cb = connect_from(ctx.lab, None)?;
+    ctx.notes.client_port = local_port(&cb);
+    cb.write_all(REQUEST)?;
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: port_a,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    })?;
+    go_tx.send(())?;
+    let joined = join(server);
+    let end_b = wait_state(&cb, TCP_CLOSE, Duration::from_secs(2));
+    let end_a = wait_state(&ca, TCP_CLOSE, Duration::from_secs(3));
+    let old = guard.old.clone();
+    drop(guard);
+    ctx.notes.wire.push(format!(
+        "tcp_max_orphans was 0 for about a second, restored to {old}"
+    ));
+    joined?;
+    ctx.dropper.clear()?;
+    ctx.notes.checks.push((
+        "close() under tcp_check_oom() reset the client (FIN, then RST)".into(),
+        end_b? == TCP_CLOSE,
+    ));
+    ctx.notes.checks.push((
+        "the orphan's retransmission timer (tcp_out_of_resources) reset the other client".into(),
+        end_a? == TCP_CLOSE,
+    ));
+    check_counter(ctx, "TCPAbortOnMemory", 2)?;
+    ctx.notes.also.push(AlsoFlow {
+        side: Side::Server,
+        client_port: port_a,
+        script: &["close", "orphan-out-of-resources"],
+    });
+    drop((ca, cb));
+    Ok(())
+}
+
+/// The client's kernel answers the minisocket's ACKs with a bare RST (it has no socket for the
+/// 4-tuple any more), and that RST sits exactly at rcv_nxt: it would kill TIME_WAIT. Drop it.
+fn drop_client_resets(ctx: &mut Ctx) -> Result<()> {
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: ctx.notes.client_port,
+        flags_set: tcp_flag::RST,
+        flags_clear: tcp_flag::ACK,
+        ..Default::default()
+    })
+}
+
+fn tw_syn_no_listener(ctx: &mut Ctx) -> Result<()> {
+    let (write_seq, server) = server_time_wait(ctx, false)?;
+    // The server thread's listener is gone with it: nobody owns the port.
+    join(server)?;
+    drop_client_resets(ctx)?;
+    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
+    let rcv_nxt = write_seq.wrapping_add(1);
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    // A SYN after rcv_nxt: tcp_timewait_state_process() says TCP_TW_SYN.
+    raw.send(from, to, write_seq.wrapping_add(100_000), 0, tcp_flag::SYN)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_seen(ctx, "after a SYN into TIME_WAIT, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "no listener: no SYN-ACK, the SYN was answered with an ACK of rcv_nxt".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::SYN))
+            && seen
+                .iter()
+                .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt),
+    ));
+    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_seen(ctx, "then after a bare ACK, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    Ok(())
+}
+
+fn tw_old_duplicate(ctx: &mut Ctx) -> Result<()> {
+    let (write_seq, server) = server_time_wait(ctx, false)?;
+    join(server)?;
+    drop_client_resets(ctx)?;
+    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
+    let rcv_nxt = write_seq.wrapping_add(1);
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    // The client's request again: data that ends before rcv_nxt.
+    let old_seq = write_seq.wrapping_sub(REQUEST.len() as u32);
+    raw.send_data(from, to, old_seq, 1, tcp_flag::ACK | tcp_flag::PSH, REQUEST)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_seen(ctx, "after an old duplicate, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "the old duplicate was answered with an ACK of rcv_nxt".into(),
+        seen.iter()
+            .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt),
+    ));
+    // An old RST, far before rcv_nxt: dropped without a word.
+    raw.send(
+        from,
+        to,
+        write_seq.wrapping_sub(100_000),
+        1,
+        tcp_flag::RST | tcp_flag::ACK,
+    )?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_seen(ctx, "after an old RST, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_seen(ctx, "then after a bare ACK, server sent", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::RST)),
     ));
     Ok(())
 }
