@@ -69,6 +69,9 @@ pub enum ModelSetting {
     NoListener,
 }
 
+/// Checks on the judged focus flow: (what, passed).
+pub type FlowChecks = fn(&FlowReport, &RunNotes) -> Vec<(String, bool)>;
+
 /// What a scenario run leaves for the judge.
 #[derive(Default, Debug)]
 pub struct RunNotes {
@@ -124,7 +127,7 @@ pub struct Scenario {
     /// validate owns the machine (`--owns-machine`), else it is reported as not run.
     pub host_sysctls: &'static [&'static str],
     /// Checks on the judged focus flow itself (e.g. when a step came).
-    pub flow_checks: Option<fn(&FlowReport, &RunNotes) -> Vec<(String, bool)>>,
+    pub flow_checks: Option<FlowChecks>,
     pub run: fn(&mut Ctx) -> Result<()>,
 }
 
