@@ -366,8 +366,16 @@ pub const NOT_RUN: &str = "not-run";
 
 pub fn list() -> String {
     let mut out = String::from("scenarios:\n");
+    let width = SCENARIOS.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for s in SCENARIOS {
-        out.push_str(&format!("  {:<22} {}\n", s.name, s.about));
+        out.push_str(&format!("  {:<width$} {}\n", s.name, s.about));
+        if !s.host_sysctls.is_empty() {
+            out.push_str(&format!(
+                "  {:<width$}   (changes host-wide {}: runs only with --owns-machine)\n",
+                "",
+                s.host_sysctls.join(", ")
+            ));
+        }
     }
     out
 }
@@ -546,4 +554,94 @@ fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Bac
         print!(", {not_run} not run (see above)");
     }
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Input, State};
+    use scenarios::Reply;
+
+    #[test]
+    fn every_scenario_names_real_inputs_and_states() {
+        let mut names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SCENARIOS.len(), "scenario names are unique");
+        for s in SCENARIOS {
+            for item in s.script {
+                for name in item.trim_end_matches("@tw").split('|') {
+                    assert!(name.parse::<Input>().is_ok(), "{}: {name}", s.name);
+                }
+            }
+            if let Some(p) = &s.probe {
+                assert!(p.start.parse::<State>().is_ok(), "{}: {}", s.name, p.start);
+                for name in p.inputs {
+                    assert!(name.parse::<Input>().is_ok(), "{}: {name}", s.name);
+                }
+            }
+            assert!(list().contains(s.name));
+        }
+        for name in [
+            "orphan-retries-exhausted",
+            "fin-without-ack",
+            "fin-timeout-over-60s",
+            "linger2-negative",
+            "close-memory-pressure",
+            "tw-syn-no-listener",
+            "tw-old-duplicate",
+            "close-unsent",
+        ] {
+            assert!(scenarios::find(name).is_ok(), "{name}");
+        }
+        assert!(scenarios::find("nope").is_err());
+    }
+
+    #[test]
+    fn scripts_match_in_order_with_alternatives_and_minisocket_inputs() {
+        let inputs: Vec<String> = ["close", "ack-of-fin", "fin"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(missing_input(&["close", "fin"], &inputs, false), None);
+        assert_eq!(
+            missing_input(&["close", "fin-wait2-timeout|fin"], &inputs, false),
+            None
+        );
+        assert_eq!(
+            missing_input(&["fin", "close"], &inputs, false),
+            Some("close")
+        );
+        assert_eq!(missing_input(&["close", "tw-fin@tw"], &inputs, false), None);
+        assert_eq!(
+            missing_input(&["close", "tw-fin@tw"], &inputs, true),
+            Some("tw-fin")
+        );
+    }
+
+    #[test]
+    fn probes_expect_one_reply_per_input() {
+        let p = ModelParams::for_kernel(6, 12, 0);
+        let probe = |name: &str| scenarios::find(name).unwrap().probe.as_ref().unwrap();
+        let no_listener = ModelParams {
+            listener_on_port: false,
+            ..p
+        };
+        assert_eq!(
+            probe_expectations(probe("tw-syn-no-listener"), &no_listener).unwrap(),
+            vec![Reply::Ack, Reply::Nothing]
+        );
+        assert_eq!(
+            probe_expectations(probe("tw-old-duplicate"), &p).unwrap(),
+            vec![Reply::Ack, Reply::Nothing, Reply::Nothing]
+        );
+        assert_eq!(
+            probe_expectations(probe("fin-without-ack"), &p).unwrap(),
+            vec![Reply::Nothing]
+        );
+        assert_eq!(
+            probe_expectations(probe("orphan-retries-exhausted"), &p).unwrap(),
+            vec![Reply::Rst]
+        );
+    }
 }

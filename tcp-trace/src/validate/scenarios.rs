@@ -44,7 +44,8 @@ impl Reply {
 
 /// A wire-level check that works on any kernel: the scenario sends segments at a minisocket (or
 /// where one was) and sees what comes back; the model, run over `inputs` from `start`, says what
-/// should come back.
+/// should come back after each. The scenario records the replies to the last inputs
+/// (`RunNotes::replies`); earlier ones (timers) are not answered on the wire.
 pub struct Probe {
     /// A model state name, e.g. `TW:TIME_WAIT`.
     pub start: &'static str,
