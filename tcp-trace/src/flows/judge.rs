@@ -26,6 +26,10 @@ const WINDOW_SLACK: usize = 2;
 /// The events of one step (one syscall, softirq or timer) lie this close to its first: a later
 /// event is another step's, however well it would fit.
 const STEP_SPAN_NS: u64 = 100_000_000;
+/// An orphan's retransmission timer (tcp_out_of_resources) fires an RTO after the segment it
+/// guards, at least TCP_RTO_MIN (200 ms) unless tuned: a reset sooner after the previous step is
+/// that step's own (close() under tcp_check_oom sends FIN then RST in one call).
+const RTO_TIMER_MIN_GAP_NS: u64 = 100_000_000;
 
 /// What judging needs besides the events.
 pub(crate) struct JudgeCtx<'a> {
@@ -246,12 +250,26 @@ impl<'a> Search<'a> {
         let cands = candidates(trigger, &state, self.cx.params, &self.cx.vis);
         let mut mismatch: Option<Failure> = None;
         let mut tried: Vec<String> = Vec::new();
+        let since_previous = path
+            .last()
+            .and_then(|p| p.matched.iter().map(|m| self.obs[m.0].ts).max())
+            .map(|prev| trigger.ts.saturating_sub(prev));
         for (ci, cand) in cands.iter().enumerate() {
             if self.budget == 0 {
                 self.exhausted = true;
                 return false;
             }
             self.budget -= 1;
+            if cand.inputs.first() == Some(&Input::OrphanOutOfResources)
+                && since_previous.is_some_and(|gap| gap < RTO_TIMER_MIN_GAP_NS)
+            {
+                tried.push(format!(
+                    "{}: no retransmission timer fires {} ms after the previous step",
+                    names(&cand.inputs),
+                    since_previous.unwrap_or_default() / 1_000_000
+                ));
+                continue;
+            }
             let cand_penalty = penalty + usize::from(ci > 0 || cand.fallback);
             match self.try_candidate(&pos, &state, cand) {
                 Attempt::NotApplicable(why) => {
