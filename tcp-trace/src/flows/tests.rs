@@ -1124,3 +1124,67 @@ fn a_reused_socket_pointer_starts_a_new_flow_even_if_the_old_end_was_lost() {
     assert_eq!(r.first_ns, 1000 * US, "{}", r.render_timeline());
     assert_eq!(r.timeline.len(), 5, "{}", r.render_timeline());
 }
+
+#[test]
+fn memory_pressure_at_close_and_on_the_orphans_timer() {
+    let s = server();
+    // close() under tcp_check_oom: FIN, then CLOSE and a RST in the same call.
+    let at_close = vec![
+        s.close(10, "ESTABLISHED", 0, None),
+        s.set(11, "ESTABLISHED", "FIN_WAIT1"),
+        s.send_fin(12, "FIN_WAIT1"),
+        s.set(13, "FIN_WAIT1", "CLOSE"),
+        s.active_reset(14, "CLOSE", "TCP_ABORT_ON_MEMORY"),
+        s.send_rst(15, "CLOSE", "TCP_ABORT_ON_MEMORY"),
+        s.destroy(16),
+    ];
+    let r = run(config(&ALL_HOOKS), at_close);
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]), ["memory-pressure"]);
+    // A plain close(), and 600 ms later the orphan's retransmission timer finds too many
+    // orphans: tcp_out_of_resources() resets it, then tcp_done().
+    let on_timer = vec![
+        s.close(10, "ESTABLISHED", 0, None),
+        s.set(11, "ESTABLISHED", "FIN_WAIT1"),
+        s.send_fin(12, "FIN_WAIT1"),
+        s.active_reset(600_000, "FIN_WAIT1", "TCP_ABORT_ON_MEMORY"),
+        s.send_rst(600_001, "FIN_WAIT1", "TCP_ABORT_ON_MEMORY"),
+        s.set(600_002, "FIN_WAIT1", "CLOSE"),
+        s.destroy(600_003),
+    ];
+    let r = run(config(&ALL_HOOKS), on_timer.clone());
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]), ["close", "orphan-out-of-resources"]);
+    let tp: Vec<TraceEvent> = on_timer
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e.hook,
+                Hook::TcpClose | Hook::TcpSendActiveReset | Hook::TcpSendFin
+            )
+        })
+        .collect();
+    let r = run(config(&TRACEPOINTS), tp);
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]), ["close", "orphan-out-of-resources"]);
+}
+
+#[test]
+fn a_state_change_to_the_same_state_is_not_a_transition() {
+    // shutdown(SHUT_WR), the ACK of the FIN, then close() with TCP_LINGER2 < 0: tcp_close_state()
+    // sets FIN_WAIT2 again (the tracepoint fires), then adjudge_to_death resets.
+    let s = server();
+    let events = vec![
+        s.set(10, "ESTABLISHED", "FIN_WAIT1"),
+        s.set(1_000, "FIN_WAIT1", "FIN_WAIT2"),
+        s.set(5_000, "FIN_WAIT2", "FIN_WAIT2"),
+        s.set(5_001, "FIN_WAIT2", "CLOSE"),
+        s.send_rst(5_002, "CLOSE", "TCP_ABORT_ON_LINGER"),
+        s.destroy(5_003),
+    ];
+    let mut cfg = config(&TRACEPOINTS);
+    cfg.params.tcp_linger2_secs = -1;
+    let r = run(cfg, events);
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]), ["shutdown-wr", "ack-of-fin", "close"]);
+}
