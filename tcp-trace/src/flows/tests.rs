@@ -1138,9 +1138,22 @@ fn memory_pressure_at_close_and_on_the_orphans_timer() {
         s.send_rst(15, "CLOSE", "TCP_ABORT_ON_MEMORY"),
         s.destroy(16),
     ];
-    let r = run(config(&ALL_HOOKS), at_close);
+    let r = run(config(&ALL_HOOKS), at_close.clone());
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["memory-pressure"]);
+    // Tracepoints only: close() and shutdown() look alike, the RST's reason names the cause.
+    let tp: Vec<TraceEvent> = at_close
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e.hook,
+                Hook::TcpClose | Hook::TcpSendActiveReset | Hook::TcpSendFin
+            )
+        })
+        .collect();
+    let r = run(config(&TRACEPOINTS), tp);
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]).last(), Some(&"memory-pressure"));
     // A plain close(), and 600 ms later the orphan's retransmission timer finds too many
     // orphans: tcp_out_of_resources() resets it, then tcp_done().
     let on_timer = vec![
