@@ -6,6 +6,7 @@ use std::{io::Write, time::Duration};
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use serde_json::json;
+use tcp_trace_common::AnyHook;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
@@ -213,36 +214,21 @@ pub fn report_hooks(hooks: &[HookStatus], backend: Backend, release: &str) {
     let missing: Vec<_> = hooks
         .iter()
         .filter(|h| !h.attached())
-        .map(|h| h.hook.as_str())
+        .filter_map(HookStatus::id)
         .collect();
     if !missing.is_empty() {
         eprintln!("  {}", blind_spots(&missing));
     }
 }
 
-/// What the user cannot see without the given hooks.
-pub fn blind_spots(missing: &[&str]) -> String {
-    let mut lost = Vec::new();
-    if missing.contains(&"tcp_close") {
-        lost.push("close() details (unread/unsent bytes, SO_LINGER)");
-    }
-    if missing.contains(&"tcp_time_wait") {
-        lost.push("entry into TIME_WAIT (the full socket shows only -> CLOSE)");
-    }
-    if missing.contains(&"tcp_timewait_state_process") {
-        lost.push("segments reaching TIME_WAIT minisockets and their verdicts");
-    }
-    if missing.contains(&"tcp_fin") || missing.contains(&"tcp_send_fin") {
-        lost.push("FIN received/queued moments (state changes still show them)");
-    }
-    if missing.contains(&"tcp_send_active_reset") {
-        lost.push("active resets outside tcp:tcp_send_reset");
-    }
-    if missing
-        .iter()
-        .any(|m| m.contains(':') && !m.ends_with(":return"))
-    {
-        lost.push("some tracepoint events (see above)");
+/// What the user cannot see without the given hooks (each blind spot once, in registry order).
+pub fn blind_spots(missing: &[AnyHook]) -> String {
+    let mut lost: Vec<&str> = Vec::new();
+    for hook in missing {
+        let text = hook.blind_spot();
+        if !lost.contains(&text) {
+            lost.push(text);
+        }
     }
     if lost.is_empty() {
         return String::new();
@@ -596,26 +582,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_hook_name_maps_to_its_event_kind() {
-        for def in attach::HOOKS {
-            assert!(
-                crate::flows::hook_by_name(def.name).is_some(),
-                "{}",
-                def.name
-            );
-        }
-    }
-
-    #[test]
     fn time_of_day_formats() {
         assert_eq!(time_of_day(3_723_000_004_000), "01:02:03.000004");
     }
 
     #[test]
     fn blind_spots_name_what_is_missing() {
-        let s = blind_spots(&["tcp_close", "tcp_time_wait"]);
+        let s = blind_spots(&[
+            AnyHook::Event(Hook::TcpClose),
+            AnyHook::Event(Hook::TcpTimeWait),
+        ]);
         assert!(s.contains("unread"), "{s}");
         assert!(s.contains("TIME_WAIT"), "{s}");
+        let fins = blind_spots(&[
+            AnyHook::Event(Hook::TcpFin),
+            AnyHook::Event(Hook::TcpSendFin),
+        ]);
+        assert_eq!(fins.matches("FIN").count(), 1, "said once: {fins}");
+        let stacks = blind_spots(&[AnyHook::Aux(tcp_trace_common::AuxHook::SysEnterClose)]);
+        assert!(stacks.contains("call stacks"), "{stacks}");
         assert_eq!(blind_spots(&[]), "");
     }
 }

@@ -169,7 +169,7 @@ mod tests {
             ev.flags |= flag::OWNER_KNOWN;
             ev.owner_tgid = owner;
         }
-        decode(&ev, &d::facts())
+        decode(&ev, &d::facts()).unwrap()
     }
 
     #[test]
@@ -202,7 +202,7 @@ mod tests {
         ev.flags = flag::HAS_REASON;
         ev.reason = 9; // TCP_ABORT_ON_CLOSE in the fake kernel
         ev.tgid = 55;
-        let mut t = decode(&ev, &d::facts());
+        let mut t = decode(&ev, &d::facts()).unwrap();
         o.attribute(&mut t);
         assert_eq!(t.owner.unwrap().pid, 55);
     }
@@ -215,7 +215,7 @@ mod tests {
             ev.sk = i as u64 + 1;
             ev.flags |= flag::OWNER_KNOWN;
             ev.owner_tgid = 1;
-            o.attribute(&mut decode(&ev, &d::facts()));
+            o.attribute(&mut decode(&ev, &d::facts()).unwrap());
         }
         assert!(o.len() <= 4);
         let mut d1 = owned(hook::INET_SOCK_SET_STATE, 3);

@@ -15,12 +15,12 @@ use tcp_trace_common::Event;
 use crate::{
     attach::HookStatus,
     decode::{self, Hook, TraceEvent},
-    flows::{FlowConfig, FlowReport, FlowTable, attached_hook_names},
+    flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
     live::human_line,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::Owners,
-    resets::{self, HookSet, ResetDiagnosis, ResetTracker, TrackerConfig},
+    resets::{self, ResetDiagnosis, ResetTracker, TrackerConfig},
 };
 
 /// What to print.
@@ -145,11 +145,8 @@ impl<W: Write> Pipeline<W> {
         opts: ReportOptions,
         out: W,
     ) -> Self {
-        let attached = attached_hook_names(hooks);
-        let resets = ResetTracker::new(TrackerConfig::new(
-            params.kernel,
-            HookSet::from_names(&attached),
-        ));
+        let attached = attached_hooks(hooks);
+        let resets = ResetTracker::new(TrackerConfig::new(params.kernel, attached));
         let mut config = FlowConfig::new(params, attached);
         config.hz = hz;
         Self {
@@ -203,7 +200,11 @@ impl<W: Write> Pipeline<W> {
 
     /// One raw event, as the kernel wrote it.
     pub fn event(&mut self, raw: &Event) -> Result<()> {
-        let mut ev = decode::decode(raw, &self.facts);
+        let Ok(mut ev) = decode::decode(raw, &self.facts) else {
+            // parse_raw lets no such record through; count it rather than guess its hook.
+            self.malformed += 1;
+            return Ok(());
+        };
         if let Some(resolver) = self.stacks.as_mut()
             && raw.user_stack != 0
         {
@@ -362,10 +363,12 @@ impl<W: Write> Pipeline<W> {
         table.load_preset(UTF8_FULL_CONDENSED);
         table.set_header(["hook", "attached as", "events"]);
         for h in hooks {
-            let count = crate::flows::hook_by_name(&h.hook)
-                .and_then(|k| self.counts.get(&k))
-                .copied()
-                .unwrap_or(0);
+            let count = match h.id() {
+                Some(tcp_trace_common::AnyHook::Event(k)) => self.counts.get(&k),
+                _ => None,
+            }
+            .copied()
+            .unwrap_or(0);
             let how = h
                 .mechanism
                 .map(|m| m.to_string())

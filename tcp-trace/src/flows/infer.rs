@@ -7,7 +7,7 @@
 //! inputs that leave no trace, such as that unseen close()); the judge keeps the first whose
 //! predicted events match what follows.
 
-use crate::decode::{CloseDetails, Segment};
+use crate::decode::{CloseDetails, Hook, Segment};
 use crate::model::{Input, ModelParams, State, TcpState, TwSubstate};
 
 use super::obs::{Obs, ObsEv, Visibility};
@@ -78,7 +78,7 @@ pub(crate) fn candidates(
         _ => None,
     };
     // The application holds the socket and could call close() without an event showing it.
-    let app_may_close = !vis.tcp_close && sock.is_some_and(|s| !s.orphan);
+    let app_may_close = !vis.has(Hook::TcpClose) && sock.is_some_and(|s| !s.orphan);
     // ... and such a close() would leave no event at all (the FIN is already out).
     let hidden_close = app_may_close
         && sock.is_some_and(|s| {

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use crate::decode::TraceEvent;
+use crate::decode::{Hook, TraceEvent};
 use crate::model::{
     Input, Model, ModelParams, Sock, State, Step, TcpState, TimeWaitSock, TwSubstate,
 };
@@ -745,7 +745,9 @@ fn success(
             )),
             _ => {}
         }
-        if !cx.vis.tw_entry && !cx.vis.tw_return {
+        if !cx.vis.has(Hook::TcpTimewaitStateProcess)
+            && !cx.vis.has(Hook::TcpTimewaitStateProcessReturn)
+        {
             path.last_mut()
                 .expect("in TIME_WAIT after a step")
                 .unchecked

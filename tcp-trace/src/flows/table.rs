@@ -221,7 +221,7 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
 
 impl FlowTable {
     pub fn new(config: FlowConfig) -> FlowTable {
-        let mut vis = Visibility::from_hooks(&config.attached_hooks);
+        let mut vis = Visibility::from_hooks(config.attached_hooks);
         vis.reply_reset_without_full_socket = config.params.kernel.passive_reset_reasons;
         FlowTable {
             cfg: config,
@@ -680,14 +680,16 @@ impl FlowTable {
                     // Without a minisocket hook nothing of its life can be seen: waiting out
                     // TIME_WAIT (60 s) would only hold the flow, and its memory, for a minute.
                     // It is reported like any ended flow, after the end grace.
-                    let unseen = !(vis.tcp_time_wait || vis.tw_entry || vis.tw_return);
+                    let unseen = !(vis.has(Hook::TcpTimeWait)
+                        || vis.has(Hook::TcpTimewaitStateProcess)
+                        || vis.has(Hook::TcpTimewaitStateProcessReturn));
                     let life = if unseen { 0 } else { TIMEWAIT_LEN_NS };
                     f.tw = Some(TwTrack {
                         unseen,
                         ..new_tw(ts, life, None, true)
                     });
                 }
-                if !vis.destroy {
+                if !vis.has(Hook::TcpDestroySock) {
                     f.full_gone = true;
                 }
             }
@@ -731,7 +733,7 @@ impl FlowTable {
                         _ => tw.pending_kill = true,
                     }
                 }
-                if !vis.tw_return && tw.pending_kill {
+                if !vis.has(Hook::TcpTimewaitStateProcessReturn) && tw.pending_kill {
                     f.tw = None;
                     f.tw_killed = true;
                 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, BtfType, Type};
 use serde::Serialize;
-use tcp_trace_common::Config;
+use tcp_trace_common::{Config, Hook};
 
 /// The running kernel's BTF, with the look-ups tcp-trace needs.
 pub struct KernelBtf {
@@ -163,21 +163,32 @@ impl KernelBtf {
     }
 }
 
-/// Kernel functions tcp-trace hooks, and whether BTF shows them.
-pub const FUNCTIONS: [&str; 6] = [
-    "tcp_close",
-    "tcp_fin",
-    "tcp_send_fin",
-    "tcp_send_active_reset",
-    "tcp_time_wait",
-    "tcp_timewait_state_process",
-];
-pub const TRACEPOINTS: [&str; 4] = [
-    "inet_sock_set_state",
-    "tcp_send_reset",
-    "tcp_receive_reset",
-    "tcp_destroy_sock",
-];
+/// The kernel functions tcp-trace hooks (from the registry; each once).
+pub fn hooked_functions() -> impl Iterator<Item = &'static str> {
+    targets(true)
+}
+
+/// The tracepoints tcp-trace hooks, without their system.
+pub fn hooked_tracepoints() -> impl Iterator<Item = &'static str> {
+    targets(false)
+}
+
+fn targets(functions: bool) -> impl Iterator<Item = &'static str> {
+    let hooks = Hook::ALL
+        .into_iter()
+        .filter(move |h| h.is_function() == functions);
+    // tcp_timewait_state_process is hooked twice (entry and return) but is one function.
+    hooks
+        .enumerate()
+        .filter(move |(i, h)| {
+            !Hook::ALL
+                .into_iter()
+                .filter(|o| o.is_function() == functions)
+                .take(*i)
+                .any(|o| o.target() == h.target())
+        })
+        .map(|(_, h)| h.target())
+}
 
 /// Everything tcp-trace learned from BTF. Serialized into recorded traces so that replay can
 /// decode them without the kernel.
@@ -217,13 +228,13 @@ impl KernelFacts {
                 .ok_or_else(|| anyhow!("enum sock_flags has no {name}"))
         };
         let mut functions = BTreeMap::new();
-        for f in FUNCTIONS {
+        for f in hooked_functions() {
             if let Some(p) = btf.function_params(f)? {
                 functions.insert(f.to_string(), p);
             }
         }
         let mut tracepoints = BTreeMap::new();
-        for tp in TRACEPOINTS {
+        for tp in hooked_tracepoints() {
             if let Some(p) = btf.tracepoint_params(tp)? {
                 tracepoints.insert(tp.to_string(), p);
             }

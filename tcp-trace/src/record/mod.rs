@@ -235,7 +235,8 @@ impl<W: Write> RecordWriter<W> {
     }
 
     fn record(&mut self, tag: u8, payload: &[u8]) -> Result<()> {
-        let len = payload.len() as u16;
+        let len = u16::try_from(payload.len())
+            .with_context(|| format!("a {}-byte record does not fit the format", payload.len()))?;
         let [l0, l1] = len.to_le_bytes();
         self.out
             .write_all(&[tag, l0, l1])
@@ -330,6 +331,12 @@ impl<R: Read> RecordReader<R> {
                 offset: HEADER_START,
                 recorded: header.event_size,
                 expected: EVENT_SIZE,
+            });
+        }
+        if let Some(h) = header.hooks.iter().find(|h| h.id().is_none()) {
+            return Err(RecordError::UnknownHook {
+                offset: HEADER_START,
+                name: h.hook.clone(),
             });
         }
         Ok((header, rd))

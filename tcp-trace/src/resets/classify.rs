@@ -13,42 +13,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
 use crate::model::{KernelGeneration, TcpExtCounter};
+/// Which hooks the trace had (what the absence of an event means depends on it).
+pub use tcp_trace_common::HookSet;
 
 use super::{Confidence, Direction, ResetCause, ResetDiagnosis, Task, human_duration};
-
-/// Which hooks the trace had (what the absence of an event means depends on it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HookSet {
-    /// tcp_close: close() details (unread, SO_LINGER, unsent).
-    pub tcp_close: bool,
-    /// tcp_time_wait: without it a FIN_WAIT1 -> CLOSE can be the normal way into TIME_WAIT.
-    pub tcp_time_wait: bool,
-    /// tcp:tcp_send_reset (the event every sent RST is diagnosed on); without it,
-    /// tcp_send_active_reset's events are diagnosed instead.
-    pub send_reset_tracepoint: bool,
-}
-
-impl HookSet {
-    /// From attached hook names (`attach::HookStatus::hook`).
-    pub fn from_names<S: AsRef<str>>(names: &[S]) -> HookSet {
-        let has = |n: &str| names.iter().any(|h| h.as_ref() == n);
-        HookSet {
-            tcp_close: has("tcp_close"),
-            tcp_time_wait: has("tcp_time_wait"),
-            send_reset_tracepoint: has("tcp:tcp_send_reset"),
-        }
-    }
-
-    /// Learns from an event that its hook is attached (recordings, tests).
-    pub fn saw(&mut self, hook: Hook) {
-        match hook {
-            Hook::TcpClose => self.tcp_close = true,
-            Hook::TcpTimeWait => self.tcp_time_wait = true,
-            Hook::TcpSendReset => self.send_reset_tracepoint = true,
-            _ => {}
-        }
-    }
-}
 
 /// What [`classify`] knows besides the event.
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +67,7 @@ pub fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
     match ev.hook {
         Hook::TcpSendReset if ev.rst_active == Some(false) => Some(reply(ev, cx)),
         Hook::TcpSendReset => Some(active(ev, cx)),
-        Hook::TcpSendActiveReset if !cx.hooks.send_reset_tracepoint => Some(active(ev, cx)),
+        Hook::TcpSendActiveReset if !cx.hooks.has(Hook::TcpSendReset) => Some(active(ev, cx)),
         Hook::TcpReceiveReset => received(ev, cx),
         Hook::TcpTimewaitStateProcess
             if ev.segment.as_ref().is_some_and(|s| s.flags.contains('R')) =>
@@ -387,7 +355,7 @@ fn close_unread(
             human_duration(age)
         ));
     }
-    if unread.is_none() && !cx.hooks.tcp_close {
+    if unread.is_none() && !cx.hooks.has(Hook::TcpClose) {
         evidence.push_str(" (the byte count needs the tcp_close hook)");
     }
     d.set(
@@ -465,7 +433,7 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                 "kernel reason {reason} (tcp_disconnect()) right after {from} -> CLOSE in {}'s \
                  own call, and the socket was destroyed at once: close() with SO_LINGER {{on, 0}}{}",
                 task(ev),
-                if cx.hooks.tcp_close {
+                if cx.hooks.has(Hook::TcpClose) {
                     ""
                 } else {
                     " (the tcp_close hook, not attached, would show it directly)"
@@ -997,14 +965,14 @@ fn silent_close(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
             format!(
                 "SYN_SENT -> CLOSE with no RST: connect() timed out (TCPAbortOnTimeout), or an \
                  ICMP error{}",
-                if cx.hooks.tcp_close {
+                if cx.hooks.has(Hook::TcpClose) {
                     ""
                 } else {
                     ", or close() of a connecting socket (tcp_close not attached)"
                 }
             ),
         ),
-        "FIN_WAIT1" | "CLOSING" if cx.hooks.tcp_time_wait => {
+        "FIN_WAIT1" | "CLOSING" if cx.hooks.has(Hook::TcpTimeWait) => {
             let to_time_wait = cx
                 .before
                 .iter()

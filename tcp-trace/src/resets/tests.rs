@@ -43,7 +43,7 @@ impl Stream {
 
     fn ev(&mut self, hook: Hook, state: Option<&str>) -> &mut TraceEvent {
         let raw = decode::tests::v4_event(tcp_trace_common::hook::TCP_CLOSE, 1, 2);
-        let mut e = decode::decode(&raw, &decode::tests::facts());
+        let mut e = decode::decode(&raw, &decode::tests::facts()).unwrap();
         self.ts += 10_000;
         e.ts_ns = self.ts;
         e.hook = hook;
@@ -120,7 +120,15 @@ impl Stream {
 }
 
 fn tracker(kernel: KernelGeneration, hooks: &[&str]) -> ResetTracker {
-    ResetTracker::new(TrackerConfig::new(kernel, HookSet::from_names(hooks)))
+    ResetTracker::new(TrackerConfig::new(kernel, hook_set(hooks)))
+}
+
+/// The registry's hooks of these names.
+fn hook_set(names: &[&str]) -> HookSet {
+    names
+        .iter()
+        .map(|n| Hook::from_name(n).unwrap_or_else(|| panic!("no hook {n}")))
+        .collect()
 }
 
 const TRACEPOINTS: &[&str] = &[
@@ -707,7 +715,7 @@ fn resets_wait_for_their_settle_window_and_only_the_window_is_tallied() {
 
 #[test]
 fn connection_histories_are_bounded() {
-    let mut cfg = TrackerConfig::new(k(18), HookSet::from_names(TRACEPOINTS));
+    let mut cfg = TrackerConfig::new(k(18), hook_set(TRACEPOINTS));
     cfg.max_connections = 8;
     cfg.max_events_per_connection = 4;
     let mut t = ResetTracker::new(cfg);

@@ -199,7 +199,7 @@ impl ResetTracker {
 
     /// One event, in arrival order.
     pub fn observe(&mut self, ev: &TraceEvent) {
-        self.cfg.hooks.saw(ev.hook);
+        self.cfg.hooks.insert(ev.hook);
         self.follow_listener_close(ev);
         if let Some(key) = self.key_of(ev) {
             let (netns, t) = key;

@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     attach::{self, AttachOptions, Backend, HookStatus},
     decode,
-    flows::{FlowConfig, FlowReport, FlowTable, Verdict, attached_hook_names},
+    flows::{FlowConfig, FlowReport, FlowTable, Verdict, attached_hooks},
     kernel::{self, btf::KernelFacts},
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
@@ -95,14 +95,13 @@ fn judge(
     let mut reports = Vec::new();
     // Each side's flows are judged with that namespace's sysctls.
     for side in [Side::Client, Side::Server] {
-        let mut config =
-            FlowConfig::new(params_for(version, lab, side)?, attached_hook_names(hooks));
+        let mut config = FlowConfig::new(params_for(version, lab, side)?, attached_hooks(hooks));
         config.hz = kernel::config_hz();
         let mut table = FlowTable::new(config);
         let mut owners = Owners::default();
         let netns = lab.ns(side).inode;
         for raw in events.iter().filter(|e| e.netns == netns) {
-            let mut ev = decode::decode(raw, facts);
+            let mut ev = decode::decode(raw, facts)?;
             owners.attribute(&mut ev);
             table.push(ev);
         }
