@@ -50,15 +50,19 @@ pub fn run(json_out: bool) -> Result<u8> {
     if let Some(f) = &facts {
         lines.push((
             "reset reasons".into(),
-            if f.rst_reasons.is_empty() {
+            if f.rst_reason_names().is_empty() {
                 "not in this kernel (tcp_send_reset has no reason before 6.10)".into()
             } else {
-                format!("{} names in enum sk_rst_reason", f.rst_reasons.len())
+                format!("{} names in enum sk_rst_reason", f.rst_reason_names().len())
             },
         ));
         lines.push((
             "tw_status".into(),
-            f.tw_status.values().cloned().collect::<Vec<_>>().join(" "),
+            f.tw_status_names()
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
         ));
     }
     if privileges.sufficient() {

@@ -11,7 +11,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
-    decode::{self, Hook, TraceEvent},
+    decode::{self, Hook, KState, TraceEvent},
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     record::{Filters, RecordHeader, RecordWriter},
     report::{self, Pipeline, ReportOptions, ResetsView, View},
@@ -113,15 +113,15 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
         Hook::InetSockSetState => {
             detail = format!(
                 "{} -> {}",
-                ev.state.as_deref().unwrap_or("?"),
-                ev.new_state.as_deref().unwrap_or("?")
+                ev.state.map_or("?", KState::name),
+                ev.new_state.map_or("?", KState::name)
             )
         }
         Hook::TcpTimeWait => {
             detail = format!(
                 "{} -> TW({}) timeo={}j",
-                ev.state.as_deref().unwrap_or("?"),
-                ev.new_state.as_deref().unwrap_or("?"),
+                ev.state.map_or("?", KState::name),
+                ev.new_state.map_or("?", KState::name),
                 ev.timeo_jiffies.unwrap_or(0)
             )
         }
@@ -129,7 +129,7 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
             if let Some(s) = &ev.segment {
                 detail = format!(
                     "TW({}) <- [{}] seq={} len={} rcv_nxt={}",
-                    ev.state.as_deref().unwrap_or("?"),
+                    ev.state.map_or("?", KState::name),
                     s.flags,
                     s.seq,
                     s.len,
@@ -140,8 +140,9 @@ pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
         Hook::TcpTimewaitStateProcessReturn => {
             detail = format!(
                 "TW({}) => {}",
-                ev.new_state.as_deref().unwrap_or("?"),
-                ev.tw_status.unwrap_or("?")
+                ev.new_state.map_or("?", KState::name),
+                ev.tw_status
+                    .map_or_else(|| "?".to_string(), |s| s.to_string())
             )
         }
         _ => {

@@ -9,12 +9,14 @@ use std::net::SocketAddr;
 use foldhash::{HashMap, HashMapExt};
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
+use crate::model::{RstReason, TcpState};
 
 type TupleKey = (u32, SocketAddr, SocketAddr);
 
 /// Reset reasons that the kernel only gives in the closing task's context (__tcp_close,
 /// tcp_disconnect).
-const CLOSE_CONTEXT_REASONS: [&str; 2] = ["TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LINGER"];
+const CLOSE_CONTEXT_REASONS: [RstReason; 2] =
+    [RstReason::TcpAbortOnClose, RstReason::TcpAbortOnLinger];
 
 /// Bounded maps from socket to owner; the oldest entries go first.
 pub struct Owners {
@@ -111,13 +113,13 @@ impl Owners {
         let is_tw = matches!(
             ev.hook,
             Hook::TcpTimewaitStateProcess | Hook::TcpTimewaitStateProcessReturn
-        ) || ev.state.as_deref() == Some("TIME_WAIT");
+        ) || ev.tcp_state() == Some(TcpState::TimeWait);
 
         if ev.owner.is_none() {
             let closing_reset = matches!(ev.hook, Hook::TcpSendReset | Hook::TcpSendActiveReset)
                 && ev.rst_active == Some(true)
                 && ev
-                    .rst_reason
+                    .reason()
                     .is_some_and(|r| CLOSE_CONTEXT_REASONS.contains(&r));
             ev.owner = if closing_reset {
                 Some(Owner {

@@ -14,13 +14,13 @@ use tcp_trace_common::{AF_INET, Event, flag, hook, state};
 const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn facts() -> KernelFacts {
-    KernelFacts {
-        config: Default::default(),
-        rst_reasons: BTreeMap::from([(9, "TCP_ABORT_ON_CLOSE".to_string())]),
-        tw_status: BTreeMap::from([(0, "SUCCESS".into()), (1, "RST".into()), (2, "ACK".into())]),
-        functions: BTreeMap::new(),
-        tracepoints: BTreeMap::new(),
-    }
+    KernelFacts::new(
+        Default::default(),
+        BTreeMap::from([(9, "TCP_ABORT_ON_CLOSE".to_string())]),
+        BTreeMap::from([(0, "SUCCESS".into()), (1, "RST".into()), (2, "ACK".into())]),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    )
 }
 
 fn header() -> RecordHeader {

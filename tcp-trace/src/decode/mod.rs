@@ -9,10 +9,11 @@ pub use tcp_trace_common::Hook;
 use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag};
 
 use crate::kernel::btf::KernelFacts;
+use crate::model::{RstReason, TcpState, TwStatus};
 
 mod values;
 
-pub use values::{Comm, Family, KState, SockPtr, TcpFlags, intern};
+pub use values::{Comm, Family, KReason, KState, KTwStatus, SockPtr, TcpFlags};
 
 /// Reinterprets one ring-buffer record as an [`Event`].
 pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
@@ -106,7 +107,7 @@ pub struct TraceEvent {
     pub close: Option<CloseDetails>,
     /// RST reason by kernel name (SK_RST_REASON_ prefix dropped), where the kernel has one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rst_reason: Option<&'static str>,
+    pub rst_reason: Option<KReason>,
     /// tcp_send_reset: true for an active reset (no incoming segment), false for a reply.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rst_active: Option<bool>,
@@ -117,7 +118,7 @@ pub struct TraceEvent {
     pub segment: Option<Segment>,
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tw_status: Option<&'static str>,
+    pub tw_status: Option<KTwStatus>,
     /// The user call stack of the close() that caused this event (with `--stacks`), innermost
     /// frame first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -131,6 +132,28 @@ fn hook_of(ev: &Event) -> Result<Hook> {
             ev.hook
         )
     })
+}
+
+impl TraceEvent {
+    /// The socket's state when the hook ran, when it is a TCP state.
+    pub fn tcp_state(&self) -> Option<TcpState> {
+        self.state?.tcp()
+    }
+
+    /// The state after the event (see [`TraceEvent::new_state`]), when it is a TCP state.
+    pub fn tcp_new_state(&self) -> Option<TcpState> {
+        self.new_state?.tcp()
+    }
+
+    /// The kernel's RST reason, when the model knows it by name.
+    pub fn reason(&self) -> Option<RstReason> {
+        self.rst_reason?.known()
+    }
+
+    /// The tcp_tw_status, when the model knows it by name.
+    pub fn tw_verdict(&self) -> Option<TwStatus> {
+        self.tw_status?.known()
+    }
 }
 
 fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
@@ -186,7 +209,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
         user_stack: None,
     };
     if ev.flags & flag::HAS_REASON != 0 {
-        out.rst_reason = Some(facts.rst_reason_name(ev.reason));
+        out.rst_reason = Some(facts.rst_reason(ev.reason));
     }
     // tcp_close, and active resets from a full socket, carry the socket's queues and linger.
     if ev.flags & flag::HAS_CLOSE_DETAILS != 0 {
@@ -215,7 +238,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
             })
         }
         Hook::TcpTimewaitStateProcessReturn if ev.flags & flag::HAS_RET != 0 => {
-            out.tw_status = Some(facts.tw_status_name(ev.ret))
+            out.tw_status = Some(facts.tw_status(ev.ret))
         }
         _ => {}
     }
@@ -273,7 +296,7 @@ pub(crate) mod tests {
         assert_eq!(t.hook, Hook::TcpClose);
         assert_eq!(t.local.unwrap().to_string(), "127.0.0.1:5000");
         assert_eq!(t.remote.unwrap().to_string(), "127.0.0.2:40000");
-        assert_eq!(t.state.as_deref(), Some("ESTABLISHED"));
+        assert_eq!(t.tcp_state(), Some(TcpState::Established));
         let c = t.close.unwrap();
         assert_eq!((c.unread, c.linger), (42, true));
         assert_eq!(t.owner.unwrap().pid, 77);
@@ -287,7 +310,7 @@ pub(crate) mod tests {
         ev.flags = flag::HAS_REASON;
         ev.reason = 9;
         let t = decode(&ev, &f).unwrap();
-        assert_eq!(t.rst_reason, Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(t.reason(), Some(RstReason::TcpAbortOnClose));
         assert_eq!(t.rst_active, Some(true));
 
         let mut ev = v4_event(hook::TW_STATE_PROCESS_RET, 1, 2);
@@ -295,8 +318,13 @@ pub(crate) mod tests {
         ev.ret = 3;
         ev.new_state = 6;
         let t = decode(&ev, &f).unwrap();
-        assert_eq!(t.tw_status, Some("SYN"));
-        assert_eq!(t.new_state.as_deref(), Some("TIME_WAIT"));
+        assert_eq!(t.tw_verdict(), Some(TwStatus::Syn));
+        assert_eq!(t.tcp_new_state(), Some(TcpState::TimeWait));
+        ev.ret = 42;
+        let t = decode(&ev, &f).unwrap();
+        assert_eq!(t.tw_status, Some(KTwStatus::Unknown(42)));
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["tw_status"], "status#42");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use tcp_trace_common::HookSet;
 
-use crate::decode::{CloseDetails, Hook, KState, Segment, TraceEvent};
+use crate::decode::{CloseDetails, Hook, KReason, KState, KTwStatus, Segment, TraceEvent};
 use crate::model::{
     Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire,
 };
@@ -78,11 +78,11 @@ pub(crate) enum Obs {
     SendFin,
     FinRcvd,
     ActiveResetFn {
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     SendReset {
         active: bool,
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     ReceiveReset,
     TimeWaitCall {
@@ -93,7 +93,7 @@ pub(crate) enum Obs {
         segment: Option<Segment>,
     },
     TwReturn {
-        status: Option<&'static str>,
+        status: Option<KTwStatus>,
         after: Option<TwSubstate>,
     },
     Destroy,
@@ -137,8 +137,8 @@ impl ObsEv {
                 (Some(from), Some(to)) => Obs::SetState { from, to },
                 _ => Obs::Unknown(format!(
                     "state change {} -> {}",
-                    ev.state.as_deref().unwrap_or("?"),
-                    ev.new_state.as_deref().unwrap_or("?")
+                    ev.state.map_or("?", KState::name),
+                    ev.new_state.map_or("?", KState::name)
                 )),
             },
             Hook::TcpSendReset => Obs::SendReset {
@@ -306,7 +306,7 @@ impl Pred {
             }
             (Pred::SendFin, Obs::SendFin) | (Pred::FinRcvd, Obs::FinRcvd) => ok(self.describe()),
             (Pred::ActiveResetFn { reason }, Obs::ActiveResetFn { reason: seen }) => {
-                reason_agrees(*reason, seen.as_deref(), self.describe())
+                reason_agrees(*reason, *seen, self.describe())
             }
             (
                 Pred::SendReset { active, reason },
@@ -314,7 +314,7 @@ impl Pred {
                     active: seen_active,
                     reason: seen,
                 },
-            ) if active == seen_active => reason_agrees(*reason, seen.as_deref(), self.describe()),
+            ) if active == seen_active => reason_agrees(*reason, *seen, self.describe()),
             (Pred::ReceiveReset { state }, Obs::ReceiveReset) => state_agrees(*state, o.state)
                 .then(|| MatchNote {
                     checked: self.describe(),
@@ -377,9 +377,9 @@ impl Pred {
                 if seen_after.is_some_and(|s| s != *after) {
                     return None;
                 }
-                match seen.as_deref() {
-                    Some(name) if name == status.kernel_name() => ok(self.describe()),
-                    Some("SUCCESS") if *rate_limited => Some(MatchNote {
+                match seen {
+                    Some(KTwStatus::Known(s)) if s == status => ok(self.describe()),
+                    Some(KTwStatus::Known(TwStatus::Success)) if *rate_limited => Some(MatchNote {
                         checked: format!("substate {after}"),
                         unchecked: Some(format!(
                             "tcp_tw_status SUCCESS where the model says {status}: the kernel's \
@@ -408,16 +408,16 @@ impl Pred {
             Pred::SendFin => Some(Mark::Fin),
             Pred::ActiveResetFn { reason } if !vis.has(Hook::TcpSendReset) => Some(Mark::Rst {
                 reply: false,
-                reason: reason.map(|r| r.kernel_name()),
+                reason: reason.map(KReason::Known),
             }),
             Pred::SendReset { active, reason } => Some(Mark::Rst {
                 reply: !active,
-                reason: reason.map(|r| r.kernel_name()),
+                reason: reason.map(KReason::Known),
             }),
             Pred::ReceiveReset { .. } => Some(Mark::RstIn),
             Pred::TimeWaitCall { substate, .. } => Some(Mark::TwCall(*substate)),
             Pred::TwReturn { status, after, .. } => Some(Mark::TwReturn {
-                status: Some(status.kernel_name()),
+                status: Some(KTwStatus::Known(*status)),
                 after: Some(*after),
             }),
             Pred::Destroy => Some(Mark::Destroy),
@@ -432,11 +432,11 @@ fn state_agrees(expected: TcpState, seen: Option<TcpState>) -> bool {
 
 fn reason_agrees(
     expected: Option<RstReason>,
-    seen: Option<&str>,
+    seen: Option<KReason>,
     checked: String,
 ) -> Option<MatchNote> {
     match (expected, seen) {
-        (Some(expected), Some(seen)) if expected.kernel_name() == seen => Some(MatchNote {
+        (Some(expected), Some(KReason::Known(seen))) if expected == seen => Some(MatchNote {
             checked,
             unchecked: None,
         }),
@@ -681,13 +681,13 @@ pub(crate) enum Mark {
     },
     TwCall(TwSubstate),
     TwReturn {
-        status: Option<&'static str>,
+        status: Option<KTwStatus>,
         after: Option<TwSubstate>,
     },
     Fin,
     Rst {
         reply: bool,
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     RstIn,
     Destroy,

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::Serialize;
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
-use crate::model::{Model, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwSubstate};
+use crate::model::{Model, RstReason, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwStatus, TwSubstate};
 
 use super::infer::classify_tw_segment;
 use super::judge::{JudgeCtx, is_setup_transition, judge};
@@ -746,11 +746,11 @@ impl FlowTable {
                 if let Some(after) = tw_substate(ev.new_state) {
                     tw.substate = Some(after);
                 }
-                let kill = match ev.tw_status {
-                    Some("RST") => true,
-                    Some("SYN") => params.listener_on_port,
-                    Some("SUCCESS") => tw.pending_kill,
-                    _ => false,
+                let kill = match ev.tw_verdict() {
+                    Some(TwStatus::Rst) => true,
+                    Some(TwStatus::Syn) => params.listener_on_port,
+                    Some(TwStatus::Success) => tw.pending_kill,
+                    Some(TwStatus::Ack | TwStatus::AckOow) | None => false,
                 };
                 tw.pending_kill = false;
                 if kill {
@@ -762,7 +762,7 @@ impl FlowTable {
             Hook::TcpSendReset
                 if ev.rst_active == Some(false)
                     && (object == SocketObject::TimeWait
-                        || ev.rst_reason == Some("TCP_TIMEWAIT_SOCKET"))
+                        || ev.reason() == Some(RstReason::TcpTimewaitSocket))
                     && f.tw.is_some() =>
             {
                 f.tw = None;

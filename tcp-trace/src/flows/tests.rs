@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::decode::{
-    CloseDetails, Hook, KState, Owner, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+    CloseDetails, Hook, KReason, KState, KTwStatus, Owner, OwnerSource, Segment, SockPtr,
+    TraceEvent,
 };
 use crate::model::ModelParams;
 use tcp_trace_common::HookSet;
@@ -114,7 +115,7 @@ impl End {
 
     fn active_reset(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendActiveReset, Some(state))
         }
@@ -122,7 +123,7 @@ impl End {
 
     fn send_rst(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendReset, Some(state))
         }
@@ -133,7 +134,7 @@ impl End {
         TraceEvent {
             sk: "0x0".into(),
             owner: None,
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, None)
         }
@@ -143,7 +144,7 @@ impl End {
     fn tw_reply_rst(&self, us: u64, reason: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, Some("TIME_WAIT"))
         }
@@ -190,7 +191,7 @@ impl End {
     fn tw_ret(&self, us: u64, sub: &str, status: &str, after: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            tw_status: Some(intern(status)),
+            tw_status: Some(KTwStatus::from(status)),
             new_state: Some(after.into()),
             ..self.ev(us, Hook::TcpTimewaitStateProcessReturn, Some(sub))
         }

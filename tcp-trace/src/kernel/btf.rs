@@ -9,6 +9,9 @@ use btf_rs::{Btf, BtfType, Type};
 use serde::Serialize;
 use tcp_trace_common::{Config, Hook};
 
+use crate::decode::{KReason, KTwStatus};
+use crate::model::{RstReason, TwStatus};
+
 /// The running kernel's BTF, with the look-ups tcp-trace needs.
 pub struct KernelBtf {
     btf: Btf,
@@ -193,18 +196,70 @@ fn targets(functions: bool) -> impl Iterator<Item = &'static str> {
 /// Everything tcp-trace learned from BTF. Serialized into recorded traces so that replay can
 /// decode them without the kernel.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[serde(from = "FactsOnDisk")]
 pub struct KernelFacts {
     /// Field offsets and signature flags handed to the eBPF programs.
     #[serde(skip)]
     pub config: Config,
     /// `enum sk_rst_reason` (6.10+), value -> name without the `SK_RST_REASON_` prefix.
-    pub rst_reasons: BTreeMap<u64, String>,
+    rst_reasons: BTreeMap<u64, String>,
     /// `enum tcp_tw_status`, value -> name without the `TCP_TW_` prefix.
-    pub tw_status: BTreeMap<u64, String>,
+    tw_status: BTreeMap<u64, String>,
     /// Parameter names of each hooked function; absent when BTF does not list it.
     pub functions: BTreeMap<String, Vec<String>>,
     /// Arguments of each tracepoint.
     pub tracepoints: BTreeMap<String, Vec<String>>,
+    /// The two enums above as typed values, indexed by the kernel's number: built once from
+    /// the names, so that decoding an event is an index, not a name look-up.
+    #[serde(skip)]
+    values: ValueTables,
+}
+
+/// The serialized fields of [`KernelFacts`] (the recording header's `facts`).
+#[derive(serde::Deserialize)]
+struct FactsOnDisk {
+    rst_reasons: BTreeMap<u64, String>,
+    tw_status: BTreeMap<u64, String>,
+    functions: BTreeMap<String, Vec<String>>,
+    tracepoints: BTreeMap<String, Vec<String>>,
+}
+
+impl From<FactsOnDisk> for KernelFacts {
+    fn from(d: FactsOnDisk) -> KernelFacts {
+        KernelFacts::new(
+            Config::default(),
+            d.rst_reasons,
+            d.tw_status,
+            d.functions,
+            d.tracepoints,
+        )
+    }
+}
+
+/// Kernel enum numbers -> the model's enums. Numbers no name maps are absent (`None`), and so
+/// are numbers beyond the table: enums this small never get there, and a crafted recording
+/// cannot make the table big.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ValueTables {
+    rst: Vec<Option<RstReason>>,
+    tw: Vec<Option<TwStatus>>,
+}
+
+const MAX_ENUM_VALUE: u64 = 1024;
+
+fn table<T: Copy>(
+    names: &BTreeMap<u64, String>,
+    map: impl Fn(&str) -> Option<T>,
+) -> Vec<Option<T>> {
+    let mut t = Vec::new();
+    for (&value, name) in names.range(..MAX_ENUM_VALUE) {
+        let i = value as usize;
+        if t.len() <= i {
+            t.resize(i + 1, None);
+        }
+        t[i] = map(name);
+    }
+    t
 }
 
 fn strip_all(map: BTreeMap<u64, String>, prefix: &str) -> BTreeMap<u64, String> {
@@ -285,29 +340,65 @@ impl KernelFacts {
             capture_stacks: 0,
             pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
         };
-        Ok(Self {
+        Ok(Self::new(
             config,
-            rst_reasons: btf
-                .enum_values("sk_rst_reason")
+            btf.enum_values("sk_rst_reason")
                 .map(|m| strip_all(m, "SK_RST_REASON_"))
                 .unwrap_or_default(),
-            tw_status: strip_all(btf.enum_values("tcp_tw_status")?, "TCP_TW_"),
+            strip_all(btf.enum_values("tcp_tw_status")?, "TCP_TW_"),
             functions,
             tracepoints,
-        })
+        ))
     }
 
-    pub fn rst_reason_name(&self, value: u32) -> &'static str {
-        match self.rst_reasons.get(&(value as u64)) {
-            Some(name) => crate::decode::intern(name),
-            None => crate::decode::intern(&format!("reason#{value}")),
+    /// Facts from their parts: enum names are value -> name without the kernel's prefix.
+    pub fn new(
+        config: Config,
+        rst_reasons: BTreeMap<u64, String>,
+        tw_status: BTreeMap<u64, String>,
+        functions: BTreeMap<String, Vec<String>>,
+        tracepoints: BTreeMap<String, Vec<String>>,
+    ) -> KernelFacts {
+        let values = ValueTables {
+            rst: table(&rst_reasons, RstReason::from_kernel_name),
+            tw: table(&tw_status, TwStatus::from_kernel_name),
+        };
+        KernelFacts {
+            config,
+            rst_reasons,
+            tw_status,
+            functions,
+            tracepoints,
+            values,
         }
     }
 
-    pub fn tw_status_name(&self, value: i32) -> &'static str {
-        match self.tw_status.get(&(value as u64)) {
-            Some(name) => crate::decode::intern(name),
-            None => crate::decode::intern(&format!("status#{value}")),
+    /// `enum sk_rst_reason` as the kernel names it (empty before 6.10).
+    pub fn rst_reason_names(&self) -> &BTreeMap<u64, String> {
+        &self.rst_reasons
+    }
+
+    /// `enum tcp_tw_status` as the kernel names it.
+    pub fn tw_status_names(&self) -> &BTreeMap<u64, String> {
+        &self.tw_status
+    }
+
+    /// An `enum sk_rst_reason` number of this kernel as a typed value.
+    pub fn rst_reason(&self, value: u32) -> KReason {
+        match self.values.rst.get(value as usize) {
+            Some(Some(r)) => KReason::Known(*r),
+            _ => KReason::Unknown(value),
+        }
+    }
+
+    /// An `enum tcp_tw_status` number of this kernel as a typed value.
+    pub fn tw_status(&self, value: i32) -> KTwStatus {
+        match usize::try_from(value)
+            .ok()
+            .and_then(|i| self.values.tw.get(i))
+        {
+            Some(Some(s)) => KTwStatus::Known(*s),
+            _ => KTwStatus::Unknown(value),
         }
     }
 }
@@ -601,9 +692,24 @@ mod tests {
         assert_eq!(new.config.sock_flag_linger, 6);
         assert_eq!(new.config.tp_rcv_nxt, 1540);
         assert_eq!(new.config.tw_rcv_nxt, 104);
-        assert_eq!(new.rst_reason_name(9), "TCP_ABORT_ON_CLOSE");
-        assert_eq!(new.rst_reason_name(77), "reason#77");
-        assert_eq!(new.tw_status_name(3), "SYN");
+        assert_eq!(
+            new.rst_reason(9),
+            KReason::Known(RstReason::TcpAbortOnClose)
+        );
+        assert_eq!(new.rst_reason(77), KReason::Unknown(77));
+        assert_eq!(new.tw_status(3), KTwStatus::Known(TwStatus::Syn));
+        assert_eq!(new.tw_status(-1), KTwStatus::Unknown(-1));
+        // The table is rebuilt when a recording's facts are read back.
+        let back: KernelFacts =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.rst_reason(9), new.rst_reason(9));
+        assert_eq!(
+            back,
+            KernelFacts {
+                config: back.config,
+                ..new.clone()
+            }
+        );
         assert_eq!(
             new.tracepoints["tcp_send_reset"],
             vec!["sk".to_string(), "skb".into(), "reason".into()]
@@ -613,7 +719,7 @@ mod tests {
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
         assert_eq!(old.config.active_reset_reason_arg, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
-        assert!(old.rst_reasons.is_empty());
+        assert!(old.rst_reason_names().is_empty());
         assert_eq!(old.functions["tcp_send_active_reset"].len(), 2);
         assert!(!old.functions.contains_key("tcp_fin"));
     }

@@ -131,7 +131,7 @@ fn round_trip() {
     assert_eq!(h, as_read(&header()));
     assert_eq!(h.event_size as usize, EVENT_SIZE);
     assert_eq!(h.sysctl("net.ipv4.tcp_fin_timeout"), Some("60"));
-    assert_eq!(h.facts.rst_reason_name(9), "TCP_ABORT_ON_CLOSE");
+    assert_eq!(h.facts.rst_reason(9).to_string(), "TCP_ABORT_ON_CLOSE");
     assert_eq!(got, records);
     // 3 events + lost + trailer, each with a 3-byte record header.
     assert_eq!(

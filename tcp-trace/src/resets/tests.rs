@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::counters::{self, CheckVerdict, Tally};
 use super::*;
 use crate::decode::{
-    self, CloseDetails, Comm, Hook, KState, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+    self, CloseDetails, Comm, Hook, KReason, KState, OwnerSource, Segment, SockPtr, TraceEvent,
 };
 use crate::model::{self, Input, KernelGeneration, Model, ModelParams, TcpExtCounter, Wire};
 
@@ -88,14 +88,14 @@ impl Stream {
     fn active_rst(&mut self, state: &str, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, Some(state));
         e.rst_active = Some(true);
-        e.rst_reason = reason.map(intern);
+        e.rst_reason = reason.map(KReason::from);
         self
     }
 
     fn reply_rst(&mut self, state: Option<&str>, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, state);
         e.rst_active = Some(false);
-        e.rst_reason = reason.map(intern);
+        e.rst_reason = reason.map(KReason::from);
         self
     }
 

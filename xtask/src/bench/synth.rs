@@ -345,16 +345,16 @@ mod tests {
                 skipped: None,
             })
             .collect();
-        let facts = KernelFacts {
-            config: Default::default(),
-            rst_reasons: BTreeMap::from([
+        let facts = KernelFacts::new(
+            Default::default(),
+            BTreeMap::from([
                 (0, "NOT_SPECIFIED".to_string()),
                 (11, "TCP_ABORT_ON_CLOSE".to_string()),
             ]),
-            tw_status: BTreeMap::new(),
-            functions: BTreeMap::new(),
-            tracepoints: BTreeMap::new(),
-        };
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        );
         let mut h = RecordHeader::new(
             "6.18.44-test".into(),
             Backend::Auto,
