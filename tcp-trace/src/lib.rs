@@ -10,6 +10,7 @@
 pub mod attach;
 pub mod decode;
 pub mod doctor;
+pub mod exit;
 pub mod flows;
 pub mod kernel;
 pub mod live;

@@ -12,6 +12,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
     decode::{self, Hook, KState, TraceEvent},
+    exit,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     record::{Filters, RecordHeader, RecordWriter},
     report::{self, Pipeline, ReportOptions, ResetsView, View},
@@ -43,13 +44,6 @@ pub struct ResetsOptions {
     /// `--pid`'s (`/proc/PID/ns/net`, `/run/netns/NAME`).
     pub netns: Vec<std::path::PathBuf>,
 }
-
-/// Exit status when the trace ran but the kernel dropped events (the ring buffer was full).
-pub const EXIT_EVENTS_LOST: u8 = 3;
-
-/// Exit status of `tcp-trace resets` when the kernel's TcpExt abort counters disagree with what
-/// was traced (and no events were lost, which would explain it: then 3).
-pub const EXIT_COUNTER_MISMATCH: u8 = 5;
 
 /// Everything that must hold before anything is loaded; errors name the problem and the fix.
 pub struct Prepared {
@@ -448,7 +442,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 let mismatch = report_resets(&mut pipeline, run, filtered, opts.json, lost)?;
                 summary["counter_mismatch"] = mismatch.into();
                 if mismatch && lost == 0 {
-                    mismatch_status = EXIT_COUNTER_MISMATCH;
+                    mismatch_status = exit::COUNTER_MISMATCH;
                 }
             }
             if opts.json {
@@ -471,7 +465,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         }
     }
     Ok(if lost > 0 {
-        EXIT_EVENTS_LOST
+        exit::EVENTS_LOST
     } else {
         mismatch_status
     })

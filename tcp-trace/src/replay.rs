@@ -6,6 +6,7 @@ use std::{fs::File, io::Write, path::Path};
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    exit,
     live::KERNEL_VERSION_KEY,
     record::{Record, RecordReader},
     report::{self, Pipeline, ReportOptions, View},
@@ -19,9 +20,6 @@ pub struct ReplayOptions {
 
 /// Trace time between releases of ended flows (the live tracer's drain tick).
 const REPLAY_TICK_NS: u64 = 50_000_000;
-
-/// Exit status when the recording was cut short but what it holds was replayed.
-pub const EXIT_CUT_SHORT: u8 = 4;
 
 pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -98,7 +96,11 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     }
     if let Some(e) = cut_short {
         eprintln!("tcp-trace: warning: {}: {e}", path.display());
-        return Ok(EXIT_CUT_SHORT);
+        return Ok(exit::CUT_SHORT);
     }
-    Ok(if pipeline.diverged() { 1 } else { 0 })
+    Ok(if pipeline.diverged() {
+        exit::DIVERGED
+    } else {
+        exit::OK
+    })
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::{
     attach::{self, AttachOptions, Backend, HookStatus},
-    decode,
+    decode, exit,
     flows::{FlowConfig, FlowReport, FlowTable, Verdict, attached_hooks},
     kernel::{self, btf::KernelFacts},
     live,
@@ -390,7 +390,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     } else {
         print_table(&results, &version, opts.backend);
     }
-    Ok(if failed > 0 { 1 } else { 0 })
+    Ok(if failed > 0 { exit::DIVERGED } else { exit::OK })
 }
 
 fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Backend) {
