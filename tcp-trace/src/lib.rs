@@ -8,6 +8,7 @@
 //! model against this kernel; [`doctor`] reports what this kernel allows.
 
 pub mod attach;
+pub mod clock;
 pub mod decode;
 pub mod doctor;
 pub mod exit;
@@ -17,6 +18,7 @@ pub mod live;
 pub mod model;
 pub mod owners;
 pub mod peer;
+pub mod pipeline;
 pub mod record;
 pub mod replay;
 pub mod report;

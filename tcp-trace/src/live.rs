@@ -11,11 +11,11 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
-    decode::{self, Hook, KState, TraceEvent},
-    exit,
+    clock, decode, exit,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
+    pipeline::{self, Pipeline},
     record::{Filters, RecordHeader, RecordWriter},
-    report::{self, Pipeline, ReportOptions, ResetsView, View},
+    report::{ReportOptions, ResetsView, View},
     resets::counters::CounterRun,
 };
 
@@ -68,122 +68,6 @@ pub fn prepare(pids: &[u32]) -> Result<Prepared> {
         release: kernel::kernel_release(),
         tracefs,
     })
-}
-
-pub fn now_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// `HH:MM:SS.micros` (UTC).
-pub fn time_of_day(unix_ns: u64) -> String {
-    let secs = unix_ns / 1_000_000_000;
-    let micros = (unix_ns % 1_000_000_000) / 1000;
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60,
-        micros
-    )
-}
-
-/// One human line per event.
-pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
-    let who = match &ev.owner {
-        Some(o) => format!("{}/{}", o.pid, o.comm),
-        None => format!("?({}/{})", ev.pid, ev.comm),
-    };
-    let flow = match (ev.local, ev.remote) {
-        (Some(l), Some(r)) => format!("{l} > {r}"),
-        _ => "-".into(),
-    };
-    let mut detail = String::new();
-    match ev.hook {
-        Hook::InetSockSetState => {
-            detail = format!(
-                "{} -> {}",
-                ev.state.map_or("?", KState::name),
-                ev.new_state.map_or("?", KState::name)
-            )
-        }
-        Hook::TcpTimeWait => {
-            detail = format!(
-                "{} -> TW({}) timeo={}j",
-                ev.state.map_or("?", KState::name),
-                ev.new_state.map_or("?", KState::name),
-                ev.timeo_jiffies.unwrap_or(0)
-            )
-        }
-        Hook::TcpTimewaitStateProcess => {
-            if let Some(s) = &ev.segment {
-                detail = format!(
-                    "TW({}) <- [{}] seq={} len={} rcv_nxt={}",
-                    ev.state.map_or("?", KState::name),
-                    s.flags,
-                    s.seq,
-                    s.len,
-                    s.tw_rcv_nxt
-                );
-            }
-        }
-        Hook::TcpTimewaitStateProcessReturn => {
-            detail = format!(
-                "TW({}) => {}",
-                ev.new_state.map_or("?", KState::name),
-                ev.tw_status
-                    .map_or_else(|| "?".to_string(), |s| s.to_string())
-            )
-        }
-        _ => {
-            if let Some(s) = &ev.state {
-                detail = s.to_string();
-            }
-        }
-    }
-    if let Some(c) = &ev.close {
-        detail.push_str(&format!(
-            " unread={} unsent={} unacked={} linger={}",
-            c.unread,
-            c.unsent,
-            c.unacked,
-            if c.linger {
-                format!("on({}j)", c.linger_jiffies)
-            } else {
-                "off".into()
-            }
-        ));
-    }
-    if let Some(r) = &ev.rst_reason {
-        detail.push_str(&format!(" reason={r}"));
-    }
-    if ev.rst_active == Some(false) {
-        detail.push_str(" (reply)");
-    }
-    if let Some(frame) = ev
-        .user_stack
-        .as_ref()
-        .and_then(|s| s.iter().find(|f| !crate::stacks::is_runtime_frame(f)))
-    {
-        detail.push_str(&format!(" close() at {}", frame.describe()));
-    }
-    let on_cpu = match &ev.owner {
-        Some(o) if o.pid != ev.pid => format!(" [on cpu: {}/{}]", ev.pid, ev.comm),
-        _ => String::new(),
-    };
-    format!(
-        "{}  {:<22} {:<47} {:<10} {}{}",
-        time_of_day(unix_ns),
-        who,
-        flow,
-        ev.hook.short(),
-        detail.trim_start(),
-        on_cpu
-    )
 }
 
 /// Prints the attach report: which hooks work and, by name, which do not and why.
@@ -269,13 +153,13 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     if !hooks.iter().any(|h| h.attached()) {
         bail!("no hook could be attached; `tcp-trace doctor` shows why for each");
     }
-    let sysctls = report::host_sysctls();
+    let sysctls = pipeline::host_sysctls();
     let version = kernel::kernel_version();
     // The kernel's counters, read once the hooks are attached: every abort they count from
     // here on is one the trace can see.
     let mut counters = match &opts.resets {
         Some(r) => Some(CounterRun::start(&opts.pids, &r.netns, || {
-            now_ns(libc::CLOCK_MONOTONIC)
+            clock::now_ns(libc::CLOCK_MONOTONIC)
         })?),
         None => None,
     };
@@ -306,13 +190,13 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             let mut pipeline = Pipeline::new(
                 prep.facts.clone(),
                 &hooks,
-                report::model_params(&version, &sysctls),
+                pipeline::model_params(&version, &sysctls),
                 kernel::config_hz(),
                 ReportOptions {
                     json: opts.json,
                     view: opts.view,
                     pids: opts.pids.clone(),
-                    realtime_minus_mono_ns: crate::record::realtime_minus_monotonic_ns(),
+                    realtime_minus_mono_ns: clock::realtime_minus_monotonic_ns(),
                 },
                 std::io::BufWriter::new(std::io::stdout().lock()),
             );
@@ -362,7 +246,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     // The lost counter as last read, and when: read on every drain tick, warned about once a
     // second at most.
     let mut lost_check = LostCheck {
-        ts_ns: now_ns(libc::CLOCK_MONOTONIC),
+        ts_ns: clock::now_ns(libc::CLOCK_MONOTONIC),
         total: 0,
     };
     let mut lost_warned = 0u64;
@@ -393,7 +277,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 // end, every 50 ms here), so each flow is judged knowing whether events were
                 // lost during its life, and each reset diagnosed knowing it too.
                 sink.check_lost(&mut lost_check, lost_total(&dropped))?;
-                sink.tick(now_ns(libc::CLOCK_MONOTONIC))?;
+                sink.tick(clock::now_ns(libc::CLOCK_MONOTONIC))?;
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
             _ = lost_tick.tick() => {
@@ -414,7 +298,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     // Take what is still buffered, then detach (dropping the Ebpf detaches every program).
     sink.drain(ring.get_mut())?;
     if let Some(run) = counters.as_mut() {
-        run.finish(|| now_ns(libc::CLOCK_MONOTONIC));
+        run.finish(|| clock::now_ns(libc::CLOCK_MONOTONIC));
         if let Sink::Print(p) = &mut sink {
             p.resets_mut().set_count_window(run.start_ns, run.end_ns);
         }
@@ -552,7 +436,7 @@ impl Sink<'_> {
     /// recording gets that earlier reading and this one when the counter grew: replay then
     /// places the loss in the same interval.
     fn check_lost(&mut self, last: &mut LostCheck, total: u64) -> Result<()> {
-        let now = now_ns(libc::CLOCK_MONOTONIC);
+        let now = clock::now_ns(libc::CLOCK_MONOTONIC);
         match self {
             Sink::Print(p) => p.lost(now, total)?,
             Sink::Record(w) if total > last.total => {
@@ -575,11 +459,7 @@ struct LostCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn time_of_day_formats() {
-        assert_eq!(time_of_day(3_723_000_004_000), "01:02:03.000004");
-    }
+    use tcp_trace_common::Hook;
 
     #[test]
     fn blind_spots_name_what_is_missing() {

@@ -8,8 +8,9 @@ use anyhow::{Context, Result, bail};
 use crate::{
     exit,
     live::KERNEL_VERSION_KEY,
+    pipeline::{self, Pipeline},
     record::{Record, RecordReader},
-    report::{self, Pipeline, ReportOptions, View},
+    report::{ReportOptions, View},
 };
 
 pub struct ReplayOptions {
@@ -35,7 +36,7 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let mut pipeline = Pipeline::new(
         header.facts.clone(),
         &header.hooks,
-        report::model_params(&version, &header.sysctls),
+        pipeline::model_params(&version, &header.sysctls),
         hz,
         ReportOptions {
             json: opts.json,

@@ -13,7 +13,8 @@ use crate::model::{RstReason, TcpState, TwStatus};
 
 mod values;
 
-pub use values::{Comm, Family, KReason, KState, KTwStatus, SockPtr, TcpFlags};
+pub use crate::kernel::enums::{KReason, KTwStatus};
+pub use values::{Comm, Family, KState, SockPtr, TcpFlags};
 
 /// Reinterprets one ring-buffer record as an [`Event`].
 pub fn parse_raw(bytes: &[u8]) -> Result<Event> {

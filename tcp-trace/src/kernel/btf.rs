@@ -9,7 +9,7 @@ use btf_rs::{Btf, BtfType, Type};
 use serde::Serialize;
 use tcp_trace_common::{Config, Hook};
 
-use crate::decode::{KReason, KTwStatus};
+use super::enums::{KReason, KTwStatus};
 use crate::model::{RstReason, TwStatus};
 
 /// The running kernel's BTF, with the look-ups tcp-trace needs.

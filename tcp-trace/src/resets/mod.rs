@@ -49,8 +49,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::time_of_day;
 use crate::decode::Owner;
-use crate::live::time_of_day;
 
 pub use classify::{FlowContext, HookSet, classify};
 pub use tracker::{ResetTracker, TrackerConfig};

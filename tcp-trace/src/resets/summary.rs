@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::counters::NetnsCheck;
 use super::{Direction, ResetCause, ResetDiagnosis};
-use crate::live::time_of_day;
+use crate::clock::time_of_day;
 
 /// Rows kept at most; further (process, cause, peer) combinations are only counted.
 const MAX_ROWS: usize = 10_000;

@@ -1050,7 +1050,8 @@ fn each_cause_bumps_the_counter_the_model_says() {
 
 #[test]
 fn the_pipeline_prints_resets_inline_or_alone() {
-    use crate::report::{Pipeline, ReportOptions, ResetsView, View, model_params};
+    use crate::pipeline::{Pipeline, model_params};
+    use crate::report::{ReportOptions, ResetsView, View};
     use tcp_trace_common::{flag, hook};
     let raws: Vec<_> = [
         (hook::INET_SOCK_SET_STATE, 1u8, 7u8),

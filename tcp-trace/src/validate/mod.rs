@@ -338,7 +338,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         dropper.attach(&mut attached.ebpf, &lab)?;
         dropper.clear()?;
         let lost_before = collector.lost();
-        let started = live::now_ns(libc::CLOCK_MONOTONIC);
+        let started = crate::clock::now_ns(libc::CLOCK_MONOTONIC);
         let mut ctx = Ctx {
             lab: &lab,
             dropper: &mut dropper,

@@ -328,8 +328,9 @@ mod tests {
     use tcp_trace::{
         attach::{Backend, HookStatus, Mechanism},
         kernel::btf::KernelFacts,
+        pipeline::{Pipeline, model_params},
         record::{Filters, Record, RecordHeader, read_all},
-        report::{Pipeline, ReportOptions, View, model_params},
+        report::{ReportOptions, View},
     };
 
     use super::*;
