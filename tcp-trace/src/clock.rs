@@ -1,7 +1,7 @@
 //! Clocks: events carry CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns); people read UTC.
 
 /// `clock` now, in nanoseconds.
-pub fn now_ns(clock: libc::clockid_t) -> u64 {
+pub(crate) fn now_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -12,7 +12,7 @@ pub fn now_ns(clock: libc::clockid_t) -> u64 {
 }
 
 /// CLOCK_REALTIME - CLOCK_MONOTONIC now, in nanoseconds.
-pub fn realtime_minus_monotonic_ns() -> i64 {
+pub(crate) fn realtime_minus_monotonic_ns() -> i64 {
     // time_t and c_long are i64 here but not on every target.
     #[allow(clippy::unnecessary_cast)]
     fn now(clock: libc::clockid_t) -> i64 {
@@ -34,7 +34,7 @@ pub fn realtime_minus_monotonic_ns() -> i64 {
 }
 
 /// `HH:MM:SS.micros` (UTC).
-pub fn time_of_day(unix_ns: u64) -> String {
+pub(crate) fn time_of_day(unix_ns: u64) -> String {
     let secs = unix_ns / 1_000_000_000;
     let micros = (unix_ns % 1_000_000_000) / 1000;
     format!(

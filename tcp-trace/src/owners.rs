@@ -19,7 +19,7 @@ const CLOSE_CONTEXT_REASONS: [RstReason; 2] =
     [RstReason::TcpAbortOnClose, RstReason::TcpAbortOnLinger];
 
 /// Bounded maps from socket to owner; the oldest entries go first.
-pub struct Owners {
+pub(crate) struct Owners {
     /// Each entry with the stamp of the `remember` that wrote it.
     by_sk: HashMap<SockPtr, (Owner, u64)>,
     by_tuple: HashMap<TupleKey, (Owner, u64)>,
@@ -43,7 +43,7 @@ impl Default for Owners {
 }
 
 impl Owners {
-    pub fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         Self {
             by_sk: HashMap::new(),
             by_tuple: HashMap::new(),
@@ -96,16 +96,12 @@ impl Owners {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_sk.len() + self.by_tuple.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Fills `ev.owner` where the kernel did not know it, and learns from `ev`.
-    pub fn attribute(&mut self, ev: &mut TraceEvent) {
+    pub(crate) fn attribute(&mut self, ev: &mut TraceEvent) {
         let tuple = match (ev.local, ev.remote) {
             (Some(l), Some(r)) => Some((ev.netns, l, r)),
             _ => None,

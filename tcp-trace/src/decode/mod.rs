@@ -252,11 +252,11 @@ pub(crate) mod tests {
     use crate::kernel::btf::{KernelBtf, testing::fake_kernel};
     use tcp_trace_common::hook;
 
-    pub fn facts() -> KernelFacts {
+    pub(crate) fn facts() -> KernelFacts {
         KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap()).unwrap()
     }
 
-    pub fn v4_event(hook: u8, sport: u16, dport: u16) -> Event {
+    pub(crate) fn v4_event(hook: u8, sport: u16, dport: u16) -> Event {
         let mut ev = Event::zeroed();
         ev.hook = hook;
         ev.family = AF_INET;

@@ -57,8 +57,7 @@ use crate::decode::{Hook, Owner, TraceEvent};
 use crate::model::ModelParams;
 use tcp_trace_common::{AnyHook, HookSet};
 
-pub use obs::Visibility;
-pub use table::{FlowStats, FlowTable};
+pub(crate) use table::FlowTable;
 
 /// A flow: this host's end of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -83,7 +82,7 @@ impl fmt::Display for FlowKey {
 
 /// Settings of a [`FlowTable`].
 #[derive(Clone, Debug)]
-pub struct FlowConfig {
+pub(crate) struct FlowConfig {
     /// The kernel generation and sysctls the model decides with.
     pub params: ModelParams,
     /// Hooks attached, as `attach::HookStatus::hook` names them (`tcp_close`,
@@ -109,7 +108,7 @@ pub struct FlowConfig {
 
 impl FlowConfig {
     /// Defaults: 50 ms reorder window, 120 s idle eviction, 65536 flows.
-    pub fn new(params: ModelParams, attached_hooks: HookSet) -> FlowConfig {
+    pub(crate) fn new(params: ModelParams, attached_hooks: HookSet) -> FlowConfig {
         FlowConfig {
             params,
             attached_hooks,
@@ -126,7 +125,7 @@ impl FlowConfig {
 }
 
 /// The attached event hooks, for [`FlowConfig::attached_hooks`].
-pub fn attached_hooks(hooks: &[HookStatus]) -> HookSet {
+pub(crate) fn attached_hooks(hooks: &[HookStatus]) -> HookSet {
     hooks
         .iter()
         .filter(|h| h.attached())

@@ -10,7 +10,7 @@ use crate::model::{
 
 /// Which hooks are attached, i.e. which kinds of event a flow can show at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Visibility {
+pub(crate) struct Visibility {
     hooks: HookSet,
     /// tcp:tcp_send_reset fires for reply resets sent for a TIME_WAIT minisocket or for no
     /// socket. Before 6.10 tcp_v4_send_reset() traced only replies from full sockets
@@ -20,33 +20,23 @@ pub struct Visibility {
 }
 
 impl Visibility {
-    /// Every hook attached (a kprobe/fentry kernel).
-    pub fn all() -> Visibility {
-        Visibility::from_hooks(HookSet::all())
-    }
-
-    /// Only the four tracepoints (`--backend tracepoint`, or a kernel without function hooks).
-    pub fn tracepoints_only() -> Visibility {
-        Visibility::from_hooks(HookSet::tracepoints_only())
-    }
-
-    pub fn from_hooks(hooks: HookSet) -> Visibility {
+    pub(crate) fn from_hooks(hooks: HookSet) -> Visibility {
         Visibility {
             hooks,
             reply_reset_without_full_socket: false,
         }
     }
 
-    pub fn add(&mut self, hook: Hook) {
+    pub(crate) fn add(&mut self, hook: Hook) {
         self.hooks.insert(hook);
     }
 
-    pub fn has(&self, hook: Hook) -> bool {
+    pub(crate) fn has(&self, hook: Hook) -> bool {
         self.hooks.has(hook)
     }
 
     /// Names of the hooks not attached.
-    pub fn missing(&self) -> Vec<&'static str> {
+    pub(crate) fn missing(&self) -> Vec<&'static str> {
         self.hooks.missing().map(Hook::name).collect()
     }
 }
@@ -113,7 +103,7 @@ pub(crate) struct ObsEv {
 }
 
 impl ObsEv {
-    pub fn from_event(ev: &TraceEvent) -> ObsEv {
+    pub(super) fn from_event(ev: &TraceEvent) -> ObsEv {
         let state = tcp_state(ev.state);
         let obs = match ev.hook {
             Hook::TcpClose => Obs::CloseCall { details: ev.close },
@@ -161,7 +151,7 @@ impl ObsEv {
     }
 
     /// What the summary line shows for it.
-    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+    pub(super) fn mark(&self, vis: &Visibility) -> Option<Mark> {
         match &self.obs {
             Obs::SetState { from, to } => Some(Mark::State {
                 from: *from,
@@ -258,7 +248,7 @@ fn reason_name(reason: Option<RstReason>) -> String {
 }
 
 impl Pred {
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Pred::CloseCall { state } => format!("tcp_close in {state}"),
             Pred::SetState { from, to } => format!("{from} → {to}"),
@@ -285,7 +275,7 @@ impl Pred {
     }
 
     /// Whether `o` shows this prediction, and with what caveat.
-    pub fn matches(&self, o: &ObsEv, hz: Option<u64>) -> Option<MatchNote> {
+    pub(super) fn matches(&self, o: &ObsEv, hz: Option<u64>) -> Option<MatchNote> {
         let ok = |checked: String| {
             Some(MatchNote {
                 checked,
@@ -399,7 +389,7 @@ impl Pred {
     }
 
     /// What the summary line shows for it.
-    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+    pub(super) fn mark(&self, vis: &Visibility) -> Option<Mark> {
         match self {
             Pred::SetState { from, to } => Some(Mark::State {
                 from: *from,

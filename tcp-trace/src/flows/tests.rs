@@ -11,6 +11,8 @@ use crate::decode::{
 use crate::model::ModelParams;
 use tcp_trace_common::HookSet;
 
+use super::obs::Visibility;
+
 const NETNS: u32 = 4_026_531_840;
 const US: u64 = 1_000;
 const SEC: u64 = 1_000_000_000;
@@ -714,6 +716,7 @@ fn address_reuse_gives_two_flows() {
 fn eviction_bounds_memory() {
     let mut cfg = config(HookSet::tracepoints_only());
     cfg.max_flows = 2;
+    let cfg_idle = cfg.idle_evict_ns;
     let mut table = FlowTable::new(cfg);
     for port in 0..5u16 {
         let end = End::new(
@@ -733,7 +736,7 @@ fn eviction_bounds_memory() {
     assert_eq!(table.stats().evicted_capacity, 3);
 
     // Idle: nothing for idle_evict_ns.
-    let idle = table.advance(SEC + table.config().idle_evict_ns);
+    let idle = table.advance(SEC + cfg_idle);
     assert_eq!(idle.len(), 2);
     assert!(idle.iter().all(|r| r.end == FlowEnd::IdleEvicted));
     assert_eq!(table.live_flows(), 0);
@@ -904,9 +907,14 @@ fn visibility_follows_the_attached_hooks() {
     );
     assert!(v.has(Hook::TcpSendReset) && v.has(Hook::InetSockSetState));
     assert!(!v.has(Hook::TcpClose));
-    assert_eq!(Visibility::tracepoints_only().missing().len(), 7);
+    assert_eq!(
+        Visibility::from_hooks(HookSet::tracepoints_only())
+            .missing()
+            .len(),
+        7
+    );
     assert!(
-        Visibility::tracepoints_only()
+        Visibility::from_hooks(HookSet::tracepoints_only())
             .missing()
             .contains(&"tcp_timewait_state_process:return")
     );

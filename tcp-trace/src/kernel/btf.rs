@@ -408,7 +408,7 @@ pub(crate) mod testing {
     //! A tiny BTF writer, to test the look-ups on known layouts without a kernel.
 
     #[derive(Default)]
-    pub struct BtfBuilder {
+    pub(crate) struct BtfBuilder {
         types: Vec<u8>,
         strings: Vec<u8>,
         next_id: u32,
@@ -424,7 +424,7 @@ pub(crate) mod testing {
     const FUNC_PROTO: u32 = 13;
 
     impl BtfBuilder {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self {
                 types: Vec::new(),
                 strings: vec![0],
@@ -456,22 +456,27 @@ pub(crate) mod testing {
             self.types.extend_from_slice(&w.to_le_bytes());
         }
 
-        pub fn int(&mut self, name: &str, size: u32) -> u32 {
+        pub(crate) fn int(&mut self, name: &str, size: u32) -> u32 {
             let id = self.header(name, INT, 0, size);
             self.word(size * 8);
             id
         }
 
-        pub fn ptr(&mut self, to: u32) -> u32 {
+        pub(crate) fn ptr(&mut self, to: u32) -> u32 {
             self.header("", PTR, 0, to)
         }
 
         /// `members`: (name, type id, byte offset).
-        pub fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn strukt(
+            &mut self,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             self.aggregate(STRUCT, name, size, members)
         }
 
-        pub fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
             self.aggregate(UNION, name, size, members)
         }
 
@@ -486,7 +491,7 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+        pub(crate) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
             let id = self.header(name, ENUM, values.len() as u32, 4);
             for (n, v) in values {
                 let n = self.str(n);
@@ -496,11 +501,11 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn typedef(&mut self, name: &str, to: u32) -> u32 {
+        pub(crate) fn typedef(&mut self, name: &str, to: u32) -> u32 {
             self.header(name, TYPEDEF, 0, to)
         }
 
-        pub fn func_proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
+        pub(crate) fn func_proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
             let id = self.header("", FUNC_PROTO, params.len() as u32, ret);
             for (n, ty) in params {
                 let n = self.str(n);
@@ -510,11 +515,11 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn func(&mut self, name: &str, proto: u32) -> u32 {
+        pub(crate) fn func(&mut self, name: &str, proto: u32) -> u32 {
             self.header(name, FUNC, 1, proto)
         }
 
-        pub fn build(&self) -> Vec<u8> {
+        pub(crate) fn build(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
             out.push(1); // version
@@ -532,7 +537,7 @@ pub(crate) mod testing {
 
     /// A kernel-shaped BTF: the structs and enums tcp-trace reads, with anonymous unions where
     /// the kernel has them. `with_reason` adds the 6.10+ reset-reason parameters.
-    pub fn fake_kernel(with_reason: bool) -> Vec<u8> {
+    pub(crate) fn fake_kernel(with_reason: bool) -> Vec<u8> {
         let mut b = BtfBuilder::new();
         let u8_ = b.int("unsigned char", 1);
         let u16_ = b.int("short unsigned int", 2);

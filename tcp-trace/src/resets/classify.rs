@@ -17,13 +17,13 @@ use crate::model::{
     KernelGeneration, RstReason, RstReason as R, TcpExtCounter, TcpState, TcpState as S,
 };
 /// Which hooks the trace had (what the absence of an event means depends on it).
-pub use tcp_trace_common::HookSet;
+pub(crate) use tcp_trace_common::HookSet;
 
 use super::{Confidence, Direction, ResetCause, ResetDiagnosis, Task, human_duration};
 
 /// What [`classify`] knows besides the event.
 #[derive(Clone, Copy, Debug)]
-pub struct FlowContext<'a> {
+pub(crate) struct FlowContext<'a> {
     /// The connection's recent events before this one, oldest first: its full socket, its
     /// TIME_WAIT minisocket and replies for its 4-tuple.
     pub before: &'a [TraceEvent],
@@ -66,7 +66,7 @@ const ABORT_ON_DATA_STATES: [TcpState; 2] = [S::FinWait1, S::FinWait2];
 /// event, for the second event of one RST (tcp_send_active_reset when the tracepoint is
 /// attached), for the tcp_reset() of a data-after-close abort (its reply RST is diagnosed), and
 /// for state changes and closes that abort nothing.
-pub fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
+pub(crate) fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
     match ev.hook {
         Hook::TcpSendReset if ev.rst_active == Some(false) => Some(reply(ev, cx)),
         Hook::TcpSendReset => Some(active(ev, cx)),

@@ -158,7 +158,7 @@ impl Summary {
 
 /// The counter check tables, one per namespace, and the namespaces with resets whose counters
 /// were not read (`unchecked`: namespace -> diagnoses that involve a counter).
-pub fn render_checks(checks: &[NetnsCheck], unchecked: &BTreeMap<u32, u64>) -> String {
+pub(crate) fn render_checks(checks: &[NetnsCheck], unchecked: &BTreeMap<u32, u64>) -> String {
     let mut out = String::new();
     for c in checks {
         out.push_str(&format!(

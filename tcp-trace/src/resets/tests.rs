@@ -10,6 +10,7 @@ use crate::decode::{
     self, CloseDetails, Comm, Hook, KReason, KState, OwnerSource, Segment, SockPtr, TraceEvent,
 };
 use crate::model::{self, Input, KernelGeneration, Model, ModelParams, TcpExtCounter, Wire};
+use tcp_trace_common::HookSet;
 
 const NS: u32 = 4026531840;
 
