@@ -62,6 +62,28 @@ pub fn host_sysctls() -> BTreeMap<String, String> {
     .collect()
 }
 
+/// The pipeline without printing or reset diagnoses, for events already in hand (`validate`):
+/// decode -> owners -> flows, then every flow that tore down, judged. `lost`: the kernel
+/// dropped events meanwhile (no verdict may then rely on an absence).
+pub(crate) fn judge<'a>(
+    facts: &KernelFacts,
+    config: FlowConfig,
+    events: impl IntoIterator<Item = &'a Event>,
+    lost: bool,
+) -> Result<Vec<FlowReport>> {
+    let mut flows = FlowTable::new(config);
+    let mut owners = Owners::default();
+    for raw in events {
+        let mut ev = decode::decode(raw, facts)?;
+        owners.attribute(&mut ev);
+        flows.push(ev);
+    }
+    if lost {
+        flows.note_lost(0, 1);
+    }
+    Ok(flows.flush().into_iter().filter(|r| r.teardown).collect())
+}
+
 /// Sizes of the pipeline's tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Held {

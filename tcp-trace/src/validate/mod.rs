@@ -21,12 +21,12 @@ use serde_json::json;
 
 use crate::{
     attach::{self, AttachOptions, Backend, HookStatus},
-    decode, exit,
-    flows::{FlowConfig, FlowReport, FlowTable, Verdict, attached_hooks},
+    exit,
+    flows::{FlowConfig, FlowReport, Verdict, attached_hooks},
     kernel::{self, btf::KernelFacts},
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
-    owners::Owners,
+    pipeline,
 };
 use lab::{Collector, Dropper, Lab, Side};
 use scenarios::{Ctx, RunNotes, SCENARIOS, Scenario};
@@ -97,18 +97,9 @@ fn judge(
     for side in [Side::Client, Side::Server] {
         let mut config = FlowConfig::new(params_for(version, lab, side)?, attached_hooks(hooks));
         config.hz = kernel::config_hz();
-        let mut table = FlowTable::new(config);
-        let mut owners = Owners::default();
         let netns = lab.ns(side).inode;
-        for raw in events.iter().filter(|e| e.netns == netns) {
-            let mut ev = decode::decode(raw, facts)?;
-            owners.attribute(&mut ev);
-            table.push(ev);
-        }
-        if lost {
-            table.note_lost(0, 1);
-        }
-        reports.extend(table.flush().into_iter().filter(|r| r.teardown));
+        let side_events = events.iter().filter(|e| e.netns == netns);
+        reports.extend(pipeline::judge(facts, config, side_events, lost)?);
     }
     let (local, remote) = scenarios::focus_port(s, &notes);
     let focus_ns = lab.ns(s.focus).inode;
