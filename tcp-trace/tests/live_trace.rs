@@ -10,7 +10,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::bpf_allowed;
@@ -23,6 +23,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 struct Tracer {
     child: Child,
     lines: mpsc::Receiver<String>,
+    port: u16,
+    /// Started with `--pid`: a marker connection from this process would not be printed.
+    pid_filtered: bool,
 }
 
 impl Tracer {
@@ -62,21 +65,67 @@ impl Tracer {
                 "tracepoint {tp} did not attach: {h}"
             );
         }
-        Tracer { child, lines: rx }
+        Tracer {
+            child,
+            lines: rx,
+            port,
+            pid_filtered: extra.contains(&"--pid"),
+        }
     }
 
-    /// Stops the tracer with SIGINT (as Ctrl-C does) and returns every event it printed.
+    /// Stops the tracer with SIGINT (as Ctrl-C does) once it has printed a marker connection
+    /// made after the test's own (so every event before it was read), and returns every event it
+    /// printed but the marker's.
     fn stop(mut self) -> Vec<Value> {
-        // Let the last events (e.g. the final ACK's state change) reach the ring buffer.
-        thread::sleep(Duration::from_millis(300));
+        let me = std::process::id();
+        // The marker's sockets (its listener too) are this process's.
+        let is_marker =
+            |v: &Value| v["owner"]["pid"] == me || (v["owner"].is_null() && v["pid"] == me);
+        let parse = |line: &str| -> Value {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+        };
+        let mut printed = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut marker_ends = 0;
+        if self.pid_filtered {
+            // Only the filtered process's events come: let its last ones reach the ring.
+            thread::sleep(Duration::from_millis(300));
+            marker_ends = 2;
+        } else {
+            marker_connection(self.port);
+        }
+        while marker_ends < 2 {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("tcp-trace printed the marker connection's end within 60 s");
+            let v = parse(&line);
+            // The accepted socket and the client: the listener may go before them.
+            if v["type"] == "event"
+                && v["hook"] == "tcp_destroy_sock"
+                && is_marker(&v)
+                && v["remote"].as_str().is_some_and(|r| !r.ends_with(":0"))
+            {
+                marker_ends += 1;
+            }
+            printed.push(v);
+        }
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            printed.push(parse(&line));
+        }
+        let mut all_events = 0;
         let mut events = Vec::new();
         let mut summary = None;
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for v in printed {
             match v["type"].as_str() {
-                Some("event") => events.push(v),
+                Some("event") => {
+                    all_events += 1;
+                    if !is_marker(&v) {
+                        events.push(v);
+                    }
+                }
                 Some("summary") => summary = Some(v),
                 _ => {}
             }
@@ -84,9 +133,25 @@ impl Tracer {
         assert!(status.success(), "tcp-trace exited with {status}");
         let summary = summary.expect("a summary line at exit");
         assert_eq!(summary["lost"], 0, "events were lost: {summary}");
-        assert_eq!(summary["events"].as_u64().unwrap() as usize, events.len());
+        assert_eq!(summary["events"].as_u64().unwrap() as usize, all_events);
         events
     }
+}
+
+/// A connection to `port` from this process (its own listener: the test's server is gone),
+/// closed by the server first; returns its client port. Its end, printed, shows the tracer has
+/// read everything the kernel wrote before it.
+fn marker_connection(port: u16) -> u16 {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the marker's listener");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the marker");
+    let client_port = client.local_addr().unwrap().port();
+    let (server, _) = listener.accept().unwrap();
+    drop(server);
+    let mut buf = [0u8; 1];
+    // EOF: the server's FIN arrived; then the client closes too.
+    let _ = std::io::Read::read(&mut client, &mut buf);
+    drop(client);
+    client_port
 }
 
 struct Peer {
