@@ -26,6 +26,8 @@ struct Tracer {
     port: u16,
     /// Started with `--pid`: a marker connection from this process would not be printed.
     pid_filtered: bool,
+    /// The hooks its start line says are attached (registry names).
+    attached: Vec<String>,
 }
 
 impl Tracer {
@@ -70,13 +72,18 @@ impl Tracer {
             lines: rx,
             port,
             pid_filtered: extra.contains(&"--pid"),
+            attached: hooks
+                .iter()
+                .filter(|h| !h["mechanism"].is_null())
+                .filter_map(|h| h["hook"].as_str().map(str::to_string))
+                .collect(),
         }
     }
 
     /// Stops the tracer with SIGINT (as Ctrl-C does) once it has printed a marker connection
     /// made after the test's own (so every event before it was read), and returns every event it
     /// printed but the marker's.
-    fn stop(mut self) -> Vec<Value> {
+    fn stop(mut self) -> (Vec<Value>, Vec<String>) {
         let me = std::process::id();
         // The marker's sockets (its listener too) are this process's.
         let is_marker =
@@ -134,7 +141,7 @@ impl Tracer {
         let summary = summary.expect("a summary line at exit");
         assert_eq!(summary["lost"], 0, "events were lost: {summary}");
         assert_eq!(summary["events"].as_u64().unwrap() as usize, all_events);
-        events
+        (events, self.attached)
     }
 }
 
@@ -190,7 +197,11 @@ impl Peer {
 
 /// Runs one server (that ends the connection as `teardown` says) and one client, each in its own
 /// process, under the tracer. Returns (events, server pid, client pid, client port).
-fn run_pair(teardown: &str, client_args: &[&str]) -> (Vec<Value>, u32, u32, u16, u16) {
+/// What [`run_pair`] saw: the events, the server's and client's pids and ports, and the hooks
+/// attached.
+type Pair = (Vec<Value>, u32, u32, u16, u16, Vec<String>);
+
+fn run_pair(teardown: &str, client_args: &[&str]) -> Pair {
     let port = common::free_port();
     let tracer = Tracer::start(port, &[]);
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -217,8 +228,8 @@ fn run_pair(teardown: &str, client_args: &[&str]) -> (Vec<Value>, u32, u32, u16,
     assert_eq!(server.finish(), "done");
     let client_said = client.finish();
     assert!(client_said.starts_with("done"), "{client_said}");
-    let events = tracer.stop();
-    (events, spid, cpid, port, client_port)
+    let (events, attached) = tracer.stop();
+    (events, spid, cpid, port, client_port, attached)
 }
 
 fn local_port(e: &Value) -> Option<u16> {
@@ -278,8 +289,9 @@ fn expected_active_reason(named: tcp_trace::model::RstReason) -> Value {
     }
 }
 
-fn hook_attached(hooks_line_events: &[Value], hook: &str) -> bool {
-    hooks_line_events.iter().any(|e| e["hook"] == hook)
+/// The tracer's start line said `hook` (a registry name: `tcp_close`) is attached.
+fn hook_attached(attached: &[String], hook: &str) -> bool {
+    attached.iter().any(|h| h == hook)
 }
 
 #[test]
@@ -288,7 +300,7 @@ fn clean_active_close_by_the_server() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, cpid, port, cport) = run_pair("clean", &[]);
+    let (events, spid, cpid, port, cport, attached) = run_pair("clean", &[]);
     let server = side(&events, port);
     let server: Vec<_> = server
         .into_iter()
@@ -327,7 +339,7 @@ fn clean_active_close_by_the_server() {
         .find(|e| e["new_state"] == "FIN_WAIT2")
         .unwrap();
     assert_eq!(fw2["owner"]["pid"], spid, "{fw2}");
-    if hook_attached(&events, "tcp_time_wait") {
+    if hook_attached(&attached, "tcp_time_wait") {
         let tw = server
             .iter()
             .find(|e| e["hook"] == "tcp_time_wait")
@@ -342,7 +354,7 @@ fn close_with_unread_data_sends_rst() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, cpid, port, cport) = run_pair("unread", &[]);
+    let (events, spid, cpid, port, cport, attached) = run_pair("unread", &[]);
     let server = side(&events, port);
     let client = side(&events, cport);
     assert!(
@@ -367,9 +379,13 @@ fn close_with_unread_data_sends_rst() {
     assert!(transitions(&client).contains(&"ESTABLISHED>CLOSE".to_string()));
     assert_owner(&client, cpid, "client");
     assert_owner(&server, spid, "server");
-    if let Some(close) = server.iter().find(|e| e["hook"] == "tcp_close") {
+    let close = server.iter().find(|e| e["hook"] == "tcp_close");
+    if hook_attached(&attached, "tcp_close") {
+        let close = close.expect("tcp_close is attached: the server's close() shows");
         let unread = close["close"]["unread"].as_u64().unwrap();
         assert_eq!(unread as usize, tcp_trace::peer::REQUEST.len(), "{close}");
+    } else {
+        assert!(close.is_none(), "tcp_close is not attached: {close:?}");
     }
 }
 
@@ -379,7 +395,7 @@ fn linger_zero_close_sends_rst() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, _cpid, port, cport) = run_pair("linger0", &[]);
+    let (events, spid, _cpid, port, cport, attached) = run_pair("linger0", &[]);
     let server = side(&events, port);
     let client = side(&events, cport);
     assert!(
@@ -397,9 +413,13 @@ fn linger_zero_close_sends_rst() {
         !server.iter().any(|e| e["new_state"] == "FIN_WAIT1"),
         "linger 0 must not send FIN"
     );
-    if let Some(close) = server.iter().find(|e| e["hook"] == "tcp_close") {
+    let close = server.iter().find(|e| e["hook"] == "tcp_close");
+    if hook_attached(&attached, "tcp_close") {
+        let close = close.expect("tcp_close is attached: the server's close() shows");
         assert_eq!(close["close"]["linger"], true, "{close}");
         assert_eq!(close["close"]["unread"], 0, "{close}");
+    } else {
+        assert!(close.is_none(), "tcp_close is not attached: {close:?}");
     }
 }
 
@@ -420,7 +440,7 @@ fn pid_filter_keeps_only_that_process() {
     client.line();
     assert_eq!(server.finish(), "done");
     client.finish();
-    let events = tracer.stop();
+    let (events, _) = tracer.stop();
     assert!(!events.is_empty(), "nothing traced for the server");
     for e in &events {
         assert_eq!(e["owner"]["pid"].to_string(), spid, "{e}");
