@@ -127,12 +127,8 @@ pub struct TraceEvent {
 }
 
 fn hook_of(ev: &Event) -> Result<Hook> {
-    Hook::from_abi(ev.hook).ok_or_else(|| {
-        anyhow::anyhow!(
-            "event record has unknown hook number {}: written by a newer tcp-trace?",
-            ev.hook
-        )
-    })
+    Hook::from_abi(ev.hook)
+        .ok_or_else(|| anyhow::anyhow!("event record has unknown hook number {}", ev.hook))
 }
 
 impl TraceEvent {

@@ -344,6 +344,17 @@ fn bad_json_header() {
 }
 
 #[test]
+fn a_hook_the_registry_lacks_is_refused() {
+    let mut h = header();
+    h.hooks[0].hook = "tcp_bogus".into();
+    let json = serde_json::to_vec(&h).unwrap();
+    let err = read_all(&file_with(1, &json, b"")).unwrap_err();
+    assert!(matches!(err, RecordError::UnknownHook { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("byte 16") && msg.contains("`tcp_bogus`"), "{msg}");
+}
+
+#[test]
 fn additive_header_fields_are_compatible() {
     let mut v: serde_json::Value = serde_json::from_slice(&good_header_json()).unwrap();
     v["a_field_from_the_future"] = serde_json::json!({"x": 1});
