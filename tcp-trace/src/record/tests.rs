@@ -351,7 +351,10 @@ fn a_hook_the_registry_lacks_is_refused() {
     let err = read_all(&file_with(1, &json, b"")).unwrap_err();
     assert!(matches!(err, RecordError::UnknownHook { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("byte 16") && msg.contains("`tcp_bogus`"), "{msg}");
+    assert!(
+        msg.contains("byte 16") && msg.contains("`tcp_bogus`"),
+        "{msg}"
+    );
 }
 
 #[test]
