@@ -5,23 +5,23 @@
 
 pub const COMM_LEN: usize = 16;
 
-/// Which kernel hook produced an event. The numbers are part of the recorded-trace format: append,
-/// never renumber.
+pub mod hooks;
+pub use hooks::{AnyHook, AuxHook, Hook, HookKind, HookSet};
+
+/// `Event::hook` numbers, for the eBPF programs; they come from the registry ([`Hook`]).
 pub mod hook {
-    pub const TCP_CLOSE: u8 = 1;
-    pub const TCP_FIN: u8 = 2;
-    pub const TCP_SEND_FIN: u8 = 3;
-    pub const TCP_SEND_ACTIVE_RESET: u8 = 4;
-    pub const TCP_TIME_WAIT: u8 = 5;
-    /// `tcp_timewait_state_process` entry: the segment arriving at a TIME_WAIT minisocket.
-    pub const TW_STATE_PROCESS: u8 = 6;
-    /// `tcp_timewait_state_process` return: the `enum tcp_tw_status` it decided.
-    pub const TW_STATE_PROCESS_RET: u8 = 7;
-    pub const INET_SOCK_SET_STATE: u8 = 8;
-    pub const TCP_SEND_RESET: u8 = 9;
-    pub const TCP_RECEIVE_RESET: u8 = 10;
-    pub const TCP_DESTROY_SOCK: u8 = 11;
-    pub const MAX: u8 = 11;
+    use super::Hook;
+    pub const TCP_CLOSE: u8 = Hook::TcpClose.abi();
+    pub const TCP_FIN: u8 = Hook::TcpFin.abi();
+    pub const TCP_SEND_FIN: u8 = Hook::TcpSendFin.abi();
+    pub const TCP_SEND_ACTIVE_RESET: u8 = Hook::TcpSendActiveReset.abi();
+    pub const TCP_TIME_WAIT: u8 = Hook::TcpTimeWait.abi();
+    pub const TW_STATE_PROCESS: u8 = Hook::TcpTimewaitStateProcess.abi();
+    pub const TW_STATE_PROCESS_RET: u8 = Hook::TcpTimewaitStateProcessReturn.abi();
+    pub const INET_SOCK_SET_STATE: u8 = Hook::InetSockSetState.abi();
+    pub const TCP_SEND_RESET: u8 = Hook::TcpSendReset.abi();
+    pub const TCP_RECEIVE_RESET: u8 = Hook::TcpReceiveReset.abi();
+    pub const TCP_DESTROY_SOCK: u8 = Hook::TcpDestroySock.abi();
 }
 
 /// Bits of [`Event::flags`].

@@ -11,7 +11,7 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
-use tcp_trace_common::Config;
+use tcp_trace_common::{AnyHook, AuxHook, Config, Hook, HookKind};
 
 use crate::kernel::btf::KernelFacts;
 
@@ -72,106 +72,6 @@ impl fmt::Display for Mechanism {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
-    /// A kernel function; `ret` = hook its return.
-    Function {
-        ret: bool,
-    },
-    Tracepoint,
-}
-
-/// One hook: a kernel function or tracepoint, and the programs that can serve it, best first.
-pub struct HookDef {
-    /// What users see: `tcp_close`, `tcp_timewait_state_process:return`, `sock:inet_sock_set_state`.
-    pub name: &'static str,
-    /// The kernel symbol or tracepoint name the program attaches to.
-    pub target: &'static str,
-    kind: Target,
-    /// (mechanism, program name in the object); function hooks list the trampoline form first.
-    programs: [(Mechanism, &'static str); 2],
-}
-
-pub const HOOKS: &[HookDef] = &[
-    func("tcp_close", "fentry_tcp_close", "kprobe_tcp_close"),
-    func("tcp_fin", "fentry_tcp_fin", "kprobe_tcp_fin"),
-    func("tcp_send_fin", "fentry_tcp_send_fin", "kprobe_tcp_send_fin"),
-    func(
-        "tcp_send_active_reset",
-        "fentry_tcp_send_active_reset",
-        "kprobe_tcp_send_active_reset",
-    ),
-    func(
-        "tcp_time_wait",
-        "fentry_tcp_time_wait",
-        "kprobe_tcp_time_wait",
-    ),
-    func(
-        "tcp_timewait_state_process",
-        "fentry_tcp_timewait_state_process",
-        "kprobe_tcp_timewait_state_process",
-    ),
-    HookDef {
-        name: "tcp_timewait_state_process:return",
-        target: "tcp_timewait_state_process",
-        kind: Target::Function { ret: true },
-        programs: [
-            (Mechanism::Fexit, "fexit_tcp_timewait_state_process"),
-            (Mechanism::Kretprobe, "kretprobe_tcp_timewait_state_process"),
-        ],
-    },
-    tp("sock:inet_sock_set_state", "inet_sock_set_state"),
-    tp("tcp:tcp_send_reset", "tcp_send_reset"),
-    tp("tcp:tcp_receive_reset", "tcp_receive_reset"),
-    tp("tcp:tcp_destroy_sock", "tcp_destroy_sock"),
-];
-
-impl HookDef {
-    pub fn is_function(&self) -> bool {
-        matches!(self.kind, Target::Function { .. })
-    }
-}
-
-const fn func(name: &'static str, fentry: &'static str, kprobe: &'static str) -> HookDef {
-    HookDef {
-        name,
-        target: name,
-        kind: Target::Function { ret: false },
-        programs: [(Mechanism::Fentry, fentry), (Mechanism::Kprobe, kprobe)],
-    }
-}
-
-const fn tp(name: &'static str, target: &'static str) -> HookDef {
-    HookDef {
-        name,
-        target,
-        kind: Target::Tracepoint,
-        programs: [
-            (Mechanism::TpBtf, concat_tp_btf(target)),
-            (Mechanism::RawTp, concat_raw_tp(target)),
-        ],
-    }
-}
-
-// Program names follow the tracepoint: tp_btf_<tp> and raw_tp_<tp> (see tcp-trace-ebpf).
-const fn concat_tp_btf(target: &'static str) -> &'static str {
-    match target.as_bytes() {
-        b"inet_sock_set_state" => "tp_btf_inet_sock_set_state",
-        b"tcp_send_reset" => "tp_btf_tcp_send_reset",
-        b"tcp_receive_reset" => "tp_btf_tcp_receive_reset",
-        _ => "tp_btf_tcp_destroy_sock",
-    }
-}
-
-const fn concat_raw_tp(target: &'static str) -> &'static str {
-    match target.as_bytes() {
-        b"inet_sock_set_state" => "raw_tp_inet_sock_set_state",
-        b"tcp_send_reset" => "raw_tp_tcp_send_reset",
-        b"tcp_receive_reset" => "raw_tp_tcp_receive_reset",
-        _ => "raw_tp_tcp_destroy_sock",
-    }
-}
-
 /// The outcome for one hook.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct HookStatus {
@@ -185,6 +85,11 @@ pub struct HookStatus {
 }
 
 impl HookStatus {
+    /// The registry's hook of this name; None for a name no hook has (an error in a recording).
+    pub fn id(&self) -> Option<AnyHook> {
+        AnyHook::from_name(&self.hook)
+    }
+
     pub fn attached(&self) -> bool {
         self.mechanism.is_some()
     }
@@ -327,15 +232,16 @@ fn explain(err: &ProgramError, mechanism: Mechanism) -> String {
         }
     };
     // Known causes get a short, actionable sentence instead of the raw error.
-    match mechanism {
-        Mechanism::Fentry | Mechanism::Fexit if text.contains("os error 1)") => {
+    match (mechanism, os_error(err)) {
+        (Mechanism::Fentry | Mechanism::Fexit, Some(libc::EPERM)) => {
             return "refused by the kernel (EPERM: its security policy forbids BPF trampolines)"
                 .into();
         }
-        Mechanism::Fentry | Mechanism::Fexit if text.contains("os error 524") => {
+        // ENOTSUPP (524) is kernel-internal and has no libc name.
+        (Mechanism::Fentry | Mechanism::Fexit, Some(524)) => {
             return "BPF trampolines not supported by this kernel (ENOTSUPP)".into();
         }
-        Mechanism::Kprobe | Mechanism::Kretprobe if !kprobes_available() => {
+        (Mechanism::Kprobe | Mechanism::Kretprobe, _) if !kprobes_available() => {
             return "this kernel has no kprobes (CONFIG_KPROBES is off)".into();
         }
         _ => {}
@@ -348,6 +254,21 @@ fn explain(err: &ProgramError, mechanism: Mechanism) -> String {
     text
 }
 
+/// The errno under an aya error, from the first `io::Error` in its chain of sources.
+fn os_error(err: &ProgramError) -> Option<i32> {
+    if let ProgramError::LoadError { io_error, .. } = err {
+        return io_error.raw_os_error();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        source = e.source();
+    }
+    None
+}
+
 pub fn kprobes_available() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
         || Path::new("/sys/kernel/tracing/kprobe_events").exists()
@@ -357,10 +278,11 @@ pub fn kprobes_available() -> bool {
 fn try_attach(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    def: &HookDef,
+    hook: Hook,
     mechanism: Mechanism,
     program: &str,
 ) -> Result<(), String> {
+    let target = hook.target();
     let prog = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the eBPF object"))?;
@@ -368,34 +290,36 @@ fn try_attach(
         match mechanism {
             Mechanism::Fentry => {
                 let p: &mut FEntry = prog.try_into()?;
-                p.load(def.target, btf)?;
+                p.load(target, btf)?;
                 p.attach()?;
             }
             Mechanism::Fexit => {
                 let p: &mut FExit = prog.try_into()?;
-                p.load(def.target, btf)?;
+                p.load(target, btf)?;
                 p.attach()?;
             }
             Mechanism::Kprobe | Mechanism::Kretprobe => {
                 let p: &mut KProbe = prog.try_into()?;
                 p.load()?;
-                p.attach(def.target, 0)?;
+                p.attach(target, 0)?;
             }
             Mechanism::TpBtf => {
                 let p: &mut BtfTracePoint = prog.try_into()?;
-                p.load(def.target, btf)?;
+                p.load(target, btf)?;
                 p.attach()?;
             }
             Mechanism::RawTp => {
                 let p: &mut RawTracePoint = prog.try_into()?;
                 p.load()?;
-                p.attach(def.target)?;
+                p.attach(target)?;
             }
             Mechanism::Tracepoint => {
                 let p: &mut TracePoint = prog.try_into()?;
                 p.load()?;
-                let (category, name) = def.target.split_once(':').unwrap_or(("tcp", def.target));
-                p.attach(category, name)?;
+                let HookKind::Tracepoint { system } = hook.kind() else {
+                    return Err(ProgramError::NotLoaded);
+                };
+                p.attach(system, target)?;
             }
         }
         Ok(())
@@ -420,19 +344,27 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
     };
 }
 
-fn mechanisms_for(
-    def: &HookDef,
-    backend: Backend,
-) -> Result<Vec<(Mechanism, &'static str)>, String> {
-    match (def.kind, backend) {
-        (Target::Tracepoint, _) => Ok(def.programs.to_vec()),
-        (Target::Function { .. }, Backend::Auto) => Ok(def.programs.to_vec()),
-        (Target::Function { .. }, Backend::Fentry) => Ok(vec![def.programs[0]]),
-        (Target::Function { .. }, Backend::Kprobe) => Ok(vec![def.programs[1]]),
-        (Target::Function { .. }, Backend::Tracepoint) => {
-            Err("not requested (--backend tracepoint)".into())
+/// The mechanisms, with their program, a hook may use under `backend`, best first.
+fn mechanisms_for(hook: Hook, backend: Backend) -> Result<Vec<(Mechanism, &'static str)>, String> {
+    let [best, fallback] = hook.programs();
+    let (first, second) = match hook.kind() {
+        HookKind::Tracepoint { .. } => {
+            return Ok(vec![(Mechanism::TpBtf, best), (Mechanism::RawTp, fallback)]);
         }
+        HookKind::Function { ret: false } => (Mechanism::Fentry, Mechanism::Kprobe),
+        HookKind::Function { ret: true } => (Mechanism::Fexit, Mechanism::Kretprobe),
+    };
+    match backend {
+        Backend::Auto => Ok(vec![(first, best), (second, fallback)]),
+        Backend::Fentry => Ok(vec![(first, best)]),
+        Backend::Kprobe => Ok(vec![(second, fallback)]),
+        Backend::Tracepoint => Err("not requested (--backend tracepoint)".into()),
     }
+}
+
+/// Every mechanism a hook has, whatever the backend (for `doctor`).
+fn all_mechanisms(hook: Hook) -> Vec<(Mechanism, &'static str)> {
+    mechanisms_for(hook, Backend::Auto).unwrap_or_default()
 }
 
 /// Loads the object with `facts` baked in as constants and attaches every hook it can.
@@ -475,18 +407,18 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     }
 
     let mut hooks = Vec::new();
-    for def in HOOKS {
+    for hook in Hook::ALL {
         let mut status = HookStatus {
-            hook: def.name.to_string(),
+            hook: hook.name().to_string(),
             mechanism: None,
             failures: Vec::new(),
             skipped: None,
         };
-        match mechanisms_for(def, opts.backend) {
+        match mechanisms_for(hook, opts.backend) {
             Err(why) => status.skipped = Some(why),
             Ok(list) => {
                 for (mechanism, program) in list {
-                    match try_attach(&mut ebpf, &btf, def, mechanism, program) {
+                    match try_attach(&mut ebpf, &btf, hook, mechanism, program) {
                         Ok(()) => {
                             status.mechanism = Some(mechanism);
                             break;
@@ -499,21 +431,20 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         hooks.push(status);
     }
     if opts.stacks {
-        for (name, program) in [
-            ("syscalls:sys_enter_close", "sys_enter_close"),
-            ("syscalls:sys_exit_close", "sys_exit_close"),
-        ] {
+        for aux in AuxHook::ALL {
+            let (system, name) = aux.tracepoint();
+            let program = aux.program();
             let result: Result<(), ProgramError> = (|| {
                 let p: &mut TracePoint = ebpf
                     .program_mut(program)
                     .ok_or(ProgramError::NotLoaded)?
                     .try_into()?;
                 p.load()?;
-                p.attach("syscalls", program)?;
+                p.attach(system, name)?;
                 Ok(())
             })();
             hooks.push(HookStatus {
-                hook: name.to_string(),
+                hook: aux.name().to_string(),
                 mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
                 failures: result
                     .err()
@@ -527,7 +458,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
 }
 
 /// A hook and, for each of its mechanisms, whether it attached (or why not).
-pub type HookProbe = (&'static HookDef, Vec<(Mechanism, Result<(), String>)>);
+pub type HookProbe = (Hook, Vec<(Mechanism, Result<(), String>)>);
 
 /// Tries every mechanism of every hook on its own (attach, then detach), for `doctor`.
 pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
@@ -538,16 +469,16 @@ pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) failed")?;
     let mut out = Vec::new();
-    for def in HOOKS {
+    for hook in Hook::ALL {
         let mut results = Vec::new();
-        for (mechanism, program) in def.programs {
-            let r = try_attach(&mut ebpf, &btf, def, mechanism, program);
+        for (mechanism, program) in all_mechanisms(hook) {
+            let r = try_attach(&mut ebpf, &btf, hook, mechanism, program);
             if r.is_ok() {
                 unload(&mut ebpf, program);
             }
             results.push((mechanism, r));
         }
-        out.push((def, results));
+        out.push((hook, results));
     }
     Ok(out)
 }
@@ -559,42 +490,58 @@ mod tests {
     #[test]
     fn every_hook_names_programs_that_exist_in_the_object() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the built object parses");
-        for def in HOOKS {
-            for (_, program) in def.programs {
+        for hook in Hook::ALL {
+            for (_, program) in all_mechanisms(hook) {
                 assert!(obj.programs.contains_key(program), "{program} missing");
             }
+        }
+        for aux in AuxHook::ALL {
+            assert!(obj.programs.contains_key(aux.program()), "{aux:?}");
         }
     }
 
     #[test]
     fn backends_choose_mechanisms() {
-        let close = &HOOKS[0];
-        let set_state = HOOKS
-            .iter()
-            .find(|h| h.name == "sock:inet_sock_set_state")
-            .unwrap();
         let names =
-            |b| mechanisms_for(close, b).map(|v| v.into_iter().map(|(m, _)| m).collect::<Vec<_>>());
+            |h, b| mechanisms_for(h, b).map(|v| v.into_iter().map(|(m, _)| m).collect::<Vec<_>>());
+        let close = Hook::TcpClose;
         assert_eq!(
-            names(Backend::Auto).unwrap(),
+            names(close, Backend::Auto).unwrap(),
             [Mechanism::Fentry, Mechanism::Kprobe]
         );
-        assert_eq!(names(Backend::Fentry).unwrap(), [Mechanism::Fentry]);
-        assert_eq!(names(Backend::Kprobe).unwrap(), [Mechanism::Kprobe]);
-        assert!(names(Backend::Tracepoint).is_err());
+        assert_eq!(names(close, Backend::Fentry).unwrap(), [Mechanism::Fentry]);
+        assert_eq!(names(close, Backend::Kprobe).unwrap(), [Mechanism::Kprobe]);
+        assert!(names(close, Backend::Tracepoint).is_err());
+        assert_eq!(
+            names(Hook::TcpTimewaitStateProcessReturn, Backend::Auto).unwrap(),
+            [Mechanism::Fexit, Mechanism::Kretprobe]
+        );
         for b in [
             Backend::Auto,
             Backend::Fentry,
             Backend::Kprobe,
             Backend::Tracepoint,
         ] {
-            let m: Vec<_> = mechanisms_for(set_state, b)
-                .unwrap()
-                .into_iter()
-                .map(|(m, _)| m)
-                .collect();
-            assert_eq!(m, [Mechanism::TpBtf, Mechanism::RawTp]);
+            assert_eq!(
+                names(Hook::InetSockSetState, b).unwrap(),
+                [Mechanism::TpBtf, Mechanism::RawTp]
+            );
         }
+    }
+
+    #[test]
+    fn errno_is_read_from_the_error_not_its_text() {
+        let e = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_raw_tracepoint_open",
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert_eq!(os_error(&e), Some(libc::EPERM));
+        assert!(explain(&e, Mechanism::Fentry).contains("EPERM"));
+        let e = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: std::io::Error::from_raw_os_error(524),
+        });
+        assert!(explain(&e, Mechanism::Fexit).contains("ENOTSUPP"));
     }
 
     #[test]

@@ -50,15 +50,19 @@ pub fn run(json_out: bool) -> Result<u8> {
     if let Some(f) = &facts {
         lines.push((
             "reset reasons".into(),
-            if f.rst_reasons.is_empty() {
+            if f.rst_reason_names().is_empty() {
                 "not in this kernel (tcp_send_reset has no reason before 6.10)".into()
             } else {
-                format!("{} names in enum sk_rst_reason", f.rst_reasons.len())
+                format!("{} names in enum sk_rst_reason", f.rst_reason_names().len())
             },
         ));
         lines.push((
             "tw_status".into(),
-            f.tw_status.values().cloned().collect::<Vec<_>>().join(" "),
+            f.tw_status_names()
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
         ));
     }
     if privileges.sufficient() {
@@ -84,15 +88,15 @@ pub fn run(json_out: bool) -> Result<u8> {
     let mut rows = Vec::new();
     let mut usable = 0;
     if let Some(probes) = &probes {
-        for (def, results) in probes {
+        for (hook, results) in probes {
             let signature = facts.as_ref().and_then(|f| {
-                if def.is_function() {
+                if hook.is_function() {
                     f.functions
-                        .get(def.target)
+                        .get(hook.target())
                         .map(|p| format!("({})", p.join(", ")))
                 } else {
                     f.tracepoints
-                        .get(def.target)
+                        .get(hook.target())
                         .map(|p| format!("{} args", p.len()))
                 }
             });
@@ -103,7 +107,7 @@ pub fn run(json_out: bool) -> Result<u8> {
             let auto = results.iter().find(|(_, r)| r.is_ok()).map(|(m, _)| *m);
             usable += auto.is_some() as usize;
             rows.push(json!({
-                "hook": def.name,
+                "hook": hook.name(),
                 "signature": signature,
                 "mechanisms": results.iter().map(|(m, r)| json!({
                     "mechanism": m, "ok": r.is_ok(), "error": r.as_ref().err(),

@@ -7,18 +7,23 @@
 //! [`live`] drives it from the kernel, [`replay`] from a [`record`]ing; [`validate`] checks the
 //! model against this kernel; [`doctor`] reports what this kernel allows.
 
+#![warn(unreachable_pub)]
+
 pub mod attach;
+pub(crate) mod clock;
 pub mod decode;
 pub mod doctor;
-pub mod flows;
+pub mod exit;
+pub(crate) mod flows;
 pub mod kernel;
 pub mod live;
 pub mod model;
-pub mod owners;
+pub(crate) mod owners;
 pub mod peer;
+pub mod pipeline;
 pub mod record;
 pub mod replay;
 pub mod report;
-pub mod resets;
-pub mod stacks;
+pub(crate) mod resets;
+pub(crate) mod stacks;
 pub mod validate;

@@ -6,14 +6,16 @@ use std::{io::Write, time::Duration};
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use serde_json::json;
+use tcp_trace_common::AnyHook;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
-    decode::{self, Hook, TraceEvent},
+    clock, decode, exit,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
+    pipeline::{self, Pipeline},
     record::{Filters, RecordHeader, RecordWriter},
-    report::{self, Pipeline, ReportOptions, ResetsView, View},
+    report::{ReportOptions, ResetsView, View},
     resets::counters::CounterRun,
 };
 
@@ -43,18 +45,10 @@ pub struct ResetsOptions {
     pub netns: Vec<std::path::PathBuf>,
 }
 
-/// Exit status when the trace ran but the kernel dropped events (the ring buffer was full).
-pub const EXIT_EVENTS_LOST: u8 = 3;
-
-/// Exit status of `tcp-trace resets` when the kernel's TcpExt abort counters disagree with what
-/// was traced (and no events were lost, which would explain it: then 3).
-pub const EXIT_COUNTER_MISMATCH: u8 = 5;
-
 /// Everything that must hold before anything is loaded; errors name the problem and the fix.
 pub struct Prepared {
     pub facts: KernelFacts,
     pub release: String,
-    pub tracefs: String,
 }
 
 pub fn prepare(pids: &[u32]) -> Result<Prepared> {
@@ -67,127 +61,12 @@ pub fn prepare(pids: &[u32]) -> Result<Prepared> {
         "this kernel's BTF lacks a field or type tcp-trace reads; please report it with \
          `uname -r`",
     )?;
-    let tracefs = kernel::ensure_tracefs()?;
+    // Mounted if it is not (the tracepoints need it); what was done is doctor's to say.
+    kernel::ensure_tracefs()?;
     Ok(Prepared {
         facts,
         release: kernel::kernel_release(),
-        tracefs,
     })
-}
-
-pub fn now_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// `HH:MM:SS.micros` (UTC).
-pub fn time_of_day(unix_ns: u64) -> String {
-    let secs = unix_ns / 1_000_000_000;
-    let micros = (unix_ns % 1_000_000_000) / 1000;
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60,
-        micros
-    )
-}
-
-/// One human line per event.
-pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
-    let who = match &ev.owner {
-        Some(o) => format!("{}/{}", o.pid, o.comm),
-        None => format!("?({}/{})", ev.pid, ev.comm),
-    };
-    let flow = match (ev.local, ev.remote) {
-        (Some(l), Some(r)) => format!("{l} > {r}"),
-        _ => "-".into(),
-    };
-    let mut detail = String::new();
-    match ev.hook {
-        Hook::InetSockSetState => {
-            detail = format!(
-                "{} -> {}",
-                ev.state.as_deref().unwrap_or("?"),
-                ev.new_state.as_deref().unwrap_or("?")
-            )
-        }
-        Hook::TcpTimeWait => {
-            detail = format!(
-                "{} -> TW({}) timeo={}j",
-                ev.state.as_deref().unwrap_or("?"),
-                ev.new_state.as_deref().unwrap_or("?"),
-                ev.timeo_jiffies.unwrap_or(0)
-            )
-        }
-        Hook::TcpTimewaitStateProcess => {
-            if let Some(s) = &ev.segment {
-                detail = format!(
-                    "TW({}) <- [{}] seq={} len={} rcv_nxt={}",
-                    ev.state.as_deref().unwrap_or("?"),
-                    s.flags,
-                    s.seq,
-                    s.len,
-                    s.tw_rcv_nxt
-                );
-            }
-        }
-        Hook::TcpTimewaitStateProcessReturn => {
-            detail = format!(
-                "TW({}) => {}",
-                ev.new_state.as_deref().unwrap_or("?"),
-                ev.tw_status.unwrap_or("?")
-            )
-        }
-        _ => {
-            if let Some(s) = &ev.state {
-                detail = s.to_string();
-            }
-        }
-    }
-    if let Some(c) = &ev.close {
-        detail.push_str(&format!(
-            " unread={} unsent={} unacked={} linger={}",
-            c.unread,
-            c.unsent,
-            c.unacked,
-            if c.linger {
-                format!("on({}j)", c.linger_jiffies)
-            } else {
-                "off".into()
-            }
-        ));
-    }
-    if let Some(r) = &ev.rst_reason {
-        detail.push_str(&format!(" reason={r}"));
-    }
-    if ev.rst_active == Some(false) {
-        detail.push_str(" (reply)");
-    }
-    if let Some(frame) = ev
-        .user_stack
-        .as_ref()
-        .and_then(|s| s.iter().find(|f| !crate::stacks::is_runtime_frame(f)))
-    {
-        detail.push_str(&format!(" close() at {}", frame.describe()));
-    }
-    let on_cpu = match &ev.owner {
-        Some(o) if o.pid != ev.pid => format!(" [on cpu: {}/{}]", ev.pid, ev.comm),
-        _ => String::new(),
-    };
-    format!(
-        "{}  {:<22} {:<47} {:<10} {}{}",
-        time_of_day(unix_ns),
-        who,
-        flow,
-        ev.hook.short(),
-        detail.trim_start(),
-        on_cpu
-    )
 }
 
 /// Prints the attach report: which hooks work and, by name, which do not and why.
@@ -213,36 +92,21 @@ pub fn report_hooks(hooks: &[HookStatus], backend: Backend, release: &str) {
     let missing: Vec<_> = hooks
         .iter()
         .filter(|h| !h.attached())
-        .map(|h| h.hook.as_str())
+        .filter_map(HookStatus::id)
         .collect();
     if !missing.is_empty() {
         eprintln!("  {}", blind_spots(&missing));
     }
 }
 
-/// What the user cannot see without the given hooks.
-pub fn blind_spots(missing: &[&str]) -> String {
-    let mut lost = Vec::new();
-    if missing.contains(&"tcp_close") {
-        lost.push("close() details (unread/unsent bytes, SO_LINGER)");
-    }
-    if missing.contains(&"tcp_time_wait") {
-        lost.push("entry into TIME_WAIT (the full socket shows only -> CLOSE)");
-    }
-    if missing.contains(&"tcp_timewait_state_process") {
-        lost.push("segments reaching TIME_WAIT minisockets and their verdicts");
-    }
-    if missing.contains(&"tcp_fin") || missing.contains(&"tcp_send_fin") {
-        lost.push("FIN received/queued moments (state changes still show them)");
-    }
-    if missing.contains(&"tcp_send_active_reset") {
-        lost.push("active resets outside tcp:tcp_send_reset");
-    }
-    if missing
-        .iter()
-        .any(|m| m.contains(':') && !m.ends_with(":return"))
-    {
-        lost.push("some tracepoint events (see above)");
+/// What the user cannot see without the given hooks (each blind spot once, in registry order).
+pub fn blind_spots(missing: &[AnyHook]) -> String {
+    let mut lost: Vec<&str> = Vec::new();
+    for hook in missing {
+        let text = hook.blind_spot();
+        if !lost.contains(&text) {
+            lost.push(text);
+        }
     }
     if lost.is_empty() {
         return String::new();
@@ -288,13 +152,13 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     if !hooks.iter().any(|h| h.attached()) {
         bail!("no hook could be attached; `tcp-trace doctor` shows why for each");
     }
-    let sysctls = report::host_sysctls();
+    let sysctls = pipeline::host_sysctls();
     let version = kernel::kernel_version();
     // The kernel's counters, read once the hooks are attached: every abort they count from
     // here on is one the trace can see.
     let mut counters = match &opts.resets {
         Some(r) => Some(CounterRun::start(&opts.pids, &r.netns, || {
-            now_ns(libc::CLOCK_MONOTONIC)
+            clock::now_ns(libc::CLOCK_MONOTONIC)
         })?),
         None => None,
     };
@@ -325,13 +189,13 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             let mut pipeline = Pipeline::new(
                 prep.facts.clone(),
                 &hooks,
-                report::model_params(&version, &sysctls),
+                pipeline::model_params(&version, &sysctls),
                 kernel::config_hz(),
                 ReportOptions {
                     json: opts.json,
                     view: opts.view,
                     pids: opts.pids.clone(),
-                    realtime_minus_mono_ns: crate::record::realtime_minus_monotonic_ns(),
+                    realtime_minus_mono_ns: clock::realtime_minus_monotonic_ns(),
                 },
                 std::io::BufWriter::new(std::io::stdout().lock()),
             );
@@ -381,7 +245,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     // The lost counter as last read, and when: read on every drain tick, warned about once a
     // second at most.
     let mut lost_check = LostCheck {
-        ts_ns: now_ns(libc::CLOCK_MONOTONIC),
+        ts_ns: clock::now_ns(libc::CLOCK_MONOTONIC),
         total: 0,
     };
     let mut lost_warned = 0u64;
@@ -412,7 +276,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 // end, every 50 ms here), so each flow is judged knowing whether events were
                 // lost during its life, and each reset diagnosed knowing it too.
                 sink.check_lost(&mut lost_check, lost_total(&dropped))?;
-                sink.tick(now_ns(libc::CLOCK_MONOTONIC))?;
+                sink.tick(clock::now_ns(libc::CLOCK_MONOTONIC))?;
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
             _ = lost_tick.tick() => {
@@ -433,7 +297,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     // Take what is still buffered, then detach (dropping the Ebpf detaches every program).
     sink.drain(ring.get_mut())?;
     if let Some(run) = counters.as_mut() {
-        run.finish(|| now_ns(libc::CLOCK_MONOTONIC));
+        run.finish(|| clock::now_ns(libc::CLOCK_MONOTONIC));
         if let Sink::Print(p) = &mut sink {
             p.resets_mut().set_count_window(run.start_ns, run.end_ns);
         }
@@ -461,7 +325,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 let mismatch = report_resets(&mut pipeline, run, filtered, opts.json, lost)?;
                 summary["counter_mismatch"] = mismatch.into();
                 if mismatch && lost == 0 {
-                    mismatch_status = EXIT_COUNTER_MISMATCH;
+                    mismatch_status = exit::COUNTER_MISMATCH;
                 }
             }
             if opts.json {
@@ -484,7 +348,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         }
     }
     Ok(if lost > 0 {
-        EXIT_EVENTS_LOST
+        exit::EVENTS_LOST
     } else {
         mismatch_status
     })
@@ -571,7 +435,7 @@ impl Sink<'_> {
     /// recording gets that earlier reading and this one when the counter grew: replay then
     /// places the loss in the same interval.
     fn check_lost(&mut self, last: &mut LostCheck, total: u64) -> Result<()> {
-        let now = now_ns(libc::CLOCK_MONOTONIC);
+        let now = clock::now_ns(libc::CLOCK_MONOTONIC);
         match self {
             Sink::Print(p) => p.lost(now, total)?,
             Sink::Record(w) if total > last.total => {
@@ -594,28 +458,23 @@ struct LostCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_hook_name_maps_to_its_event_kind() {
-        for def in attach::HOOKS {
-            assert!(
-                crate::flows::hook_by_name(def.name).is_some(),
-                "{}",
-                def.name
-            );
-        }
-    }
-
-    #[test]
-    fn time_of_day_formats() {
-        assert_eq!(time_of_day(3_723_000_004_000), "01:02:03.000004");
-    }
+    use tcp_trace_common::Hook;
 
     #[test]
     fn blind_spots_name_what_is_missing() {
-        let s = blind_spots(&["tcp_close", "tcp_time_wait"]);
+        let s = blind_spots(&[
+            AnyHook::Event(Hook::TcpClose),
+            AnyHook::Event(Hook::TcpTimeWait),
+        ]);
         assert!(s.contains("unread"), "{s}");
         assert!(s.contains("TIME_WAIT"), "{s}");
+        let fins = blind_spots(&[
+            AnyHook::Event(Hook::TcpFin),
+            AnyHook::Event(Hook::TcpSendFin),
+        ]);
+        assert_eq!(fins.matches("FIN").count(), 1, "said once: {fins}");
+        let stacks = blind_spots(&[AnyHook::Aux(tcp_trace_common::AuxHook::SysEnterClose)]);
+        assert!(stacks.contains("call stacks"), "{stacks}");
         assert_eq!(blind_spots(&[]), "");
     }
 }

@@ -27,7 +27,8 @@ use tcp_trace::{
 ///
 /// Needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (/sys/kernel/btf/vmlinux).
 /// Exit status: 0 ok; 1 error; 2 bad usage; 3 the trace ran but the kernel dropped events;
-/// 5 (resets) the kernel's TcpExt abort counters disagree with the trace.
+/// 4 (replay) the recording was cut short; 5 (resets) the kernel's TcpExt abort counters
+/// disagree with the trace; 6 (replay, validate) a flow diverges from the model.
 #[derive(Parser)]
 #[command(name = "tcp-trace", version, verbatim_doc_comment)]
 struct Cli {
@@ -104,7 +105,7 @@ enum Command {
         netns: Vec<std::path::PathBuf>,
     },
     /// Rebuild the events, flow timelines and verdicts of a recording, offline (no root).
-    /// Exit status 1 if a flow diverges from the model, 4 if the recording was cut short.
+    /// Exit status 6 if a flow diverges from the model, 4 if the recording was cut short.
     Replay {
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
@@ -120,7 +121,7 @@ enum Command {
     Model(ModelArgs),
     /// Check the reference model against this kernel: built-in scenarios make real connections
     /// in private network namespaces, each flow is traced and judged, and a table shows what the
-    /// model expects and what the kernel did. Exit status 1 on any divergence.
+    /// model expects and what the kernel did. Exit status 6 if a scenario fails.
     Validate {
         /// Run only this scenario (repeatable); `--scenario list` names them.
         #[arg(long = "scenario", value_name = "NAME")]
@@ -229,7 +230,8 @@ fn parse_duration(s: &str) -> Result<Duration> {
         "h" => n * 3600.0,
         _ => return Err(anyhow!("unknown unit `{unit}` in `{s}`: use ms, s, m or h")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| anyhow!("`{s}` is too long a duration: at most about 584 billion years"))
 }
 
 fn main() -> ExitCode {
@@ -266,7 +268,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("tcp-trace: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(tcp_trace::exit::ERROR)
         }
     }
 }

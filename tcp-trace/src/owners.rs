@@ -9,15 +9,17 @@ use std::net::SocketAddr;
 use foldhash::{HashMap, HashMapExt};
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
+use crate::model::{RstReason, TcpState};
 
 type TupleKey = (u32, SocketAddr, SocketAddr);
 
 /// Reset reasons that the kernel only gives in the closing task's context (__tcp_close,
 /// tcp_disconnect).
-const CLOSE_CONTEXT_REASONS: [&str; 2] = ["TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LINGER"];
+const CLOSE_CONTEXT_REASONS: [RstReason; 2] =
+    [RstReason::TcpAbortOnClose, RstReason::TcpAbortOnLinger];
 
 /// Bounded maps from socket to owner; the oldest entries go first.
-pub struct Owners {
+pub(crate) struct Owners {
     /// Each entry with the stamp of the `remember` that wrote it.
     by_sk: HashMap<SockPtr, (Owner, u64)>,
     by_tuple: HashMap<TupleKey, (Owner, u64)>,
@@ -41,7 +43,7 @@ impl Default for Owners {
 }
 
 impl Owners {
-    pub fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         Self {
             by_sk: HashMap::new(),
             by_tuple: HashMap::new(),
@@ -94,16 +96,12 @@ impl Owners {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_sk.len() + self.by_tuple.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Fills `ev.owner` where the kernel did not know it, and learns from `ev`.
-    pub fn attribute(&mut self, ev: &mut TraceEvent) {
+    pub(crate) fn attribute(&mut self, ev: &mut TraceEvent) {
         let tuple = match (ev.local, ev.remote) {
             (Some(l), Some(r)) => Some((ev.netns, l, r)),
             _ => None,
@@ -111,13 +109,13 @@ impl Owners {
         let is_tw = matches!(
             ev.hook,
             Hook::TcpTimewaitStateProcess | Hook::TcpTimewaitStateProcessReturn
-        ) || ev.state.as_deref() == Some("TIME_WAIT");
+        ) || ev.tcp_state() == Some(TcpState::TimeWait);
 
         if ev.owner.is_none() {
             let closing_reset = matches!(ev.hook, Hook::TcpSendReset | Hook::TcpSendActiveReset)
                 && ev.rst_active == Some(true)
                 && ev
-                    .rst_reason
+                    .reason()
                     .is_some_and(|r| CLOSE_CONTEXT_REASONS.contains(&r));
             ev.owner = if closing_reset {
                 Some(Owner {
@@ -169,7 +167,7 @@ mod tests {
             ev.flags |= flag::OWNER_KNOWN;
             ev.owner_tgid = owner;
         }
-        decode(&ev, &d::facts())
+        decode(&ev, &d::facts()).unwrap()
     }
 
     #[test]
@@ -202,7 +200,7 @@ mod tests {
         ev.flags = flag::HAS_REASON;
         ev.reason = 9; // TCP_ABORT_ON_CLOSE in the fake kernel
         ev.tgid = 55;
-        let mut t = decode(&ev, &d::facts());
+        let mut t = decode(&ev, &d::facts()).unwrap();
         o.attribute(&mut t);
         assert_eq!(t.owner.unwrap().pid, 55);
     }
@@ -215,7 +213,7 @@ mod tests {
             ev.sk = i as u64 + 1;
             ev.flags |= flag::OWNER_KNOWN;
             ev.owner_tgid = 1;
-            o.attribute(&mut decode(&ev, &d::facts()));
+            o.attribute(&mut decode(&ev, &d::facts()).unwrap());
         }
         assert!(o.len() <= 4);
         let mut d1 = owned(hook::INET_SOCK_SET_STATE, 3);

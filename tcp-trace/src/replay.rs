@@ -6,9 +6,11 @@ use std::{fs::File, io::Write, path::Path};
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    exit,
     live::KERNEL_VERSION_KEY,
+    pipeline::{self, Pipeline},
     record::{Record, RecordReader},
-    report::{self, Pipeline, ReportOptions, View},
+    report::{ReportOptions, View},
 };
 
 pub struct ReplayOptions {
@@ -19,9 +21,6 @@ pub struct ReplayOptions {
 
 /// Trace time between releases of ended flows (the live tracer's drain tick).
 const REPLAY_TICK_NS: u64 = 50_000_000;
-
-/// Exit status when the recording was cut short but what it holds was replayed.
-pub const EXIT_CUT_SHORT: u8 = 4;
 
 pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -37,7 +36,7 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let mut pipeline = Pipeline::new(
         header.facts.clone(),
         &header.hooks,
-        report::model_params(&version, &header.sysctls),
+        pipeline::model_params(&version, &header.sysctls),
         hz,
         ReportOptions {
             json: opts.json,
@@ -98,7 +97,11 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     }
     if let Some(e) = cut_short {
         eprintln!("tcp-trace: warning: {}: {e}", path.display());
-        return Ok(EXIT_CUT_SHORT);
+        return Ok(exit::CUT_SHORT);
     }
-    Ok(if pipeline.diverged() { 1 } else { 0 })
+    Ok(if pipeline.diverged() {
+        exit::DIVERGED
+    } else {
+        exit::OK
+    })
 }

@@ -41,7 +41,7 @@ impl Frame {
 
 /// Frames of libc and the Rust standard library between the program and the syscall: the
 /// interesting frame is the first one that is not one of these.
-pub fn is_runtime_frame(f: &Frame) -> bool {
+pub(crate) fn is_runtime_frame(f: &Frame) -> bool {
     let Some(name) = &f.function else {
         return true;
     };
@@ -65,7 +65,7 @@ pub fn is_runtime_frame(f: &Frame) -> bool {
 
 /// Puts `ret` back as the second frame unless the walk already has it there (the innermost
 /// frame is the syscall's own address in libc).
-pub fn with_leaf_caller(mut addrs: Vec<u64>, ret: u64) -> Vec<u64> {
+pub(crate) fn with_leaf_caller(mut addrs: Vec<u64>, ret: u64) -> Vec<u64> {
     if ret != 0 && !addrs.is_empty() && addrs.get(1) != Some(&ret) {
         addrs.insert(1, ret);
     }

@@ -14,13 +14,13 @@ use tcp_trace_common::{AF_INET, Event, flag, hook, state};
 const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn facts() -> KernelFacts {
-    KernelFacts {
-        config: Default::default(),
-        rst_reasons: BTreeMap::from([(9, "TCP_ABORT_ON_CLOSE".to_string())]),
-        tw_status: BTreeMap::from([(0, "SUCCESS".into()), (1, "RST".into()), (2, "ACK".into())]),
-        functions: BTreeMap::new(),
-        tracepoints: BTreeMap::new(),
-    }
+    KernelFacts::new(
+        Default::default(),
+        BTreeMap::from([(9, "TCP_ABORT_ON_CLOSE".to_string())]),
+        BTreeMap::from([(0, "SUCCESS".into()), (1, "RST".into()), (2, "ACK".into())]),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    )
 }
 
 fn header() -> RecordHeader {
@@ -161,7 +161,11 @@ fn a_divergence_sets_the_exit_status() {
         .find(|l| l["type"] == "flow")
         .expect("a flow report");
     assert_eq!(flow["verdict"]["verdict"], "diverges", "{flow}");
-    assert_eq!(code, 1);
+    assert_eq!(
+        code,
+        i32::from(tcp_trace::exit::DIVERGED),
+        "a divergence is not an error"
+    );
     std::fs::remove_file(path).ok();
 }
 
@@ -169,7 +173,7 @@ fn a_divergence_sets_the_exit_status() {
 fn a_recording_cut_short_is_replayed_and_flagged() {
     let path = write("cut", &unread_close(9), false);
     let (code, lines, stderr) = replay(&path);
-    assert_eq!(code, 4, "{stderr}");
+    assert_eq!(code, i32::from(tcp_trace::exit::CUT_SHORT), "{stderr}");
     assert!(stderr.contains("cut short"), "{stderr}");
     assert_eq!(lines.iter().filter(|l| l["type"] == "event").count(), 3);
     std::fs::remove_file(path).ok();
@@ -180,7 +184,7 @@ fn not_a_recording_is_a_clear_error() {
     let path = std::env::temp_dir().join(format!("tcp-trace-test-{}-garbage", std::process::id()));
     std::fs::write(&path, b"hello, world: not a recording").unwrap();
     let (code, _, stderr) = replay(&path);
-    assert_eq!(code, 1);
+    assert_eq!(code, i32::from(tcp_trace::exit::ERROR));
     assert!(stderr.contains("not a tcp-trace recording"), "{stderr}");
     let missing = Command::new(BIN)
         .args(["replay", "/nonexistent/x.tt"])

@@ -1,8 +1,8 @@
 //! The tracer under conditions a production host produces: SIGTERM instead of Ctrl-C, two
 //! tracers at once, a traced process that exits mid-trace, IPv6 and IPv4-mapped IPv6 flows.
 //!
-//! These need root (BPF). Outside CI they are skipped with a note when not root; in CI (CI=true)
-//! a missing privilege is a failure.
+//! These need root (BPF): #[ignore]d unless run with --include-ignored, and then they fail if
+//! they cannot run.
 
 use std::{
     io::{BufRead, BufReader},
@@ -105,6 +105,7 @@ fn summary(lines: &[Value]) -> &Value {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn sigterm_detaches_and_prints_the_summary() {
     if !bpf_allowed() {
         return;
@@ -124,6 +125,7 @@ fn sigterm_detaches_and_prints_the_summary() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn two_tracers_at_once_both_see_everything() {
     if !bpf_allowed() {
         return;
@@ -155,6 +157,7 @@ fn two_tracers_at_once_both_see_everything() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn a_traced_process_that_exits_mid_trace_is_fine() {
     if !bpf_allowed() {
         return;
@@ -190,6 +193,7 @@ fn a_traced_process_that_exits_mid_trace_is_fine() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn ipv6_and_ipv4_mapped_flows_are_traced_and_judged() {
     if !bpf_allowed() {
         return;
@@ -216,8 +220,9 @@ fn ipv6_and_ipv4_mapped_flows_are_traced_and_judged() {
         && e["new_state"] == "FIN_WAIT1"));
     let flows: Vec<&Value> = lines.iter().filter(|l| l["type"] == "flow").collect();
     assert!(flows.len() >= 2, "{lines:#?}");
+    // Clean closes: every flow conforms (an "incomplete" one would hide a missed event).
     for f in &flows {
-        assert_ne!(f["verdict"]["verdict"], "diverges", "{f}");
+        assert_eq!(f["verdict"]["verdict"], "conforms", "{f}");
     }
 
     let (code, lines) = tracer4.stop(libc::SIGINT);
@@ -238,8 +243,8 @@ fn ipv6_and_ipv4_mapped_flows_are_traced_and_judged() {
         server_flow["peer_key"].is_object(),
         "the mapped server flow is not linked to its IPv4 client: {server_flow}"
     );
-    assert_ne!(
-        server_flow["verdict"]["verdict"], "diverges",
+    assert_eq!(
+        server_flow["verdict"]["verdict"], "conforms",
         "{server_flow}"
     );
 }

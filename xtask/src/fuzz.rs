@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{setup, tasks};
+use crate::{helpers, setup};
 
 fn say(msg: impl AsRef<str>) {
     eprintln!("[fuzz] {}", msg.as_ref());
@@ -23,7 +23,7 @@ fn ensure_cargo_fuzz(nightly: &str) -> Result<()> {
         return Ok(());
     }
     say("cargo-fuzz: installing from crates.io (about a minute)");
-    tasks::status(Command::new("cargo").arg(format!("+{nightly}")).args([
+    helpers::status(Command::new("cargo").arg(format!("+{nightly}")).args([
         "install",
         "cargo-fuzz",
         "--locked",
@@ -35,7 +35,7 @@ pub fn run(seconds: u64) -> Result<()> {
     setup::run()?;
     let nightly = setup::nightly();
     ensure_cargo_fuzz(&nightly)?;
-    let root = tasks::workspace_root();
+    let root = helpers::workspace_root();
     // A scratch copy of the corpus: libFuzzer adds what it finds, the repo keeps the seeds.
     let work = root.join("target/fuzz-corpus/record");
     std::fs::create_dir_all(&work)?;
@@ -46,7 +46,7 @@ pub fn run(seconds: u64) -> Result<()> {
         }
     }
     say(format!("record reader: {seconds} s of libFuzzer"));
-    tasks::status(
+    helpers::status(
         Command::new("cargo")
             .current_dir(&root)
             .arg(format!("+{nightly}"))

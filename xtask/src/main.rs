@@ -3,6 +3,7 @@
 
 mod bench;
 mod fuzz;
+mod helpers;
 mod setup;
 mod tasks;
 mod vm;

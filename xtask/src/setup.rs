@@ -101,7 +101,7 @@ fn ensure_rust_src(nightly: &str, sysroot: &Path) -> Result<()> {
     say(format!(
         "rust-src for {nightly}: installing (rustup component add)"
     ));
-    crate::tasks::status(Command::new("rustup").args([
+    crate::helpers::status(Command::new("rustup").args([
         "component",
         "add",
         "rust-src",
@@ -165,7 +165,7 @@ fn ensure_bpf_linker(nightly: &str, sysroot: &Path) -> Result<()> {
     say(format!(
         "bpf-linker {BPF_LINKER_VERSION}: building from crates.io against LLVM {llvm_major} (about a minute)"
     ));
-    crate::tasks::status(
+    crate::helpers::status(
         Command::new("cargo")
             .arg(format!("+{nightly}"))
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{setup, tasks, vm};
+use crate::{helpers, setup, vm};
 
 /// The backends each VM kernel must support, and the mechanisms that proves.
 const VM_BACKENDS: &[(&str, &[&str])] = &[
@@ -40,9 +40,9 @@ struct Column {
 pub fn build_static() -> Result<PathBuf> {
     setup::run()?;
     say("building a static tcp-trace (x86_64-unknown-linux-gnu, crt-static)");
-    tasks::status(
+    helpers::status(
         Command::new("cargo")
-            .current_dir(tasks::workspace_root())
+            .current_dir(helpers::workspace_root())
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .args([
                 "build",
@@ -53,7 +53,7 @@ pub fn build_static() -> Result<PathBuf> {
                 "tcp-trace",
             ]),
     )?;
-    Ok(tasks::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace"))
+    Ok(helpers::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace"))
 }
 
 /// The guest's part of the reset check: `tcp-trace resets --stacks` while the C peer closes a
@@ -102,9 +102,9 @@ fn guest_script(scenarios: &[String]) -> String {
 /// The C peer of the reset check, built static (the initramfs has no libc) with frame pointers
 /// and debug info.
 fn build_c_peer() -> Result<PathBuf> {
-    let root = tasks::workspace_root();
+    let root = helpers::workspace_root();
     let out = root.join("target/close-unread-peer");
-    tasks::status(
+    helpers::status(
         Command::new("gcc")
             .args(["-static", "-O0", "-g", "-fno-omit-frame-pointer", "-o"])
             .arg(&out)
@@ -266,7 +266,7 @@ fn column(
 
 fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
     say("this machine's kernel: tcp-trace validate --json (backend auto)");
-    let mut cmd = tasks::as_root(bin)?;
+    let mut cmd = helpers::as_root(bin)?;
     cmd.args(["validate", "--json"]);
     // A CI machine is a fresh VM the test suite owns; a developer's machine is shared.
     if std::env::var_os("CI").is_some() {
@@ -387,7 +387,7 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()>
     }
     if !skip_host {
         let host_bin =
-            tasks::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace");
+            helpers::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace");
         columns.push(host_column(&host_bin, &scenarios)?);
     }
     print_matrix(&columns);

@@ -5,13 +5,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
-use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag, hook};
+pub use tcp_trace_common::Hook;
+use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag};
 
 use crate::kernel::btf::KernelFacts;
+use crate::model::{RstReason, TcpState, TwStatus};
 
 mod values;
 
-pub use values::{Comm, Family, KState, SockPtr, TcpFlags, intern};
+pub use crate::kernel::enums::{KReason, KTwStatus};
+pub use values::{Comm, Family, KState, SockPtr, TcpFlags};
 
 /// Reinterprets one ring-buffer record as an [`Event`].
 pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
@@ -24,9 +27,7 @@ pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
     }
     // SAFETY: Event is repr(C) plain data, every bit pattern is valid, and the length matches.
     let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
-    if ev.hook == 0 || ev.hook > hook::MAX {
-        bail!("event record has unknown hook number {}", ev.hook);
-    }
+    hook_of(&ev)?;
     Ok(ev)
 }
 
@@ -34,63 +35,6 @@ pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
 pub fn event_bytes(ev: &Event) -> &[u8] {
     // SAFETY: Event is repr(C) with explicit layout; reading its bytes is always valid.
     unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), EVENT_SIZE) }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Hook {
-    TcpClose,
-    TcpFin,
-    TcpSendFin,
-    TcpSendActiveReset,
-    TcpTimeWait,
-    TcpTimewaitStateProcess,
-    TcpTimewaitStateProcessReturn,
-    InetSockSetState,
-    TcpSendReset,
-    TcpReceiveReset,
-    TcpDestroySock,
-}
-
-impl Hook {
-    pub fn from_abi(n: u8) -> Option<Self> {
-        Some(match n {
-            hook::TCP_CLOSE => Hook::TcpClose,
-            hook::TCP_FIN => Hook::TcpFin,
-            hook::TCP_SEND_FIN => Hook::TcpSendFin,
-            hook::TCP_SEND_ACTIVE_RESET => Hook::TcpSendActiveReset,
-            hook::TCP_TIME_WAIT => Hook::TcpTimeWait,
-            hook::TW_STATE_PROCESS => Hook::TcpTimewaitStateProcess,
-            hook::TW_STATE_PROCESS_RET => Hook::TcpTimewaitStateProcessReturn,
-            hook::INET_SOCK_SET_STATE => Hook::InetSockSetState,
-            hook::TCP_SEND_RESET => Hook::TcpSendReset,
-            hook::TCP_RECEIVE_RESET => Hook::TcpReceiveReset,
-            hook::TCP_DESTROY_SOCK => Hook::TcpDestroySock,
-            _ => return None,
-        })
-    }
-
-    /// Short name for human output.
-    pub fn short(self) -> &'static str {
-        match self {
-            Hook::TcpClose => "close",
-            Hook::TcpFin => "fin-rcvd",
-            Hook::TcpSendFin => "send-fin",
-            Hook::TcpSendActiveReset => "active-rst",
-            Hook::TcpTimeWait => "time-wait",
-            Hook::TcpTimewaitStateProcess => "tw-segment",
-            Hook::TcpTimewaitStateProcessReturn => "tw-verdict",
-            Hook::InetSockSetState => "state",
-            Hook::TcpSendReset => "send-rst",
-            Hook::TcpReceiveReset => "rcv-rst",
-            Hook::TcpDestroySock => "destroy",
-        }
-    }
-}
-
-/// Kernel TCP state names (include/net/tcp_states.h).
-pub fn state_name(s: u8) -> &'static str {
-    KState(s).name()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -164,7 +108,7 @@ pub struct TraceEvent {
     pub close: Option<CloseDetails>,
     /// RST reason by kernel name (SK_RST_REASON_ prefix dropped), where the kernel has one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rst_reason: Option<&'static str>,
+    pub rst_reason: Option<KReason>,
     /// tcp_send_reset: true for an active reset (no incoming segment), false for a reply.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rst_active: Option<bool>,
@@ -175,15 +119,38 @@ pub struct TraceEvent {
     pub segment: Option<Segment>,
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tw_status: Option<&'static str>,
+    pub tw_status: Option<KTwStatus>,
     /// The user call stack of the close() that caused this event (with `--stacks`), innermost
     /// frame first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub user_stack: Option<Vec<crate::stacks::Frame>>,
 }
 
-pub fn comm_str(c: &[u8]) -> String {
-    Comm::from_kernel(c).as_str().to_owned()
+fn hook_of(ev: &Event) -> Result<Hook> {
+    Hook::from_abi(ev.hook)
+        .ok_or_else(|| anyhow::anyhow!("event record has unknown hook number {}", ev.hook))
+}
+
+impl TraceEvent {
+    /// The socket's state when the hook ran, when it is a TCP state.
+    pub fn tcp_state(&self) -> Option<TcpState> {
+        self.state?.tcp()
+    }
+
+    /// The state after the event (see [`TraceEvent::new_state`]), when it is a TCP state.
+    pub fn tcp_new_state(&self) -> Option<TcpState> {
+        self.new_state?.tcp()
+    }
+
+    /// The kernel's RST reason, when the model knows it by name.
+    pub fn reason(&self) -> Option<RstReason> {
+        self.rst_reason?.known()
+    }
+
+    /// The tcp_tw_status, when the model knows it by name.
+    pub fn tw_verdict(&self) -> Option<TwStatus> {
+        self.tw_status?.known()
+    }
 }
 
 fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
@@ -197,8 +164,8 @@ fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
 
 /// Decodes `ev` with the enum names in `facts`. `owner` is the owner after userspace
 /// attribution (see `flows::owners`), which may know more than the kernel did.
-pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
-    let hook = Hook::from_abi(ev.hook).unwrap_or(Hook::InetSockSetState);
+pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
+    let hook = hook_of(ev)?;
     let family = match ev.family {
         AF_INET => Some(Family::Ipv4),
         AF_INET6 => Some(Family::Ipv6),
@@ -239,7 +206,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
         user_stack: None,
     };
     if ev.flags & flag::HAS_REASON != 0 {
-        out.rst_reason = Some(facts.rst_reason_name(ev.reason));
+        out.rst_reason = Some(facts.rst_reason(ev.reason));
     }
     // tcp_close, and active resets from a full socket, carry the socket's queues and linger.
     if ev.flags & flag::HAS_CLOSE_DETAILS != 0 {
@@ -268,23 +235,24 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> TraceEvent {
             })
         }
         Hook::TcpTimewaitStateProcessReturn if ev.flags & flag::HAS_RET != 0 => {
-            out.tw_status = Some(facts.tw_status_name(ev.ret))
+            out.tw_status = Some(facts.tw_status(ev.ret))
         }
         _ => {}
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::kernel::btf::{KernelBtf, testing::fake_kernel};
+    use tcp_trace_common::hook;
 
-    pub fn facts() -> KernelFacts {
+    pub(crate) fn facts() -> KernelFacts {
         KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(true)).unwrap()).unwrap()
     }
 
-    pub fn v4_event(hook: u8, sport: u16, dport: u16) -> Event {
+    pub(crate) fn v4_event(hook: u8, sport: u16, dport: u16) -> Event {
         let mut ev = Event::zeroed();
         ev.hook = hook;
         ev.family = AF_INET;
@@ -307,6 +275,10 @@ pub(crate) mod tests {
         let mut bad = ev;
         bad.hook = 200;
         assert!(parse_raw(event_bytes(&bad)).is_err());
+        assert!(
+            decode(&bad, &facts()).is_err(),
+            "an unknown hook is no hook in particular"
+        );
     }
 
     #[test]
@@ -317,11 +289,11 @@ pub(crate) mod tests {
         ev.unread = 42;
         ev.owner_tgid = 77;
         ev.owner_comm[..3].copy_from_slice(b"srv");
-        let t = decode(&ev, &facts());
+        let t = decode(&ev, &facts()).unwrap();
         assert_eq!(t.hook, Hook::TcpClose);
         assert_eq!(t.local.unwrap().to_string(), "127.0.0.1:5000");
         assert_eq!(t.remote.unwrap().to_string(), "127.0.0.2:40000");
-        assert_eq!(t.state.as_deref(), Some("ESTABLISHED"));
+        assert_eq!(t.tcp_state(), Some(TcpState::Established));
         let c = t.close.unwrap();
         assert_eq!((c.unread, c.linger), (42, true));
         assert_eq!(t.owner.unwrap().pid, 77);
@@ -334,17 +306,22 @@ pub(crate) mod tests {
         let mut ev = v4_event(hook::TCP_SEND_RESET, 1, 2);
         ev.flags = flag::HAS_REASON;
         ev.reason = 9;
-        let t = decode(&ev, &f);
-        assert_eq!(t.rst_reason, Some("TCP_ABORT_ON_CLOSE"));
+        let t = decode(&ev, &f).unwrap();
+        assert_eq!(t.reason(), Some(RstReason::TcpAbortOnClose));
         assert_eq!(t.rst_active, Some(true));
 
         let mut ev = v4_event(hook::TW_STATE_PROCESS_RET, 1, 2);
         ev.flags = flag::HAS_RET;
         ev.ret = 3;
         ev.new_state = 6;
-        let t = decode(&ev, &f);
-        assert_eq!(t.tw_status, Some("SYN"));
-        assert_eq!(t.new_state.as_deref(), Some("TIME_WAIT"));
+        let t = decode(&ev, &f).unwrap();
+        assert_eq!(t.tw_verdict(), Some(TwStatus::Syn));
+        assert_eq!(t.tcp_new_state(), Some(TcpState::TimeWait));
+        ev.ret = 42;
+        let t = decode(&ev, &f).unwrap();
+        assert_eq!(t.tw_status, Some(KTwStatus::Unknown(42)));
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["tw_status"], "status#42");
     }
 
     #[test]
@@ -355,7 +332,7 @@ pub(crate) mod tests {
         ev.daddr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
         ev.tcp_flags = 0x11;
         ev.seg_len = 0;
-        let t = decode(&ev, &facts());
+        let t = decode(&ev, &facts()).unwrap();
         assert_eq!(t.local.unwrap().to_string(), "[::1]:80");
         assert_eq!(t.remote.unwrap().to_string(), "[::ffff:10.0.0.1]:1234");
         assert_eq!(t.segment.unwrap().flags, "F.");
@@ -364,7 +341,7 @@ pub(crate) mod tests {
     #[test]
     fn json_lines_are_stable() {
         let ev = v4_event(hook::INET_SOCK_SET_STATE, 1, 2);
-        let t = decode(&ev, &facts());
+        let t = decode(&ev, &facts()).unwrap();
         let v: serde_json::Value = serde_json::to_value(&t).unwrap();
         assert_eq!(v["sk"], "0xffff888012345678");
         assert_eq!(v["family"], "ipv4");

@@ -3,16 +3,13 @@
 //! flow and judged: these types keep that free of heap allocation. Each prints (and serializes
 //! to JSON) as the text users see, and derefs to it where code compares names.
 
-use std::{
-    collections::HashSet,
-    fmt,
-    ops::Deref,
-    sync::{Mutex, OnceLock},
-};
+use std::{fmt, ops::Deref};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
 use tcp_trace_common::COMM_LEN;
+
+use crate::model::TcpState;
 
 /// A task's command name (`comm`, at most 15 bytes), stored inline. Bytes that are not UTF-8
 /// are shown as `?`.
@@ -162,6 +159,11 @@ const STATE_NAMES: [&str; 13] = [
 ];
 
 impl KState {
+    /// The TCP state, when the number is one (0 and 13, TCP_BOUND_INACTIVE, are not).
+    pub fn tcp(self) -> Option<TcpState> {
+        TcpState::from_kernel(self.0)
+    }
+
     pub fn name(self) -> &'static str {
         STATE_NAMES
             .get(self.0 as usize)
@@ -176,13 +178,6 @@ impl KState {
             .position(|n| *n == name)
             .filter(|&i| i > 0)
             .map(|i| KState(i as u8))
-    }
-}
-
-impl Deref for KState {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.name()
     }
 }
 
@@ -269,22 +264,6 @@ pub enum Family {
     Ipv6,
 }
 
-/// A name that lives as long as the program: enum names read from BTF (RST reasons, TIME_WAIT
-/// statuses) are a few dozen, so each is stored once and events carry a `&'static str`.
-pub fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = names.get(name) {
-        return n;
-    }
-    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
-    names.insert(leaked);
-    leaked
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +288,9 @@ mod tests {
     #[test]
     fn states_flags_and_pointers_print_as_users_read_them() {
         assert_eq!(KState(4).to_string(), "FIN_WAIT1");
-        assert_eq!(&*KState(99), "UNKNOWN");
+        assert_eq!(KState(99).name(), "UNKNOWN");
+        assert_eq!(KState(99).tcp(), None);
+        assert_eq!(KState(8).tcp(), Some(TcpState::CloseWait));
         assert_eq!(KState::from_name("LAST_ACK"), Some(KState(9)));
         assert_eq!(KState::from_name("UNKNOWN"), None);
         assert_eq!(TcpFlags(0x11).to_string(), "F.");
@@ -323,10 +304,6 @@ mod tests {
             serde_json::to_string(&SockPtr(0x10)).unwrap(),
             "\"0x10\"".to_string()
         );
-        assert!(std::ptr::eq(
-            intern("TCP_ABORT_ON_CLOSE"),
-            intern("TCP_ABORT_ON_CLOSE")
-        ));
     }
 }
 

@@ -7,8 +7,8 @@
 //! inputs that leave no trace, such as that unseen close()); the judge keeps the first whose
 //! predicted events match what follows.
 
-use crate::decode::{CloseDetails, Segment};
-use crate::model::{Input, ModelParams, State, TcpState, TwSubstate};
+use crate::decode::{CloseDetails, Hook, KTwStatus, Segment};
+use crate::model::{Input, ModelParams, State, TcpState, TwStatus, TwSubstate};
 
 use super::obs::{Obs, ObsEv, Visibility};
 
@@ -78,7 +78,7 @@ pub(crate) fn candidates(
         _ => None,
     };
     // The application holds the socket and could call close() without an event showing it.
-    let app_may_close = !vis.tcp_close && sock.is_some_and(|s| !s.orphan);
+    let app_may_close = !vis.has(Hook::TcpClose) && sock.is_some_and(|s| !s.orphan);
     // ... and such a close() would leave no event at all (the FIN is already out).
     let hidden_close = app_may_close
         && sock.is_some_and(|s| {
@@ -194,12 +194,12 @@ pub(crate) fn candidates(
                 "the segment itself not visible (tcp_timewait_state_process entry not seen): \
                  input inferred from tcp_tw_status",
             );
-            let inputs: &[Input] = match status.as_deref() {
-                Some("SYN") => &[TwSyn],
-                Some("RST") => &[TwData, TwSyn],
-                Some("ACK") | Some("ACK_OOW") => &[TwFin, TwFinRetransmit, TwData, TwSyn],
-                Some("SUCCESS") => &[TwAck, TwRst, RstInWindow, TwFinRetransmit, TwData],
-                _ => &[TwAck, TwFin, TwFinRetransmit, TwRst, TwData, TwSyn],
+            let inputs: &[Input] = match status.and_then(KTwStatus::known) {
+                Some(TwStatus::Syn) => &[TwSyn],
+                Some(TwStatus::Rst) => &[TwData, TwSyn],
+                Some(TwStatus::Ack | TwStatus::AckOow) => &[TwFin, TwFinRetransmit, TwData, TwSyn],
+                Some(TwStatus::Success) => &[TwAck, TwRst, RstInWindow, TwFinRetransmit, TwData],
+                None => &[TwAck, TwFin, TwFinRetransmit, TwRst, TwData, TwSyn],
             };
             for input in inputs {
                 c.push(&[*input], note);

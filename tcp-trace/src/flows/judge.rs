@@ -10,9 +10,9 @@
 
 use std::collections::HashSet;
 
-use crate::decode::TraceEvent;
+use crate::decode::{Hook, KReason, TraceEvent};
 use crate::model::{
-    Input, Model, ModelParams, Sock, State, Step, TcpState, TimeWaitSock, TwSubstate,
+    Input, Model, ModelParams, RstReason, Sock, State, Step, TcpState, TimeWaitSock, TwSubstate,
 };
 
 use super::infer::{Cand, candidates};
@@ -527,8 +527,8 @@ fn start_states(first: &ObsEv) -> Vec<State> {
         Obs::SendReset {
             active: false,
             reason,
-        } if first.state.is_none() => match reason.as_deref() {
-            Some("TCP_TIMEWAIT_SOCKET") => tw_states(TwSubstate::FinWait2),
+        } if first.state.is_none() => match reason {
+            Some(KReason::Known(RstReason::TcpTimewaitSocket)) => tw_states(TwSubstate::FinWait2),
             Some(_) => vec![State::Freed],
             None => [vec![State::Freed], tw_states(TwSubstate::FinWait2)].concat(),
         },
@@ -665,7 +665,7 @@ pub(crate) fn judge(events: &[TraceEvent], cx: &JudgeCtx, end: FlowEnd) -> Judge
     // Teardowns the model does not cover: say so rather than call the kernel wrong.
     let keepalive = obs.iter().any(|o| match &o.obs {
         Obs::SendReset { reason, .. } | Obs::ActiveResetFn { reason } => {
-            reason.as_deref() == Some("TCP_KEEPALIVE_TIMEOUT")
+            *reason == Some(KReason::Known(RstReason::TcpKeepaliveTimeout))
         }
         _ => false,
     });
@@ -767,7 +767,9 @@ fn success(
             )),
             _ => {}
         }
-        if !cx.vis.tw_entry && !cx.vis.tw_return {
+        if !cx.vis.has(Hook::TcpTimewaitStateProcess)
+            && !cx.vis.has(Hook::TcpTimewaitStateProcessReturn)
+        {
             path.last_mut()
                 .expect("in TIME_WAIT after a step")
                 .unchecked

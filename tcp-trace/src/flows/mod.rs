@@ -14,7 +14,7 @@
 //!
 //! # Using the table
 //! ```text
-//! let mut table = FlowTable::new(FlowConfig::new(params, attached_hook_names(&hooks)));
+//! let mut table = FlowTable::new(FlowConfig::new(params, attached_hooks(&hooks)));
 //! for event in stream { table.push(event); }          // buffered in a reorder window
 //! table.note_lost(now_ns, lost_total);                  // whenever the lost counter is read
 //! for report in table.advance(now_ns) { ... }           // releases events older than the window
@@ -55,9 +55,9 @@ use serde::Serialize;
 use crate::attach::HookStatus;
 use crate::decode::{Hook, Owner, TraceEvent};
 use crate::model::ModelParams;
+use tcp_trace_common::{AnyHook, HookSet};
 
-pub use obs::{Visibility, hook_by_name, hook_name};
-pub use table::{FlowStats, FlowTable};
+pub(crate) use table::FlowTable;
 
 /// A flow: this host's end of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -82,12 +82,12 @@ impl fmt::Display for FlowKey {
 
 /// Settings of a [`FlowTable`].
 #[derive(Clone, Debug)]
-pub struct FlowConfig {
+pub(crate) struct FlowConfig {
     /// The kernel generation and sysctls the model decides with.
     pub params: ModelParams,
     /// Hooks attached, as `attach::HookStatus::hook` names them (`tcp_close`,
     /// `sock:inet_sock_set_state`, ...). Hooks whose events show up count as attached too.
-    pub attached_hooks: Vec<String>,
+    pub attached_hooks: HookSet,
     /// The kernel's HZ, to compare tcp_time_wait's timeo (jiffies) with the model's ms.
     pub hz: Option<u64>,
     /// Events are processed in timestamp order once older than this.
@@ -108,7 +108,7 @@ pub struct FlowConfig {
 
 impl FlowConfig {
     /// Defaults: 50 ms reorder window, 120 s idle eviction, 65536 flows.
-    pub fn new(params: ModelParams, attached_hooks: Vec<String>) -> FlowConfig {
+    pub(crate) fn new(params: ModelParams, attached_hooks: HookSet) -> FlowConfig {
         FlowConfig {
             params,
             attached_hooks,
@@ -124,12 +124,15 @@ impl FlowConfig {
     }
 }
 
-/// The names of the attached hooks, for [`FlowConfig::attached_hooks`].
-pub fn attached_hook_names(hooks: &[HookStatus]) -> Vec<String> {
+/// The attached event hooks, for [`FlowConfig::attached_hooks`].
+pub(crate) fn attached_hooks(hooks: &[HookStatus]) -> HookSet {
     hooks
         .iter()
         .filter(|h| h.attached())
-        .map(|h| h.hook.clone())
+        .filter_map(|h| match h.id() {
+            Some(AnyHook::Event(hook)) => Some(hook),
+            _ => None,
+        })
         .collect()
 }
 

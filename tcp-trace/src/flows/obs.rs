@@ -1,29 +1,17 @@
 //! Events as observations, the model's steps as predictions in the same terms, how the two
 //! match, and the one-line summaries both render to.
 
-use serde::Serialize;
+use tcp_trace_common::HookSet;
 
-use crate::decode::{CloseDetails, Hook, KState, Segment, TraceEvent};
+use crate::decode::{CloseDetails, Hook, KReason, KState, KTwStatus, Segment, TraceEvent};
 use crate::model::{
     Input, KernelFunction, RstReason, State, Step, TcpState, TwStatus, TwSubstate, Wire,
 };
 
 /// Which hooks are attached, i.e. which kinds of event a flow can show at all.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Visibility {
-    pub tcp_close: bool,
-    pub tcp_fin: bool,
-    pub tcp_send_fin: bool,
-    pub tcp_send_active_reset: bool,
-    pub tcp_time_wait: bool,
-    /// tcp_timewait_state_process entry: the segment reaching a minisocket.
-    pub tw_entry: bool,
-    /// tcp_timewait_state_process return: its tcp_tw_status.
-    pub tw_return: bool,
-    pub set_state: bool,
-    pub send_reset: bool,
-    pub receive_reset: bool,
-    pub destroy: bool,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Visibility {
+    hooks: HookSet,
     /// tcp:tcp_send_reset fires for reply resets sent for a TIME_WAIT minisocket or for no
     /// socket. Before 6.10 tcp_v4_send_reset() traced only replies from full sockets
     /// (`if (sk && sk_fullsock(sk))`); "tcp: make trace_tcp_send_reset() available in all reply
@@ -31,111 +19,25 @@ pub struct Visibility {
     pub reply_reset_without_full_socket: bool,
 }
 
-/// Every hook with the name `attach` gives it (`HookStatus::hook`).
-const HOOK_NAMES: [(Hook, &str); 11] = [
-    (Hook::TcpClose, "tcp_close"),
-    (Hook::TcpFin, "tcp_fin"),
-    (Hook::TcpSendFin, "tcp_send_fin"),
-    (Hook::TcpSendActiveReset, "tcp_send_active_reset"),
-    (Hook::TcpTimeWait, "tcp_time_wait"),
-    (Hook::TcpTimewaitStateProcess, "tcp_timewait_state_process"),
-    (
-        Hook::TcpTimewaitStateProcessReturn,
-        "tcp_timewait_state_process:return",
-    ),
-    (Hook::InetSockSetState, "sock:inet_sock_set_state"),
-    (Hook::TcpSendReset, "tcp:tcp_send_reset"),
-    (Hook::TcpReceiveReset, "tcp:tcp_receive_reset"),
-    (Hook::TcpDestroySock, "tcp:tcp_destroy_sock"),
-];
-
-/// The hook's name as `attach` reports it.
-pub fn hook_name(hook: Hook) -> &'static str {
-    HOOK_NAMES
-        .iter()
-        .find(|(h, _)| *h == hook)
-        .map(|(_, name)| *name)
-        .unwrap_or("?")
-}
-
-/// The hook for a name, with or without the tracepoint's `sock:`/`tcp:` system prefix.
-pub fn hook_by_name(name: &str) -> Option<Hook> {
-    fn bare(name: &str) -> &str {
-        let name = name.trim();
-        name.strip_prefix("sock:")
-            .or_else(|| name.strip_prefix("tcp:"))
-            .unwrap_or(name)
-    }
-    HOOK_NAMES
-        .iter()
-        .find(|(_, n)| bare(n) == bare(name))
-        .map(|(hook, _)| *hook)
-}
-
 impl Visibility {
-    /// Every hook attached (a kprobe/fentry kernel).
-    pub fn all() -> Visibility {
-        let mut v = Visibility::default();
-        for (hook, _) in HOOK_NAMES {
-            v.add(hook);
-        }
-        v
-    }
-
-    /// Only the four tracepoints (`--backend tracepoint`, or a kernel without function hooks).
-    pub fn tracepoints_only() -> Visibility {
+    pub(crate) fn from_hooks(hooks: HookSet) -> Visibility {
         Visibility {
-            set_state: true,
-            send_reset: true,
-            receive_reset: true,
-            destroy: true,
-            ..Visibility::default()
+            hooks,
+            reply_reset_without_full_socket: false,
         }
     }
 
-    /// From hook names as `attach::HookStatus::hook` spells them; unknown names are ignored.
-    pub fn from_hooks<S: AsRef<str>>(names: &[S]) -> Visibility {
-        let mut v = Visibility::default();
-        for name in names {
-            if let Some(hook) = hook_by_name(name.as_ref()) {
-                v.add(hook);
-            }
-        }
-        v
+    pub(crate) fn add(&mut self, hook: Hook) {
+        self.hooks.insert(hook);
     }
 
-    pub fn add(&mut self, hook: Hook) {
-        *self.flag_mut(hook) = true;
-    }
-
-    pub fn has(&self, hook: Hook) -> bool {
-        let mut copy = *self;
-        *copy.flag_mut(hook)
-    }
-
-    fn flag_mut(&mut self, hook: Hook) -> &mut bool {
-        match hook {
-            Hook::TcpClose => &mut self.tcp_close,
-            Hook::TcpFin => &mut self.tcp_fin,
-            Hook::TcpSendFin => &mut self.tcp_send_fin,
-            Hook::TcpSendActiveReset => &mut self.tcp_send_active_reset,
-            Hook::TcpTimeWait => &mut self.tcp_time_wait,
-            Hook::TcpTimewaitStateProcess => &mut self.tw_entry,
-            Hook::TcpTimewaitStateProcessReturn => &mut self.tw_return,
-            Hook::InetSockSetState => &mut self.set_state,
-            Hook::TcpSendReset => &mut self.send_reset,
-            Hook::TcpReceiveReset => &mut self.receive_reset,
-            Hook::TcpDestroySock => &mut self.destroy,
-        }
+    pub(crate) fn has(&self, hook: Hook) -> bool {
+        self.hooks.has(hook)
     }
 
     /// Names of the hooks not attached.
-    pub fn missing(&self) -> Vec<&'static str> {
-        HOOK_NAMES
-            .iter()
-            .filter(|(hook, _)| !self.has(*hook))
-            .map(|(_, name)| *name)
-            .collect()
+    pub(crate) fn missing(&self) -> Vec<&'static str> {
+        self.hooks.missing().map(Hook::name).collect()
     }
 }
 
@@ -166,11 +68,11 @@ pub(crate) enum Obs {
     SendFin,
     FinRcvd,
     ActiveResetFn {
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     SendReset {
         active: bool,
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     ReceiveReset,
     TimeWaitCall {
@@ -181,7 +83,7 @@ pub(crate) enum Obs {
         segment: Option<Segment>,
     },
     TwReturn {
-        status: Option<&'static str>,
+        status: Option<KTwStatus>,
         after: Option<TwSubstate>,
     },
     Destroy,
@@ -201,7 +103,7 @@ pub(crate) struct ObsEv {
 }
 
 impl ObsEv {
-    pub fn from_event(ev: &TraceEvent) -> ObsEv {
+    pub(super) fn from_event(ev: &TraceEvent) -> ObsEv {
         let state = tcp_state(ev.state);
         let obs = match ev.hook {
             Hook::TcpClose => Obs::CloseCall { details: ev.close },
@@ -225,8 +127,8 @@ impl ObsEv {
                 (Some(from), Some(to)) => Obs::SetState { from, to },
                 _ => Obs::Unknown(format!(
                     "state change {} -> {}",
-                    ev.state.as_deref().unwrap_or("?"),
-                    ev.new_state.as_deref().unwrap_or("?")
+                    ev.state.map_or("?", KState::name),
+                    ev.new_state.map_or("?", KState::name)
                 )),
             },
             Hook::TcpSendReset => Obs::SendReset {
@@ -249,7 +151,7 @@ impl ObsEv {
     }
 
     /// What the summary line shows for it.
-    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+    pub(super) fn mark(&self, vis: &Visibility) -> Option<Mark> {
         match &self.obs {
             Obs::SetState { from, to } => Some(Mark::State {
                 from: *from,
@@ -257,7 +159,7 @@ impl ObsEv {
             }),
             Obs::SendFin => Some(Mark::Fin),
             // With both reset hooks attached an active reset shows twice; the tracepoint wins.
-            Obs::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
+            Obs::ActiveResetFn { reason } if !vis.has(Hook::TcpSendReset) => Some(Mark::Rst {
                 reply: false,
                 reason: *reason,
             }),
@@ -346,7 +248,7 @@ fn reason_name(reason: Option<RstReason>) -> String {
 }
 
 impl Pred {
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Pred::CloseCall { state } => format!("tcp_close in {state}"),
             Pred::SetState { from, to } => format!("{from} → {to}"),
@@ -373,7 +275,7 @@ impl Pred {
     }
 
     /// Whether `o` shows this prediction, and with what caveat.
-    pub fn matches(&self, o: &ObsEv, hz: Option<u64>) -> Option<MatchNote> {
+    pub(super) fn matches(&self, o: &ObsEv, hz: Option<u64>) -> Option<MatchNote> {
         let ok = |checked: String| {
             Some(MatchNote {
                 checked,
@@ -394,7 +296,7 @@ impl Pred {
             }
             (Pred::SendFin, Obs::SendFin) | (Pred::FinRcvd, Obs::FinRcvd) => ok(self.describe()),
             (Pred::ActiveResetFn { reason }, Obs::ActiveResetFn { reason: seen }) => {
-                reason_agrees(*reason, seen.as_deref(), self.describe())
+                reason_agrees(*reason, *seen, self.describe())
             }
             (
                 Pred::SendReset { active, reason },
@@ -402,7 +304,7 @@ impl Pred {
                     active: seen_active,
                     reason: seen,
                 },
-            ) if active == seen_active => reason_agrees(*reason, seen.as_deref(), self.describe()),
+            ) if active == seen_active => reason_agrees(*reason, *seen, self.describe()),
             (Pred::ReceiveReset { state }, Obs::ReceiveReset) => state_agrees(*state, o.state)
                 .then(|| MatchNote {
                     checked: self.describe(),
@@ -465,9 +367,9 @@ impl Pred {
                 if seen_after.is_some_and(|s| s != *after) {
                     return None;
                 }
-                match seen.as_deref() {
-                    Some(name) if name == status.kernel_name() => ok(self.describe()),
-                    Some("SUCCESS") if *rate_limited => Some(MatchNote {
+                match seen {
+                    Some(KTwStatus::Known(s)) if s == status => ok(self.describe()),
+                    Some(KTwStatus::Known(TwStatus::Success)) if *rate_limited => Some(MatchNote {
                         checked: format!("substate {after}"),
                         unchecked: Some(format!(
                             "tcp_tw_status SUCCESS where the model says {status}: the kernel's \
@@ -487,25 +389,25 @@ impl Pred {
     }
 
     /// What the summary line shows for it.
-    pub fn mark(&self, vis: &Visibility) -> Option<Mark> {
+    pub(super) fn mark(&self, vis: &Visibility) -> Option<Mark> {
         match self {
             Pred::SetState { from, to } => Some(Mark::State {
                 from: *from,
                 to: *to,
             }),
             Pred::SendFin => Some(Mark::Fin),
-            Pred::ActiveResetFn { reason } if !vis.send_reset => Some(Mark::Rst {
+            Pred::ActiveResetFn { reason } if !vis.has(Hook::TcpSendReset) => Some(Mark::Rst {
                 reply: false,
-                reason: reason.map(|r| r.kernel_name()),
+                reason: reason.map(KReason::Known),
             }),
             Pred::SendReset { active, reason } => Some(Mark::Rst {
                 reply: !active,
-                reason: reason.map(|r| r.kernel_name()),
+                reason: reason.map(KReason::Known),
             }),
             Pred::ReceiveReset { .. } => Some(Mark::RstIn),
             Pred::TimeWaitCall { substate, .. } => Some(Mark::TwCall(*substate)),
             Pred::TwReturn { status, after, .. } => Some(Mark::TwReturn {
-                status: Some(status.kernel_name()),
+                status: Some(KTwStatus::Known(*status)),
                 after: Some(*after),
             }),
             Pred::Destroy => Some(Mark::Destroy),
@@ -520,11 +422,11 @@ fn state_agrees(expected: TcpState, seen: Option<TcpState>) -> bool {
 
 fn reason_agrees(
     expected: Option<RstReason>,
-    seen: Option<&str>,
+    seen: Option<KReason>,
     checked: String,
 ) -> Option<MatchNote> {
     match (expected, seen) {
-        (Some(expected), Some(seen)) if expected.kernel_name() == seen => Some(MatchNote {
+        (Some(expected), Some(KReason::Known(seen))) if expected == seen => Some(MatchNote {
             checked,
             unchecked: None,
         }),
@@ -598,7 +500,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
             _ => None,
         };
         if let Some(state) = state {
-            if vis.tcp_close {
+            if vis.has(Hook::TcpClose) {
                 out.items.push(req(Pred::CloseCall { state }));
             } else {
                 out.unseen.push(
@@ -612,7 +514,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
     if let State::TimeWait(tw) = &step.from
         && o.tw_status.is_some()
     {
-        if vis.tw_entry {
+        if vis.has(Hook::TcpTimewaitStateProcess) {
             out.items.push(req(Pred::TwSegment {
                 substate: tw.substate,
             }));
@@ -627,7 +529,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
     if matches!(input, Input::Fin | Input::FinAck)
         && matches!(step.from, State::Socket(_))
         && o.decided_by == Some(KernelFunction::TcpFin)
-        && vis.tcp_fin
+        && vis.has(Hook::TcpFin)
     {
         out.items.push(PredItem {
             pred: Pred::FinRcvd,
@@ -643,7 +545,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
             _ => false,
         };
     if reset_received && let Some(state) = from_state {
-        if vis.receive_reset {
+        if vis.has(Hook::TcpReceiveReset) {
             out.items.push(req(Pred::ReceiveReset { state }));
         } else {
             out.unseen
@@ -651,7 +553,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
         }
     }
     if let Some(call) = o.time_wait {
-        if vis.tcp_time_wait {
+        if vis.has(Hook::TcpTimeWait) {
             out.items.push(req(Pred::TimeWaitCall {
                 substate: call.substate,
                 timeo_ms: call.timeo_ms,
@@ -665,7 +567,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
         }
     }
     for change in &o.state_changes {
-        if vis.set_state {
+        if vis.has(Hook::InetSockSetState) {
             out.items.push(req(Pred::SetState {
                 from: change.from,
                 to: change.to,
@@ -681,7 +583,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
             // Only close()/shutdown() call tcp_send_fin(); a FIN that leaves later behind data
             // (ack-of-data) is a transmission, not a call.
             Wire::FinSent | Wire::FinQueued if app_call => {
-                if vis.tcp_send_fin {
+                if vis.has(Hook::TcpSendFin) {
                     out.items.push(req(Pred::SendFin));
                 } else {
                     out.unseen
@@ -690,22 +592,22 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
             }
             Wire::RstActive => {
                 let reason = o.rst_reason;
-                if vis.tcp_send_active_reset {
+                if vis.has(Hook::TcpSendActiveReset) {
                     out.items.push(req(Pred::ActiveResetFn { reason }));
                 }
-                if vis.send_reset {
+                if vis.has(Hook::TcpSendReset) {
                     out.items.push(req(Pred::SendReset {
                         active: true,
                         reason,
                     }));
                 }
-                if !vis.tcp_send_active_reset && !vis.send_reset {
+                if !vis.has(Hook::TcpSendActiveReset) && !vis.has(Hook::TcpSendReset) {
                     out.unseen
                         .push("RST not visible: no reset hook attached".into());
                 }
             }
             Wire::RstReply
-                if vis.send_reset
+                if vis.has(Hook::TcpSendReset)
                     && !vis.reply_reset_without_full_socket
                     && !matches!(step.from, State::Socket(_)) =>
             {
@@ -716,7 +618,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
                 );
             }
             Wire::RstReply => {
-                if vis.send_reset {
+                if vis.has(Hook::TcpSendReset) {
                     out.items.push(req(Pred::SendReset {
                         active: false,
                         reason: o.rst_reason,
@@ -735,7 +637,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
             .tw_substate()
             .or(step.from.tw_substate())
             .unwrap_or(TwSubstate::TimeWait);
-        if vis.tw_return {
+        if vis.has(Hook::TcpTimewaitStateProcessReturn) {
             out.items.push(req(Pred::TwReturn {
                 status,
                 after,
@@ -750,7 +652,7 @@ pub(crate) fn predict(step: &Step, vis: &Visibility) -> Prediction {
         }
     }
     if holds_full_socket(&step.from) && !holds_full_socket(&o.next) {
-        if vis.destroy {
+        if vis.has(Hook::TcpDestroySock) {
             out.items.push(req(Pred::Destroy));
         } else {
             out.unseen
@@ -769,13 +671,13 @@ pub(crate) enum Mark {
     },
     TwCall(TwSubstate),
     TwReturn {
-        status: Option<&'static str>,
+        status: Option<KTwStatus>,
         after: Option<TwSubstate>,
     },
     Fin,
     Rst {
         reply: bool,
-        reason: Option<&'static str>,
+        reason: Option<KReason>,
     },
     RstIn,
     Destroy,

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use serde::Serialize;
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
-use crate::model::{Model, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwSubstate};
+use crate::model::{Model, RstReason, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwStatus, TwSubstate};
 
 use super::infer::classify_tw_segment;
 use super::judge::{JudgeCtx, is_setup_transition, judge};
@@ -39,7 +39,7 @@ const MAX_LOSS_INTERVALS: usize = 64;
 
 /// Counters of what the table did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FlowStats {
+pub(crate) struct FlowStats {
     pub events: u64,
     /// Events with neither a 4-tuple nor a socket pointer: no flow to put them in.
     pub unattributed: u64,
@@ -148,7 +148,7 @@ impl Flow {
 }
 
 /// Flows, built from events; see the module docs.
-pub struct FlowTable {
+pub(crate) struct FlowTable {
     cfg: FlowConfig,
     vis: Visibility,
     heap: ReorderBuffer,
@@ -220,8 +220,8 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
 }
 
 impl FlowTable {
-    pub fn new(config: FlowConfig) -> FlowTable {
-        let mut vis = Visibility::from_hooks(&config.attached_hooks);
+    pub(crate) fn new(config: FlowConfig) -> FlowTable {
+        let mut vis = Visibility::from_hooks(config.attached_hooks);
         vis.reply_reset_without_full_socket = config.params.kernel.passive_reset_reasons;
         FlowTable {
             cfg: config,
@@ -244,31 +244,24 @@ impl FlowTable {
         }
     }
 
-    pub fn config(&self) -> &FlowConfig {
-        &self.cfg
-    }
-
-    /// The hooks the verdicts assume attached: the configured ones plus any whose events came.
-    pub fn visibility(&self) -> Visibility {
-        self.vis
-    }
-
-    pub fn stats(&self) -> FlowStats {
+    /// Late, early-released and evicted events (counted; only the tests read them yet).
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> FlowStats {
         self.stats
     }
 
     /// Flows in the table (open, or ended and waiting out their grace period).
-    pub fn live_flows(&self) -> usize {
+    pub(crate) fn live_flows(&self) -> usize {
         self.flows.len()
     }
 
     /// Events waiting in the reorder buffer.
-    pub fn buffered_events(&self) -> usize {
+    pub(crate) fn buffered_events(&self) -> usize {
         self.heap.len()
     }
 
     /// Queues one event; [`FlowTable::advance`] or [`FlowTable::flush`] processes it.
-    pub fn push(&mut self, ev: TraceEvent) {
+    pub(crate) fn push(&mut self, ev: TraceEvent) {
         if ev.ts_ns < self.watermark {
             self.stats.late_events += 1;
         }
@@ -286,7 +279,7 @@ impl FlowTable {
     /// The caller read the kernel's lost-event counter (`total`) at `ts_ns`. If it grew, every
     /// flow alive since the previous reading may have lost events: their verdict becomes
     /// `Incomplete (events lost)`.
-    pub fn note_lost(&mut self, ts_ns: u64, total: u64) {
+    pub(crate) fn note_lost(&mut self, ts_ns: u64, total: u64) {
         if total > self.lost_total {
             let from = self.lost_checked_ns.min(ts_ns);
             self.lost_intervals.push_back((from, ts_ns));
@@ -310,7 +303,7 @@ impl FlowTable {
 
     /// Processes the events older than `now_ns - reorder_window_ns`, ages flows against that
     /// time, and returns the flows that ended.
-    pub fn advance(&mut self, now_ns: u64) -> Vec<FlowReport> {
+    pub(crate) fn advance(&mut self, now_ns: u64) -> Vec<FlowReport> {
         let mark = now_ns.saturating_sub(self.cfg.reorder_window_ns);
         while self.heap.oldest().is_some_and(|ts| ts <= mark) {
             if let Some(ev) = self.heap.pop() {
@@ -324,7 +317,7 @@ impl FlowTable {
     }
 
     /// End of trace: processes everything buffered and reports every flow, ended or not.
-    pub fn flush(&mut self) -> Vec<FlowReport> {
+    pub(crate) fn flush(&mut self) -> Vec<FlowReport> {
         while let Some(ev) = self.heap.pop() {
             self.ingest(ev);
         }
@@ -680,14 +673,16 @@ impl FlowTable {
                     // Without a minisocket hook nothing of its life can be seen: waiting out
                     // TIME_WAIT (60 s) would only hold the flow, and its memory, for a minute.
                     // It is reported like any ended flow, after the end grace.
-                    let unseen = !(vis.tcp_time_wait || vis.tw_entry || vis.tw_return);
+                    let unseen = !(vis.has(Hook::TcpTimeWait)
+                        || vis.has(Hook::TcpTimewaitStateProcess)
+                        || vis.has(Hook::TcpTimewaitStateProcessReturn));
                     let life = if unseen { 0 } else { TIMEWAIT_LEN_NS };
                     f.tw = Some(TwTrack {
                         unseen,
                         ..new_tw(ts, life, None, true)
                     });
                 }
-                if !vis.destroy {
+                if !vis.has(Hook::TcpDestroySock) {
                     f.full_gone = true;
                 }
             }
@@ -731,7 +726,7 @@ impl FlowTable {
                         _ => tw.pending_kill = true,
                     }
                 }
-                if !vis.tw_return && tw.pending_kill {
+                if !vis.has(Hook::TcpTimewaitStateProcessReturn) && tw.pending_kill {
                     f.tw = None;
                     f.tw_killed = true;
                 }
@@ -744,11 +739,11 @@ impl FlowTable {
                 if let Some(after) = tw_substate(ev.new_state) {
                     tw.substate = Some(after);
                 }
-                let kill = match ev.tw_status {
-                    Some("RST") => true,
-                    Some("SYN") => params.listener_on_port,
-                    Some("SUCCESS") => tw.pending_kill,
-                    _ => false,
+                let kill = match ev.tw_verdict() {
+                    Some(TwStatus::Rst) => true,
+                    Some(TwStatus::Syn) => params.listener_on_port,
+                    Some(TwStatus::Success) => tw.pending_kill,
+                    Some(TwStatus::Ack | TwStatus::AckOow) | None => false,
                 };
                 tw.pending_kill = false;
                 if kill {
@@ -760,7 +755,7 @@ impl FlowTable {
             Hook::TcpSendReset
                 if ev.rst_active == Some(false)
                     && (object == SocketObject::TimeWait
-                        || ev.rst_reason == Some("TCP_TIMEWAIT_SOCKET"))
+                        || ev.reason() == Some(RstReason::TcpTimewaitSocket))
                     && f.tw.is_some() =>
             {
                 f.tw = None;

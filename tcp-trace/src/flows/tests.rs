@@ -5,41 +5,25 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::decode::{
-    CloseDetails, Hook, KState, Owner, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+    CloseDetails, Hook, KReason, KState, KTwStatus, Owner, OwnerSource, Segment, SockPtr,
+    TraceEvent,
 };
 use crate::model::ModelParams;
+use tcp_trace_common::HookSet;
+
+use super::obs::Visibility;
 
 const NETNS: u32 = 4_026_531_840;
 const US: u64 = 1_000;
 const SEC: u64 = 1_000_000_000;
 const HZ: u64 = 250;
 
-const ALL_HOOKS: [&str; 11] = [
-    "tcp_close",
-    "tcp_fin",
-    "tcp_send_fin",
-    "tcp_send_active_reset",
-    "tcp_time_wait",
-    "tcp_timewait_state_process",
-    "tcp_timewait_state_process:return",
-    "sock:inet_sock_set_state",
-    "tcp:tcp_send_reset",
-    "tcp:tcp_receive_reset",
-    "tcp:tcp_destroy_sock",
-];
-const TRACEPOINTS: [&str; 4] = [
-    "sock:inet_sock_set_state",
-    "tcp:tcp_send_reset",
-    "tcp:tcp_receive_reset",
-    "tcp:tcp_destroy_sock",
-];
-
 fn params() -> ModelParams {
     ModelParams::for_kernel(6, 18, 0)
 }
 
-fn config(hooks: &[&str]) -> FlowConfig {
-    let mut cfg = FlowConfig::new(params(), hooks.iter().map(|h| h.to_string()).collect());
+fn config(hooks: HookSet) -> FlowConfig {
+    let mut cfg = FlowConfig::new(params(), hooks);
     cfg.hz = Some(HZ);
     cfg
 }
@@ -133,7 +117,7 @@ impl End {
 
     fn active_reset(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendActiveReset, Some(state))
         }
@@ -141,7 +125,7 @@ impl End {
 
     fn send_rst(&self, us: u64, state: &str, reason: &str) -> TraceEvent {
         TraceEvent {
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(true),
             ..self.ev(us, Hook::TcpSendReset, Some(state))
         }
@@ -152,7 +136,7 @@ impl End {
         TraceEvent {
             sk: "0x0".into(),
             owner: None,
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, None)
         }
@@ -162,7 +146,7 @@ impl End {
     fn tw_reply_rst(&self, us: u64, reason: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            rst_reason: Some(intern(reason)),
+            rst_reason: Some(KReason::from(reason)),
             rst_active: Some(false),
             ..self.ev(us, Hook::TcpSendReset, Some("TIME_WAIT"))
         }
@@ -209,7 +193,7 @@ impl End {
     fn tw_ret(&self, us: u64, sub: &str, status: &str, after: &str) -> TraceEvent {
         TraceEvent {
             owner: None,
-            tw_status: Some(intern(status)),
+            tw_status: Some(KTwStatus::from(status)),
             new_state: Some(after.into()),
             ..self.ev(us, Hook::TcpTimewaitStateProcessReturn, Some(sub))
         }
@@ -303,7 +287,7 @@ fn clean_close_all_hooks() -> Vec<TraceEvent> {
 
 #[test]
 fn clean_active_close_both_ends_linked() {
-    let mut table = FlowTable::new(config(&ALL_HOOKS));
+    let mut table = FlowTable::new(config(HookSet::all()));
     for ev in clean_close_all_hooks() {
         table.push(ev);
     }
@@ -377,7 +361,7 @@ fn clean_close_tracepoints_only_conforms_with_unchecked_items() {
         s.set(7, "LAST_ACK", "CLOSE"),
         s.destroy(8),
     ];
-    let reports = run(config(&TRACEPOINTS), events);
+    let reports = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(reports.len(), 2);
     let cr = find(&reports, &c);
     assert_conforms(cr);
@@ -416,7 +400,7 @@ fn passive_close_conforms() {
         .into_iter()
         .filter(|e| e.local == Some(s.local))
         .collect();
-    let reports = run(config(&ALL_HOOKS), events);
+    let reports = run(config(HookSet::all()), events);
     let sr = find(&reports, &s);
     assert_conforms(sr);
     assert!(sr.has_step("fin", "ESTABLISHED"));
@@ -441,7 +425,7 @@ fn unread_tracepoints() -> Vec<TraceEvent> {
 
 #[test]
 fn close_with_unread_data_tracepoints_only() {
-    let reports = run(config(&TRACEPOINTS), unread_tracepoints());
+    let reports = run(config(HookSet::tracepoints_only()), unread_tracepoints());
     assert_eq!(reports.len(), 2);
     let s = &reports.iter().find(|r| r.key.local.port() == 5599).unwrap();
     assert_conforms(s);
@@ -483,7 +467,7 @@ fn close_with_unread_data_function_hooks_conforms_fully() {
         c.close(5_000, "CLOSE", 0, None),
         c.destroy(5_001),
     ];
-    let reports = run(config(&ALL_HOOKS), events);
+    let reports = run(config(HookSet::all()), events);
     let sr = find(&reports, &s);
     assert_conforms(sr);
     assert_eq!(inputs(sr), ["close-unread"]);
@@ -504,7 +488,7 @@ fn linger0_resets() {
         s.send_rst(13, "CLOSE", "TCP_STATE"),
         s.destroy(14),
     ];
-    let r = run(config(&ALL_HOOKS), all.clone());
+    let r = run(config(HookSet::all()), all.clone());
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["close-linger0"]);
     assert_eq!(
@@ -517,7 +501,7 @@ fn linger0_resets() {
         .into_iter()
         .filter(|e| !matches!(e.hook, Hook::TcpClose | Hook::TcpSendActiveReset))
         .collect();
-    let r = run(config(&TRACEPOINTS), tp);
+    let r = run(config(HookSet::tracepoints_only()), tp);
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["close-linger0"]);
 }
@@ -541,7 +525,7 @@ fn simultaneous_close_goes_through_closing() {
         events.push(end.set(t + 1, "CLOSING", "CLOSE"));
         events.push(end.destroy(t + 2));
     }
-    let reports = run(config(&ALL_HOOKS), events);
+    let reports = run(config(HookSet::all()), events);
     assert_eq!(reports.len(), 2);
     for r in &reports {
         assert_conforms(r);
@@ -573,7 +557,7 @@ fn time_wait_syn_starts_a_new_incarnation() {
     let child = End::new(0x99, "127.0.0.1:5599", "127.0.0.1:35900");
     events.push(child_early.set(102, "LISTEN", "SYN_RECV"));
     events.push(child.set(103, "SYN_RECV", "ESTABLISHED"));
-    let mut table = FlowTable::new(config(&ALL_HOOKS));
+    let mut table = FlowTable::new(config(HookSet::all()));
     for ev in events {
         table.push(ev);
     }
@@ -594,7 +578,7 @@ fn time_wait_syn_starts_a_new_incarnation() {
 #[test]
 fn time_wait_rst_depends_on_rfc1337() {
     // tcp_rfc1337 = 0: TIME_WAIT assassination.
-    let mut table = FlowTable::new(config(&ALL_HOOKS));
+    let mut table = FlowTable::new(config(HookSet::all()));
     for ev in tw_segment_events("R", 1000, "SUCCESS") {
         table.push(ev);
     }
@@ -605,7 +589,7 @@ fn time_wait_rst_depends_on_rfc1337() {
     assert_eq!(inputs(&reports[0]), ["tw-rst"]);
 
     // tcp_rfc1337 = 1: the RST is ignored; the minisocket lives on.
-    let mut cfg = config(&ALL_HOOKS);
+    let mut cfg = config(HookSet::all());
     cfg.params.tcp_rfc1337 = true;
     let mut table = FlowTable::new(cfg);
     for ev in tw_segment_events("R", 1000, "SUCCESS") {
@@ -628,7 +612,7 @@ fn rst_where_the_model_says_fin_diverges_at_that_step() {
         s.active_reset(12, "FIN_WAIT1", "TCP_STATE"),
         s.send_rst(13, "FIN_WAIT1", "TCP_STATE"),
     ];
-    let r = run(config(&ALL_HOOKS), events);
+    let r = run(config(HookSet::all()), events);
     let Verdict::Diverges {
         step,
         at_ns,
@@ -655,7 +639,7 @@ fn rst_where_the_model_says_fin_diverges_at_that_step() {
 
 #[test]
 fn wrong_tw_status_diverges() {
-    let r = run(config(&ALL_HOOKS), tw_segment_events("S", 5000, "ACK"));
+    let r = run(config(HookSet::all()), tw_segment_events("S", 5000, "ACK"));
     let Verdict::Diverges {
         step,
         input,
@@ -674,11 +658,11 @@ fn wrong_tw_status_diverges() {
 
 #[test]
 fn out_of_order_arrival_within_the_window() {
-    let in_order = run(config(&TRACEPOINTS), unread_tracepoints());
+    let in_order = run(config(HookSet::tracepoints_only()), unread_tracepoints());
     let mut shuffled = unread_tracepoints();
     shuffled.reverse();
     shuffled.swap(1, 4);
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     for ev in shuffled {
         table.push(ev);
     }
@@ -696,7 +680,7 @@ fn out_of_order_arrival_within_the_window() {
 
     // Beyond the window an event is late (counted), yet still lands in its flow.
     let s = server();
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     table.push(s.set(1_000, "ESTABLISHED", "CLOSE_WAIT"));
     assert!(table.advance(200_000 * US).is_empty());
     table.push(s.set(900, "ESTABLISHED", "ESTABLISHED"));
@@ -716,7 +700,7 @@ fn address_reuse_gives_two_flows() {
         events.push(c.send_rst(t + 4, "CLOSE", "TCP_STATE"));
         events.push(c.destroy(t + 5));
     }
-    let reports = run(config(&TRACEPOINTS), events);
+    let reports = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(reports.len(), 2, "{reports:#?}");
     assert_eq!(reports[0].key, reports[1].key);
     assert_ne!(reports[0].id, reports[1].id);
@@ -730,8 +714,9 @@ fn address_reuse_gives_two_flows() {
 
 #[test]
 fn eviction_bounds_memory() {
-    let mut cfg = config(&TRACEPOINTS);
+    let mut cfg = config(HookSet::tracepoints_only());
     cfg.max_flows = 2;
+    let cfg_idle = cfg.idle_evict_ns;
     let mut table = FlowTable::new(cfg);
     for port in 0..5u16 {
         let end = End::new(
@@ -751,7 +736,7 @@ fn eviction_bounds_memory() {
     assert_eq!(table.stats().evicted_capacity, 3);
 
     // Idle: nothing for idle_evict_ns.
-    let idle = table.advance(SEC + table.config().idle_evict_ns);
+    let idle = table.advance(SEC + cfg_idle);
     assert_eq!(idle.len(), 2);
     assert!(idle.iter().all(|r| r.end == FlowEnd::IdleEvicted));
     assert_eq!(table.live_flows(), 0);
@@ -759,7 +744,7 @@ fn eviction_bounds_memory() {
 
 #[test]
 fn lost_events_make_the_verdict_incomplete() {
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     table.note_lost(0, 0);
     for ev in unread_tracepoints() {
         table.push(ev);
@@ -791,7 +776,7 @@ fn lost_events_make_the_verdict_incomplete() {
         events
     };
     let lossy_table = || {
-        let mut table = FlowTable::new(config(&TRACEPOINTS));
+        let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
         table.note_lost(0, 0);
         table.note_lost(10 * US, 7);
         table.note_lost(50 * US, 7);
@@ -822,7 +807,7 @@ fn lost_events_make_the_verdict_incomplete() {
         assert!(reason.contains("events lost"), "{reason}");
     }
     // Without a loss they conform (a trace started mid-connection).
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     table.note_lost(0, 0);
     table.note_lost(50 * US, 0);
     for ev in late().into_iter().skip(4) {
@@ -839,7 +824,7 @@ fn mid_teardown_start_and_reply_rst_for_no_socket() {
         c.set(11, "FIN_WAIT2", "CLOSE"),
         c.destroy(12),
     ];
-    let r = run(config(&TRACEPOINTS), events);
+    let r = run(config(HookSet::tracepoints_only()), events);
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["ack-of-fin"]);
     assert!(
@@ -850,7 +835,7 @@ fn mid_teardown_start_and_reply_rst_for_no_socket() {
 
     let nobody = End::new(0, "127.0.0.1:5599", "127.0.0.1:41000");
     let r = run(
-        config(&TRACEPOINTS),
+        config(HookSet::tracepoints_only()),
         vec![nobody.reply_rst(10, "NO_SOCKET")],
     );
     assert_eq!(r.len(), 1);
@@ -871,7 +856,7 @@ fn peers_link_across_netns() {
         ..End::new(0xb, "10.0.0.2:80", "10.0.0.1:40000")
     };
     let reports = run(
-        config(&TRACEPOINTS),
+        config(HookSet::tracepoints_only()),
         vec![
             a.set(1, "ESTABLISHED", "FIN_WAIT1"),
             b.set(2, "ESTABLISHED", "CLOSE_WAIT"),
@@ -886,7 +871,7 @@ fn peers_link_across_netns() {
 
 #[test]
 fn report_renders_and_serializes() {
-    let reports = run(config(&TRACEPOINTS), unread_tracepoints());
+    let reports = run(config(HookSet::tracepoints_only()), unread_tracepoints());
     let s = reports.iter().find(|r| r.key.local.port() == 5599).unwrap();
     let text = s.render_timeline();
     assert!(
@@ -914,15 +899,25 @@ fn report_renders_and_serializes() {
 }
 
 #[test]
-fn hook_names_are_read_with_or_without_their_system() {
-    let v = Visibility::from_hooks(&["tcp_send_reset", "sock:inet_sock_set_state", "bogus"]);
-    assert!(v.send_reset && v.set_state && !v.tcp_close);
-    assert_eq!(Visibility::from_hooks(&ALL_HOOKS), Visibility::all());
-    assert_eq!(
-        Visibility::from_hooks(&TRACEPOINTS),
-        Visibility::tracepoints_only()
+fn visibility_follows_the_attached_hooks() {
+    let v = Visibility::from_hooks(
+        [Hook::TcpSendReset, Hook::InetSockSetState]
+            .into_iter()
+            .collect(),
     );
-    assert_eq!(Visibility::tracepoints_only().missing().len(), 7);
+    assert!(v.has(Hook::TcpSendReset) && v.has(Hook::InetSockSetState));
+    assert!(!v.has(Hook::TcpClose));
+    assert_eq!(
+        Visibility::from_hooks(HookSet::tracepoints_only())
+            .missing()
+            .len(),
+        7
+    );
+    assert!(
+        Visibility::from_hooks(HookSet::tracepoints_only())
+            .missing()
+            .contains(&"tcp_timewait_state_process:return")
+    );
 }
 
 #[test]
@@ -936,7 +931,7 @@ fn later_events_settle_close_versus_shutdown() {
         c.set(2_000_000, "FIN_WAIT2", "CLOSE"),
         c.destroy(3_000_000),
     ];
-    let r = run(config(&TRACEPOINTS), events);
+    let r = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(r.len(), 1);
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["shutdown-wr", "ack-of-fin", "fin", "close"]);
@@ -953,7 +948,7 @@ fn later_events_settle_close_versus_shutdown() {
         c.set(11, "FIN_WAIT2", "CLOSE"),
         c.destroy(12),
     ];
-    let r = run(config(&TRACEPOINTS), events);
+    let r = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(inputs(&r[0]), ["close", "ack-of-fin"]);
 }
 
@@ -974,7 +969,7 @@ fn listener_close_resets_unaccepted_children() {
         child.destroy(105),
         listener.destroy(106),
     ];
-    let reports = run(config(&ALL_HOOKS), events);
+    let reports = run(config(HookSet::all()), events);
     assert_eq!(reports.len(), 2);
     let c = find(&reports, &child);
     assert_conforms(c);
@@ -997,7 +992,7 @@ fn refused_connect_and_the_reply_for_no_socket_are_linked() {
         c.set(12, "SYN_SENT", "CLOSE"),
         c.destroy(20),
     ];
-    let reports = run(config(&TRACEPOINTS), events);
+    let reports = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(reports.len(), 2);
     let cr = find(&reports, &c);
     assert_conforms(cr);
@@ -1022,7 +1017,7 @@ fn time_wait_reply_rst_kills_the_minisocket_tracepoints_only() {
         c.destroy(12),
         tw.tw_reply_rst(5_000, "TCP_TIMEWAIT_SOCKET"),
     ];
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     for ev in events {
         table.push(ev);
     }
@@ -1043,7 +1038,7 @@ fn time_wait_reply_rst_kills_the_minisocket_tracepoints_only() {
 #[test]
 fn setup_only_flows_are_marked() {
     let c = client();
-    let mut table = FlowTable::new(config(&TRACEPOINTS));
+    let mut table = FlowTable::new(config(HookSet::tracepoints_only()));
     table.push(c.set(1, "SYN_SENT", "ESTABLISHED"));
     let r = table.flush();
     assert!(!r[0].teardown);
@@ -1057,7 +1052,7 @@ fn dual_stack_child_links_with_its_v4_client() {
     let c = client();
     let s = End::new(0x51, "[::ffff:127.0.0.1]:5599", "[::ffff:127.0.0.1]:35900");
     let reports = run(
-        config(&TRACEPOINTS),
+        config(HookSet::tracepoints_only()),
         vec![
             c.set(1, "ESTABLISHED", "FIN_WAIT1"),
             s.set(2, "ESTABLISHED", "CLOSE_WAIT"),
@@ -1070,7 +1065,7 @@ fn dual_stack_child_links_with_its_v4_client() {
 fn keepalive_timeouts_are_outside_the_model() {
     let c = client();
     let r = run(
-        config(&TRACEPOINTS),
+        config(HookSet::tracepoints_only()),
         vec![
             c.set(1, "ESTABLISHED", "CLOSE"),
             c.send_rst(2, "CLOSE", "TCP_KEEPALIVE_TIMEOUT"),
@@ -1095,7 +1090,7 @@ fn reuseport_listeners_are_separate_flows() {
         b.set(20, "LISTEN", "CLOSE"),
         b.destroy(21),
     ];
-    let reports = run(config(&TRACEPOINTS), events);
+    let reports = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(reports.len(), 2);
     for r in &reports {
         assert_conforms(r);
@@ -1118,7 +1113,7 @@ fn a_reused_socket_pointer_starts_a_new_flow_even_if_the_old_end_was_lost() {
         c.set(1101, "ESTABLISHED", "CLOSE"),
         c.destroy(1102),
     ];
-    let reports = run(config(&TRACEPOINTS), events);
+    let reports = run(config(HookSet::tracepoints_only()), events);
     assert_eq!(reports.len(), 2, "{reports:#?}");
     let r = find(&reports, &c);
     assert_eq!(r.first_ns, 1000 * US, "{}", r.render_timeline());

@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 
-use crate::decode::{Hook, TraceEvent};
+use crate::decode::{Hook, KState, TraceEvent};
+use crate::model::TcpState;
 
 use super::{FlowReport, SocketObject, TimelineEntry, Verdict};
 
@@ -18,9 +19,9 @@ pub(crate) fn object_of(ev: &TraceEvent) -> SocketObject {
         Hook::TcpTimewaitStateProcess | Hook::TcpTimewaitStateProcessReturn => {
             SocketObject::TimeWait
         }
-        Hook::TcpSendReset if ev.rst_active == Some(false) => match ev.state.as_deref() {
+        Hook::TcpSendReset if ev.rst_active == Some(false) => match ev.state {
             None => SocketObject::Packet,
-            Some("TIME_WAIT") => SocketObject::TimeWait,
+            Some(s) if s.tcp() == Some(TcpState::TimeWait) => SocketObject::TimeWait,
             Some(_) => SocketObject::Socket,
         },
         _ => SocketObject::Socket,
@@ -29,8 +30,8 @@ pub(crate) fn object_of(ev: &TraceEvent) -> SocketObject {
 
 /// What one event says, e.g. `ESTABLISHED -> FIN_WAIT1`.
 pub(crate) fn describe(ev: &TraceEvent) -> String {
-    let state = ev.state.as_deref().unwrap_or("?");
-    let new_state = ev.new_state.as_deref().unwrap_or("?");
+    let state = ev.state.map_or("?", KState::name);
+    let new_state = ev.new_state.map_or("?", KState::name);
     match ev.hook {
         Hook::InetSockSetState => format!("{state} -> {new_state}"),
         Hook::TcpClose => match &ev.close {
@@ -82,9 +83,10 @@ pub(crate) fn describe(ev: &TraceEvent) -> String {
             ),
             None => format!("TW({state})"),
         },
-        Hook::TcpTimewaitStateProcessReturn => {
-            format!("{} -> TW({new_state})", ev.tw_status.unwrap_or("?"))
-        }
+        Hook::TcpTimewaitStateProcessReturn => match ev.tw_status {
+            Some(status) => format!("{status} -> TW({new_state})"),
+            None => format!("? -> TW({new_state})"),
+        },
         Hook::TcpFin | Hook::TcpSendFin | Hook::TcpReceiveReset | Hook::TcpDestroySock => {
             state.to_string()
         }

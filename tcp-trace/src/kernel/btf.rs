@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, BtfType, Type};
 use serde::Serialize;
-use tcp_trace_common::Config;
+use tcp_trace_common::{Config, Hook};
+
+use super::enums::{KReason, KTwStatus};
+use crate::model::{RstReason, TwStatus};
 
 /// The running kernel's BTF, with the look-ups tcp-trace needs.
 pub struct KernelBtf {
@@ -163,37 +166,100 @@ impl KernelBtf {
     }
 }
 
-/// Kernel functions tcp-trace hooks, and whether BTF shows them.
-pub const FUNCTIONS: [&str; 6] = [
-    "tcp_close",
-    "tcp_fin",
-    "tcp_send_fin",
-    "tcp_send_active_reset",
-    "tcp_time_wait",
-    "tcp_timewait_state_process",
-];
-pub const TRACEPOINTS: [&str; 4] = [
-    "inet_sock_set_state",
-    "tcp_send_reset",
-    "tcp_receive_reset",
-    "tcp_destroy_sock",
-];
+/// The kernel functions tcp-trace hooks (from the registry; each once).
+pub fn hooked_functions() -> impl Iterator<Item = &'static str> {
+    targets(true)
+}
+
+/// The tracepoints tcp-trace hooks, without their system.
+pub fn hooked_tracepoints() -> impl Iterator<Item = &'static str> {
+    targets(false)
+}
+
+fn targets(functions: bool) -> impl Iterator<Item = &'static str> {
+    let hooks = Hook::ALL
+        .into_iter()
+        .filter(move |h| h.is_function() == functions);
+    // tcp_timewait_state_process is hooked twice (entry and return) but is one function.
+    hooks
+        .enumerate()
+        .filter(move |(i, h)| {
+            !Hook::ALL
+                .into_iter()
+                .filter(|o| o.is_function() == functions)
+                .take(*i)
+                .any(|o| o.target() == h.target())
+        })
+        .map(|(_, h)| h.target())
+}
 
 /// Everything tcp-trace learned from BTF. Serialized into recorded traces so that replay can
 /// decode them without the kernel.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[serde(from = "FactsOnDisk")]
 pub struct KernelFacts {
     /// Field offsets and signature flags handed to the eBPF programs.
     #[serde(skip)]
     pub config: Config,
     /// `enum sk_rst_reason` (6.10+), value -> name without the `SK_RST_REASON_` prefix.
-    pub rst_reasons: BTreeMap<u64, String>,
+    rst_reasons: BTreeMap<u64, String>,
     /// `enum tcp_tw_status`, value -> name without the `TCP_TW_` prefix.
-    pub tw_status: BTreeMap<u64, String>,
+    tw_status: BTreeMap<u64, String>,
     /// Parameter names of each hooked function; absent when BTF does not list it.
     pub functions: BTreeMap<String, Vec<String>>,
     /// Arguments of each tracepoint.
     pub tracepoints: BTreeMap<String, Vec<String>>,
+    /// The two enums above as typed values, indexed by the kernel's number: built once from
+    /// the names, so that decoding an event is an index, not a name look-up.
+    #[serde(skip)]
+    values: ValueTables,
+}
+
+/// The serialized fields of [`KernelFacts`] (the recording header's `facts`).
+#[derive(serde::Deserialize)]
+struct FactsOnDisk {
+    rst_reasons: BTreeMap<u64, String>,
+    tw_status: BTreeMap<u64, String>,
+    functions: BTreeMap<String, Vec<String>>,
+    tracepoints: BTreeMap<String, Vec<String>>,
+}
+
+impl From<FactsOnDisk> for KernelFacts {
+    fn from(d: FactsOnDisk) -> KernelFacts {
+        KernelFacts::new(
+            Config::default(),
+            d.rst_reasons,
+            d.tw_status,
+            d.functions,
+            d.tracepoints,
+        )
+    }
+}
+
+/// Kernel enum numbers -> the model's enums. Numbers no name maps are absent (`None`), and so
+/// are numbers beyond the table: enums this small never get there, and a crafted recording
+/// cannot make the table big.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ValueTables {
+    rst: Vec<Option<RstReason>>,
+    tw: Vec<Option<TwStatus>>,
+}
+
+const MAX_ENUM_VALUE: u64 = 1024;
+
+fn table<T: Copy>(
+    names: &BTreeMap<u64, String>,
+    map: impl Fn(&str) -> Option<T>,
+) -> Vec<Option<T>> {
+    let mut t = Vec::new();
+    for (&value, name) in names.range(..MAX_ENUM_VALUE) {
+        let i = value as usize;
+        if t.len() <= i {
+            t.resize(i + 1, None);
+        }
+        t[i] = map(name);
+    }
+    t
 }
 
 fn strip_all(map: BTreeMap<u64, String>, prefix: &str) -> BTreeMap<u64, String> {
@@ -217,13 +283,13 @@ impl KernelFacts {
                 .ok_or_else(|| anyhow!("enum sock_flags has no {name}"))
         };
         let mut functions = BTreeMap::new();
-        for f in FUNCTIONS {
+        for f in hooked_functions() {
             if let Some(p) = btf.function_params(f)? {
                 functions.insert(f.to_string(), p);
             }
         }
         let mut tracepoints = BTreeMap::new();
-        for tp in TRACEPOINTS {
+        for tp in hooked_tracepoints() {
             if let Some(p) = btf.tracepoint_params(tp)? {
                 tracepoints.insert(tp.to_string(), p);
             }
@@ -274,29 +340,65 @@ impl KernelFacts {
             capture_stacks: 0,
             pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
         };
-        Ok(Self {
+        Ok(Self::new(
             config,
-            rst_reasons: btf
-                .enum_values("sk_rst_reason")
+            btf.enum_values("sk_rst_reason")
                 .map(|m| strip_all(m, "SK_RST_REASON_"))
                 .unwrap_or_default(),
-            tw_status: strip_all(btf.enum_values("tcp_tw_status")?, "TCP_TW_"),
+            strip_all(btf.enum_values("tcp_tw_status")?, "TCP_TW_"),
             functions,
             tracepoints,
-        })
+        ))
     }
 
-    pub fn rst_reason_name(&self, value: u32) -> &'static str {
-        match self.rst_reasons.get(&(value as u64)) {
-            Some(name) => crate::decode::intern(name),
-            None => crate::decode::intern(&format!("reason#{value}")),
+    /// Facts from their parts: enum names are value -> name without the kernel's prefix.
+    pub fn new(
+        config: Config,
+        rst_reasons: BTreeMap<u64, String>,
+        tw_status: BTreeMap<u64, String>,
+        functions: BTreeMap<String, Vec<String>>,
+        tracepoints: BTreeMap<String, Vec<String>>,
+    ) -> KernelFacts {
+        let values = ValueTables {
+            rst: table(&rst_reasons, RstReason::from_kernel_name),
+            tw: table(&tw_status, TwStatus::from_kernel_name),
+        };
+        KernelFacts {
+            config,
+            rst_reasons,
+            tw_status,
+            functions,
+            tracepoints,
+            values,
         }
     }
 
-    pub fn tw_status_name(&self, value: i32) -> &'static str {
-        match self.tw_status.get(&(value as u64)) {
-            Some(name) => crate::decode::intern(name),
-            None => crate::decode::intern(&format!("status#{value}")),
+    /// `enum sk_rst_reason` as the kernel names it (empty before 6.10).
+    pub fn rst_reason_names(&self) -> &BTreeMap<u64, String> {
+        &self.rst_reasons
+    }
+
+    /// `enum tcp_tw_status` as the kernel names it.
+    pub fn tw_status_names(&self) -> &BTreeMap<u64, String> {
+        &self.tw_status
+    }
+
+    /// An `enum sk_rst_reason` number of this kernel as a typed value.
+    pub fn rst_reason(&self, value: u32) -> KReason {
+        match self.values.rst.get(value as usize) {
+            Some(Some(r)) => KReason::Known(*r),
+            _ => KReason::Unknown(value),
+        }
+    }
+
+    /// An `enum tcp_tw_status` number of this kernel as a typed value.
+    pub fn tw_status(&self, value: i32) -> KTwStatus {
+        match usize::try_from(value)
+            .ok()
+            .and_then(|i| self.values.tw.get(i))
+        {
+            Some(Some(s)) => KTwStatus::Known(*s),
+            _ => KTwStatus::Unknown(value),
         }
     }
 }
@@ -306,7 +408,7 @@ pub(crate) mod testing {
     //! A tiny BTF writer, to test the look-ups on known layouts without a kernel.
 
     #[derive(Default)]
-    pub struct BtfBuilder {
+    pub(crate) struct BtfBuilder {
         types: Vec<u8>,
         strings: Vec<u8>,
         next_id: u32,
@@ -322,7 +424,7 @@ pub(crate) mod testing {
     const FUNC_PROTO: u32 = 13;
 
     impl BtfBuilder {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self {
                 types: Vec::new(),
                 strings: vec![0],
@@ -354,22 +456,27 @@ pub(crate) mod testing {
             self.types.extend_from_slice(&w.to_le_bytes());
         }
 
-        pub fn int(&mut self, name: &str, size: u32) -> u32 {
+        pub(crate) fn int(&mut self, name: &str, size: u32) -> u32 {
             let id = self.header(name, INT, 0, size);
             self.word(size * 8);
             id
         }
 
-        pub fn ptr(&mut self, to: u32) -> u32 {
+        pub(crate) fn ptr(&mut self, to: u32) -> u32 {
             self.header("", PTR, 0, to)
         }
 
         /// `members`: (name, type id, byte offset).
-        pub fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn strukt(
+            &mut self,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             self.aggregate(STRUCT, name, size, members)
         }
 
-        pub fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn union(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
             self.aggregate(UNION, name, size, members)
         }
 
@@ -384,7 +491,7 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+        pub(crate) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
             let id = self.header(name, ENUM, values.len() as u32, 4);
             for (n, v) in values {
                 let n = self.str(n);
@@ -394,11 +501,11 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn typedef(&mut self, name: &str, to: u32) -> u32 {
+        pub(crate) fn typedef(&mut self, name: &str, to: u32) -> u32 {
             self.header(name, TYPEDEF, 0, to)
         }
 
-        pub fn func_proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
+        pub(crate) fn func_proto(&mut self, ret: u32, params: &[(&str, u32)]) -> u32 {
             let id = self.header("", FUNC_PROTO, params.len() as u32, ret);
             for (n, ty) in params {
                 let n = self.str(n);
@@ -408,11 +515,11 @@ pub(crate) mod testing {
             id
         }
 
-        pub fn func(&mut self, name: &str, proto: u32) -> u32 {
+        pub(crate) fn func(&mut self, name: &str, proto: u32) -> u32 {
             self.header(name, FUNC, 1, proto)
         }
 
-        pub fn build(&self) -> Vec<u8> {
+        pub(crate) fn build(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
             out.push(1); // version
@@ -430,7 +537,7 @@ pub(crate) mod testing {
 
     /// A kernel-shaped BTF: the structs and enums tcp-trace reads, with anonymous unions where
     /// the kernel has them. `with_reason` adds the 6.10+ reset-reason parameters.
-    pub fn fake_kernel(with_reason: bool) -> Vec<u8> {
+    pub(crate) fn fake_kernel(with_reason: bool) -> Vec<u8> {
         let mut b = BtfBuilder::new();
         let u8_ = b.int("unsigned char", 1);
         let u16_ = b.int("short unsigned int", 2);
@@ -590,9 +697,24 @@ mod tests {
         assert_eq!(new.config.sock_flag_linger, 6);
         assert_eq!(new.config.tp_rcv_nxt, 1540);
         assert_eq!(new.config.tw_rcv_nxt, 104);
-        assert_eq!(new.rst_reason_name(9), "TCP_ABORT_ON_CLOSE");
-        assert_eq!(new.rst_reason_name(77), "reason#77");
-        assert_eq!(new.tw_status_name(3), "SYN");
+        assert_eq!(
+            new.rst_reason(9),
+            KReason::Known(RstReason::TcpAbortOnClose)
+        );
+        assert_eq!(new.rst_reason(77), KReason::Unknown(77));
+        assert_eq!(new.tw_status(3), KTwStatus::Known(TwStatus::Syn));
+        assert_eq!(new.tw_status(-1), KTwStatus::Unknown(-1));
+        // The table is rebuilt when a recording's facts are read back.
+        let back: KernelFacts =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.rst_reason(9), new.rst_reason(9));
+        assert_eq!(
+            back,
+            KernelFacts {
+                config: back.config,
+                ..new.clone()
+            }
+        );
         assert_eq!(
             new.tracepoints["tcp_send_reset"],
             vec!["sk".to_string(), "skb".into(), "reason".into()]
@@ -602,7 +724,7 @@ mod tests {
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
         assert_eq!(old.config.active_reset_reason_arg, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
-        assert!(old.rst_reasons.is_empty());
+        assert!(old.rst_reason_names().is_empty());
         assert_eq!(old.functions["tcp_send_active_reset"].len(), 2);
         assert!(!old.functions.contains_key("tcp_fin"));
     }

@@ -2,6 +2,7 @@
 //! returns what it found and, on failure, the fix to print.
 
 pub mod btf;
+pub mod enums;
 
 use std::{fs, path::Path};
 

@@ -28,7 +28,7 @@ pub(crate) struct Ctx<'p> {
 }
 
 impl<'p> Ctx<'p> {
-    pub fn new(sk: &Sock, p: &'p ModelParams, decided_by: KernelFunction) -> Ctx<'p> {
+    pub(super) fn new(sk: &Sock, p: &'p ModelParams, decided_by: KernelFunction) -> Ctx<'p> {
         Ctx {
             sk: sk.clone(),
             p,
@@ -39,17 +39,17 @@ impl<'p> Ctx<'p> {
     }
 
     /// Adds a clause to the rule text.
-    pub fn rule(&mut self, text: impl Into<String>) {
+    pub(super) fn rule(&mut self, text: impl Into<String>) {
         self.rules.push(text.into());
     }
 
     /// Names the kernel function whose rule decided the step.
-    pub fn decided_by(&mut self, function: KernelFunction) {
+    pub(super) fn decided_by(&mut self, function: KernelFunction) {
         self.out.decided_by = Some(function);
     }
 
     /// tcp_set_state(): recorded as sock:inet_sock_set_state would show it.
-    pub fn set_state(&mut self, to: TcpState) {
+    pub(super) fn set_state(&mut self, to: TcpState) {
         if self.sk.state != to {
             self.out.state_changes.push(StateChange {
                 from: self.sk.state,
@@ -59,47 +59,47 @@ impl<'p> Ctx<'p> {
         }
     }
 
-    pub fn send(&mut self, wire: Wire) {
+    pub(super) fn send(&mut self, wire: Wire) {
         self.out.wire.push(wire);
     }
 
     /// tcp_send_active_reset(sk, ..., reason).
-    pub fn active_reset(&mut self, reason: RstReason) {
+    pub(super) fn active_reset(&mut self, reason: RstReason) {
         self.send(Wire::RstActive);
         self.out.rst_reason = self.p.kernel.active_reset_reason(reason);
     }
 
     /// tcp_v4_send_reset(sk, skb, reason): the caller's reply to a segment.
-    pub fn reply_reset(&mut self, reason: RstReason) {
+    pub(super) fn reply_reset(&mut self, reason: RstReason) {
         self.send(Wire::RstReply);
         self.out.rst_reason = self.p.kernel.reply_reset_reason(reason);
     }
 
     /// The children's resets of inet_csk_listen_stop(), via tcp_disconnect().
-    pub fn children_reset(&mut self, reason: RstReason) {
+    pub(super) fn children_reset(&mut self, reason: RstReason) {
         self.send(Wire::RstToChildren);
         self.out.rst_reason = self.p.kernel.active_reset_reason(reason);
     }
 
-    pub fn count(&mut self, counter: TcpExtCounter) {
+    pub(super) fn count(&mut self, counter: TcpExtCounter) {
         self.out.counters.push(counter);
     }
 
-    pub fn error(&mut self, errno: Errno) {
+    pub(super) fn error(&mut self, errno: Errno) {
         self.out.error = Some(errno);
     }
 
-    pub fn arm_fin_wait2_keepalive(&mut self, ms: u64) {
+    pub(super) fn arm_fin_wait2_keepalive(&mut self, ms: u64) {
         self.out.timer = Some(TimerArmed::FinWait2Keepalive { ms });
     }
 
-    pub fn blocks_caller(&mut self) {
+    pub(super) fn blocks_caller(&mut self) {
         self.out.blocks_caller = true;
     }
 
     /// tcp_done(): CLOSE, sk_shutdown = SHUTDOWN_MASK, timers cleared; an orphan is destroyed,
     /// a socket the application holds stays (in CLOSE) until its close().
-    pub fn tcp_done(&mut self) {
+    pub(super) fn tcp_done(&mut self) {
         self.set_state(TcpState::Close);
         self.sk.rcv_shutdown = true;
         self.sk.unsent = false;
@@ -109,13 +109,13 @@ impl<'p> Ctx<'p> {
     }
 
     /// inet_csk_destroy_sock().
-    pub fn destroy(&mut self) {
+    pub(super) fn destroy(&mut self) {
         self.fate = Fate::Destroyed;
     }
 
     /// tcp_time_wait(sk, substate, timeo): allocate the minisocket, arm its timer (timeo floored
     /// at 3.5 RTO; always TCP_TIMEWAIT_LEN for TIME_WAIT), then tcp_done() the full socket.
-    pub fn tcp_time_wait(&mut self, substate: TwSubstate, timeo_ms: u64) {
+    pub(super) fn tcp_time_wait(&mut self, substate: TwSubstate, timeo_ms: u64) {
         let timer_ms = match substate {
             TwSubstate::TimeWait => TCP_TIMEWAIT_LEN_MS,
             TwSubstate::FinWait2 => timeo_ms.max(self.p.rto_floor_ms()),
@@ -130,7 +130,7 @@ impl<'p> Ctx<'p> {
         self.fate = Fate::TimeWait(substate);
     }
 
-    pub fn finish(self) -> Outcome {
+    pub(super) fn finish(self) -> Outcome {
         let next = match self.fate {
             Fate::Live => State::Socket(self.sk),
             Fate::Destroyed => State::Freed,

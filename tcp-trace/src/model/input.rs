@@ -484,7 +484,7 @@ pub(crate) struct CloseCall {
 }
 
 impl CloseCall {
-    pub const PLAIN: CloseCall = CloseCall {
+    pub(crate) const PLAIN: CloseCall = CloseCall {
         linger: Linger::Off,
         receive_queue: None,
         repair: false,
@@ -502,11 +502,11 @@ pub(crate) enum Shutdown {
 }
 
 impl Shutdown {
-    pub fn receive(self) -> bool {
+    pub(crate) fn receive(self) -> bool {
         matches!(self, Shutdown::Rd | Shutdown::RdWr)
     }
 
-    pub fn send(self) -> bool {
+    pub(crate) fn send(self) -> bool {
         matches!(self, Shutdown::Wr | Shutdown::RdWr)
     }
 }
@@ -535,14 +535,14 @@ pub(crate) enum Segment {
 }
 
 impl Segment {
-    pub fn is_rst(self) -> bool {
+    pub(crate) fn is_rst(self) -> bool {
         matches!(self, Segment::Rst(_))
     }
 
     /// The same segment at a TIME_WAIT minisocket. The peer's FIN is its first one in substate
     /// FIN_WAIT2 and a retransmission in TIME_WAIT (the FIN that got us there came first); ACKs
     /// of our FIN or data are bare ACKs by then.
-    pub fn at_time_wait(self, substate: TwSubstate) -> TwSegment {
+    pub(crate) fn at_time_wait(self, substate: TwSubstate) -> TwSegment {
         match (self, substate) {
             (Segment::Fin | Segment::FinAck, TwSubstate::FinWait2) => TwSegment::NewFin,
             (Segment::Fin | Segment::FinAck, TwSubstate::TimeWait) => TwSegment::OldFin,
@@ -575,7 +575,7 @@ pub(crate) enum TwSegment {
 }
 
 impl TwSegment {
-    pub fn is_rst(self) -> bool {
+    pub(crate) fn is_rst(self) -> bool {
         matches!(self, TwSegment::Rst(_))
     }
 }

@@ -61,11 +61,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// A model of an ESTABLISHED connection.
-    pub fn new(params: ModelParams) -> Model {
-        Model::established(params)
-    }
-
     /// A model of an ESTABLISHED connection held by the application.
     pub fn established(params: ModelParams) -> Model {
         Model::with_state(params, State::established())

@@ -57,38 +57,139 @@ impl fmt::Display for Wire {
     }
 }
 
-/// `enum sk_rst_reason`, by kernel name (values shift between releases: decode by name).
+/// `enum sk_rst_reason`, by kernel name (values shift between releases: decode by name). The
+/// names of 6.10 to 6.18 and the reply-reset reasons mirrored from `enum skb_drop_reason`; a
+/// kernel's name missing here decodes as `KReason::Unknown` with its number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RstReason {
+    #[serde(rename = "NOT_SPECIFIED")]
     NotSpecified,
+    #[serde(rename = "NO_SOCKET")]
     NoSocket,
+    #[serde(rename = "TCP_INVALID_ACK_SEQUENCE")]
+    TcpInvalidAckSequence,
+    #[serde(rename = "TCP_RFC7323_PAWS")]
+    TcpRfc7323Paws,
+    #[serde(rename = "TCP_RFC7323_TW_PAWS")]
+    TcpRfc7323TwPaws,
+    #[serde(rename = "TCP_TOO_OLD_ACK")]
+    TcpTooOldAck,
+    #[serde(rename = "TCP_ACK_UNSENT_DATA")]
+    TcpAckUnsentData,
+    #[serde(rename = "TCP_FLAGS")]
+    TcpFlags,
+    #[serde(rename = "TCP_OLD_ACK")]
+    TcpOldAck,
+    #[serde(rename = "TCP_ABORT_ON_DATA")]
     TcpAbortOnData,
+    #[serde(rename = "TCP_TIMEWAIT_SOCKET")]
     TcpTimewaitSocket,
+    #[serde(rename = "INVALID_SYN")]
+    InvalidSyn,
+    #[serde(rename = "TCP_INVALID_SYN")]
+    TcpInvalidSyn,
+    #[serde(rename = "TCP_INVALID_SEQUENCE")]
+    TcpInvalidSequence,
+    #[serde(rename = "TCP_ABORT_ON_CLOSE")]
     TcpAbortOnClose,
+    #[serde(rename = "TCP_ABORT_ON_LINGER")]
     TcpAbortOnLinger,
+    #[serde(rename = "TCP_ABORT_ON_MEMORY")]
     TcpAbortOnMemory,
+    #[serde(rename = "TCP_STATE")]
     TcpState,
+    #[serde(rename = "TCP_KEEPALIVE_TIMEOUT")]
     TcpKeepaliveTimeout,
+    #[serde(rename = "TCP_DISCONNECT_WITH_DATA")]
     TcpDisconnectWithData,
+    #[serde(rename = "MPTCP_RST_EUNSPEC")]
+    MptcpRstEunspec,
+    #[serde(rename = "MPTCP_RST_EMPTCP")]
+    MptcpRstEmptcp,
+    #[serde(rename = "MPTCP_RST_ERESOURCE")]
+    MptcpRstEresource,
+    #[serde(rename = "MPTCP_RST_EPROHIBIT")]
+    MptcpRstEprohibit,
+    #[serde(rename = "MPTCP_RST_EWQ2BIG")]
+    MptcpRstEwq2big,
+    #[serde(rename = "MPTCP_RST_EBADPERF")]
+    MptcpRstEbadperf,
+    #[serde(rename = "MPTCP_RST_EMIDDLEBOX")]
+    MptcpRstEmiddlebox,
+    #[serde(rename = "ERROR")]
+    Error,
 }
 
 impl RstReason {
+    pub const ALL: [RstReason; 28] = [
+        RstReason::NotSpecified,
+        RstReason::NoSocket,
+        RstReason::TcpInvalidAckSequence,
+        RstReason::TcpRfc7323Paws,
+        RstReason::TcpRfc7323TwPaws,
+        RstReason::TcpTooOldAck,
+        RstReason::TcpAckUnsentData,
+        RstReason::TcpFlags,
+        RstReason::TcpOldAck,
+        RstReason::TcpAbortOnData,
+        RstReason::TcpTimewaitSocket,
+        RstReason::InvalidSyn,
+        RstReason::TcpInvalidSyn,
+        RstReason::TcpInvalidSequence,
+        RstReason::TcpAbortOnClose,
+        RstReason::TcpAbortOnLinger,
+        RstReason::TcpAbortOnMemory,
+        RstReason::TcpState,
+        RstReason::TcpKeepaliveTimeout,
+        RstReason::TcpDisconnectWithData,
+        RstReason::MptcpRstEunspec,
+        RstReason::MptcpRstEmptcp,
+        RstReason::MptcpRstEresource,
+        RstReason::MptcpRstEprohibit,
+        RstReason::MptcpRstEwq2big,
+        RstReason::MptcpRstEbadperf,
+        RstReason::MptcpRstEmiddlebox,
+        RstReason::Error,
+    ];
+
     /// The name without the `SK_RST_REASON_` prefix, as the tcp:tcp_send_reset tracepoint
     /// prints it.
     pub fn kernel_name(self) -> &'static str {
         match self {
             RstReason::NotSpecified => "NOT_SPECIFIED",
             RstReason::NoSocket => "NO_SOCKET",
+            RstReason::TcpInvalidAckSequence => "TCP_INVALID_ACK_SEQUENCE",
+            RstReason::TcpRfc7323Paws => "TCP_RFC7323_PAWS",
+            RstReason::TcpRfc7323TwPaws => "TCP_RFC7323_TW_PAWS",
+            RstReason::TcpTooOldAck => "TCP_TOO_OLD_ACK",
+            RstReason::TcpAckUnsentData => "TCP_ACK_UNSENT_DATA",
+            RstReason::TcpFlags => "TCP_FLAGS",
+            RstReason::TcpOldAck => "TCP_OLD_ACK",
             RstReason::TcpAbortOnData => "TCP_ABORT_ON_DATA",
             RstReason::TcpTimewaitSocket => "TCP_TIMEWAIT_SOCKET",
+            RstReason::InvalidSyn => "INVALID_SYN",
+            RstReason::TcpInvalidSyn => "TCP_INVALID_SYN",
+            RstReason::TcpInvalidSequence => "TCP_INVALID_SEQUENCE",
             RstReason::TcpAbortOnClose => "TCP_ABORT_ON_CLOSE",
             RstReason::TcpAbortOnLinger => "TCP_ABORT_ON_LINGER",
             RstReason::TcpAbortOnMemory => "TCP_ABORT_ON_MEMORY",
             RstReason::TcpState => "TCP_STATE",
             RstReason::TcpKeepaliveTimeout => "TCP_KEEPALIVE_TIMEOUT",
             RstReason::TcpDisconnectWithData => "TCP_DISCONNECT_WITH_DATA",
+            RstReason::MptcpRstEunspec => "MPTCP_RST_EUNSPEC",
+            RstReason::MptcpRstEmptcp => "MPTCP_RST_EMPTCP",
+            RstReason::MptcpRstEresource => "MPTCP_RST_ERESOURCE",
+            RstReason::MptcpRstEprohibit => "MPTCP_RST_EPROHIBIT",
+            RstReason::MptcpRstEwq2big => "MPTCP_RST_EWQ2BIG",
+            RstReason::MptcpRstEbadperf => "MPTCP_RST_EBADPERF",
+            RstReason::MptcpRstEmiddlebox => "MPTCP_RST_EMIDDLEBOX",
+            RstReason::Error => "ERROR",
         }
+    }
+
+    /// The reason of a kernel name (without the `SK_RST_REASON_` prefix).
+    pub fn from_kernel_name(name: &str) -> Option<RstReason> {
+        RstReason::ALL.into_iter().find(|r| r.kernel_name() == name)
     }
 }
 
@@ -111,6 +212,19 @@ pub enum TwStatus {
 }
 
 impl TwStatus {
+    pub const ALL: [TwStatus; 5] = [
+        TwStatus::Success,
+        TwStatus::Rst,
+        TwStatus::Ack,
+        TwStatus::Syn,
+        TwStatus::AckOow,
+    ];
+
+    /// The status of a kernel name (without the `TCP_TW_` prefix).
+    pub fn from_kernel_name(name: &str) -> Option<TwStatus> {
+        TwStatus::ALL.into_iter().find(|s| s.kernel_name() == name)
+    }
+
     /// The kernel's numeric value (TCP_TW_SUCCESS = 0 ... TCP_TW_ACK_OOW = 4).
     pub fn as_kernel(self) -> u8 {
         match self {

@@ -37,6 +37,8 @@ pub enum RecordError {
         recorded: u32,
         expected: usize,
     },
+    /// The header lists a hook this build's registry does not have.
+    UnknownHook { offset: u64, name: String },
     /// The file ends inside `what`, which starts at `offset` and needs `expected` bytes.
     /// `records` complete records came before it.
     Truncated {
@@ -83,6 +85,7 @@ impl RecordError {
             | RecordError::HeaderTooLarge { offset, .. }
             | RecordError::BadHeader { offset, .. }
             | RecordError::EventSizeMismatch { offset, .. }
+            | RecordError::UnknownHook { offset, .. }
             | RecordError::Truncated { offset, .. }
             | RecordError::Unfinished { offset, .. }
             | RecordError::UnknownTag { offset, .. }
@@ -170,6 +173,11 @@ impl fmt::Display for RecordError {
                 f,
                 "byte {offset}: the recording's events are {recorded} bytes but this tcp-trace's \
                  are {expected}: it was recorded by an incompatible tcp-trace version"
+            ),
+            RecordError::UnknownHook { offset, name } => write!(
+                f,
+                "byte {offset}: the header lists hook `{name}`, which this tcp-trace does not \
+                 know: replay it with the tcp-trace that recorded it (or a newer one)"
             ),
             RecordError::Truncated {
                 offset,

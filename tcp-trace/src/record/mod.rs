@@ -101,7 +101,7 @@ impl RecordHeader {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_release,
             recorded_at_unix_ns,
-            realtime_minus_monotonic_ns: realtime_minus_monotonic_ns(),
+            realtime_minus_monotonic_ns: crate::clock::realtime_minus_monotonic_ns(),
             backend,
             hooks,
             facts,
@@ -119,28 +119,6 @@ impl RecordHeader {
     pub fn sysctl(&self, name: &str) -> Option<&str> {
         self.sysctls.get(name).map(String::as_str)
     }
-}
-
-/// CLOCK_REALTIME - CLOCK_MONOTONIC now, in nanoseconds.
-pub fn realtime_minus_monotonic_ns() -> i64 {
-    // time_t and c_long are i64 here but not on every target.
-    #[allow(clippy::unnecessary_cast)]
-    fn now(clock: libc::clockid_t) -> i64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: ts is a valid, writable timespec; both clocks always exist on Linux.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        (ts.tv_sec as i64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(ts.tv_nsec as i64)
-    }
-    // Bracket the realtime read with two monotonic ones and take their midpoint.
-    let m1 = now(libc::CLOCK_MONOTONIC);
-    let r = now(libc::CLOCK_REALTIME);
-    let m2 = now(libc::CLOCK_MONOTONIC);
-    r.saturating_sub(m1.saturating_add(m2.saturating_sub(m1) / 2))
 }
 
 /// One record of a recording.
@@ -235,7 +213,8 @@ impl<W: Write> RecordWriter<W> {
     }
 
     fn record(&mut self, tag: u8, payload: &[u8]) -> Result<()> {
-        let len = payload.len() as u16;
+        let len = u16::try_from(payload.len())
+            .with_context(|| format!("a {}-byte record does not fit the format", payload.len()))?;
         let [l0, l1] = len.to_le_bytes();
         self.out
             .write_all(&[tag, l0, l1])
@@ -330,6 +309,12 @@ impl<R: Read> RecordReader<R> {
                 offset: HEADER_START,
                 recorded: header.event_size,
                 expected: EVENT_SIZE,
+            });
+        }
+        if let Some(h) = header.hooks.iter().find(|h| h.id().is_none()) {
+            return Err(RecordError::UnknownHook {
+                offset: HEADER_START,
+                name: h.hook.clone(),
             });
         }
         Ok((header, rd))

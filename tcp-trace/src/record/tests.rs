@@ -131,7 +131,7 @@ fn round_trip() {
     assert_eq!(h, as_read(&header()));
     assert_eq!(h.event_size as usize, EVENT_SIZE);
     assert_eq!(h.sysctl("net.ipv4.tcp_fin_timeout"), Some("60"));
-    assert_eq!(h.facts.rst_reason_name(9), "TCP_ABORT_ON_CLOSE");
+    assert_eq!(h.facts.rst_reason(9).to_string(), "TCP_ABORT_ON_CLOSE");
     assert_eq!(got, records);
     // 3 events + lost + trailer, each with a 3-byte record header.
     assert_eq!(
@@ -339,6 +339,20 @@ fn bad_json_header() {
     let msg = err.to_string();
     assert!(
         msg.starts_with("byte 16: header does not describe a tcp-trace recording: missing field"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_hook_the_registry_lacks_is_refused() {
+    let mut h = header();
+    h.hooks[0].hook = "tcp_bogus".into();
+    let json = serde_json::to_vec(&h).unwrap();
+    let err = read_all(&file_with(1, &json, b"")).unwrap_err();
+    assert!(matches!(err, RecordError::UnknownHook { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("byte 16") && msg.contains("`tcp_bogus`"),
         "{msg}"
     );
 }

@@ -12,47 +12,18 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
-use crate::model::{KernelGeneration, TcpExtCounter};
+use crate::decode::{KReason, KReason::Known as K, KState};
+use crate::model::{
+    KernelGeneration, RstReason, RstReason as R, TcpExtCounter, TcpState, TcpState as S,
+};
+/// Which hooks the trace had (what the absence of an event means depends on it).
+pub(crate) use tcp_trace_common::HookSet;
 
 use super::{Confidence, Direction, ResetCause, ResetDiagnosis, Task, human_duration};
 
-/// Which hooks the trace had (what the absence of an event means depends on it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HookSet {
-    /// tcp_close: close() details (unread, SO_LINGER, unsent).
-    pub tcp_close: bool,
-    /// tcp_time_wait: without it a FIN_WAIT1 -> CLOSE can be the normal way into TIME_WAIT.
-    pub tcp_time_wait: bool,
-    /// tcp:tcp_send_reset (the event every sent RST is diagnosed on); without it,
-    /// tcp_send_active_reset's events are diagnosed instead.
-    pub send_reset_tracepoint: bool,
-}
-
-impl HookSet {
-    /// From attached hook names (`attach::HookStatus::hook`).
-    pub fn from_names<S: AsRef<str>>(names: &[S]) -> HookSet {
-        let has = |n: &str| names.iter().any(|h| h.as_ref() == n);
-        HookSet {
-            tcp_close: has("tcp_close"),
-            tcp_time_wait: has("tcp_time_wait"),
-            send_reset_tracepoint: has("tcp:tcp_send_reset"),
-        }
-    }
-
-    /// Learns from an event that its hook is attached (recordings, tests).
-    pub fn saw(&mut self, hook: Hook) {
-        match hook {
-            Hook::TcpClose => self.tcp_close = true,
-            Hook::TcpTimeWait => self.tcp_time_wait = true,
-            Hook::TcpSendReset => self.send_reset_tracepoint = true,
-            _ => {}
-        }
-    }
-}
-
 /// What [`classify`] knows besides the event.
 #[derive(Clone, Copy, Debug)]
-pub struct FlowContext<'a> {
+pub(crate) struct FlowContext<'a> {
     /// The connection's recent events before this one, oldest first: its full socket, its
     /// TIME_WAIT minisocket and replies for its 4-tuple.
     pub before: &'a [TraceEvent],
@@ -75,31 +46,31 @@ pub struct FlowContext<'a> {
 }
 
 /// Reply-reset reasons (6.10+) for a segment the socket does not accept.
-const INVALID_SEGMENT_REASONS: &[&str] = &[
-    "TCP_INVALID_ACK_SEQUENCE",
-    "TCP_RFC7323_PAWS",
-    "TCP_RFC7323_TW_PAWS",
-    "TCP_TOO_OLD_ACK",
-    "TCP_ACK_UNSENT_DATA",
-    "TCP_FLAGS",
-    "TCP_OLD_ACK",
-    "INVALID_SYN",
-    "TCP_INVALID_SYN",
-    "TCP_INVALID_SEQUENCE",
+const INVALID_SEGMENT_REASONS: &[RstReason] = &[
+    R::TcpInvalidAckSequence,
+    R::TcpRfc7323Paws,
+    R::TcpRfc7323TwPaws,
+    R::TcpTooOldAck,
+    R::TcpAckUnsentData,
+    R::TcpFlags,
+    R::TcpOldAck,
+    R::InvalidSyn,
+    R::TcpInvalidSyn,
+    R::TcpInvalidSequence,
 ];
 
 /// States in which tcp_reset() may be the data-after-close abort rather than a received RST.
-const ABORT_ON_DATA_STATES: [&str; 2] = ["FIN_WAIT1", "FIN_WAIT2"];
+const ABORT_ON_DATA_STATES: [TcpState; 2] = [S::FinWait1, S::FinWait2];
 
 /// Diagnoses `ev` if it is a reset (sent or received) or a silent abort; `None` for any other
 /// event, for the second event of one RST (tcp_send_active_reset when the tracepoint is
 /// attached), for the tcp_reset() of a data-after-close abort (its reply RST is diagnosed), and
 /// for state changes and closes that abort nothing.
-pub fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
+pub(crate) fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
     match ev.hook {
         Hook::TcpSendReset if ev.rst_active == Some(false) => Some(reply(ev, cx)),
         Hook::TcpSendReset => Some(active(ev, cx)),
-        Hook::TcpSendActiveReset if !cx.hooks.send_reset_tracepoint => Some(active(ev, cx)),
+        Hook::TcpSendActiveReset if !cx.hooks.has(Hook::TcpSendReset) => Some(active(ev, cx)),
         Hook::TcpReceiveReset => received(ev, cx),
         Hook::TcpTimewaitStateProcess
             if ev.segment.as_ref().is_some_and(|s| s.flags.contains('R')) =>
@@ -113,7 +84,7 @@ pub fn classify(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
             );
             Some(with_peer(d, cx))
         }
-        Hook::InetSockSetState if ev.new_state.as_deref() == Some("CLOSE") => silent_close(ev, cx),
+        Hook::InetSockSetState if ev.tcp_new_state() == Some(S::Close) => silent_close(ev, cx),
         Hook::TcpClose => silent_linger_zero(ev, cx),
         _ => None,
     }
@@ -143,9 +114,9 @@ fn unspecified() -> SocketAddr {
 }
 
 /// The kernel's reason, unless it gave none or NOT_SPECIFIED (6.10/6.11 active resets).
-fn specific_reason(ev: &TraceEvent) -> Option<&str> {
+fn specific_reason(ev: &TraceEvent) -> Option<KReason> {
     ev.rst_reason
-        .filter(|r| *r != "NOT_SPECIFIED" && !r.is_empty())
+        .filter(|r| *r != KReason::Known(R::NotSpecified))
 }
 
 fn base(ev: &TraceEvent, direction: Direction) -> ResetDiagnosis {
@@ -166,7 +137,7 @@ fn base(ev: &TraceEvent, direction: Direction) -> ResetDiagnosis {
         netns: ev.netns,
         counter: None,
         possible_counters: Vec::new(),
-        kernel_reason: specific_reason(ev).map(str::to_string),
+        kernel_reason: specific_reason(ev).map(|r| r.to_string()),
         sk: ev.sk,
         peer_cause: None,
         close_stack: ev.user_stack.clone().unwrap_or_default(),
@@ -214,7 +185,7 @@ fn changes_before<'a>(
 fn closed_just_before<'a>(ev: &TraceEvent, cx: &FlowContext<'a>) -> Option<&'a TraceEvent> {
     changes_before(cx, &ev.sk)
         .next()
-        .filter(|t| t.new_state.as_deref() == Some("CLOSE") && t.tid == ev.tid && near(t, ev, cx))
+        .filter(|t| t.tcp_new_state() == Some(S::Close) && t.tid == ev.tid && near(t, ev, cx))
 }
 
 /// The state change before `change` on the same socket.
@@ -235,7 +206,7 @@ fn established_at(cx: &FlowContext<'_>) -> Option<u64> {
     cx.before
         .iter()
         .rev()
-        .find(|e| e.hook == Hook::InetSockSetState && e.new_state.as_deref() == Some("ESTABLISHED"))
+        .find(|e| e.hook == Hook::InetSockSetState && e.tcp_new_state() == Some(S::Established))
         .map(|e| e.ts_ns)
 }
 
@@ -245,7 +216,7 @@ fn app_close_at<'a>(cx: &FlowContext<'a>) -> Option<&'a TraceEvent> {
     cx.close.or_else(|| {
         cx.before.iter().rev().find(|e| {
             e.hook == Hook::InetSockSetState
-                && matches!(e.new_state.as_deref(), Some("FIN_WAIT1" | "LAST_ACK"))
+                && matches!(e.tcp_new_state(), Some(S::FinWait1 | S::LastAck))
         })
     })
 }
@@ -258,8 +229,9 @@ fn owner_from_history(cx: &FlowContext<'_>) -> Option<Owner> {
     })
 }
 
-fn state(ev: &TraceEvent) -> &str {
-    ev.state.as_deref().unwrap_or("?")
+/// The socket's state when the hook ran, as text (`?` for none).
+fn state(ev: &TraceEvent) -> &'static str {
+    ev.state.map_or("?", KState::name)
 }
 
 /// The close() details: from the tcp_close hook when it saw this socket's close(), else from
@@ -293,7 +265,7 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
             .find(|e| e.hook == Hook::TcpSendActiveReset && e.sk == ev.sk && near(e, ev, cx))
             .and_then(specific_reason)
     });
-    d.kernel_reason = reason.map(str::to_string);
+    d.kernel_reason = reason.map(|r| r.to_string());
     let close = close_details_of(ev, cx);
     let trans = closed_just_before(ev, cx);
     // The RST came from the closing task's own call: it is the closer. Only a seen close()
@@ -307,14 +279,14 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
         d.closer = Some(task(tcp_close.filter(|c| c.tid == ev.tid).unwrap_or(ev)));
     }
     match reason {
-        Some("TCP_ABORT_ON_CLOSE") => close_unread(
+        Some(K(R::TcpAbortOnClose)) => close_unread(
             &mut d,
             ev,
             cx,
             Confidence::Certain,
             "kernel reason TCP_ABORT_ON_CLOSE",
         ),
-        Some("TCP_ABORT_ON_LINGER") => d.set(
+        Some(K(R::TcpAbortOnLinger)) => d.set(
             ResetCause::OrphanLinger2,
             Confidence::Certain,
             Some(TcpExtCounter::TcpAbortOnLinger),
@@ -322,7 +294,7 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
              TCP_LINGER2 < 0 says not to wait for the peer's FIN"
                 .into(),
         ),
-        Some("TCP_ABORT_ON_MEMORY") => {
+        Some(K(R::TcpAbortOnMemory)) => {
             let how = if from_close_call {
                 "close(): tcp_check_oom() found too many orphans or tcp_mem pressure"
             } else {
@@ -336,7 +308,7 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
                 format!("kernel reason TCP_ABORT_ON_MEMORY in {}: {how}", state(ev)),
             )
         }
-        Some("TCP_KEEPALIVE_TIMEOUT") => d.set(
+        Some(K(R::TcpKeepaliveTimeout)) => d.set(
             ResetCause::KeepaliveTimeout,
             Confidence::Certain,
             Some(TcpExtCounter::TcpAbortOnTimeout),
@@ -346,7 +318,7 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
                 state(ev)
             ),
         ),
-        Some(r @ ("TCP_STATE" | "TCP_DISCONNECT_WITH_DATA")) => state_reset(&mut d, ev, cx, r),
+        Some(r @ K(R::TcpState | R::TcpDisconnectWithData)) => state_reset(&mut d, ev, cx, r),
         Some(other) => d.set(
             ResetCause::Unknown,
             Confidence::Guess,
@@ -387,7 +359,7 @@ fn close_unread(
             human_duration(age)
         ));
     }
-    if unread.is_none() && !cx.hooks.tcp_close {
+    if unread.is_none() && !cx.hooks.has(Hook::TcpClose) {
         evidence.push_str(" (the byte count needs the tcp_close hook)");
     }
     d.set(
@@ -400,7 +372,7 @@ fn close_unread(
 
 /// TCP_STATE / TCP_DISCONNECT_WITH_DATA: tcp_disconnect(), tcp_abort(), or an orphan's
 /// FIN_WAIT2 timer. The context tells which.
-fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, reason: &str) {
+fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, reason: KReason) {
     let close = close_details_of(ev, cx);
     let linger0 = close
         .and_then(|c| c.close.as_ref())
@@ -465,7 +437,7 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                 "kernel reason {reason} (tcp_disconnect()) right after {from} -> CLOSE in {}'s \
                  own call, and the socket was destroyed at once: close() with SO_LINGER {{on, 0}}{}",
                 task(ev),
-                if cx.hooks.tcp_close {
+                if cx.hooks.has(Hook::TcpClose) {
                     ""
                 } else {
                     " (the tcp_close hook, not attached, would show it directly)"
@@ -473,8 +445,8 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
             ),
         );
     }
-    match state(ev) {
-        "FIN_WAIT2" => d.set(
+    match ev.tcp_state() {
+        Some(S::FinWait2) => d.set(
             ResetCause::FinWait2Timeout,
             Confidence::Derived,
             None,
@@ -483,7 +455,9 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                  FIN_WAIT2 timer (tcp_keepalive_timer) ran out without the peer's FIN"
             ),
         ),
-        "ESTABLISHED" | "CLOSE_WAIT" | "FIN_WAIT1" | "SYN_RECV" | "CLOSING" | "LAST_ACK" => {
+        Some(
+            S::Established | S::CloseWait | S::FinWait1 | S::SynRecv | S::Closing | S::LastAck,
+        ) => {
             d.closer = Some(task(ev));
             d.set(
                 ResetCause::Killed,
@@ -497,11 +471,14 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                 ),
             )
         }
-        s => d.set(
+        _ => d.set(
             ResetCause::Unknown,
             Confidence::Guess,
             None,
-            format!("kernel reason {reason} in {s}, with no close() or disconnect seen"),
+            format!(
+                "kernel reason {reason} in {}, with no close() or disconnect seen",
+                state(ev)
+            ),
         ),
     }
 }
@@ -524,7 +501,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
         );
     }
     let trans = closed_just_before(ev, cx);
-    let from = trans.map(state);
+    let from = trans.and_then(TraceEvent::tcp_state);
     if let Some(c) = close_details_of(ev, cx) {
         let details = c.close.as_ref().expect("close_details_of checks");
         let close_state = state(c);
@@ -549,7 +526,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
             );
         }
         match from {
-            Some("FIN_WAIT2") => {
+            Some(S::FinWait2) => {
                 return d.set(
                     ResetCause::OrphanLinger2,
                     Confidence::Derived,
@@ -559,7 +536,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                         .into(),
                 );
             }
-            Some("FIN_WAIT1" | "CLOSING" | "LAST_ACK") => {
+            Some(f @ (S::FinWait1 | S::Closing | S::LastAck)) => {
                 return d.set(
                     ResetCause::MemoryPressure,
                     Confidence::Derived,
@@ -568,11 +545,11 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                         "tcp_close with nothing unread and no SO_LINGER 0, then {} -> CLOSE and \
                          RST in the same call: adjudge_to_death's tcp_check_oom() (too many \
                          orphans or tcp_mem pressure)",
-                        from.unwrap_or("?")
+                        f
                     ),
                 );
             }
-            Some("ESTABLISHED" | "CLOSE_WAIT" | "SYN_RECV") => {
+            Some(S::Established | S::CloseWait | S::SynRecv) => {
                 let (confidence, why) = if cx.kernel.close_unread_fix {
                     (
                         Confidence::Guess,
@@ -593,7 +570,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
         }
     }
     match from {
-        Some(f @ ("ESTABLISHED" | "CLOSE_WAIT" | "SYN_RECV")) => {
+        Some(f @ (S::Established | S::CloseWait | S::SynRecv)) => {
             if !destroyed_after(ev, cx) {
                 d.closer = None;
                 return d.set(
@@ -623,7 +600,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                 TcpExtCounter::TcpAbortOnData,
             ]);
         }
-        Some("FIN_WAIT2") => {
+        Some(S::FinWait2) => {
             d.set(
                 ResetCause::OrphanLinger2,
                 Confidence::Guess,
@@ -639,13 +616,13 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                 TcpExtCounter::TcpAbortOnData,
             ]);
         }
-        Some(f @ ("FIN_WAIT1" | "CLOSING" | "LAST_ACK")) => {
+        Some(f @ (S::FinWait1 | S::Closing | S::LastAck)) => {
             // close() that sent its FIN and then reset in the same call: only tcp_check_oom()
             // does that (the model's adjudge_to_death).
             let same_call = trans.and_then(|t| change_before(t, cx)).is_some_and(|p| {
                 p.tid == ev.tid
                     && near(p, ev, cx)
-                    && matches!(p.state.as_deref(), Some("ESTABLISHED" | "CLOSE_WAIT"))
+                    && matches!(p.tcp_state(), Some(S::Established | S::CloseWait))
             });
             if same_call {
                 d.set(
@@ -679,8 +656,8 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
             // The RST went out while the socket was still in its old state: a timer or
             // tcp_abort(), not close().
             d.closer = None;
-            match state(ev) {
-                "FIN_WAIT2" => d.set(
+            match ev.tcp_state() {
+                Some(S::FinWait2) => d.set(
                     ResetCause::FinWait2Timeout,
                     Confidence::Guess,
                     None,
@@ -688,7 +665,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                      (or tcp_abort())"
                         .into(),
                 ),
-                s @ ("ESTABLISHED" | "CLOSE_WAIT") => d.set(
+                Some(s @ (S::Established | S::CloseWait)) => d.set(
                     ResetCause::KeepaliveTimeout,
                     Confidence::Guess,
                     Some(TcpExtCounter::TcpAbortOnTimeout),
@@ -697,7 +674,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                          (TCPAbortOnTimeout), or tcp_abort() (ss -K)"
                     ),
                 ),
-                s @ ("FIN_WAIT1" | "CLOSING" | "LAST_ACK") => d.set(
+                Some(s @ (S::FinWait1 | S::Closing | S::LastAck)) => d.set(
                     ResetCause::MemoryPressure,
                     Confidence::Guess,
                     Some(TcpExtCounter::TcpAbortOnMemory),
@@ -707,11 +684,14 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
                          tcp_abort()"
                     ),
                 ),
-                s => d.set(
+                _ => d.set(
                     ResetCause::Unknown,
                     Confidence::Guess,
                     None,
-                    format!("active RST in {s}: no reason from the kernel, no rule fits"),
+                    format!(
+                        "active RST in {}: no reason from the kernel, no rule fits",
+                        state(ev)
+                    ),
                 ),
             }
         }
@@ -728,12 +708,13 @@ fn reply(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
         e.hook == Hook::TcpReceiveReset
             && e.sk == ev.sk
             && near(e, ev, cx)
-            && ABORT_ON_DATA_STATES.contains(&state(e))
+            && e.tcp_state()
+                .is_some_and(|s| ABORT_ON_DATA_STATES.contains(&s))
     });
-    match (reason, ev.state.as_deref()) {
-        (Some("NO_SOCKET"), _) => no_socket(&mut d, cx, Confidence::Certain),
-        (Some("TCP_TIMEWAIT_SOCKET"), _) => time_wait(&mut d, cx, Confidence::Certain),
-        (Some("TCP_ABORT_ON_DATA"), _) => {
+    match (reason, ev.state.map(|s| s.tcp().ok_or(s))) {
+        (Some(K(R::NoSocket)), _) => no_socket(&mut d, cx, Confidence::Certain),
+        (Some(K(R::TcpTimewaitSocket)), _) => time_wait(&mut d, cx, Confidence::Certain),
+        (Some(K(R::TcpAbortOnData)), _) => {
             if let Some(a) = aborted {
                 data_after_close(&mut d, cx, a, Confidence::Certain, "kernel reason TCP_ABORT_ON_DATA")
             } else if let Some(why) = linger2_after_fin_wait1(ev, cx) {
@@ -754,13 +735,13 @@ fn reply(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
                 )
             }
         }
-        (Some(r), _) if INVALID_SEGMENT_REASONS.contains(&r) => d.set(
+        (Some(r @ K(known)), _) if INVALID_SEGMENT_REASONS.contains(&known) => d.set(
             ResetCause::InvalidSegment,
             Confidence::Certain,
             None,
             format!(
                 "kernel reason {r}: a reply to a segment the socket ({}) does not accept",
-                ev.state.as_deref().unwrap_or("no socket")
+                ev.state.map_or("no socket", KState::name)
             ),
         ),
         (Some(r), _) => d.set(
@@ -770,7 +751,7 @@ fn reply(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
             format!("reply RST with kernel reason {r}, which tcp-trace has no rule for"),
         ),
         (None, None) => no_socket(&mut d, cx, Confidence::Derived),
-        (None, Some("TIME_WAIT")) => time_wait(&mut d, cx, Confidence::Derived),
+        (None, Some(Ok(S::TimeWait))) => time_wait(&mut d, cx, Confidence::Derived),
         (None, Some(_)) if aborted.is_some() => data_after_close(
             &mut d,
             cx,
@@ -787,17 +768,20 @@ fn reply(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
                 why,
             )
         }
-        (None, Some(s @ ("LISTEN" | "SYN_SENT" | "SYN_RECV" | "NEW_SYN_RECV"))) => d.set(
+        (None, Some(Ok(s @ (S::Listen | S::SynSent | S::SynRecv | S::NewSynRecv)))) => d.set(
             ResetCause::InvalidSegment,
             Confidence::Guess,
             None,
             format!("a reply from a socket in {s}: a segment it does not accept (no reason on this kernel)"),
         ),
-        (None, Some(s)) => d.set(
+        (None, Some(_)) => d.set(
             ResetCause::Unknown,
             Confidence::Guess,
             None,
-            format!("a reply RST from a socket in {s}; no reason on this kernel, no rule fits"),
+            format!(
+                "a reply RST from a socket in {}; no reason on this kernel, no rule fits",
+                state(ev)
+            ),
         ),
     }
     if d.owner.is_none() {
@@ -812,10 +796,10 @@ fn linger2_after_fin_wait1(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<Stri
     let mut changes = changes_before(cx, &ev.sk);
     let last = changes.next()?;
     let prev = changes.next()?;
-    (last.new_state.as_deref() == Some("CLOSE")
-        && state(last) == "FIN_WAIT2"
-        && state(prev) == "FIN_WAIT1"
-        && prev.new_state.as_deref() == Some("FIN_WAIT2")
+    (last.tcp_new_state() == Some(S::Close)
+        && last.tcp_state() == Some(S::FinWait2)
+        && prev.tcp_state() == Some(S::FinWait1)
+        && prev.tcp_new_state() == Some(S::FinWait2)
         && near(last, ev, cx))
     .then(|| {
         "the orphan went FIN_WAIT1 -> FIN_WAIT2 -> CLOSE on the ACK of its FIN and answered with \
@@ -853,7 +837,7 @@ fn data_after_close(
 fn no_socket(d: &mut ResetDiagnosis, cx: &FlowContext<'_>, confidence: Confidence) {
     let gone = cx.before.iter().rev().find(|e| {
         e.hook == Hook::TcpDestroySock
-            || (e.hook == Hook::InetSockSetState && e.new_state.as_deref() == Some("CLOSE"))
+            || (e.hook == Hook::InetSockSetState && e.tcp_new_state() == Some(S::Close))
     });
     let evidence = match gone {
         Some(g) => format!(
@@ -908,7 +892,8 @@ fn time_wait(d: &mut ResetDiagnosis, cx: &FlowContext<'_>, confidence: Confidenc
 
 fn received(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
     let s = state(ev);
-    let maybe_abort = ABORT_ON_DATA_STATES.contains(&s);
+    let st = ev.tcp_state();
+    let maybe_abort = st.is_some_and(|st| ABORT_ON_DATA_STATES.contains(&st));
     if maybe_abort
         && cx.after.iter().any(|e| {
             e.hook == Hook::TcpSendReset
@@ -921,16 +906,16 @@ fn received(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
         return None;
     }
     let mut d = base(ev, Direction::Received);
-    let what = match s {
-        "SYN_SENT" => "connection refused: RST in answer to our SYN (ECONNREFUSED)",
-        "CLOSE_WAIT" => {
+    let what = match st {
+        Some(S::SynSent) => "connection refused: RST in answer to our SYN (ECONNREFUSED)",
+        Some(S::CloseWait) => {
             "the peer reset after its FIN (the application's next call gets EPIPE or ECONNRESET)"
         }
-        "ESTABLISHED" => "the peer reset the connection (ECONNRESET)",
-        "FIN_WAIT1" | "FIN_WAIT2" | "CLOSING" | "LAST_ACK" => {
+        Some(S::Established) => "the peer reset the connection (ECONNRESET)",
+        Some(S::FinWait1 | S::FinWait2 | S::Closing | S::LastAck) => {
             "the peer reset after this side's close()/shutdown()"
         }
-        "SYN_RECV" => "the peer reset during the handshake",
+        Some(S::SynRecv) => "the peer reset during the handshake",
         _ => "the peer reset the connection",
     };
     let (confidence, note) = if maybe_abort {
@@ -968,7 +953,7 @@ fn with_peer(mut d: ResetDiagnosis, cx: &FlowContext<'_>) -> ResetDiagnosis {
 /// A state change to CLOSE with no RST either way: a timeout (tcp_write_err(), which counts
 /// TCPAbortOnTimeout and sends nothing), where the model says nothing else gets there quietly.
 fn silent_close(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis> {
-    let from = ev.state.as_deref()?;
+    let from = ev.tcp_state()?;
     let rst_near = cx
         .before
         .iter()
@@ -980,7 +965,7 @@ fn silent_close(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
     let closed_by_app = cx.close.is_some_and(|c| c.sk == ev.sk);
     let mut d = base(ev, Direction::Silent);
     match from {
-        "ESTABLISHED" | "CLOSE_WAIT" if !closed_by_app => d.set(
+        S::Established | S::CloseWait if !closed_by_app => d.set(
             ResetCause::Timeout,
             Confidence::Derived,
             Some(TcpExtCounter::TcpAbortOnTimeout),
@@ -990,21 +975,21 @@ fn silent_close(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiagnosis>
                  tcp_write_err()); the application gets ETIMEDOUT and the peer hears nothing"
             ),
         ),
-        "SYN_SENT" if !closed_by_app => d.set(
+        S::SynSent if !closed_by_app => d.set(
             ResetCause::Timeout,
             Confidence::Guess,
             Some(TcpExtCounter::TcpAbortOnTimeout),
             format!(
                 "SYN_SENT -> CLOSE with no RST: connect() timed out (TCPAbortOnTimeout), or an \
                  ICMP error{}",
-                if cx.hooks.tcp_close {
+                if cx.hooks.has(Hook::TcpClose) {
                     ""
                 } else {
                     ", or close() of a connecting socket (tcp_close not attached)"
                 }
             ),
         ),
-        "FIN_WAIT1" | "CLOSING" if cx.hooks.tcp_time_wait => {
+        S::FinWait1 | S::Closing if cx.hooks.has(Hook::TcpTimeWait) => {
             let to_time_wait = cx
                 .before
                 .iter()
@@ -1036,7 +1021,7 @@ fn silent_linger_zero(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<ResetDiag
     }
     let s = state(ev);
     // CLOSE: __tcp_close skips the linger check. LISTEN: its own path. The others reset.
-    if !matches!(s, "SYN_SENT" | "CLOSING" | "LAST_ACK") {
+    if !matches!(ev.tcp_state(), Some(S::SynSent | S::Closing | S::LastAck)) {
         return None;
     }
     if cx

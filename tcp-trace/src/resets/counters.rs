@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::ResetDiagnosis;
 
 /// The TcpExt counters of teardown aborts, in the order the tables show them.
-pub const ABORT_COUNTERS: [&str; 5] = [
+pub(crate) const ABORT_COUNTERS: [&str; 5] = [
     "TCPAbortOnClose",
     "TCPAbortOnData",
     "TCPAbortOnLinger",
@@ -28,7 +28,7 @@ pub const ABORT_COUNTERS: [&str; 5] = [
 
 /// /proc/net/netstat: pairs of lines, `Prefix: name name ...` then `Prefix: value value ...`.
 /// Returns prefix (`TcpExt`, `IpExt`, ...) -> name -> value.
-pub fn parse_netstat(text: &str) -> Result<BTreeMap<String, BTreeMap<String, u64>>> {
+pub(crate) fn parse_netstat(text: &str) -> Result<BTreeMap<String, BTreeMap<String, u64>>> {
     let mut out = BTreeMap::new();
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     while let Some(names) = lines.next() {
@@ -66,7 +66,7 @@ pub fn parse_netstat(text: &str) -> Result<BTreeMap<String, BTreeMap<String, u64
 }
 
 /// The TcpExt counters of a /proc/net/netstat text.
-pub fn tcp_ext(text: &str) -> Result<BTreeMap<String, u64>> {
+pub(crate) fn tcp_ext(text: &str) -> Result<BTreeMap<String, u64>> {
     parse_netstat(text)?
         .remove("TcpExt")
         .ok_or_else(|| anyhow!("netstat has no TcpExt lines"))
@@ -74,7 +74,7 @@ pub fn tcp_ext(text: &str) -> Result<BTreeMap<String, u64>> {
 
 /// How much each abort counter grew from `before` to `after`. A counter that is missing or went
 /// backwards (a different namespace, or a reset) is an error.
-pub fn deltas(
+pub(crate) fn deltas(
     before: &BTreeMap<String, u64>,
     after: &BTreeMap<String, u64>,
 ) -> Result<BTreeMap<&'static str, u64>> {
@@ -128,7 +128,7 @@ impl Tally {
 /// The outcome of comparing one counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum CheckVerdict {
+pub(crate) enum CheckVerdict {
     /// The kernel counted exactly what tcp-trace diagnosed.
     Ok,
     /// Within the range the guesses allow.
@@ -141,7 +141,7 @@ pub enum CheckVerdict {
 }
 
 impl CheckVerdict {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             CheckVerdict::Ok => "ok",
             CheckVerdict::OkWithinGuesses => "ok (within guesses)",
@@ -153,7 +153,7 @@ impl CheckVerdict {
 
 /// One row of the counter check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct CounterRow {
+pub(crate) struct CounterRow {
     /// A TcpExt counter, or `all` (their sum).
     pub counter: String,
     pub kernel_delta: u64,
@@ -210,7 +210,7 @@ fn row(counter: &str, delta: u64, min: u64, max: u64, filtered: bool) -> Counter
 /// Compares the kernel's deltas with the tally: one row per abort counter and one for their sum.
 /// `filtered`: the trace saw only part of the namespace's traffic (--pid/--port), so the kernel
 /// may count more, never less.
-pub fn check(
+pub(crate) fn check(
     deltas: &BTreeMap<&'static str, u64>,
     tally: &Tally,
     filtered: bool,
@@ -237,7 +237,7 @@ pub fn check(
 
 /// The check of one namespace.
 #[derive(Clone, Debug, Serialize)]
-pub struct NetnsCheck {
+pub(crate) struct NetnsCheck {
     pub netns: u32,
     /// How the namespace was found: `tcp-trace's own`, `pid 1234 (nginx)`, a path.
     pub label: String,
@@ -248,7 +248,7 @@ pub struct NetnsCheck {
 }
 
 impl NetnsCheck {
-    pub fn mismatch(&self) -> bool {
+    pub(crate) fn mismatch(&self) -> bool {
         self.error.is_some()
             || self
                 .rows
@@ -258,7 +258,7 @@ impl NetnsCheck {
 }
 
 /// A network namespace whose counters are read, kept open by descriptor.
-pub struct WatchedNetns {
+pub(crate) struct WatchedNetns {
     pub inode: u32,
     pub label: String,
     fd: OwnedFd,
@@ -266,7 +266,7 @@ pub struct WatchedNetns {
 
 impl WatchedNetns {
     /// Opens a namespace file (`/proc/PID/ns/net`, `/run/netns/NAME`, ...).
-    pub fn open(path: &Path, label: String) -> Result<WatchedNetns> {
+    pub(crate) fn open(path: &Path, label: String) -> Result<WatchedNetns> {
         let file = File::open(path)
             .with_context(|| format!("cannot open network namespace {}", path.display()))?;
         let inode = file.metadata()?.ino() as u32;
@@ -278,7 +278,7 @@ impl WatchedNetns {
     }
 
     /// The namespace's TcpExt counters, read from a thread inside it.
-    pub fn read(&self) -> Result<BTreeMap<String, u64>> {
+    pub(crate) fn read(&self) -> Result<BTreeMap<String, u64>> {
         let fd = self.fd.as_raw_fd();
         let text = std::thread::scope(|s| {
             s.spawn(|| -> Result<String> {
@@ -299,7 +299,7 @@ impl WatchedNetns {
 
 /// The namespaces to check: tcp-trace's own, each `--pid`'s, each `--netns` path; one entry per
 /// namespace.
-pub fn watch(pids: &[u32], paths: &[PathBuf]) -> Result<Vec<WatchedNetns>> {
+pub(crate) fn watch(pids: &[u32], paths: &[PathBuf]) -> Result<Vec<WatchedNetns>> {
     let mut out: Vec<WatchedNetns> = Vec::new();
     let mut add = |w: WatchedNetns| match out.iter_mut().find(|o| o.inode == w.inode) {
         Some(o) => o.label.push_str(&format!(", {}", w.label)),
@@ -323,7 +323,7 @@ pub fn watch(pids: &[u32], paths: &[PathBuf]) -> Result<Vec<WatchedNetns>> {
 }
 
 /// The counters of the watched namespaces at the start and at the end of a run.
-pub struct CounterRun {
+pub(crate) struct CounterRun {
     watched: Vec<WatchedNetns>,
     start: Vec<Result<BTreeMap<String, u64>, String>>,
     end: Vec<Result<BTreeMap<String, u64>, String>>,
@@ -336,7 +336,11 @@ pub struct CounterRun {
 impl CounterRun {
     /// Opens the namespaces (see [`watch`]) and takes the first reading. `now` reads
     /// CLOCK_MONOTONIC.
-    pub fn start(pids: &[u32], paths: &[PathBuf], now: impl Fn() -> u64) -> Result<CounterRun> {
+    pub(crate) fn start(
+        pids: &[u32],
+        paths: &[PathBuf],
+        now: impl Fn() -> u64,
+    ) -> Result<CounterRun> {
         let watched = watch(pids, paths)?;
         let start = watched
             .iter()
@@ -352,7 +356,7 @@ impl CounterRun {
     }
 
     /// The second reading; `now` is taken first, so a reset traced after it is not tallied.
-    pub fn finish(&mut self, now: impl Fn() -> u64) {
+    pub(crate) fn finish(&mut self, now: impl Fn() -> u64) {
         self.end_ns = Some(now());
         self.end = self
             .watched
@@ -363,7 +367,7 @@ impl CounterRun {
 
     /// The check of every watched namespace, and the namespaces whose resets involve a counter
     /// but whose counters were not read (namespace -> such resets).
-    pub fn checks(
+    pub(crate) fn checks(
         &self,
         tally: &BTreeMap<u32, Tally>,
         filtered: bool,

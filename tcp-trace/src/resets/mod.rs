@@ -37,8 +37,8 @@
 //! | peer-reset | received | none |
 
 mod classify;
-pub mod counters;
-pub mod summary;
+pub(crate) mod counters;
+pub(crate) mod summary;
 mod tracker;
 
 #[cfg(test)]
@@ -49,11 +49,10 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::time_of_day;
 use crate::decode::Owner;
-use crate::live::time_of_day;
 
-pub use classify::{FlowContext, HookSet, classify};
-pub use tracker::{ResetTracker, TrackerConfig};
+pub(crate) use tracker::{ResetTracker, TrackerConfig};
 
 /// Which way the RST went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -322,7 +321,7 @@ impl ResetDiagnosis {
 
 /// One human line: `time  owner  local > remote  sent|received|silent  cause (confidence)
 /// evidence`.
-pub fn reset_line(d: &ResetDiagnosis, unix_ns: u64) -> String {
+pub(crate) fn reset_line(d: &ResetDiagnosis, unix_ns: u64) -> String {
     let site = d
         .close_site
         .as_ref()

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::counters::NetnsCheck;
 use super::{Direction, ResetCause, ResetDiagnosis};
-use crate::live::time_of_day;
+use crate::clock::time_of_day;
 
 /// Rows kept at most; further (process, cause, peer) combinations are only counted.
 const MAX_ROWS: usize = 10_000;
@@ -158,7 +158,7 @@ impl Summary {
 
 /// The counter check tables, one per namespace, and the namespaces with resets whose counters
 /// were not read (`unchecked`: namespace -> diagnoses that involve a counter).
-pub fn render_checks(checks: &[NetnsCheck], unchecked: &BTreeMap<u32, u64>) -> String {
+pub(crate) fn render_checks(checks: &[NetnsCheck], unchecked: &BTreeMap<u32, u64>) -> String {
     let mut out = String::new();
     for c in checks {
         out.push_str(&format!(

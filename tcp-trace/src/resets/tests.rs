@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use super::counters::{self, CheckVerdict, Tally};
 use super::*;
 use crate::decode::{
-    self, CloseDetails, Comm, Hook, KState, OwnerSource, Segment, SockPtr, TraceEvent, intern,
+    self, CloseDetails, Comm, Hook, KReason, KState, OwnerSource, Segment, SockPtr, TraceEvent,
 };
 use crate::model::{self, Input, KernelGeneration, Model, ModelParams, TcpExtCounter, Wire};
+use tcp_trace_common::HookSet;
 
 const NS: u32 = 4026531840;
 
@@ -43,7 +44,7 @@ impl Stream {
 
     fn ev(&mut self, hook: Hook, state: Option<&str>) -> &mut TraceEvent {
         let raw = decode::tests::v4_event(tcp_trace_common::hook::TCP_CLOSE, 1, 2);
-        let mut e = decode::decode(&raw, &decode::tests::facts());
+        let mut e = decode::decode(&raw, &decode::tests::facts()).unwrap();
         self.ts += 10_000;
         e.ts_ns = self.ts;
         e.hook = hook;
@@ -88,14 +89,14 @@ impl Stream {
     fn active_rst(&mut self, state: &str, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, Some(state));
         e.rst_active = Some(true);
-        e.rst_reason = reason.map(intern);
+        e.rst_reason = reason.map(KReason::from);
         self
     }
 
     fn reply_rst(&mut self, state: Option<&str>, reason: Option<&str>) -> &mut Self {
         let e = self.ev(Hook::TcpSendReset, state);
         e.rst_active = Some(false);
-        e.rst_reason = reason.map(intern);
+        e.rst_reason = reason.map(KReason::from);
         self
     }
 
@@ -120,7 +121,15 @@ impl Stream {
 }
 
 fn tracker(kernel: KernelGeneration, hooks: &[&str]) -> ResetTracker {
-    ResetTracker::new(TrackerConfig::new(kernel, HookSet::from_names(hooks)))
+    ResetTracker::new(TrackerConfig::new(kernel, hook_set(hooks)))
+}
+
+/// The registry's hooks of these names.
+fn hook_set(names: &[&str]) -> HookSet {
+    names
+        .iter()
+        .map(|n| Hook::from_name(n).unwrap_or_else(|| panic!("no hook {n}")))
+        .collect()
 }
 
 const TRACEPOINTS: &[&str] = &[
@@ -707,7 +716,7 @@ fn resets_wait_for_their_settle_window_and_only_the_window_is_tallied() {
 
 #[test]
 fn connection_histories_are_bounded() {
-    let mut cfg = TrackerConfig::new(k(18), HookSet::from_names(TRACEPOINTS));
+    let mut cfg = TrackerConfig::new(k(18), hook_set(TRACEPOINTS));
     cfg.max_connections = 8;
     cfg.max_events_per_connection = 4;
     let mut t = ResetTracker::new(cfg);
@@ -1042,7 +1051,8 @@ fn each_cause_bumps_the_counter_the_model_says() {
 
 #[test]
 fn the_pipeline_prints_resets_inline_or_alone() {
-    use crate::report::{Pipeline, ReportOptions, ResetsView, View, model_params};
+    use crate::pipeline::{Pipeline, model_params};
+    use crate::report::{ReportOptions, ResetsView, View};
     use tcp_trace_common::{flag, hook};
     let raws: Vec<_> = [
         (hook::INET_SOCK_SET_STATE, 1u8, 7u8),

@@ -13,7 +13,7 @@ use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 
 use crate::decode::{Hook, SockPtr, TraceEvent};
-use crate::model::KernelGeneration;
+use crate::model::{KernelGeneration, TcpState as S};
 
 use super::classify::{FlowContext, HookSet, classify};
 use super::counters::Tally;
@@ -102,10 +102,10 @@ fn candidate(ev: &TraceEvent) -> bool {
         Hook::TcpSendReset | Hook::TcpSendActiveReset | Hook::TcpReceiveReset => true,
         Hook::TcpTimewaitStateProcess => ev.segment.as_ref().is_some_and(|s| s.flags.contains('R')),
         Hook::InetSockSetState => {
-            ev.new_state.as_deref() == Some("CLOSE")
+            ev.tcp_new_state() == Some(S::Close)
                 && matches!(
-                    ev.state.as_deref(),
-                    Some("ESTABLISHED" | "CLOSE_WAIT" | "SYN_SENT" | "FIN_WAIT1" | "CLOSING")
+                    ev.tcp_state(),
+                    Some(S::Established | S::CloseWait | S::SynSent | S::FinWait1 | S::Closing)
                 )
         }
         Hook::TcpClose => ev
@@ -199,7 +199,7 @@ impl ResetTracker {
 
     /// One event, in arrival order.
     pub fn observe(&mut self, ev: &TraceEvent) {
-        self.cfg.hooks.saw(ev.hook);
+        self.cfg.hooks.insert(ev.hook);
         self.follow_listener_close(ev);
         if let Some(key) = self.key_of(ev) {
             let (netns, t) = key;
@@ -230,8 +230,8 @@ impl ResetTracker {
             // A new incarnation of the 4-tuple (connect() from CLOSE, a child of a listener)
             // starts a fresh history.
             if ev.hook == Hook::InetSockSetState
-                && matches!(ev.state.as_deref(), Some("CLOSE" | "LISTEN"))
-                && ev.new_state.as_deref() != Some("CLOSE")
+                && matches!(ev.tcp_state(), Some(S::Close | S::Listen))
+                && ev.tcp_new_state() != Some(S::Close)
             {
                 conn.events.clear();
             }
@@ -259,8 +259,7 @@ impl ResetTracker {
         let settle = self.cfg.settle_ns;
         match ev.hook {
             Hook::InetSockSetState
-                if ev.state.as_deref() == Some("LISTEN")
-                    && ev.new_state.as_deref() == Some("CLOSE") =>
+                if ev.tcp_state() == Some(S::Listen) && ev.tcp_new_state() == Some(S::Close) =>
             {
                 // A listener whose destruction went unseen must not claim later children.
                 self.closing_listeners
@@ -271,10 +270,10 @@ impl ResetTracker {
                 self.closing_listeners.remove(&ev.sk);
             }
             Hook::InetSockSetState
-                if ev.new_state.as_deref() == Some("CLOSE")
+                if ev.tcp_new_state() == Some(S::Close)
                     && matches!(
-                        ev.state.as_deref(),
-                        Some("ESTABLISHED" | "CLOSE_WAIT" | "SYN_RECV")
+                        ev.tcp_state(),
+                        Some(S::Established | S::CloseWait | S::SynRecv)
                     ) =>
             {
                 let port = ev.local.map(|a| a.port());

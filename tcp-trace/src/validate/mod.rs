@@ -21,12 +21,12 @@ use serde_json::json;
 
 use crate::{
     attach::{self, AttachOptions, Backend, HookStatus},
-    decode,
-    flows::{FlowConfig, FlowReport, FlowTable, Verdict, attached_hook_names},
+    exit,
+    flows::{FlowConfig, FlowReport, Verdict, attached_hooks},
     kernel::{self, btf::KernelFacts},
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
-    owners::Owners,
+    pipeline,
 };
 use lab::{Collector, Dropper, Lab, SERVER_PORT, Side};
 use scenarios::{Ctx, ModelSetting, RunNotes, SCENARIOS, Scenario};
@@ -126,23 +126,12 @@ fn judge(
     let mut reports = Vec::new();
     // Each side's flows are judged with that namespace's sysctls.
     for side in [Side::Client, Side::Server] {
-        let mut config = FlowConfig::new(
-            params_for(version, lab, s, side)?,
-            attached_hook_names(hooks),
-        );
+        let mut config =
+            FlowConfig::new(params_for(version, lab, s, side)?, attached_hooks(hooks));
         config.hz = kernel::config_hz();
-        let mut table = FlowTable::new(config);
-        let mut owners = Owners::default();
         let netns = lab.ns(side).inode;
-        for raw in events.iter().filter(|e| e.netns == netns) {
-            let mut ev = decode::decode(raw, facts);
-            owners.attribute(&mut ev);
-            table.push(ev);
-        }
-        if lost {
-            table.note_lost(0, 1);
-        }
-        reports.extend(table.flush().into_iter().filter(|r| r.teardown));
+        let side_events = events.iter().filter(|e| e.netns == netns);
+        reports.extend(pipeline::judge(facts, config, side_events, lost)?);
     }
     let (local, remote) = scenarios::focus_port(s, &notes);
     let focus_ns = lab.ns(s.focus).inode;
@@ -451,7 +440,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         dropper.attach(&mut attached.ebpf, &lab)?;
         dropper.clear()?;
         let lost_before = collector.lost();
-        let started = live::now_ns(libc::CLOCK_MONOTONIC);
+        let started = crate::clock::now_ns(libc::CLOCK_MONOTONIC);
         let mut ctx = Ctx {
             lab: &lab,
             dropper: &mut dropper,
@@ -505,7 +494,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
     } else {
         print_table(&results, &version, opts.backend);
     }
-    Ok(if failed > 0 { 1 } else { 0 })
+    Ok(if failed > 0 { exit::DIVERGED } else { exit::OK })
 }
 
 fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Backend) {

@@ -1343,7 +1343,7 @@ fn fin_timeout_over_60s(ctx: &mut Ctx) -> Result<()> {
     let server_addr = ctx.lab.server_addr();
     ctx.notes
         .marks
-        .push(("peer FIN", crate::live::now_ns(libc::CLOCK_MONOTONIC)));
+        .push(("peer FIN", crate::clock::now_ns(libc::CLOCK_MONOTONIC)));
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
     note_seen(ctx, "after the client's late FIN, server sent", &seen);

@@ -31,7 +31,7 @@ use self::{
     synth::Shape,
     tracer::{Binaries, Tracer, TracerStats},
 };
-use crate::tasks;
+use crate::{helpers, tasks};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -178,7 +178,7 @@ fn print_machine(bins: &Binaries) {
     ));
     let version = |p: &std::path::Path| tracer::version_of(p).unwrap_or_else(|| "?".into());
     let commit = std::process::Command::new("git")
-        .current_dir(tasks::workspace_root())
+        .current_dir(helpers::workspace_root())
         .args(["describe", "--always", "--dirty"])
         .output()
         .ok()
@@ -404,7 +404,7 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
         "replay: synthetic recording checked: {} events, {} flows, verdicts {verdicts:?}",
         small.events, small.flows
     ));
-    let pinned = tasks::which("taskset").is_some();
+    let pinned = helpers::which("taskset").is_some();
     let mut ok = true;
     let mut notes = Vec::new();
     let mut table = Table::new();

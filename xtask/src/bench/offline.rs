@@ -15,7 +15,7 @@ use super::{
     synth::{self, Shape},
     tracer::{self, Binaries},
 };
-use crate::tasks;
+use crate::helpers;
 
 /// One way of replaying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub struct ReplayRun {
 /// The header of a real recording of this machine: `tcp-trace record` for a moment.
 pub fn record_header(bins: &Binaries, dir: &Path) -> Result<Vec<u8>> {
     let path = dir.join("header.tt");
-    let mut cmd = tasks::as_root(&bins.tcp_trace)?;
+    let mut cmd = helpers::as_root(&bins.tcp_trace)?;
     cmd.args(["record", "--duration", "300ms", "-o"])
         .arg(&path)
         .stdin(Stdio::null())
@@ -115,7 +115,7 @@ pub fn check(bin: &Path, file: &Path, shape: Shape) -> Result<Vec<(String, u64)>
 
 /// Replays `file` in `mode`, output to /dev/null, pinned to CPU 0 when taskset exists.
 pub fn replay_once(bin: &Path, file: &Path, mode: Mode) -> Result<ReplayRun> {
-    let mut cmd = match tasks::which("taskset") {
+    let mut cmd = match helpers::which("taskset") {
         Some(taskset) => {
             let mut c = Command::new(taskset);
             c.args(["-c", "0"]).arg(bin);

@@ -22,7 +22,7 @@
 use std::{io::Write, mem::offset_of};
 
 use anyhow::{Context, Result, bail};
-use tcp_trace_common::{AF_INET, EVENT_SIZE, Event, flag, hook, state};
+use tcp_trace_common::{AF_INET, EVENT_SIZE, Event, Hook, flag, state};
 
 const MAGIC: &[u8; 8] = b"TCPTRACE";
 const FORMAT_VERSION: u32 = 1;
@@ -163,15 +163,15 @@ pub fn connection(i: u64, abort_on_close: Option<u32>, out: &mut Vec<Event>) {
     let set_state = |from: &Event, dt: u64, old: u8, new: u8| {
         let mut e = *from;
         e.ts_ns = t0 + dt;
-        e.hook = hook::INET_SOCK_SET_STATE;
+        e.hook = Hook::InetSockSetState.abi();
         e.old_state = old;
         e.new_state = new;
         e
     };
-    let other = |from: &Event, dt: u64, h: u8, st: u8| {
+    let other = |from: &Event, dt: u64, h: Hook, st: u8| {
         let mut e = *from;
         e.ts_ns = t0 + dt;
-        e.hook = h;
+        e.hook = h.abi();
         e.old_state = st;
         e
     };
@@ -218,26 +218,26 @@ pub fn connection(i: u64, abort_on_close: Option<u32>, out: &mut Vec<Event>) {
             state::FIN_WAIT2,
         ));
         out.push(set_state(&client, 3_100, state::FIN_WAIT2, state::CLOSE));
-        out.push(other(&client, 3_130, hook::TCP_DESTROY_SOCK, state::CLOSE));
+        out.push(other(&client, 3_130, Hook::TcpDestroySock, state::CLOSE));
         out.push(set_state(&server, 3_200, state::LAST_ACK, state::CLOSE));
-        out.push(other(&server, 3_210, hook::TCP_DESTROY_SOCK, state::CLOSE));
+        out.push(other(&server, 3_210, Hook::TcpDestroySock, state::CLOSE));
     } else {
         out.push(set_state(&server, 3_000, state::ESTABLISHED, state::CLOSE));
         out.push(other(
             &client,
             3_040,
-            hook::TCP_RECEIVE_RESET,
+            Hook::TcpReceiveReset,
             state::ESTABLISHED,
         ));
         out.push(set_state(&client, 3_060, state::ESTABLISHED, state::CLOSE));
-        let mut rst = other(&server, 3_090, hook::TCP_SEND_RESET, state::CLOSE);
+        let mut rst = other(&server, 3_090, Hook::TcpSendReset, state::CLOSE);
         if let Some(reason) = abort_on_close {
             rst.flags |= flag::HAS_REASON;
             rst.reason = reason;
         }
         out.push(rst);
-        out.push(other(&server, 3_130, hook::TCP_DESTROY_SOCK, state::CLOSE));
-        out.push(other(&client, 3_360, hook::TCP_DESTROY_SOCK, state::CLOSE));
+        out.push(other(&server, 3_130, Hook::TcpDestroySock, state::CLOSE));
+        out.push(other(&client, 3_360, Hook::TcpDestroySock, state::CLOSE));
     }
 }
 
@@ -328,46 +328,34 @@ mod tests {
     use tcp_trace::{
         attach::{Backend, HookStatus, Mechanism},
         kernel::btf::KernelFacts,
+        pipeline::{Pipeline, model_params},
         record::{Filters, Record, RecordHeader, read_all},
-        report::{Pipeline, ReportOptions, View, model_params},
+        report::{ReportOptions, View},
     };
 
     use super::*;
 
     /// A header like this machine's: the four tracepoints attached, no function hooks.
     fn header() -> Vec<u8> {
-        let hooks = [
-            "tcp_close",
-            "tcp_fin",
-            "tcp_send_fin",
-            "tcp_send_active_reset",
-            "tcp_time_wait",
-            "tcp_timewait_state_process",
-            "tcp_timewait_state_process:return",
-            "sock:inet_sock_set_state",
-            "tcp:tcp_send_reset",
-            "tcp:tcp_receive_reset",
-            "tcp:tcp_destroy_sock",
-        ]
-        .iter()
-        .map(|h| HookStatus {
-            hook: h.to_string(),
-            mechanism: (h.starts_with("sock:") || h.starts_with("tcp:"))
-                .then_some(Mechanism::TpBtf),
-            failures: vec![],
-            skipped: None,
-        })
-        .collect();
-        let facts = KernelFacts {
-            config: Default::default(),
-            rst_reasons: BTreeMap::from([
+        let hooks = Hook::ALL
+            .into_iter()
+            .map(|h| HookStatus {
+                hook: h.name().to_string(),
+                mechanism: (!h.is_function()).then_some(Mechanism::TpBtf),
+                failures: vec![],
+                skipped: None,
+            })
+            .collect();
+        let facts = KernelFacts::new(
+            Default::default(),
+            BTreeMap::from([
                 (0, "NOT_SPECIFIED".to_string()),
                 (11, "TCP_ABORT_ON_CLOSE".to_string()),
             ]),
-            tw_status: BTreeMap::new(),
-            functions: BTreeMap::new(),
-            tracepoints: BTreeMap::new(),
-        };
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        );
         let mut h = RecordHeader::new(
             "6.18.44-test".into(),
             Backend::Auto,
@@ -430,12 +418,12 @@ mod tests {
             assert_eq!(sks.len(), 2);
             for sk in sks {
                 let last = evs.iter().rfind(|e| e.sk == sk).unwrap();
-                assert_eq!(last.hook, hook::TCP_DESTROY_SOCK);
+                assert_eq!(last.hook, Hook::TcpDestroySock.abi());
             }
         }
         let resets: Vec<_> = rst
             .iter()
-            .filter(|e| e.hook == hook::TCP_SEND_RESET)
+            .filter(|e| e.hook == Hook::TcpSendReset.abi())
             .collect();
         assert_eq!(resets.len(), 1);
         assert_eq!((resets[0].reason, resets[0].skb), (11, 0));

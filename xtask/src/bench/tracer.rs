@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::tasks;
+use crate::helpers;
 
 /// The bpftrace script the issue compares against: one printf per state change.
 pub const BPFTRACE_SCRIPT: &str = r#"tracepoint:sock:inet_sock_set_state { printf("%d %d %d\n", pid, args->oldstate, args->newstate); }"#;
@@ -116,14 +116,14 @@ pub struct Running {
 pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
-        Tracer::TcpTrace => tasks::as_root(&bins.tcp_trace)?,
+        Tracer::TcpTrace => helpers::as_root(&bins.tcp_trace)?,
         Tracer::TcpTraceJson => {
-            let mut c = tasks::as_root(&bins.tcp_trace)?;
+            let mut c = helpers::as_root(&bins.tcp_trace)?;
             c.arg("--json");
             c
         }
         Tracer::TcpTraceRecord => {
-            let mut c = tasks::as_root(&bins.tcp_trace)?;
+            let mut c = helpers::as_root(&bins.tcp_trace)?;
             c.args(["record", "-o", "/dev/null"]);
             c
         }
@@ -132,7 +132,7 @@ pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<R
                 .bpftrace
                 .as_ref()
                 .context("bpftrace is not installed")?;
-            let mut c = tasks::as_root(bin)?;
+            let mut c = helpers::as_root(bin)?;
             c.args(["-e", BPFTRACE_SCRIPT]);
             c
         }
@@ -458,7 +458,7 @@ pub fn vm_hwm_kib(status: &str) -> Option<u64> {
 
 /// bpftrace's path, installing Debian's package when it is missing (idempotent, says so).
 pub fn ensure_bpftrace() -> Result<PathBuf> {
-    if let Some(p) = tasks::which("bpftrace") {
+    if let Some(p) = helpers::which("bpftrace") {
         eprintln!("[xtask] bpftrace: {} (installed)", p.display());
         return Ok(p);
     }
@@ -469,15 +469,15 @@ pub fn ensure_bpftrace() -> Result<PathBuf> {
     if !apt.exists() {
         bail!("bpftrace is not installed and there is no apt-get to install it with");
     }
-    let mut update = tasks::as_root(apt)?;
+    let mut update = helpers::as_root(apt)?;
     update.args(["update", "-q"]);
-    tasks::status(&mut update)?;
-    let mut install = tasks::as_root(apt)?;
+    helpers::status(&mut update)?;
+    let mut install = helpers::as_root(apt)?;
     install
         .args(["install", "-y", "-q", "bpftrace"])
         .env("DEBIAN_FRONTEND", "noninteractive");
-    tasks::status(&mut install)?;
-    tasks::which("bpftrace")
+    helpers::status(&mut install)?;
+    helpers::which("bpftrace")
         .or_else(|| Some(PathBuf::from("/usr/bin/bpftrace")).filter(|p| p.exists()))
         .context("apt-get installed bpftrace but it is not on PATH")
 }

@@ -1,56 +1,28 @@
-//! The last stage of the data path, shared by the live tracer and `replay`: raw events are
-//! decoded, attributed to their owner, filtered, printed (text or JSON lines), and joined into
-//! flows whose timelines and verdicts are printed as each flow ends; a summary closes the run.
+//! The data path after the ring buffer, shared by the live tracer, `replay` and `validate`:
+//! raw events are decoded, attributed to their owner, filtered, diagnosed when they are resets
+//! and joined into flows, whose timelines and verdicts come out as each flow ends; a summary
+//! closes the run. What is printed, and how, is [`crate::report`]'s.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::Write,
-};
+use std::{collections::BTreeMap, io::Write};
 
 use anyhow::Result;
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::json;
 use tcp_trace_common::Event;
 
 use crate::{
     attach::HookStatus,
     decode::{self, Hook, TraceEvent},
-    flows::{FlowConfig, FlowReport, FlowTable, attached_hook_names},
+    flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
-    live::human_line,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::Owners,
-    resets::{self, HookSet, ResetDiagnosis, ResetTracker, TrackerConfig},
+    report::{
+        ReportOptions, ResetsView, View,
+        json::{JsonLine, json_line},
+        tables, text,
+    },
+    resets::{self, ResetDiagnosis, ResetTracker, TrackerConfig},
 };
-
-/// What to print.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum View {
-    /// One line per kernel event, and each flow's timeline and verdict when it ends.
-    Both,
-    /// One line per kernel event only.
-    Events,
-    /// Only each flow's timeline and verdict, when it ends.
-    Flows,
-}
-
-/// How reset diagnoses (see [`resets`]) are shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResetsView {
-    /// A line (or `{"type":"reset"}` object) per diagnosis among the events, except with
-    /// `--view flows`.
-    Inline,
-    /// Only the diagnoses (`tcp-trace resets`): no event lines, no flow timelines.
-    Only,
-}
-
-pub struct ReportOptions {
-    pub json: bool,
-    pub view: View,
-    pub pids: Vec<u32>,
-    /// Turns CLOCK_MONOTONIC event times into wall-clock time.
-    pub realtime_minus_mono_ns: i64,
-}
 
 /// The model's parameters for this host: the kernel version and the tcp sysctls, from
 /// `settings` (name -> value, as recorded or read from /proc/sys).
@@ -90,23 +62,26 @@ pub fn host_sysctls() -> BTreeMap<String, String> {
     .collect()
 }
 
-/// One `--json` line: the object's own fields after `type` (and `unix_ns`, `advice` where they
-/// apply), serialized straight into the output.
-#[derive(serde::Serialize)]
-struct JsonLine<'a, T: serde::Serialize> {
-    r#type: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unix_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    advice: Option<&'a str>,
-    #[serde(flatten)]
-    body: &'a T,
-}
-
-fn json_line<T: serde::Serialize>(out: &mut impl Write, line: &JsonLine<'_, T>) -> Result<()> {
-    serde_json::to_writer(&mut *out, line)?;
-    out.write_all(b"\n")?;
-    Ok(())
+/// The pipeline without printing or reset diagnoses, for events already in hand (`validate`):
+/// decode -> owners -> flows, then every flow that tore down, judged. `lost`: the kernel
+/// dropped events meanwhile (no verdict may then rely on an absence).
+pub(crate) fn judge<'a>(
+    facts: &KernelFacts,
+    config: FlowConfig,
+    events: impl IntoIterator<Item = &'a Event>,
+    lost: bool,
+) -> Result<Vec<FlowReport>> {
+    let mut flows = FlowTable::new(config);
+    let mut owners = Owners::default();
+    for raw in events {
+        let mut ev = decode::decode(raw, facts)?;
+        owners.attribute(&mut ev);
+        flows.push(ev);
+    }
+    if lost {
+        flows.note_lost(0, 1);
+    }
+    Ok(flows.flush().into_iter().filter(|r| r.teardown).collect())
 }
 
 /// Sizes of the pipeline's tables.
@@ -145,11 +120,8 @@ impl<W: Write> Pipeline<W> {
         opts: ReportOptions,
         out: W,
     ) -> Self {
-        let attached = attached_hook_names(hooks);
-        let resets = ResetTracker::new(TrackerConfig::new(
-            params.kernel,
-            HookSet::from_names(&attached),
-        ));
+        let attached = attached_hooks(hooks);
+        let resets = ResetTracker::new(TrackerConfig::new(params.kernel, attached));
         let mut config = FlowConfig::new(params, attached);
         config.hz = hz;
         Self {
@@ -203,7 +175,11 @@ impl<W: Write> Pipeline<W> {
 
     /// One raw event, as the kernel wrote it.
     pub fn event(&mut self, raw: &Event) -> Result<()> {
-        let mut ev = decode::decode(raw, &self.facts);
+        let Ok(mut ev) = decode::decode(raw, &self.facts) else {
+            // parse_raw lets no such record through; count it rather than guess its hook.
+            self.malformed += 1;
+            return Ok(());
+        };
         if let Some(resolver) = self.stacks.as_mut()
             && raw.user_stack != 0
         {
@@ -232,7 +208,7 @@ impl<W: Write> Pipeline<W> {
                     },
                 )?;
             } else {
-                writeln!(self.out, "{}", human_line(&ev, unix_ns))?;
+                writeln!(self.out, "{}", text::human_line(&ev, unix_ns))?;
             }
         }
         self.flows.push(ev);
@@ -358,45 +334,7 @@ impl<W: Write> Pipeline<W> {
 
     /// The summary table (text mode): per hook, how it was attached and how many events came.
     pub fn summary_table(&self, hooks: &[HookStatus]) -> String {
-        let mut table = Table::new();
-        table.load_preset(UTF8_FULL_CONDENSED);
-        table.set_header(["hook", "attached as", "events"]);
-        for h in hooks {
-            let count = crate::flows::hook_by_name(&h.hook)
-                .and_then(|k| self.counts.get(&k))
-                .copied()
-                .unwrap_or(0);
-            let how = h
-                .mechanism
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "not attached".into());
-            table.add_row([h.hook.clone(), how, count.to_string()]);
-        }
-        let verdicts: BTreeSet<String> = self
-            .verdicts
-            .iter()
-            .map(|(v, n)| format!("{n} {v}"))
-            .collect();
-        let mut out = table.to_string();
-        if !verdicts.is_empty() {
-            out.push_str(&format!(
-                "\nflows: {}",
-                verdicts.into_iter().collect::<Vec<_>>().join(", ")
-            ));
-        }
-        if !self.resets.by_cause().is_empty() {
-            let causes: Vec<String> = self
-                .resets
-                .by_cause()
-                .iter()
-                .map(|(c, n)| format!("{n} {c}"))
-                .collect();
-            out.push_str(&format!(
-                "\nresets: {} (`tcp-trace resets` adds the summary and the counter check)",
-                causes.join(", ")
-            ));
-        }
-        out
+        tables::summary(hooks, &self.counts, &self.verdicts, self.resets.by_cause())
     }
 
     pub fn diverged(&self) -> bool {
