@@ -77,8 +77,7 @@ pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours =
-            catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback;
+        let ours = spec.matches(&name) || name == spec.pinned_fallback;
         if ours && path.join(COMPLETE).exists() {
             found.push(PreparedKernel::load(spec.name, &path)?);
         }
@@ -87,30 +86,48 @@ pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
     Ok(found)
 }
 
-/// The newest installable package apt offers for `spec` with its version, refreshing apt's lists
-/// once when they have nothing matching. `None` when apt offers nothing.
+/// The newest installable package apt offers for `spec` with its version, from the project's own
+/// apt lists (`cargo xtask setup`: the machine's suites plus bullseye, trixie, trixie-backports
+/// and sid), refreshing them once when they have nothing matching. `None` when apt offers nothing.
 pub fn newest_available(spec: &KernelSpec) -> Result<Option<(String, String)>> {
+    let apt = crate::setup::kernel_apt()?;
     let search = || -> Result<Vec<String>> {
-        let out = host::run_checked(Command::new("apt-cache").args([
-            "search",
-            "--names-only",
-            &catalogue::glob_to_regex(spec.package_glob),
-        ]))?;
-        Ok(catalogue::parse_search(
-            &String::from_utf8_lossy(&out.stdout),
-            spec.package_glob,
-        ))
+        let mut names = Vec::new();
+        for glob in spec.package_globs {
+            let out = host::run_checked(apt.command("apt-cache").args([
+                "search",
+                "--names-only",
+                &catalogue::glob_to_regex(glob),
+            ]))?;
+            names.extend(catalogue::parse_search(
+                &String::from_utf8_lossy(&out.stdout),
+                spec,
+            ));
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     };
     let mut names = search()?;
-    if names.is_empty() && host::apt_update_once()? {
+    if names.is_empty() && refresh_once(&apt)? {
         names = search()?;
     }
     if names.is_empty() {
         return Ok(None);
     }
-    let out = host::run_checked(Command::new("apt-cache").arg("policy").args(&names))?;
+    let out = host::run_checked(apt.command("apt-cache").arg("policy").args(&names))?;
     let candidates = catalogue::parse_policy(&String::from_utf8_lossy(&out.stdout));
     Ok(catalogue::choose_newest(&candidates).cloned())
+}
+
+/// Refreshes the project's kernel lists at most once per process; whether it ran now.
+fn refresh_once(apt: &crate::setup::KernelApt) -> Result<bool> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(false);
+    }
+    apt.update()?;
+    Ok(true)
 }
 
 /// Makes `spec`'s newest kernel available in the cache (downloading and extracting it when it is
@@ -120,7 +137,7 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
     static PREPARED: Mutex<BTreeMap<String, PreparedKernel>> = Mutex::new(BTreeMap::new());
     // Held while preparing, so threads booting the same kernel download it once.
     let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("{}\0{}", spec.name, spec.package_glob);
+    let key = format!("{}\0{}", spec.name, spec.package_globs.join(" "));
     if let Some(k) = prepared.get(&key) {
         return Ok(k.clone());
     }
@@ -138,7 +155,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
             say!(
                 "kernel {}: apt offers nothing matching {}; trying {}",
                 spec.name,
-                spec.package_glob,
+                spec.package_globs.join(" or "),
                 spec.pinned_fallback
             );
             None
@@ -155,7 +172,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
             say!(
                 "kernel {}: cannot ask apt for {} ({e:#}); trying {}",
                 spec.name,
-                spec.package_glob,
+                spec.package_globs.join(" or "),
                 spec.pinned_fallback
             );
             None
@@ -201,7 +218,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
         "could not get a kernel for {} ({}):\n  {}\nCheck that the Debian mirror is reachable \
          (apt-get update), or update the catalogue in xtask/src/vm/catalogue.rs",
         spec.name,
-        spec.package_glob,
+        spec.package_globs.join(" or "),
         errors.join("\n  ")
     )
 }
@@ -225,12 +242,13 @@ fn download_and_extract(
             }
         );
         let dl = staging.join("download");
-        let deb = match host::apt_download(pkg, &dl) {
+        let apt = crate::setup::kernel_apt()?;
+        let deb = match host::apt_download(&apt, pkg, &dl) {
             Ok(deb) => deb,
             // The lists may be stale (the mirror dropped that version): refresh once and retry.
             Err(e) => {
-                if host::apt_update_once()? {
-                    host::apt_download(pkg, &dl)?
+                if refresh_once(&apt)? {
+                    host::apt_download(&apt, pkg, &dl)?
                 } else {
                     return Err(e);
                 }
