@@ -58,6 +58,7 @@ static CONFIG: Config = Config {
     inet_sport: 0,
     capture_stacks: 0,
     pt_regs_sp: 0,
+    tw_process_nargs: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -727,8 +728,16 @@ pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
-    // bpf_get_func_ret() finds the return value whatever the argument count (3, 4 or 5).
-    let status = ctx.ret::<i64>().unwrap_or(-1) as i32;
+    // The return value sits in the context right after the arguments (3 to 5 of them, from BTF):
+    // read there, not with bpf_get_func_ret(), which 5.10 (and anything before 5.17) lacks. Each
+    // arm reads a constant offset; the verifier sees only the one the constant config selects.
+    let ret = |n: usize| unsafe { *(ctx.as_ptr() as *const u64).add(n) };
+    let status = match conf!(tw_process_nargs) {
+        3 => ret(3),
+        4 => ret(4),
+        5 => ret(5),
+        _ => u64::MAX,
+    } as i32;
     on_tw_process_ret(ctx.arg::<u64>(0), status);
     0
 }
