@@ -826,12 +826,37 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if conf!(capture_stacks) == 0 {
         return 0;
     }
+    // The user registers as the syscall entered (bpf_task_pt_regs: 5.15+).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    remember_close(&ctx, regs);
+    0
+}
+
+/// x86_64's close(2) number.
+const NR_CLOSE: u64 = 3;
+
+/// raw_syscalls:sys_enter as a raw tracepoint (`regs`, `id`): the close() entry where the
+/// kernel lacks the helpers `sys_enter_close` needs to reach the user registers (before 5.15).
+/// It runs for every syscall on the host, so the loader uses it only where the other one does
+/// not load.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_tp_sys_enter_close(ctx: RawTracePointContext) -> u32 {
+    if conf!(capture_stacks) == 0 || tp_arg(&ctx, 1) != NR_CLOSE {
+        return 0;
+    }
+    remember_close(&ctx, tp_arg(&ctx, 0));
+    0
+}
+
+/// Records this thread's close() call site: its user stack and the return address on top of
+/// the user stack (`regs`: the user registers at syscall entry, 0 if unknown).
+#[inline(always)]
+fn remember_close(ctx: &impl StackIdContext, regs: u64) {
     let tid = bpf_get_current_pid_tgid() as u32;
     let stack = ctx
         .get_stackid(&USER_STACKS, BPF_F_USER_STACK)
         .map_or(0, |id| id as u32 + 1);
     // The caller of libc's close(): on top of the user stack when the syscall entered.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     let sp: u64 = if regs != 0 {
         rd(regs, conf!(pt_regs_sp))
     } else {
@@ -845,7 +870,6 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         exit_ns: 0,
     };
     let _ = CLOSING.insert(&tid, &site, 0);
-    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_close")]

@@ -499,31 +499,66 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         hooks.push(status);
     }
     if opts.stacks {
-        for (name, program) in [
-            ("syscalls:sys_enter_close", "sys_enter_close"),
-            ("syscalls:sys_exit_close", "sys_exit_close"),
-        ] {
-            let result: Result<(), ProgramError> = (|| {
-                let p: &mut TracePoint = ebpf
-                    .program_mut(program)
+        hooks.push(attach_close_entry(&mut ebpf));
+        let result = attach_tracepoint(&mut ebpf, "sys_exit_close");
+        hooks.push(HookStatus {
+            hook: "syscalls:sys_exit_close".to_string(),
+            mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
+            failures: result
+                .err()
+                .map(|e| vec![(Mechanism::Tracepoint, e)])
+                .unwrap_or_default(),
+            skipped: None,
+        });
+    }
+    Ok(Attached { ebpf, hooks })
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, program: &str) -> Result<(), String> {
+    let result: Result<(), ProgramError> = (|| {
+        let p: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        p.load()?;
+        p.attach("syscalls", program)?;
+        Ok(())
+    })();
+    result.map_err(|e| explain(&e, Mechanism::Tracepoint))
+}
+
+/// The close() entry for `--stacks`: the `syscalls:sys_enter_close` tracepoint, else (kernels
+/// whose tracepoint programs cannot reach the user registers, before 5.15) a raw tracepoint on
+/// every syscall entry that keeps only close().
+fn attach_close_entry(ebpf: &mut Ebpf) -> HookStatus {
+    let mut status = HookStatus {
+        hook: "syscalls:sys_enter_close".to_string(),
+        mechanism: None,
+        failures: Vec::new(),
+        skipped: None,
+    };
+    match attach_tracepoint(ebpf, "sys_enter_close") {
+        Ok(()) => status.mechanism = Some(Mechanism::Tracepoint),
+        Err(e) => {
+            status.failures.push((Mechanism::Tracepoint, e));
+            let raw: Result<(), ProgramError> = (|| {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut("raw_tp_sys_enter_close")
                     .ok_or(ProgramError::NotLoaded)?
                     .try_into()?;
                 p.load()?;
-                p.attach("syscalls", program)?;
+                p.attach("sys_enter")?;
                 Ok(())
             })();
-            hooks.push(HookStatus {
-                hook: name.to_string(),
-                mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
-                failures: result
-                    .err()
-                    .map(|e| vec![(Mechanism::Tracepoint, explain(&e, Mechanism::Tracepoint))])
-                    .unwrap_or_default(),
-                skipped: None,
-            });
+            match raw {
+                Ok(()) => status.mechanism = Some(Mechanism::RawTp),
+                Err(e) => status
+                    .failures
+                    .push((Mechanism::RawTp, explain(&e, Mechanism::RawTp))),
+            }
         }
     }
-    Ok(Attached { ebpf, hooks })
+    status
 }
 
 /// A hook and, for each of its mechanisms, whether it attached (or why not).
