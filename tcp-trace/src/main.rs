@@ -125,6 +125,10 @@ enum Command {
         /// Run only this scenario (repeatable); `--scenario list` names them.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
+        /// Also write each scenario's events to DIR/<scenario>.tt (the `record` format, for
+        /// `tcp-trace replay`).
+        #[arg(long, value_name = "DIR")]
+        record_dir: Option<std::path::PathBuf>,
     },
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
@@ -246,13 +250,15 @@ fn main() -> ExitCode {
                 pids: cli.trace.pids,
             },
         ),
-        Some(Command::Validate { scenarios }) => {
-            tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
-                scenarios,
-                json: cli.trace.json,
-                backend: cli.trace.backend,
-            })
-        }
+        Some(Command::Validate {
+            scenarios,
+            record_dir,
+        }) => tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
+            scenarios,
+            json: cli.trace.json,
+            backend: cli.trace.backend,
+            record_dir,
+        }),
         None => run_live(cli.trace, None, None),
     };
     match result {

@@ -27,6 +27,7 @@ use crate::{
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::Owners,
+    record::{Filters, RecordHeader, RecordWriter},
 };
 use lab::{Collector, Dropper, Lab, Side};
 use scenarios::{Ctx, RunNotes, SCENARIOS, Scenario};
@@ -35,6 +36,9 @@ pub struct ValidateOptions {
     pub scenarios: Vec<String>,
     pub json: bool,
     pub backend: Backend,
+    /// Write each scenario's events as a recording (`DIR/<scenario>.tt`, the `record` format),
+    /// to replay or keep as golden traces.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 /// One scenario's result: a `--json` line with `"type": "scenario"`.
@@ -246,6 +250,63 @@ fn judge(
     })
 }
 
+/// One scenario's events, to write as a recording that `tcp-trace replay` reads like one made
+/// by `tcp-trace record`.
+struct RecordingOf<'a> {
+    scenario: &'a Scenario,
+    lab: &'a Lab,
+    events: &'a [tcp_trace_common::Event],
+    /// The lost-events total, when events were lost during the scenario.
+    lost: Option<u64>,
+}
+
+impl RecordingOf<'_> {
+    fn write(
+        &self,
+        dir: &std::path::Path,
+        release: &str,
+        version: &KernelVersion,
+        backend: Backend,
+        hooks: &[HookStatus],
+        facts: &KernelFacts,
+    ) -> Result<()> {
+        let path = dir.join(format!("{}.tt", self.scenario.name));
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut header = RecordHeader::new(
+            release.to_string(),
+            backend,
+            hooks.to_vec(),
+            facts.clone(),
+            Filters::default(),
+        );
+        // The focus side's sysctls: the ones its verdict was judged with.
+        let ns = self.lab.ns(self.scenario.focus);
+        for key in [
+            "net.ipv4.tcp_fin_timeout",
+            "net.ipv4.tcp_rfc1337",
+            "net.ipv4.tcp_orphan_retries",
+        ] {
+            header.sysctls.insert(key.into(), ns.read_sysctl(key)?);
+        }
+        header
+            .sysctls
+            .insert(live::KERNEL_VERSION_KEY.into(), version.to_string());
+        if let Some(hz) = kernel::config_hz() {
+            header.sysctls.insert("kernel.hz".into(), hz.to_string());
+        }
+        let mut w = RecordWriter::new(std::io::BufWriter::new(file), &header)?;
+        for ev in self.events {
+            w.event(ev)?;
+        }
+        if let (Some(total), Some(last)) = (self.lost, self.events.last()) {
+            w.lost(last.ts_ns, total)?;
+        }
+        w.finish()?;
+        Ok(())
+    }
+}
+
 /// What the model says comes back on the wire after the probe's inputs.
 fn probe_expectation(probe: &scenarios::Probe, params: &ModelParams) -> Result<scenarios::Reply> {
     use crate::model::{Model, State, Wire, parse_inputs};
@@ -300,6 +361,10 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             .map(|n| scenarios::find(n))
             .collect::<Result<_>>()?
     };
+    if let Some(dir) = &opts.record_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the --record-dir {}", dir.display()))?;
+    }
     let prep = live::prepare(&[])?;
     let version: KernelVersion = kernel::kernel_version()
         .parse()
@@ -351,6 +416,24 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         std::thread::sleep(Duration::from_millis(300));
         let events = collector.events_in(&lab.netns(), started);
         let lost = collector.lost() > lost_before;
+        if let Some(dir) = &opts.record_dir {
+            let recording = RecordingOf {
+                scenario: s,
+                lab: &lab,
+                events: &events,
+                lost: lost.then(|| collector.lost()),
+            };
+            recording
+                .write(
+                    dir,
+                    &prep.release,
+                    &version,
+                    opts.backend,
+                    &attached.hooks,
+                    &prep.facts,
+                )
+                .with_context(|| format!("{}: writing its recording", s.name))?;
+        }
         let result = judge(
             s,
             &lab,
