@@ -325,7 +325,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             let mut pipeline = Pipeline::new(
                 prep.facts.clone(),
                 &hooks,
-                report::model_params(&version, &sysctls),
+                report::model_params(&version, &sysctls).with_detected(prep.facts.detected()),
                 kernel::config_hz(),
                 ReportOptions {
                     json: opts.json,

@@ -37,7 +37,7 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let mut pipeline = Pipeline::new(
         header.facts.clone(),
         &header.hooks,
-        report::model_params(&version, &header.sysctls),
+        report::model_params(&version, &header.sysctls).with_detected(header.facts.detected()),
         hz,
         ReportOptions {
             json: opts.json,

@@ -289,6 +289,19 @@ impl KernelFacts {
         })
     }
 
+    /// What these facts show of the kernel's teardown, for the model's parameters.
+    pub fn detected(&self) -> crate::model::DetectedKernel {
+        let has =
+            |params: Option<&Vec<String>>, name: &str| params.map(|p| p.iter().any(|n| n == name));
+        crate::model::DetectedKernel {
+            passive_reset_reasons: has(self.tracepoints.get("tcp_send_reset"), "reason"),
+            active_reset_argument: has(self.functions.get("tcp_send_active_reset"), "reason"),
+            tw_ack_oow: (!self.tw_status.is_empty())
+                .then(|| self.tw_status.values().any(|n| n == "ACK_OOW")),
+            tw_isn_argument: has(self.functions.get("tcp_timewait_state_process"), "tw_isn"),
+        }
+    }
+
     pub fn rst_reason_name(&self, value: u32) -> &'static str {
         match self.rst_reasons.get(&(value as u64)) {
             Some(name) => crate::decode::intern(name),
@@ -601,8 +614,22 @@ mod tests {
             vec!["sk".to_string(), "skb".into(), "reason".into()]
         );
 
+        let d = new.detected();
+        assert_eq!(d.passive_reset_reasons, Some(true));
+        assert_eq!(d.active_reset_argument, Some(true));
+        assert_eq!(d.tw_ack_oow, Some(false));
+        assert_eq!(
+            d.tw_isn_argument, None,
+            "no tcp_timewait_state_process in this BTF"
+        );
         let old =
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
+        let d = old.detected();
+        assert_eq!(d.passive_reset_reasons, Some(false));
+        assert_eq!(d.active_reset_argument, Some(false));
+        // A 6.12 release number on a kernel whose BTF has no reasons: modelled without them.
+        let g = crate::model::KernelGeneration::from_version(6, 12, 0).with_detected(d);
+        assert!(!g.passive_reset_reasons && !g.active_reset_reasons);
         assert_eq!(old.config.active_reset_reason_arg, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
         assert!(old.rst_reasons.is_empty());

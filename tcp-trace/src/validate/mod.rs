@@ -68,7 +68,12 @@ pub struct Check {
 }
 
 /// The model's parameters for a flow in `ns`: this kernel plus that namespace's sysctls.
-fn params_for(version: &KernelVersion, lab: &Lab, side: Side) -> Result<ModelParams> {
+fn params_for(
+    version: &KernelVersion,
+    facts: &KernelFacts,
+    lab: &Lab,
+    side: Side,
+) -> Result<ModelParams> {
     let ns = lab.ns(side);
     let int = |key: &str| -> Result<i64> {
         ns.read_sysctl(key)?
@@ -79,7 +84,9 @@ fn params_for(version: &KernelVersion, lab: &Lab, side: Side) -> Result<ModelPar
         tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout")? as u32,
         tcp_rfc1337: int("net.ipv4.tcp_rfc1337")? != 0,
         tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries")? as u32,
-        ..ModelParams::for_generation(KernelGeneration::for_release(*version))
+        ..ModelParams::for_generation(
+            KernelGeneration::for_release(*version).with_detected(facts.detected()),
+        )
     })
 }
 
@@ -99,8 +106,10 @@ fn judge(
     let mut reports = Vec::new();
     // Each side's flows are judged with that namespace's sysctls.
     for side in [Side::Client, Side::Server] {
-        let mut config =
-            FlowConfig::new(params_for(version, lab, side)?, attached_hook_names(hooks));
+        let mut config = FlowConfig::new(
+            params_for(version, facts, lab, side)?,
+            attached_hook_names(hooks),
+        );
         config.hz = kernel::config_hz();
         let mut table = FlowTable::new(config);
         let mut owners = Owners::default();
@@ -194,7 +203,7 @@ fn judge(
     let mut model_expects = model_expects;
     let mut kernel_did = kernel_did;
     if let Some(probe) = &s.probe {
-        let expected = probe_expectation(probe, &params_for(version, lab, s.focus)?)?;
+        let expected = probe_expectation(probe, &params_for(version, facts, lab, s.focus)?)?;
         model_expects.push_str(&format!(
             "; probe {} -> {expected:?}",
             probe.inputs.join(",")
