@@ -353,9 +353,7 @@ pub fn kernel_sources_list(machine: &[DebianSource], codename: &str) -> Result<S
                  into the cache"
             )
         })?;
-    let secure = machine
-        .iter()
-        .find(|s| s.suites.iter().any(|x| *x == security));
+    let secure = machine.iter().find(|s| s.suites.contains(&security));
     let line = |src: &DebianSource, suite: &str| match &src.signed_by {
         Some(k) => format!("deb [signed-by={k}] {} {suite} main\n", src.uri),
         None => format!("deb {} {suite} main\n", src.uri),
