@@ -34,7 +34,7 @@ pub const KERNELS: &[KernelSpec] = &[
     KernelSpec {
         name: "5.10",
         package_globs: &["linux-image-5.10.0-*-amd64-unsigned"],
-        pinned_fallback: "linux-image-5.10.0-35-amd64-unsigned",
+        pinned_fallback: "linux-image-5.10.0-46-amd64-unsigned",
     },
     KernelSpec {
         name: "6.1",
@@ -53,13 +53,13 @@ pub const KERNELS: &[KernelSpec] = &[
             "linux-image-6.18*-amd64-unsigned",
             "linux-image-6.18*-amd64",
         ],
-        pinned_fallback: "linux-image-6.18.15+deb13-amd64-unsigned",
+        pinned_fallback: "linux-image-6.18.15+deb13-amd64",
     },
     // The newest Debian kernel (trixie-backports or sid), whatever 7.x apt offers today.
     KernelSpec {
         name: "7.x",
         package_globs: &["linux-image-7.*-amd64-unsigned", "linux-image-7.*-amd64"],
-        pinned_fallback: "linux-image-7.3.2+bpo-amd64",
+        pinned_fallback: "linux-image-7.3.4+deb13-amd64",
     },
 ];
 
@@ -407,11 +407,11 @@ linux-image-6.1.0-9-amd64-unsigned:
         }
         let newest = kernel_spec("7.x").unwrap();
         assert!(newest.matches("linux-image-7.2.3-amd64"));
-        assert!(newest.matches("linux-image-7.3.2+bpo-amd64-unsigned"));
-        assert!(!newest.matches("linux-image-7.3.2+bpo-cloud-amd64"));
-        assert!(!newest.matches("linux-image-7.3.2+bpo-amd64-dbg"));
+        assert!(newest.matches("linux-image-7.3.4+deb13-amd64-unsigned"));
+        assert!(!newest.matches("linux-image-7.3.4+deb13-cloud-amd64"));
+        assert!(!newest.matches("linux-image-7.3.4+deb13-amd64-dbg"));
         let old = kernel_spec("5.10").unwrap();
-        assert!(old.matches("linux-image-5.10.0-35-amd64-unsigned"));
+        assert!(old.matches("linux-image-5.10.0-46-amd64-unsigned"));
         assert!(!old.matches("linux-image-5.10.0-35-rt-amd64-unsigned"));
     }
 }
