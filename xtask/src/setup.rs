@@ -265,7 +265,8 @@ impl KernelApt {
         let has_packages = std::fs::read_dir(self.lists())
             .ok()?
             .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"));
+            // Stored as `..._Packages` or compressed (`_Packages.lz4` where apt is set to).
+            .any(|e| e.file_name().to_string_lossy().contains("_Packages"));
         if !has_packages {
             return None;
         }
