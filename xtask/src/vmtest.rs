@@ -533,9 +533,23 @@ fn run_kernel(
     let resets = runs.get("resets").cloned().unwrap_or_default();
     let stack_expected = !KNOWN_NO_STACK.contains(&spec.name);
     let reset_problems = check_resets(&resets, stack_expected);
+    // How close() was hooked for --stacks (a raw tracepoint where the tracepoint cannot load).
+    let close_entry = resets
+        .iter()
+        .find(|l| l["type"] == "start")
+        .and_then(|l| l["hooks"].as_array())
+        .and_then(|h| h.iter().find(|h| h["hook"] == "syscalls:sys_enter_close"))
+        .map(|h| {
+            let m = h["mechanism"].as_str().unwrap_or("not attached");
+            match h["failures"].as_array().and_then(|f| f.first()) {
+                Some(f) => format!("{m}, after {}: {}", f[0], f[1]),
+                None => m.to_string(),
+            }
+        })
+        .unwrap_or_else(|| "?".into());
     let resets_summary = if reset_problems.is_empty() {
         format!(
-            "close-unread, 14 bytes, owner and counters right; close() at {}",
+            "close-unread, 14 bytes, owner and counters right; close() at {} (close() entry: {close_entry})",
             if stack_expected {
                 "finish() close_unread_peer.c:12"
             } else {
