@@ -294,7 +294,8 @@ impl KernelFacts {
         let has =
             |params: Option<&Vec<String>>, name: &str| params.map(|p| p.iter().any(|n| n == name));
         crate::model::DetectedKernel {
-            passive_reset_reasons: has(self.tracepoints.get("tcp_send_reset"), "reason"),
+            // A tracepoint's prototype (btf_trace_<name>) has unnamed parameters: count them.
+            passive_reset_reasons: self.tracepoints.get("tcp_send_reset").map(|p| p.len() > 2),
             active_reset_argument: has(self.functions.get("tcp_send_active_reset"), "reason"),
             tw_ack_oow: (!self.tw_status.is_empty())
                 .then(|| self.tw_status.values().any(|n| n == "ACK_OOW")),
