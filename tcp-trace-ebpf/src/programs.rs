@@ -707,9 +707,23 @@ pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
     0
 }
 
+/// Context slot `N` of a tracing (fentry/fexit) program. Not inlined, so that each read stays a
+/// load at a constant offset from the unmodified context pointer, as the verifier requires:
+/// inlined into a match on a config value, LLVM merges the arms into one load from a computed
+/// address ("dereference of modified ctx ptr", seen on 6.12 and 6.18).
+#[inline(never)]
+fn ctx_slot<const N: usize>(ctx: *mut core::ffi::c_void) -> u64 {
+    unsafe { *(ctx as *const u64).add(N) }
+}
+
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
-    let reason = active_reset_reason(|n| ctx.arg::<u64>(n));
+    let p = ctx.as_ptr();
+    let reason = active_reset_reason(|n| match n {
+        1 => ctx_slot::<1>(p),
+        2 => ctx_slot::<2>(p),
+        _ => ctx_slot::<3>(p),
+    });
     on_active_reset(ctx.arg::<u64>(0), reason);
     0
 }
@@ -731,11 +745,11 @@ pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
     // The return value sits in the context right after the arguments (3 to 5 of them, from BTF):
     // read there, not with bpf_get_func_ret(), which 5.10 (and anything before 5.17) lacks. Each
     // arm reads a constant offset; the verifier sees only the one the constant config selects.
-    let ret = |n: usize| unsafe { *(ctx.as_ptr() as *const u64).add(n) };
+    let p = ctx.as_ptr();
     let status = match conf!(tw_process_nargs) {
-        3 => ret(3),
-        4 => ret(4),
-        5 => ret(5),
+        3 => ctx_slot::<3>(p),
+        4 => ctx_slot::<4>(p),
+        5 => ctx_slot::<5>(p),
         _ => u64::MAX,
     } as i32;
     on_tw_process_ret(ctx.arg::<u64>(0), status);
