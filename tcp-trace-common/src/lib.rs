@@ -201,10 +201,6 @@ pub struct Config {
     pub capture_stacks: u32,
     /// struct pt_regs -> sp (the user stack pointer at syscall entry).
     pub pt_regs_sp: u32,
-    /// How many arguments `tcp_timewait_state_process` has (3 to 5, from BTF): its fexit program
-    /// reads the return value from the context slot after them, since bpf_get_func_ret() is
-    /// 5.17+.
-    pub tw_process_nargs: u32,
 }
 
 /// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.

@@ -58,7 +58,6 @@ static CONFIG: Config = Config {
     inet_sport: 0,
     capture_stacks: 0,
     pt_regs_sp: 0,
-    tw_process_nargs: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -707,24 +706,37 @@ pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
     0
 }
 
-/// Context slot `N` of a tracing (fentry/fexit) program. Not inlined, so that each read stays a
-/// load at a constant offset from the unmodified context pointer, as the verifier requires:
-/// inlined into a match on a config value, LLVM merges the arms into one load from a computed
-/// address ("dereference of modified ctx ptr", seen on 6.12 and 6.18).
-#[inline(never)]
-fn ctx_slot<const N: usize>(ctx: *mut core::ffi::c_void) -> u64 {
-    unsafe { *(ctx as *const u64).add(N) }
+/// Context slot `N` of a tracing (fentry/fexit) program: a load at a constant offset from the
+/// unmodified context pointer, as the verifier requires.
+#[inline(always)]
+fn ctx_slot<const N: usize>(ctx: &impl EbpfContext) -> u64 {
+    unsafe { *(ctx.as_ptr() as *const u64).add(N) }
+}
+
+// One fentry program per position of tcp_send_active_reset's reason (none; 2nd, 3rd or 4th
+// argument, from BTF), chosen by the loader: a slot chosen at run time from the config compiles
+// into a load from a computed context address, which the verifier refuses.
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), None);
+    0
 }
 
 #[fentry(function = "tcp_send_active_reset")]
-pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
-    let p = ctx.as_ptr();
-    let reason = active_reset_reason(|n| match n {
-        1 => ctx_slot::<1>(p),
-        2 => ctx_slot::<2>(p),
-        _ => ctx_slot::<3>(p),
-    });
-    on_active_reset(ctx.arg::<u64>(0), reason);
+pub fn fentry_tcp_send_active_reset_r2(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<1>(&ctx) as u32));
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset_r3(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<2>(&ctx) as u32));
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset_r4(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<3>(&ctx) as u32));
     0
 }
 
@@ -740,19 +752,24 @@ pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
     0
 }
 
+// One fexit program per argument count of tcp_timewait_state_process (3 before 6.10, 4, 5 on
+// 6.18), chosen by the loader: the return value sits in the context right after the arguments.
+// Read there, not with bpf_get_func_ret(), which kernels before 5.17 (5.10) lack.
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
-    // The return value sits in the context right after the arguments (3 to 5 of them, from BTF):
-    // read there, not with bpf_get_func_ret(), which 5.10 (and anything before 5.17) lacks. Each
-    // arm reads a constant offset; the verifier sees only the one the constant config selects.
-    let p = ctx.as_ptr();
-    let status = match conf!(tw_process_nargs) {
-        3 => ctx_slot::<3>(p),
-        4 => ctx_slot::<4>(p),
-        5 => ctx_slot::<5>(p),
-        _ => u64::MAX,
-    } as i32;
-    on_tw_process_ret(ctx.arg::<u64>(0), status);
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<3>(&ctx) as i32);
+    0
+}
+
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn fexit_tcp_timewait_state_process4(ctx: FExitContext) -> u32 {
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<4>(&ctx) as i32);
+    0
+}
+
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn fexit_tcp_timewait_state_process5(ctx: FExitContext) -> u32 {
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<5>(&ctx) as i32);
     0
 }
 

@@ -407,6 +407,38 @@ fn try_attach(
     })
 }
 
+/// The program that serves `def` with `mechanism` on this kernel: where the signature decides
+/// which context slot holds a value, one program per signature (from BTF).
+fn program_for(
+    def: &HookDef,
+    mechanism: Mechanism,
+    program: &'static str,
+    facts: &KernelFacts,
+) -> &'static str {
+    match (def.name, mechanism) {
+        ("tcp_send_active_reset", Mechanism::Fentry) => {
+            match facts.config.active_reset_reason_arg {
+                2 => "fentry_tcp_send_active_reset_r2",
+                3 => "fentry_tcp_send_active_reset_r3",
+                4 => "fentry_tcp_send_active_reset_r4",
+                _ => program,
+            }
+        }
+        ("tcp_timewait_state_process:return", Mechanism::Fexit) => {
+            match facts
+                .functions
+                .get("tcp_timewait_state_process")
+                .map(Vec::len)
+            {
+                Some(4) => "fexit_tcp_timewait_state_process4",
+                Some(5) => "fexit_tcp_timewait_state_process5",
+                _ => program,
+            }
+        }
+        _ => program,
+    }
+}
+
 /// Detaches and unloads one program (a no-op when it is not loaded).
 fn unload(ebpf: &mut Ebpf, program: &str) {
     use aya::programs::Program;
@@ -486,6 +518,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
             Err(why) => status.skipped = Some(why),
             Ok(list) => {
                 for (mechanism, program) in list {
+                    let program = program_for(def, mechanism, program, facts);
                     match try_attach(&mut ebpf, &btf, def, mechanism, program) {
                         Ok(()) => {
                             status.mechanism = Some(mechanism);
@@ -576,6 +609,7 @@ pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     for def in HOOKS {
         let mut results = Vec::new();
         for (mechanism, program) in def.programs {
+            let program = program_for(def, mechanism, program, facts);
             let r = try_attach(&mut ebpf, &btf, def, mechanism, program);
             if r.is_ok() {
                 unload(&mut ebpf, program);

@@ -273,9 +273,6 @@ impl KernelFacts {
             inet_sport: off("inet_sock", "inet_sport")?,
             capture_stacks: 0,
             pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
-            tw_process_nargs: functions
-                .get("tcp_timewait_state_process")
-                .map_or(0, |p| p.len() as u32),
         };
         Ok(Self {
             config,
