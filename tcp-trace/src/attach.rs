@@ -633,6 +633,17 @@ mod tests {
                 assert!(obj.programs.contains_key(program), "{program} missing");
             }
         }
+        // The per-signature variants the loader picks from BTF.
+        for program in [
+            "fentry_tcp_send_active_reset_r2",
+            "fentry_tcp_send_active_reset_r3",
+            "fentry_tcp_send_active_reset_r4",
+            "fexit_tcp_timewait_state_process4",
+            "fexit_tcp_timewait_state_process5",
+            "raw_tp_sys_enter_close",
+        ] {
+            assert!(obj.programs.contains_key(program), "{program} missing");
+        }
     }
 
     #[test]
