@@ -706,10 +706,37 @@ pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
     0
 }
 
+/// Context slot `N` of a tracing (fentry/fexit) program: a load at a constant offset from the
+/// unmodified context pointer, as the verifier requires.
+#[inline(always)]
+fn ctx_slot<const N: usize>(ctx: &impl EbpfContext) -> u64 {
+    unsafe { *(ctx.as_ptr() as *const u64).add(N) }
+}
+
+// One fentry program per position of tcp_send_active_reset's reason (none; 2nd, 3rd or 4th
+// argument, from BTF), chosen by the loader: a slot chosen at run time from the config compiles
+// into a load from a computed context address, which the verifier refuses.
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
-    let reason = active_reset_reason(|n| ctx.arg::<u64>(n));
-    on_active_reset(ctx.arg::<u64>(0), reason);
+    on_active_reset(ctx.arg::<u64>(0), None);
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset_r2(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<1>(&ctx) as u32));
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset_r3(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<2>(&ctx) as u32));
+    0
+}
+
+#[fentry(function = "tcp_send_active_reset")]
+pub fn fentry_tcp_send_active_reset_r4(ctx: FEntryContext) -> u32 {
+    on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<3>(&ctx) as u32));
     0
 }
 
@@ -725,11 +752,24 @@ pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
     0
 }
 
+// One fexit program per argument count of tcp_timewait_state_process (3 before 6.10, 4, 5 on
+// 6.18), chosen by the loader: the return value sits in the context right after the arguments.
+// Read there, not with bpf_get_func_ret(), which kernels before 5.17 (5.10) lack.
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
-    // bpf_get_func_ret() finds the return value whatever the argument count (3, 4 or 5).
-    let status = ctx.ret::<i64>().unwrap_or(-1) as i32;
-    on_tw_process_ret(ctx.arg::<u64>(0), status);
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<3>(&ctx) as i32);
+    0
+}
+
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn fexit_tcp_timewait_state_process4(ctx: FExitContext) -> u32 {
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<4>(&ctx) as i32);
+    0
+}
+
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn fexit_tcp_timewait_state_process5(ctx: FExitContext) -> u32 {
+    on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<5>(&ctx) as i32);
     0
 }
 
@@ -817,12 +857,37 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if conf!(capture_stacks) == 0 {
         return 0;
     }
+    // The user registers as the syscall entered (bpf_task_pt_regs: 5.15+).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    remember_close(&ctx, regs);
+    0
+}
+
+/// x86_64's close(2) number.
+const NR_CLOSE: u64 = 3;
+
+/// raw_syscalls:sys_enter as a raw tracepoint (`regs`, `id`): the close() entry where the
+/// kernel lacks the helpers `sys_enter_close` needs to reach the user registers (before 5.15).
+/// It runs for every syscall on the host, so the loader uses it only where the other one does
+/// not load.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_tp_sys_enter_close(ctx: RawTracePointContext) -> u32 {
+    if conf!(capture_stacks) == 0 || tp_arg(&ctx, 1) != NR_CLOSE {
+        return 0;
+    }
+    remember_close(&ctx, tp_arg(&ctx, 0));
+    0
+}
+
+/// Records this thread's close() call site: its user stack and the return address on top of
+/// the user stack (`regs`: the user registers at syscall entry, 0 if unknown).
+#[inline(always)]
+fn remember_close(ctx: &impl StackIdContext, regs: u64) {
     let tid = bpf_get_current_pid_tgid() as u32;
     let stack = ctx
         .get_stackid(&USER_STACKS, BPF_F_USER_STACK)
         .map_or(0, |id| id as u32 + 1);
     // The caller of libc's close(): on top of the user stack when the syscall entered.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     let sp: u64 = if regs != 0 {
         rd(regs, conf!(pt_regs_sp))
     } else {
@@ -836,7 +901,6 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         exit_ns: 0,
     };
     let _ = CLOSING.insert(&tid, &site, 0);
-    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_close")]

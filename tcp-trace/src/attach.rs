@@ -331,6 +331,38 @@ fn try_attach(
     })
 }
 
+/// The program that serves `def` with `mechanism` on this kernel: where the signature decides
+/// which context slot holds a value, one program per signature (from BTF).
+fn program_for(
+    hook: Hook,
+    mechanism: Mechanism,
+    program: &'static str,
+    facts: &KernelFacts,
+) -> &'static str {
+    match (hook, mechanism) {
+        (Hook::TcpSendActiveReset, Mechanism::Fentry) => {
+            match facts.config.active_reset_reason_arg {
+                2 => "fentry_tcp_send_active_reset_r2",
+                3 => "fentry_tcp_send_active_reset_r3",
+                4 => "fentry_tcp_send_active_reset_r4",
+                _ => program,
+            }
+        }
+        (Hook::TcpTimewaitStateProcessReturn, Mechanism::Fexit) => {
+            match facts
+                .functions
+                .get("tcp_timewait_state_process")
+                .map(Vec::len)
+            {
+                Some(4) => "fexit_tcp_timewait_state_process4",
+                Some(5) => "fexit_tcp_timewait_state_process5",
+                _ => program,
+            }
+        }
+        _ => program,
+    }
+}
+
 /// Detaches and unloads one program (a no-op when it is not loaded).
 fn unload(ebpf: &mut Ebpf, program: &str) {
     use aya::programs::Program;
@@ -418,6 +450,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
             Err(why) => status.skipped = Some(why),
             Ok(list) => {
                 for (mechanism, program) in list {
+                    let program = program_for(hook, mechanism, program, facts);
                     match try_attach(&mut ebpf, &btf, hook, mechanism, program) {
                         Ok(()) => {
                             status.mechanism = Some(mechanism);
@@ -431,30 +464,66 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         hooks.push(status);
     }
     if opts.stacks {
-        for aux in AuxHook::ALL {
-            let (system, name) = aux.tracepoint();
-            let program = aux.program();
-            let result: Result<(), ProgramError> = (|| {
-                let p: &mut TracePoint = ebpf
-                    .program_mut(program)
+        hooks.push(attach_close_entry(&mut ebpf));
+        let result = attach_tracepoint(&mut ebpf, "sys_exit_close");
+        hooks.push(HookStatus {
+            hook: "syscalls:sys_exit_close".to_string(),
+            mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
+            failures: result
+                .err()
+                .map(|e| vec![(Mechanism::Tracepoint, e)])
+                .unwrap_or_default(),
+            skipped: None,
+        });
+    }
+    Ok(Attached { ebpf, hooks })
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, program: &str) -> Result<(), String> {
+    let result: Result<(), ProgramError> = (|| {
+        let p: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        p.load()?;
+        p.attach("syscalls", program)?;
+        Ok(())
+    })();
+    result.map_err(|e| explain(&e, Mechanism::Tracepoint))
+}
+
+/// The close() entry for `--stacks`: the `syscalls:sys_enter_close` tracepoint, else (kernels
+/// whose tracepoint programs cannot reach the user registers, before 5.15) a raw tracepoint on
+/// every syscall entry that keeps only close().
+fn attach_close_entry(ebpf: &mut Ebpf) -> HookStatus {
+    let mut status = HookStatus {
+        hook: "syscalls:sys_enter_close".to_string(),
+        mechanism: None,
+        failures: Vec::new(),
+        skipped: None,
+    };
+    match attach_tracepoint(ebpf, "sys_enter_close") {
+        Ok(()) => status.mechanism = Some(Mechanism::Tracepoint),
+        Err(e) => {
+            status.failures.push((Mechanism::Tracepoint, e));
+            let raw: Result<(), ProgramError> = (|| {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut("raw_tp_sys_enter_close")
                     .ok_or(ProgramError::NotLoaded)?
                     .try_into()?;
                 p.load()?;
-                p.attach(system, name)?;
+                p.attach("sys_enter")?;
                 Ok(())
             })();
-            hooks.push(HookStatus {
-                hook: aux.name().to_string(),
-                mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
-                failures: result
-                    .err()
-                    .map(|e| vec![(Mechanism::Tracepoint, explain(&e, Mechanism::Tracepoint))])
-                    .unwrap_or_default(),
-                skipped: None,
-            });
+            match raw {
+                Ok(()) => status.mechanism = Some(Mechanism::RawTp),
+                Err(e) => status
+                    .failures
+                    .push((Mechanism::RawTp, explain(&e, Mechanism::RawTp))),
+            }
         }
     }
-    Ok(Attached { ebpf, hooks })
+    status
 }
 
 /// A hook and, for each of its mechanisms, whether it attached (or why not).
@@ -472,6 +541,7 @@ pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     for hook in Hook::ALL {
         let mut results = Vec::new();
         for (mechanism, program) in all_mechanisms(hook) {
+            let program = program_for(hook, mechanism, program, facts);
             let r = try_attach(&mut ebpf, &btf, hook, mechanism, program);
             if r.is_ok() {
                 unload(&mut ebpf, program);
@@ -497,6 +567,17 @@ mod tests {
         }
         for aux in AuxHook::ALL {
             assert!(obj.programs.contains_key(aux.program()), "{aux:?}");
+        }
+        // The per-signature variants the loader picks from BTF.
+        for program in [
+            "fentry_tcp_send_active_reset_r2",
+            "fentry_tcp_send_active_reset_r3",
+            "fentry_tcp_send_active_reset_r4",
+            "fexit_tcp_timewait_state_process4",
+            "fexit_tcp_timewait_state_process5",
+            "raw_tp_sys_enter_close",
+        ] {
+            assert!(obj.programs.contains_key(program), "{program} missing");
         }
     }
 

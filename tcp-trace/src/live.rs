@@ -189,7 +189,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             let mut pipeline = Pipeline::new(
                 prep.facts.clone(),
                 &hooks,
-                pipeline::model_params(&version, &sysctls),
+                pipeline::model_params(&version, &sysctls).with_detected(prep.facts.detected()),
                 kernel::config_hz(),
                 ReportOptions {
                     json: opts.json,

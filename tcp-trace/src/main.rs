@@ -131,6 +131,10 @@ enum Command {
         /// restore them afterwards. Without it they are reported as not run.
         #[arg(long)]
         owns_machine: bool,
+        /// Also write each scenario's events to DIR/<scenario>.tt (the `record` format, for
+        /// `tcp-trace replay`).
+        #[arg(long, value_name = "DIR")]
+        record_dir: Option<std::path::PathBuf>,
     },
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
@@ -256,11 +260,13 @@ fn main() -> ExitCode {
         Some(Command::Validate {
             scenarios,
             owns_machine,
+            record_dir,
         }) => tcp_trace::validate::run(tcp_trace::validate::ValidateOptions {
             scenarios,
             json: cli.trace.json,
             backend: cli.trace.backend,
             owns_machine,
+            record_dir,
         }),
         None => run_live(cli.trace, None, None),
     };

@@ -36,7 +36,7 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
     let mut pipeline = Pipeline::new(
         header.facts.clone(),
         &header.hooks,
-        pipeline::model_params(&version, &header.sysctls),
+        pipeline::model_params(&version, &header.sysctls).with_detected(header.facts.detected()),
         hz,
         ReportOptions {
             json: opts.json,

@@ -38,8 +38,10 @@ enum Command {
         #[arg(long)]
         skip_vm: bool,
     },
-    /// The kernel matrix: Debian kernels under qemu (kprobe and fentry) and this machine's kernel,
-    /// each running `tcp-trace validate --json`; prints kernel x backend x scenario -> verdict.
+    /// The kernel matrix: Debian kernels 5.10 ... 7.x under qemu, each booted once for the kprobe,
+    /// fentry and tracepoint backends, and this machine's kernel, each running
+    /// `tcp-trace validate --json`; prints kernel x backend x scenario -> verdict (Markdown, also
+    /// in target/vm-matrix.md) and keeps every scenario's recording in target/vm-recordings/.
     VmTest {
         /// `all` or one catalogue kernel (see `vm-run --list`).
         #[arg(long, default_value = "all")]
@@ -50,6 +52,9 @@ enum Command {
         /// Leave out this machine's own kernel.
         #[arg(long)]
         skip_host: bool,
+        /// Guests booted at once (each takes 2 vCPUs of emulation).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Fuzz the recording reader (cargo-fuzz, libFuzzer) for a bounded time.
     Fuzz {
@@ -76,6 +81,7 @@ fn main() -> Result<()> {
             kernel,
             scenarios,
             skip_host,
-        } => vmtest::run(&kernel, scenarios, skip_host),
+            jobs,
+        } => vmtest::run(&kernel, scenarios, skip_host, jobs),
     }
 }

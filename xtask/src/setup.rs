@@ -5,6 +5,7 @@
 //! Each step checks first and prints what it does, so running it again is cheap and quiet.
 
 use std::{
+    collections::BTreeMap,
     env,
     path::{Path, PathBuf},
     process::Command,
@@ -195,4 +196,330 @@ fn find_libllvm(sysroot: &Path) -> Result<PathBuf> {
                 lib.display()
             )
         })
+}
+
+/// The Debian suites the VM matrix takes kernels from, besides the machine's own: bullseye (5.10),
+/// trixie (6.12), trixie-backports and sid (6.18, 7.x). They live in an apt configuration of the
+/// project's own under the cache, so the machine's sources and lists are never touched.
+const EXTRA_SUITES: &[&str] = &["bullseye", "trixie", "trixie-backports", "sid"];
+const EXTRA_SECURITY_SUITES: &[&str] = &["bullseye-security", "trixie-security"];
+/// Lists older than this are refreshed before a kernel is looked up.
+const KERNEL_LISTS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// apt, pointed at the project's own sources file and lists: `<cache>/apt/{sources.list,
+/// sources.list.d/,lists/,cache/}`.
+#[derive(Debug, Clone)]
+pub struct KernelApt {
+    dir: PathBuf,
+}
+
+impl KernelApt {
+    fn sources(&self) -> PathBuf {
+        self.dir.join("sources.list")
+    }
+
+    fn lists(&self) -> PathBuf {
+        self.dir.join("lists")
+    }
+
+    /// `program` (apt-get or apt-cache) reading only our sources and lists.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+        cmd.arg("-o")
+            .arg(opt("Dir::Etc::SourceList", &self.sources()))
+            .arg("-o")
+            .arg(opt(
+                "Dir::Etc::SourceParts",
+                &self.dir.join("sources.list.d"),
+            ))
+            .arg("-o")
+            .arg(opt("Dir::State::Lists", &self.lists()))
+            .arg("-o")
+            .arg(opt("Dir::Cache", &self.dir.join("cache")))
+            .args(["-o", "Acquire::Languages=none"]);
+        if crate::helpers::is_root() {
+            // The lists live under root's home, which apt's `_apt` download user cannot write.
+            cmd.args(["-o", "APT::Sandbox::User=root"]);
+        }
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    }
+
+    /// `apt-get update` of our lists only.
+    pub fn update(&self) -> Result<()> {
+        say(format!(
+            "refreshing the kernel package lists of {} (apt-get update, our lists only)",
+            self.sources().display()
+        ));
+        let mut cmd = self.command("apt-get");
+        cmd.args(["update", "-qq"]);
+        output(&mut cmd).context(
+            "apt-get update of the kernel suites failed; check that the Debian mirror is reachable",
+        )?;
+        std::fs::write(self.dir.join("updated"), "")?;
+        Ok(())
+    }
+
+    fn lists_age(&self) -> Option<std::time::Duration> {
+        let has_packages = std::fs::read_dir(self.lists())
+            .ok()?
+            .filter_map(|e| e.ok())
+            // Stored as `..._Packages` or compressed (`_Packages.lz4` where apt is set to).
+            .any(|e| e.file_name().to_string_lossy().contains("_Packages"));
+        if !has_packages {
+            return None;
+        }
+        std::fs::metadata(self.dir.join("updated"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+    }
+}
+
+/// A Debian stanza of the machine's apt sources: where the archive is and its keyring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianSource {
+    pub uri: String,
+    pub suites: Vec<String>,
+    pub signed_by: Option<String>,
+}
+
+/// The `Types: deb` stanzas of a deb822 `.sources` file and the `deb` lines of a one-line
+/// `.list` file (`Enabled: no` stanzas and comments left out).
+pub fn parse_apt_sources(text: &str) -> Vec<DebianSource> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut fields: BTreeMap<String, String> = BTreeMap::new();
+        for line in stanza.lines() {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("deb ") {
+                // One-line format: deb [options] uri suite component...
+                let (options, rest) = match rest.trim_start().strip_prefix('[') {
+                    Some(r) => r.split_once(']').unwrap_or((r, "")),
+                    None => ("", rest),
+                };
+                let signed_by = options
+                    .split_whitespace()
+                    .find_map(|o| o.strip_prefix("signed-by="))
+                    .map(str::to_string);
+                let mut words = rest.split_whitespace();
+                if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+                    out.push(DebianSource {
+                        uri: uri.trim_end_matches('/').to_string(),
+                        suites: vec![suite.to_string()],
+                        signed_by,
+                    });
+                }
+            } else if let Some((k, v)) = line.split_once(':')
+                && !k.contains(' ')
+            {
+                fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let enabled = fields.get("enabled").is_none_or(|v| v != "no");
+        let deb = fields
+            .get("types")
+            .is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+        if let (true, true, Some(uris), Some(suites)) =
+            (enabled, deb, fields.get("uris"), fields.get("suites"))
+        {
+            for uri in uris.split_whitespace() {
+                out.push(DebianSource {
+                    uri: uri.trim_end_matches('/').to_string(),
+                    suites: suites.split_whitespace().map(str::to_string).collect(),
+                    signed_by: fields.get("signed-by").cloned(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Our sources file: the machine's own Debian suites (found by its codename, as it lists them)
+/// plus [`EXTRA_SUITES`] from the same archive and [`EXTRA_SECURITY_SUITES`] from its security
+/// archive, each with the machine's keyring for that archive.
+pub fn kernel_sources_list(machine: &[DebianSource], codename: &str) -> Result<String> {
+    let security = format!("{codename}-security");
+    let archive = machine
+        .iter()
+        .find(|s| s.suites.iter().any(|x| x == codename))
+        .with_context(|| {
+            format!(
+                "the machine's apt sources list no Debian archive for {codename}: the VM kernels \
+                 come from Debian's archive; add it to /etc/apt/sources.list.d or fetch kernels by hand \
+                 into the cache"
+            )
+        })?;
+    let secure = machine.iter().find(|s| s.suites.contains(&security));
+    let line = |src: &DebianSource, suite: &str| match &src.signed_by {
+        Some(k) => format!("deb [signed-by={k}] {} {suite} main\n", src.uri),
+        None => format!("deb {} {suite} main\n", src.uri),
+    };
+    let mut out = String::from(
+        "# Written by `cargo xtask setup` (xtask/src/setup.rs): the Debian suites the VM kernel \
+         matrix takes kernels from.\n",
+    );
+    let mut seen = Vec::new();
+    for src in machine
+        .iter()
+        .filter(|s| s.uri == archive.uri || secure.is_some_and(|x| x.uri == s.uri))
+    {
+        for suite in &src.suites {
+            if !seen.contains(suite) {
+                out.push_str(&line(src, suite));
+                seen.push(suite.clone());
+            }
+        }
+    }
+    for suite in EXTRA_SUITES {
+        out.push_str(&line(archive, suite));
+    }
+    if let Some(secure) = secure {
+        for suite in EXTRA_SECURITY_SUITES {
+            out.push_str(&line(secure, suite));
+        }
+    }
+    Ok(out)
+}
+
+fn machine_apt_sources() -> Vec<DebianSource> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "sources" || e == "list"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| parse_apt_sources(&t))
+        .collect()
+}
+
+fn os_codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .context("/etc/os-release names no VERSION_CODENAME: not a Debian release?")
+}
+
+/// The project's apt configuration for kernels, written (when it changed) and its lists
+/// refreshed (when missing, older than a day, or the sources changed). Once per process; if the
+/// refresh fails but older lists exist, those are used with a warning.
+pub fn kernel_apt() -> Result<KernelApt> {
+    static READY: std::sync::Mutex<Option<KernelApt>> = std::sync::Mutex::new(None);
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = ready.as_ref() {
+        return Ok(k.clone());
+    }
+    let apt = KernelApt {
+        dir: cache_dir().join("apt"),
+    };
+    for d in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(apt.dir.join(d))
+            .with_context(|| format!("creating {}", apt.dir.join(d).display()))?;
+    }
+    let wanted = kernel_sources_list(&machine_apt_sources(), &os_codename()?)?;
+    let current = std::fs::read_to_string(apt.sources()).unwrap_or_default();
+    let changed = current != wanted;
+    if changed {
+        say(format!(
+            "writing {} (suites: the machine's own, {}, {})",
+            apt.sources().display(),
+            EXTRA_SUITES.join(", "),
+            EXTRA_SECURITY_SUITES.join(", ")
+        ));
+        std::fs::write(apt.sources(), &wanted)?;
+    }
+    match apt.lists_age() {
+        Some(age) if !changed && age < KERNEL_LISTS_MAX_AGE => say(format!(
+            "kernel package lists: present ({} h old)",
+            age.as_secs() / 3600
+        )),
+        age => {
+            if let Err(e) = apt.update() {
+                if age.is_none() {
+                    return Err(e);
+                }
+                say(format!("warning: {e:#}; using the older lists"));
+            }
+        }
+    }
+    *ready = Some(apt.clone());
+    Ok(apt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MACHINE: &str = "\
+Types: deb
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: https://other.example/node
+Suites: nodistro
+Components: main
+Enabled: no
+";
+
+    #[test]
+    fn sources_are_parsed_in_both_formats() {
+        let s = parse_apt_sources(MACHINE);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].suites, ["bookworm", "bookworm-updates"]);
+        assert_eq!(s[1].uri, "http://mirror.example/debian-security");
+        let one = parse_apt_sources(
+            "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian/ bullseye main\n",
+        );
+        assert_eq!(
+            one,
+            [DebianSource {
+                uri: "http://m.example/debian".into(),
+                suites: vec!["bullseye".into()],
+                signed_by: Some("/k.gpg".into()),
+            }]
+        );
+    }
+
+    #[test]
+    fn our_sources_add_the_kernel_suites_to_the_machines() {
+        let list = kernel_sources_list(&parse_apt_sources(MACHINE), "bookworm").unwrap();
+        let lines: Vec<&str> = list.lines().filter(|l| l.starts_with("deb ")).collect();
+        let k = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
+        assert_eq!(
+            lines,
+            [
+                format!("deb {k} http://mirror.example/debian bookworm main"),
+                format!("deb {k} http://mirror.example/debian bookworm-updates main"),
+                format!("deb {k} http://mirror.example/debian-security bookworm-security main"),
+                format!("deb {k} http://mirror.example/debian bullseye main"),
+                format!("deb {k} http://mirror.example/debian trixie main"),
+                format!("deb {k} http://mirror.example/debian trixie-backports main"),
+                format!("deb {k} http://mirror.example/debian sid main"),
+                format!("deb {k} http://mirror.example/debian-security bullseye-security main"),
+                format!("deb {k} http://mirror.example/debian-security trixie-security main"),
+            ]
+        );
+        assert!(kernel_sources_list(&parse_apt_sources(MACHINE), "trixie").is_err());
+    }
 }

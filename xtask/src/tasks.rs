@@ -87,5 +87,5 @@ pub fn test(skip_vm: bool) -> Result<()> {
         say("--skip-vm: not running the VM kernel matrix");
         return Ok(());
     }
-    crate::vmtest::run("all", Vec::new(), false)
+    crate::vmtest::run("all", Vec::new(), false, crate::vmtest::DEFAULT_JOBS)
 }

@@ -544,7 +544,10 @@ fn list() -> Result<()> {
         };
         println!(
             "{:<6} {:<40} {:<45} {}",
-            spec.name, spec.package_glob, newest, cached
+            spec.name,
+            spec.package_globs.join(" "),
+            newest,
+            cached
         );
     }
     println!("cache: {}", host::kernels_dir()?.display());

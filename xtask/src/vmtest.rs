@@ -1,9 +1,14 @@
-//! `cargo xtask vm-test`: the kernel matrix. Every catalogue kernel boots under qemu with a static
-//! tcp-trace inside, which runs `doctor` and then `validate --json` with the kprobe and the fentry
-//! backend; this machine's own kernel runs `validate --json` with what it allows (tracepoints).
-//! The JSON comes back over the VM's result channel, is parsed (never grepped), and a matrix of
-//! kernel x backend x scenario -> verdict is printed. Any divergence, any hook that should attach
-//! and does not, or a VM that fails to boot fails the run, with the guest's console shown.
+//! `cargo xtask vm-test`: the kernel matrix. Every catalogue kernel (5.10 ... the newest 7.x)
+//! boots once under qemu with a static tcp-trace inside, which runs `doctor`, then
+//! `validate --json` with each backend in turn (kprobe, fentry, and tracepoints only: what a
+//! locked-down host allows), recording every scenario's events, then the reset check. This
+//! machine's own kernel runs `validate --json` with what it allows (tracepoints). The JSON comes
+//! back over the VM's result channel, is parsed (never grepped), and the matrix of kernel x
+//! backend x scenario -> verdict (with the steps each verdict checked) and the hooks attached
+//! per kernel and backend are printed as Markdown (also written to `target/vm-matrix.md`). The
+//! recordings land in `target/vm-recordings/<kernel>/<backend>/<scenario>.tt`. Any divergence,
+//! any hook that should attach and does not, or a VM that fails to boot fails the run, with the
+//! guest's console shown.
 
 use std::{
     collections::BTreeMap,
@@ -17,23 +22,55 @@ use serde_json::Value;
 
 use crate::{helpers, setup, vm};
 
-/// The backends each VM kernel must support, and the mechanisms that proves.
+/// The backends each VM kernel runs, in one boot, and the mechanisms function hooks must attach
+/// with (none for `tracepoint`: there every function hook must be left out, and said so).
 const VM_BACKENDS: &[(&str, &[&str])] = &[
     ("kprobe", &["kprobe", "kretprobe"]),
     ("fentry", &["fentry", "fexit"]),
+    ("tracepoint", &[]),
 ];
+
+/// Where the matrix leaves what it produced, under the workspace's target directory.
+const RECORDINGS_DIR: &str = "target/vm-recordings";
+const MATRIX_MD: &str = "target/vm-matrix.md";
+/// Guests `cargo xtask test` boots at once.
+pub const DEFAULT_JOBS: usize = 1;
 
 fn say(msg: impl AsRef<str>) {
     eprintln!("[vm-test] {}", msg.as_ref());
 }
 
+/// One verdict of the matrix.
+#[derive(Debug, Clone, PartialEq)]
+struct Cell {
+    verdict: String,
+    passed: bool,
+    /// Model steps the scenario's flows checked against the kernel's events.
+    steps: usize,
+}
+
 /// One column of the matrix: a kernel with a backend.
 struct Column {
+    /// Catalogue name (`6.12`), or `host`.
     kernel: String,
+    release: String,
     backend: String,
-    /// scenario -> (verdict label, passed)
-    verdicts: BTreeMap<String, (String, bool)>,
+    /// scenario -> verdict
+    verdicts: BTreeMap<String, Cell>,
+    /// Hooks attached / hooks there are, and the mechanisms used.
+    hooks_attached: usize,
+    hooks_total: usize,
+    mechanisms: Vec<String>,
+    /// How long the validate run took (guest uptime, TCG).
+    seconds: Option<f64>,
     problems: Vec<String>,
+}
+
+/// One kernel's boot: its columns' common facts.
+struct KernelRun {
+    kernel: String,
+    boot_seconds: f64,
+    resets: String,
 }
 
 /// Builds tcp-trace statically (the VM initramfs has no libc).
@@ -63,7 +100,6 @@ pub fn build_static() -> Result<PathBuf> {
 const KNOWN_NO_STACK: &[&str] = &[];
 
 const RESETS_SCRIPT: &str = r#"
-echo '{"type":"run","run":"resets"}' >> "$R"
 /bin/tcp-trace resets --json --stacks --port 7300 --duration 60s > /tmp/resets.json 2> /tmp/resets.err &
 T=$!
 i=0; while ! grep -q tracing /tmp/resets.err 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
@@ -78,24 +114,40 @@ printf '{"type":"peer_pid","pid":%s}\n' "$P" >> "$R"
 cat /tmp/resets.json >> "$R"
 "#;
 
-/// The guest script: doctor, then validate per backend, then the reset check; each run's JSON
-/// lines are preceded by a marker line so the host can tell them apart.
+/// The guest script: doctor, then validate per backend (recording each scenario), then the
+/// reset check. Each run's JSON lines are preceded by a marker line (with the guest's uptime)
+/// so the host can tell them apart; the recordings follow as gzip+base64 lines.
 fn guest_script(scenarios: &[String]) -> String {
     let mut s = String::from("set -u\nR=\"$VM_RESULT\"\n");
-    s.push_str("echo '{\"type\":\"run\",\"run\":\"doctor\"}' >> \"$R\"\n");
-    s.push_str("/bin/tcp-trace doctor --json >> \"$R\" || true\n");
+    s.push_str(
+        "mark() { printf '{\"type\":\"run\",\"run\":\"%s\",\"uptime\":%s}\\n' \"$1\" \"$(cut -d' ' -f1 /proc/uptime)\" >> \"$R\"; }\n",
+    );
+    s.push_str("mark doctor\n/bin/tcp-trace doctor --json >> \"$R\" || true\n");
     let only: String = scenarios
         .iter()
         .map(|n| format!(" --scenario {n}"))
         .collect();
     for (backend, _) in VM_BACKENDS {
         s.push_str(&format!(
-            "echo '{{\"type\":\"run\",\"run\":\"{backend}\"}}' >> \"$R\"\n\
-             /bin/tcp-trace validate --json --owns-machine --backend {backend}{only} >> \"$R\"\n\
+            "mark {backend}\n\
+             /bin/tcp-trace validate --json --owns-machine --backend {backend} --record-dir /tmp/rec/{backend}{only} >> \"$R\"\n\
              echo \"{{\\\"type\\\":\\\"exit\\\",\\\"status\\\":$?}}\" >> \"$R\"\n"
         ));
     }
+    s.push_str("mark resets\n");
     s.push_str(RESETS_SCRIPT);
+    s.push_str(
+        r#"mark recordings
+for f in /tmp/rec/*/*.tt; do
+  [ -f "$f" ] || continue
+  b=$(basename "$(dirname "$f")"); n=$(basename "$f" .tt)
+  printf '{"type":"recording","backend":"%s","scenario":"%s","gz_b64":"' "$b" "$n" >> "$R"
+  gzip -c "$f" | base64 | tr -d '\n' >> "$R"
+  echo '"}' >> "$R"
+done
+mark end
+"#,
+    );
     s
 }
 
@@ -173,40 +225,109 @@ fn check_resets(lines: &[Value], stack_expected: bool) -> Vec<String> {
     problems
 }
 
+/// The result channel of one boot: each run's JSON lines (after its marker), the guest uptime
+/// at each marker, and the recordings.
+#[derive(Default)]
+struct GuestResult {
+    runs: BTreeMap<String, Vec<Value>>,
+    /// run -> seconds from its marker to the next one.
+    seconds: BTreeMap<String, f64>,
+    /// (backend, scenario, gzip-compressed recording)
+    recordings: Vec<(String, String, Vec<u8>)>,
+}
+
 /// Splits the result channel into runs: marker line -> the JSON lines after it.
-fn split_runs(result: &str) -> Result<BTreeMap<String, Vec<Value>>> {
-    let mut runs: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut current = None;
+fn split_runs(result: &str) -> Result<GuestResult> {
+    let mut out = GuestResult::default();
+    let mut current: Option<(String, f64)> = None;
     for (n, line) in result.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("result line {}: not JSON: {line}", n + 1))?;
+            .with_context(|| format!("result line {}: not JSON: {:.200}", n + 1, line))?;
         if v["type"] == "run" {
             let name = v["run"].as_str().unwrap_or("?").to_string();
-            runs.entry(name.clone()).or_default();
-            current = Some(name);
-        } else if let Some(run) = &current {
-            runs.get_mut(run).expect("run exists").push(v);
+            let at = v["uptime"].as_f64().unwrap_or(0.0);
+            if let Some((prev, since)) = current.take() {
+                out.seconds.insert(prev, at - since);
+            }
+            out.runs.entry(name.clone()).or_default();
+            current = Some((name, at));
+        } else if v["type"] == "recording" {
+            let field = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+            let gz = base64_decode(v["gz_b64"].as_str().unwrap_or_default())
+                .with_context(|| format!("recording {}/{}", field("backend"), field("scenario")))?;
+            out.recordings
+                .push((field("backend"), field("scenario"), gz));
+        } else if let Some((run, _)) = &current {
+            out.runs.get_mut(run).expect("run exists").push(v);
         }
     }
-    Ok(runs)
+    Ok(out)
+}
+
+/// Standard base64 (what busybox `base64` writes), padding optional.
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for (i, c) in text.bytes().enumerate() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            b'\n' | b'\r' => continue,
+            _ => bail!("not base64: byte {c:#04x} at {i}"),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a boot's recordings to `<dir>/<backend>/<scenario>.tt`; how many.
+fn save_recordings(dir: &Path, recordings: &[(String, String, Vec<u8>)]) -> Result<usize> {
+    use std::io::Read;
+    let _ = std::fs::remove_dir_all(dir);
+    for (backend, scenario, gz) in recordings {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .with_context(|| format!("recording {backend}/{scenario}: not gzip"))?;
+        let sub = dir.join(backend);
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join(format!("{scenario}.tt")), raw)?;
+    }
+    Ok(recordings.len())
 }
 
 /// Reads one `validate --json` run into a column. Tracepoints must always attach; function hooks
-/// must attach with one of `want_mechanisms`, or may be missing when it is None (a kernel that
-/// allows no function hooks, like this machine's).
+/// must attach with one of `want_mechanisms` (and must not attach at all when it is empty: the
+/// tracepoint backend), or may be missing when it is None (a kernel that allows no function
+/// hooks, like this machine's).
 fn column(
     kernel: &str,
+    release: &str,
     backend: &str,
     lines: &[Value],
     want_mechanisms: Option<&[&str]>,
 ) -> Column {
     let mut col = Column {
         kernel: kernel.to_string(),
+        release: release.to_string(),
         backend: backend.to_string(),
         verdicts: BTreeMap::new(),
+        hooks_attached: 0,
+        hooks_total: 0,
+        mechanisms: Vec::new(),
+        seconds: None,
         problems: Vec::new(),
     };
     let mut summary = None;
@@ -223,7 +344,20 @@ fn column(
                         v["detail"].as_str().unwrap_or("")
                     ));
                 }
-                col.verdicts.insert(name, (verdict, passed));
+                let steps = v["flows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f["verdict"]["checked"].as_array().map_or(0, |c| c.len()))
+                    .sum();
+                col.verdicts.insert(
+                    name,
+                    Cell {
+                        verdict,
+                        passed,
+                        steps,
+                    },
+                );
             }
             Some("validate") => summary = Some(v.clone()),
             Some("exit") if v["status"] != 0 && v["status"] != 1 => col
@@ -241,18 +375,27 @@ fn column(
         let name = hook["hook"].as_str().unwrap_or("?");
         let mechanism = hook["mechanism"].as_str();
         let is_function = !name.contains(':') || name.ends_with(":return");
+        col.hooks_total += 1;
+        if let Some(m) = mechanism {
+            col.hooks_attached += 1;
+            if !col.mechanisms.iter().any(|x| x == m) {
+                col.mechanisms.push(m.to_string());
+            }
+        }
         let ok = match (mechanism, want_mechanisms) {
             (None, None) => is_function,
-            (None, Some(_)) => false,
+            // Left out on purpose (tracepoint backend), and said why.
+            (None, Some(want)) => want.is_empty() && is_function && hook["skipped"].is_string(),
             (Some(m), Some(want)) if is_function => want.contains(&m),
             (Some(_), _) => true,
         };
         if !ok {
             col.problems.push(format!(
-                "hook {name} should attach with {} here but {}",
+                "hook {name} should {} here but {}",
                 match (is_function, want_mechanisms) {
-                    (true, Some(want)) => want.join("/"),
-                    _ => "tp_btf/raw_tp".to_string(),
+                    (true, Some([])) => "be left out (tracepoints only)".to_string(),
+                    (true, Some(want)) => format!("attach with {}", want.join("/")),
+                    _ => "attach with tp_btf/raw_tp".to_string(),
                 },
                 match mechanism {
                     Some(m) => format!("used {m}"),
@@ -266,8 +409,17 @@ fn column(
 
 fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
     say("this machine's kernel: tcp-trace validate --json (backend auto)");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let rec = helpers::workspace_root()
+        .join(RECORDINGS_DIR)
+        .join("host")
+        .join("auto");
+    let _ = std::fs::remove_dir_all(&rec);
     let mut cmd = helpers::as_root(bin)?;
-    cmd.args(["validate", "--json"]);
+    cmd.args(["validate", "--json", "--record-dir"]).arg(&rec);
     // A CI machine is a fresh VM the test suite owns; a developer's machine is shared.
     if std::env::var_os("CI").is_some() {
         cmd.arg("--owns-machine");
@@ -275,6 +427,7 @@ fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
     for s in scenarios {
         cmd.args(["--scenario", s]);
     }
+    let started = Instant::now();
     let out = cmd.output().context("running validate on this machine")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = Vec::new();
@@ -284,12 +437,9 @@ fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
                 .with_context(|| format!("validate output line {}: not JSON: {line}", n + 1))?,
         );
     }
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
     // This machine may allow any mix of mechanisms (here: tracepoints only).
-    let mut col = column(&release, "auto", &lines, None);
+    let mut col = column("host", &release, "auto", &lines, None);
+    col.seconds = Some(started.elapsed().as_secs_f64());
     if !out.status.success() && col.problems.is_empty() {
         col.problems.push(format!(
             "validate exited with {}: {}",
@@ -300,106 +450,199 @@ fn host_column(bin: &Path, scenarios: &[String]) -> Result<Column> {
     Ok(col)
 }
 
-pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()> {
+/// Boots one kernel and runs the guest script; its columns, its run facts and its failures.
+fn run_kernel(
+    tools: &vm::HostTools,
+    spec: &vm::KernelSpec,
+    bin: &Path,
+    c_peer: &Path,
+    scenarios: &[String],
+) -> (Vec<Column>, Option<KernelRun>, Vec<String>) {
+    let mut failures = Vec::new();
+    let kernel = match vm::prepare_kernel(spec) {
+        Ok(k) => k,
+        Err(e) => return (vec![], None, vec![format!("kernel {}: {e:#}", spec.name)]),
+    };
+    let mut job = vm::GuestJob::script(guest_script(scenarios))
+        .with_binary(bin)
+        .with_file(vm::GuestFile::host(c_peer, "/bin/close-unread-peer"));
+    job.timeout = Duration::from_secs(1200);
+    say(format!(
+        "kernel {} ({}): doctor, validate with {}, resets",
+        spec.name,
+        kernel.release,
+        VM_BACKENDS
+            .iter()
+            .map(|(b, _)| *b)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let outcome = match vm::boot_prepared(tools, &kernel, &job) {
+        Ok(o) => o,
+        Err(e) => return (vec![], None, vec![format!("kernel {}: {e:#}", spec.name)]),
+    };
+    let result = match split_runs(&outcome.result) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                vec![],
+                None,
+                vec![format!(
+                    "kernel {}: {e:#}\n{}",
+                    spec.name,
+                    outcome.console_tail(40)
+                )],
+            );
+        }
+    };
+    let runs = &result.runs;
+    let rec_dir = helpers::workspace_root()
+        .join(RECORDINGS_DIR)
+        .join(spec.name);
+    match save_recordings(&rec_dir, &result.recordings) {
+        Ok(n) => say(format!(
+            "kernel {}: {n} recordings in {}",
+            spec.name,
+            rec_dir.display()
+        )),
+        Err(e) => failures.push(format!("kernel {}: saving recordings: {e:#}", spec.name)),
+    }
+    let mut any_problem = false;
+    // doctor: on these kernels every hook has a mechanism.
+    let doctor = runs
+        .get("doctor")
+        .and_then(|d| d.first())
+        .cloned()
+        .unwrap_or_default();
+    let usable = doctor["usable_hooks"].as_u64().unwrap_or(0);
+    let total = doctor["hooks"].as_array().map_or(0, |h| h.len()) as u64;
+    if total == 0 || usable != total {
+        any_problem = true;
+        failures.push(format!(
+            "kernel {}: doctor finds {usable} of {total} hooks usable: {}",
+            spec.name, doctor["hooks"]
+        ));
+    }
+    let mut columns = Vec::new();
+    for (backend, mechanisms) in VM_BACKENDS {
+        let lines = runs.get(*backend).cloned().unwrap_or_default();
+        let mut col = column(
+            spec.name,
+            &outcome.release,
+            backend,
+            &lines,
+            Some(mechanisms),
+        );
+        col.seconds = result.seconds.get(*backend).copied();
+        any_problem |= !col.problems.is_empty();
+        columns.push(col);
+    }
+    let resets = runs.get("resets").cloned().unwrap_or_default();
+    let stack_expected = !KNOWN_NO_STACK.contains(&spec.name);
+    let reset_problems = check_resets(&resets, stack_expected);
+    // How close() was hooked for --stacks (a raw tracepoint where the tracepoint cannot load).
+    let close_entry = resets
+        .iter()
+        .find(|l| l["type"] == "start")
+        .and_then(|l| l["hooks"].as_array())
+        .and_then(|h| h.iter().find(|h| h["hook"] == "syscalls:sys_enter_close"))
+        .map(|h| {
+            let m = h["mechanism"].as_str().unwrap_or("not attached");
+            match h["failures"].as_array().and_then(|f| f.first()) {
+                Some(f) => format!("{m}, after {}: {}", f[0], f[1]),
+                None => m.to_string(),
+            }
+        })
+        .unwrap_or_else(|| "?".into());
+    let resets_summary = if reset_problems.is_empty() {
+        format!(
+            "close-unread, 14 bytes, owner and counters right; close() at {} (close() entry: {close_entry})",
+            if stack_expected {
+                "finish() close_unread_peer.c:12"
+            } else {
+                "(not recorded: known gap)"
+            }
+        )
+    } else {
+        any_problem = true;
+        for p in &reset_problems {
+            failures.push(format!("kernel {}: {p}", spec.name));
+        }
+        format!("FAILED ({} problems)", reset_problems.len())
+    };
+    say(format!("kernel {}: resets: {resets_summary}", spec.name));
+    if any_problem {
+        failures.push(format!(
+            "kernel {}: guest console (last 60 lines):\n{}",
+            spec.name,
+            outcome.console_tail(60)
+        ));
+    }
+    let run = KernelRun {
+        kernel: spec.name.to_string(),
+        boot_seconds: outcome.elapsed.as_secs_f64(),
+        resets: resets_summary,
+    };
+    (columns, Some(run), failures)
+}
+
+pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool, jobs: usize) -> Result<()> {
     let started = Instant::now();
     let bin = build_static()?;
     let c_peer = build_c_peer()?;
     let tools = vm::ensure_host_tools()?;
-    let mut columns = Vec::new();
-    let mut failures = Vec::new();
-    for spec in vm::kernels_for(kernels)? {
-        let kernel = vm::prepare_kernel(spec)?;
-        let mut job = vm::GuestJob::script(guest_script(&scenarios))
-            .with_binary(&bin)
-            .with_file(vm::GuestFile::host(&c_peer, "/bin/close-unread-peer"));
-        job.timeout = Duration::from_secs(420);
-        say(format!(
-            "kernel {}: doctor, validate (kprobe), validate (fentry)",
-            spec.name
-        ));
-        let outcome = match vm::boot_prepared(&tools, &kernel, &job) {
-            Ok(o) => o,
-            Err(e) => {
-                failures.push(format!("kernel {}: {e:#}", spec.name));
-                continue;
-            }
-        };
-        let runs = match split_runs(&outcome.result) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(format!(
-                    "kernel {}: {e:#}\n{}",
-                    spec.name,
-                    outcome.console_tail(40)
-                ));
-                continue;
-            }
-        };
-        let label = format!("{} ({})", spec.name, outcome.release);
-        let mut any_problem = false;
-        // doctor: on these kernels every hook has a mechanism.
-        let doctor = runs
-            .get("doctor")
-            .and_then(|d| d.first())
-            .cloned()
-            .unwrap_or_default();
-        let usable = doctor["usable_hooks"].as_u64().unwrap_or(0);
-        let total = doctor["hooks"].as_array().map_or(0, |h| h.len()) as u64;
-        if total == 0 || usable != total {
-            any_problem = true;
-            failures.push(format!(
-                "kernel {}: doctor finds {usable} of {total} hooks usable: {}",
-                spec.name, doctor["hooks"]
-            ));
+    let specs = vm::kernels_for(kernels)?;
+    // Download every kernel first, one at a time (apt), then boot.
+    for spec in &specs {
+        if let Err(e) = vm::prepare_kernel(spec) {
+            say(format!("kernel {}: {e:#}", spec.name));
         }
-        for (backend, mechanisms) in VM_BACKENDS {
-            let lines = runs.get(*backend).cloned().unwrap_or_default();
-            let col = column(&label, backend, &lines, Some(mechanisms));
-            any_problem |= !col.problems.is_empty();
-            columns.push(col);
-        }
-        let resets = runs.get("resets").cloned().unwrap_or_default();
-        let stack_expected = !KNOWN_NO_STACK.contains(&spec.name);
-        let reset_problems = check_resets(&resets, stack_expected);
-        if reset_problems.is_empty() {
-            say(format!(
-                "kernel {}: resets: close-unread, 14 bytes, owner and counters right; close() site: {}",
-                spec.name,
-                if stack_expected {
-                    "finish() at close_unread_peer.c:12"
-                } else {
-                    "not recorded (known gap)"
+    }
+    let jobs = jobs.clamp(1, specs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(spec) = specs.get(i) else { break };
+                    let r = run_kernel(&tools, spec, &bin, &c_peer, &scenarios);
+                    results.lock().expect("results").push((i, r));
                 }
-            ));
-        } else {
-            any_problem = true;
-            for p in reset_problems {
-                failures.push(format!("kernel {}: {p}", spec.name));
-            }
+            });
         }
-        if any_problem {
-            failures.push(format!(
-                "kernel {}: guest console (last 60 lines):\n{}",
-                spec.name,
-                outcome.console_tail(60)
-            ));
-        }
+    });
+    let mut results = results.into_inner().expect("results");
+    results.sort_by_key(|(i, _)| *i);
+    let mut columns = Vec::new();
+    let mut runs = Vec::new();
+    let mut failures = Vec::new();
+    for (_, (cols, run, fails)) in results {
+        columns.extend(cols);
+        runs.extend(run);
+        failures.extend(fails);
     }
     if !skip_host {
         let host_bin =
             helpers::workspace_root().join("target/x86_64-unknown-linux-gnu/release/tcp-trace");
         columns.push(host_column(&host_bin, &scenarios)?);
     }
-    print_matrix(&columns);
     for c in &columns {
         for p in &c.problems {
-            failures.push(format!("{} {}: {p}", c.kernel, c.backend));
+            failures.push(format!("{} ({}) {}: {p}", c.kernel, c.release, c.backend));
         }
     }
-    say(format!(
-        "matrix done in {:.0} s",
-        started.elapsed().as_secs_f64()
-    ));
+    let elapsed = started.elapsed().as_secs_f64();
+    let md = matrix_markdown(&columns, &runs, elapsed, jobs);
+    println!("{md}");
+    let md_path = helpers::workspace_root().join(MATRIX_MD);
+    if let Err(e) = std::fs::write(&md_path, &md) {
+        say(format!("could not write {}: {e}", md_path.display()));
+    } else {
+        say(format!("matrix written to {}", md_path.display()));
+    }
+    say(format!("matrix done in {elapsed:.0} s"));
     if !failures.is_empty() {
         for f in &failures {
             eprintln!("FAILED: {f}");
@@ -409,51 +652,131 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool) -> Result<()>
     Ok(())
 }
 
-fn print_matrix(columns: &[Column]) {
+/// `conforms 12` (or `FAIL diverges 3`) for one backend's cell.
+fn cell_text(c: &Cell) -> String {
+    if c.passed {
+        format!("{} {}", c.verdict, c.steps)
+    } else {
+        format!("**FAIL** {} {}", c.verdict, c.steps)
+    }
+}
+
+/// One kernel's cell for a scenario: its backends' verdicts; `conforms 7/7/3` when they agree
+/// (steps checked per backend, in `VM_BACKENDS` order).
+fn kernel_cell(cells: &[Option<&Cell>]) -> String {
+    let present: Vec<&Cell> = cells.iter().flatten().copied().collect();
+    if present.is_empty() {
+        return "-".into();
+    }
+    let first = present[0];
+    let agree = present.len() == cells.len()
+        && present
+            .iter()
+            .all(|c| c.passed && c.verdict == first.verdict);
+    if agree {
+        let steps: Vec<String> = present.iter().map(|c| c.steps.to_string()).collect();
+        format!("{} {}", first.verdict, steps.join("/"))
+    } else {
+        cells
+            .iter()
+            .map(|c| c.map_or("-".to_string(), cell_text))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+}
+
+/// The matrix as Markdown: hooks per kernel and backend, then scenario x kernel with each
+/// backend's verdict and steps checked.
+fn matrix_markdown(columns: &[Column], runs: &[KernelRun], elapsed: f64, jobs: usize) -> String {
+    let mut md = String::new();
+    let backends: Vec<&str> = VM_BACKENDS.iter().map(|(b, _)| *b).collect();
+    md.push_str(&format!(
+        "Hooks attached (of each backend's run; mechanisms used):\n\n| kernel | release | {} | boot |\n|---|---|{}---|\n",
+        backends.join(" | "),
+        "---|".repeat(backends.len())
+    ));
+    let mut kernels: Vec<(String, String)> = Vec::new();
+    for c in columns {
+        if !kernels.iter().any(|(k, _)| *k == c.kernel) {
+            kernels.push((c.kernel.clone(), c.release.clone()));
+        }
+    }
+    let hooks = |c: &Column| {
+        format!(
+            "{}/{} ({}){}",
+            c.hooks_attached,
+            c.hooks_total,
+            c.mechanisms.join(", "),
+            c.seconds.map_or(String::new(), |s| format!(", {s:.0} s"))
+        )
+    };
+    for (k, release) in &kernels {
+        let cols: Vec<&Column> = columns.iter().filter(|c| c.kernel == *k).collect();
+        let cells: Vec<String> = if k == "host" {
+            let c = cols[0];
+            let mut v = vec![String::from("-"); backends.len()];
+            if let Some(i) = backends.iter().position(|b| *b == "tracepoint") {
+                v[i] = format!("{} (backend auto)", hooks(c));
+            }
+            v
+        } else {
+            backends
+                .iter()
+                .map(|b| {
+                    cols.iter()
+                        .find(|c| c.backend == *b)
+                        .map_or("-".to_string(), |c| hooks(c))
+                })
+                .collect()
+        };
+        let boot = runs
+            .iter()
+            .find(|r| r.kernel == *k)
+            .map_or("this machine".to_string(), |r| {
+                format!("{:.0} s", r.boot_seconds)
+            });
+        md.push_str(&format!(
+            "| {k} | {release} | {} | {boot} |\n",
+            cells.join(" | ")
+        ));
+    }
     let mut scenarios: Vec<&String> = columns.iter().flat_map(|c| c.verdicts.keys()).collect();
     scenarios.sort();
     scenarios.dedup();
-    let mut header = vec!["scenario".to_string()];
-    header.extend(
-        columns
+    md.push_str(&format!(
+        "\nVerdicts (steps checked per backend: {}; this machine: backend auto):\n\n| scenario | {} |\n|---|{}\n",
+        backends.join("/"),
+        kernels
             .iter()
-            .map(|c| format!("{} {}", c.kernel, c.backend)),
-    );
-    let widths: Vec<usize> = header.iter().map(|h| h.len().max(12)).collect();
-    let row = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(k, _)| k.as_str())
             .collect::<Vec<_>>()
-            .join(" | ")
-    };
-    println!("{}", row(&header));
-    println!(
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-+-")
-    );
+            .join(" | "),
+        "---|".repeat(kernels.len())
+    ));
     let (mut passed, mut total) = (0, 0);
     for s in scenarios {
-        let mut cells = vec![s.clone()];
-        for c in columns {
-            let cell = match c.verdicts.get(s) {
-                Some((v, ok)) => {
-                    total += 1;
-                    passed += *ok as usize;
-                    if *ok { v.clone() } else { format!("FAIL {v}") }
-                }
-                None => "-".into(),
-            };
-            cells.push(cell);
+        let mut row = vec![s.clone()];
+        for (k, _) in &kernels {
+            let cols: Vec<&Column> = columns.iter().filter(|c| c.kernel == *k).collect();
+            let cells: Vec<Option<&Cell>> = cols.iter().map(|c| c.verdicts.get(s)).collect();
+            for c in cells.iter().flatten() {
+                total += 1;
+                passed += usize::from(c.passed);
+            }
+            row.push(kernel_cell(&cells));
         }
-        println!("{}", row(&cells));
+        md.push_str(&format!("| {} |\n", row.join(" | ")));
     }
-    println!("{passed} passed, {} failed", total - passed);
+    md.push('\n');
+    for r in runs {
+        md.push_str(&format!("- {} resets: {}\n", r.kernel, r.resets));
+    }
+    md.push_str(&format!(
+        "\nmatrix: {passed} passed, {} failed; {elapsed:.0} s ({} guest(s) at a time)\n",
+        total - passed,
+        jobs
+    ));
+    md
 }
 
 #[cfg(test)]
@@ -462,12 +785,30 @@ mod tests {
 
     #[test]
     fn runs_are_split_by_marker_lines() {
-        let text = "{\"type\":\"run\",\"run\":\"doctor\"}\n{\"type\":\"doctor\"}\n\
-                    {\"type\":\"run\",\"run\":\"kprobe\"}\n{\"type\":\"scenario\",\"scenario\":\"a\",\"verdict\":\"conforms\",\"passed\":true}\n";
-        let runs = split_runs(text).unwrap();
-        assert_eq!(runs["doctor"].len(), 1);
-        assert_eq!(runs["kprobe"][0]["scenario"], "a");
+        let text = "{\"type\":\"run\",\"run\":\"doctor\",\"uptime\":1.5}\n{\"type\":\"doctor\"}\n\
+                    {\"type\":\"run\",\"run\":\"kprobe\",\"uptime\":3.0}\n{\"type\":\"scenario\",\"scenario\":\"a\",\"verdict\":\"conforms\",\"passed\":true}\n\
+                    {\"type\":\"recording\",\"backend\":\"kprobe\",\"scenario\":\"a\",\"gz_b64\":\"aGVsbG8=\"}\n\
+                    {\"type\":\"run\",\"run\":\"end\",\"uptime\":10.0}\n";
+        let r = split_runs(text).unwrap();
+        assert_eq!(r.runs["doctor"].len(), 1);
+        assert_eq!(r.runs["kprobe"][0]["scenario"], "a");
+        assert_eq!(r.seconds["doctor"], 1.5);
+        assert_eq!(r.seconds["kprobe"], 7.0);
+        assert_eq!(
+            r.recordings,
+            [("kprobe".to_string(), "a".to_string(), b"hello".to_vec())]
+        );
         assert!(split_runs("not json").is_err());
+    }
+
+    #[test]
+    fn base64_decodes_what_busybox_writes() {
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
+        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+        assert_eq!(base64_decode("/+8A").unwrap(), [0xff, 0xef, 0x00]);
+        assert!(base64_decode("a b").is_err());
     }
 
     #[test]
@@ -480,21 +821,41 @@ mod tests {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-        let col = column("6.1", "kprobe", &lines, Some(&["kprobe", "kretprobe"]));
+        let col = column("6.1", "r", "kprobe", &lines, Some(&["kprobe", "kretprobe"]));
         assert_eq!(col.problems.len(), 2, "{:?}", col.problems);
         assert!(col.problems[0].starts_with("b: diverges"));
         assert!(col.problems[1].contains("tcp_fin"));
-        let none = column("6.1", "kprobe", &[], Some(&["kprobe"]));
+        let none = column("6.1", "r", "kprobe", &[], Some(&["kprobe"]));
         assert!(none.problems[0].contains("no summary"));
         // Without a mechanism requirement, missing function hooks are fine, tracepoints are not.
-        let host = column("6.18", "auto", &lines, None);
+        let host = column("host", "6.18", "auto", &lines, None);
         assert_eq!(host.problems.len(), 1, "{:?}", host.problems);
         let tp: Vec<Value> =
             [r#"{"type":"validate","hooks":[{"hook":"tcp:tcp_send_reset","mechanism":null}]}"#]
                 .iter()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect();
-        assert_eq!(column("6.18", "auto", &tp, None).problems.len(), 1);
+        assert_eq!(column("host", "6.18", "auto", &tp, None).problems.len(), 1);
+        // The tracepoint backend: function hooks left out (and said so), tracepoints attached.
+        let tp_only: Vec<Value> = [
+            r#"{"type":"scenario","scenario":"a","verdict":"conforms","passed":true,"flows":[{"verdict":{"verdict":"conforms","checked":["x","y"]}},{"verdict":{"verdict":"conforms","checked":["z"]}}]}"#,
+            r#"{"type":"validate","hooks":[{"hook":"tcp_close","mechanism":null,"skipped":"not requested"},{"hook":"sock:inet_sock_set_state","mechanism":"tp_btf"}]}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        let col = column("5.10", "r", "tracepoint", &tp_only, Some(&[]));
+        assert!(col.problems.is_empty(), "{:?}", col.problems);
+        assert_eq!(col.verdicts["a"].steps, 3);
+        assert_eq!((col.hooks_attached, col.hooks_total), (1, 2));
+        let col = column("5.10", "r", "tracepoint", &lines, Some(&[]));
+        assert!(
+            col.problems
+                .iter()
+                .any(|p| p.contains("tcp_close should be left out")),
+            "{:?}",
+            col.problems
+        );
     }
 
     #[test]
@@ -526,8 +887,14 @@ mod tests {
     #[test]
     fn the_guest_script_marks_every_run() {
         let s = guest_script(&["close-unread".into()]);
-        assert!(s.contains("\"run\":\"doctor\""));
-        assert!(s.contains("--backend kprobe --scenario close-unread"));
-        assert!(s.contains("--backend fentry --scenario close-unread"));
+        assert!(s.contains("mark doctor"));
+        assert!(
+            s.contains("--backend kprobe --record-dir /tmp/rec/kprobe --scenario close-unread")
+        );
+        assert!(
+            s.contains("--backend fentry --record-dir /tmp/rec/fentry --scenario close-unread")
+        );
+        assert!(s.contains("--backend tracepoint --record-dir /tmp/rec/tracepoint"));
+        assert!(s.contains("mark resets"));
     }
 }

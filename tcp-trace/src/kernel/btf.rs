@@ -373,6 +373,20 @@ impl KernelFacts {
         }
     }
 
+    /// What these facts show of the kernel's teardown, for the model's parameters.
+    pub fn detected(&self) -> crate::model::DetectedKernel {
+        let has =
+            |params: Option<&Vec<String>>, name: &str| params.map(|p| p.iter().any(|n| n == name));
+        crate::model::DetectedKernel {
+            // A tracepoint's prototype (btf_trace_<name>) has unnamed parameters: count them.
+            passive_reset_reasons: self.tracepoints.get("tcp_send_reset").map(|p| p.len() > 2),
+            active_reset_argument: has(self.functions.get("tcp_send_active_reset"), "reason"),
+            tw_ack_oow: (!self.tw_status.is_empty())
+                .then(|| self.tw_status.values().any(|n| n == "ACK_OOW")),
+            tw_isn_argument: has(self.functions.get("tcp_timewait_state_process"), "tw_isn"),
+        }
+    }
+
     /// `enum sk_rst_reason` as the kernel names it (empty before 6.10).
     pub fn rst_reason_names(&self) -> &BTreeMap<u64, String> {
         &self.rst_reasons
@@ -720,8 +734,22 @@ mod tests {
             vec!["sk".to_string(), "skb".into(), "reason".into()]
         );
 
+        let d = new.detected();
+        assert_eq!(d.passive_reset_reasons, Some(true));
+        assert_eq!(d.active_reset_argument, Some(true));
+        assert_eq!(d.tw_ack_oow, Some(false));
+        assert_eq!(
+            d.tw_isn_argument, None,
+            "no tcp_timewait_state_process in this BTF"
+        );
         let old =
             KernelFacts::from_btf(&KernelBtf::from_bytes(&fake_kernel(false)).unwrap()).unwrap();
+        let d = old.detected();
+        assert_eq!(d.passive_reset_reasons, Some(false));
+        assert_eq!(d.active_reset_argument, Some(false));
+        // A 6.12 release number on a kernel whose BTF has no reasons: modelled without them.
+        let g = crate::model::KernelGeneration::from_version(6, 12, 0).with_detected(d);
+        assert!(!g.passive_reset_reasons && !g.active_reset_reasons);
         assert_eq!(old.config.active_reset_reason_arg, 0);
         assert_eq!(old.config.send_reset_has_reason, 0);
         assert!(old.rst_reason_names().is_empty());

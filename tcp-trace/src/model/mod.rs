@@ -42,7 +42,7 @@ pub use outcome::{
     TimerArmed, TwStatus, Wire,
 };
 pub use params::{
-    KernelGeneration, KernelVersion, ModelParams, ParseKernelVersionError,
+    DetectedKernel, KernelGeneration, KernelVersion, ModelParams, ParseKernelVersionError,
     TCP_FIN_TIMEOUT_MAX_SECS, TCP_TIMEWAIT_LEN_MS,
 };
 pub use state::{

@@ -134,6 +134,27 @@ impl KernelGeneration {
         }
     }
 
+    /// This generation with what the running kernel shows of itself (its BTF) in place of what
+    /// the release number suggests: a backport, or a distribution kernel that differs from
+    /// mainline, is then modelled as it is.
+    pub fn with_detected(mut self, d: DetectedKernel) -> KernelGeneration {
+        if let Some(v) = d.passive_reset_reasons {
+            self.passive_reset_reasons = v;
+        }
+        if d.active_reset_argument == Some(false) {
+            // No reason argument: no caller can name one. (With it, 6.10 and 6.11 still pass
+            // NOT_SPECIFIED everywhere, which BTF cannot tell: the release decides.)
+            self.active_reset_reasons = false;
+        }
+        if let Some(v) = d.tw_ack_oow {
+            self.tw_ack_oow = v;
+        }
+        if let Some(v) = d.tw_isn_argument {
+            self.tw_isn_argument = v;
+        }
+        self
+    }
+
     /// The reason a tcp_send_active_reset() call shows, given the reason 6.12+ passes.
     pub fn active_reset_reason(&self, named: RstReason) -> Option<RstReason> {
         if self.active_reset_reasons {
@@ -158,6 +179,20 @@ impl KernelGeneration {
             TwStatus::Ack
         }
     }
+}
+
+/// Kernel facts that the running kernel's BTF shows directly (None: BTF did not say), which
+/// [`KernelGeneration::with_detected`] prefers over the release number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DetectedKernel {
+    /// The tcp_send_reset tracepoint has a `reason` argument.
+    pub passive_reset_reasons: Option<bool>,
+    /// tcp_send_active_reset() has a `reason` argument.
+    pub active_reset_argument: Option<bool>,
+    /// `enum tcp_tw_status` has TCP_TW_ACK_OOW.
+    pub tw_ack_oow: Option<bool>,
+    /// tcp_timewait_state_process() has a `tw_isn` argument.
+    pub tw_isn_argument: Option<bool>,
 }
 
 /// Everything the model's decisions depend on besides the state and the input.
@@ -198,6 +233,13 @@ impl ModelParams {
             rto_ms: 200,
             listener_on_port: true,
         }
+    }
+
+    /// These parameters with the kernel's own facts preferred (see
+    /// [`KernelGeneration::with_detected`]).
+    pub fn with_detected(mut self, d: DetectedKernel) -> ModelParams {
+        self.kernel = self.kernel.with_detected(d);
+        self
     }
 
     /// tcp_fin_time(): (linger2 ?: tcp_fin_timeout), floored at 3.5 RTO, in ms. With linger2 < 0

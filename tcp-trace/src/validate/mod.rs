@@ -27,6 +27,7 @@ use crate::{
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
     pipeline,
+    record::{Filters, RecordHeader, RecordWriter},
 };
 use lab::{Collector, Dropper, Lab, SERVER_PORT, Side};
 use scenarios::{Ctx, ModelSetting, RunNotes, SCENARIOS, Scenario};
@@ -38,6 +39,9 @@ pub struct ValidateOptions {
     /// This run owns the machine (a VM guest, a CI machine): scenarios may change host-wide
     /// sysctls for a moment. Without it those scenarios are reported as not run.
     pub owns_machine: bool,
+    /// Write each scenario's events as a recording (`DIR/<scenario>.tt`, the `record` format),
+    /// to replay or keep as golden traces.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 /// One scenario's result: a `--json` line with `"type": "scenario"`.
@@ -66,9 +70,15 @@ pub struct Check {
     pub passed: bool,
 }
 
-/// The model's parameters for a flow in `ns`: this kernel plus that namespace's sysctls and the
-/// socket options the scenario set there.
-fn params_for(version: &KernelVersion, lab: &Lab, s: &Scenario, side: Side) -> Result<ModelParams> {
+/// The model's parameters for a flow in `ns`: this kernel (with what its BTF shows) plus that
+/// namespace's sysctls and the socket options the scenario set there.
+fn params_for(
+    version: &KernelVersion,
+    facts: &KernelFacts,
+    lab: &Lab,
+    s: &Scenario,
+    side: Side,
+) -> Result<ModelParams> {
     let ns = lab.ns(side);
     let int = |key: &str| -> Result<i64> {
         ns.read_sysctl(key)?
@@ -79,7 +89,9 @@ fn params_for(version: &KernelVersion, lab: &Lab, s: &Scenario, side: Side) -> R
         tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout")? as u32,
         tcp_rfc1337: int("net.ipv4.tcp_rfc1337")? != 0,
         tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries")? as u32,
-        ..ModelParams::for_generation(KernelGeneration::for_release(*version))
+        ..ModelParams::for_generation(
+            KernelGeneration::for_release(*version).with_detected(facts.detected()),
+        )
     };
     for (_, setting) in s.model.iter().filter(|(at, _)| *at == side) {
         match setting {
@@ -126,8 +138,10 @@ fn judge(
     let mut reports = Vec::new();
     // Each side's flows are judged with that namespace's sysctls.
     for side in [Side::Client, Side::Server] {
-        let mut config =
-            FlowConfig::new(params_for(version, lab, s, side)?, attached_hooks(hooks));
+        let mut config = FlowConfig::new(
+            params_for(version, facts, lab, s, side)?,
+            attached_hooks(hooks),
+        );
         config.hz = kernel::config_hz();
         let netns = lab.ns(side).inode;
         let side_events = events.iter().filter(|e| e.netns == netns);
@@ -195,6 +209,7 @@ fn judge(
             checks.push((what, ok));
         }
     }
+    let mut ambiguous: Vec<String> = Vec::new();
     let (verdict, model_expects, kernel_did, inputs, unchecked) = match focus {
         None => {
             failures.push("the focus flow was not seen".into());
@@ -210,13 +225,27 @@ fn judge(
             // The scenario's inputs must appear in this order; those at a minisocket only where
             // its hook is attached.
             if let Some(want) = missing_input(s.script, &f.inputs, tw_visible) {
-                failures.push(format!(
-                    "the focus flow did not go through `{want}` (inputs: {})",
-                    f.inputs.join(", ")
-                ));
+                let close_visible = hooks.iter().any(|h| h.hook == "tcp_close" && h.attached());
+                let kernel = params_for(version, facts, lab, s, s.focus)?.kernel;
+                let alike = indistinct_aborts(want, close_visible, kernel.active_reset_reasons);
+                match f.inputs.iter().find(|i| alike.contains(&i.as_str())) {
+                    Some(got) => ambiguous.push(format!(
+                        "`{want}` not told apart from `{got}`: tcp_close is not attached and \
+                         this kernel's active resets name no reason (model: \
+                         active_reset_reasons = no)"
+                    )),
+                    None => failures.push(format!(
+                        "the focus flow did not go through `{want}` (inputs: {})",
+                        f.inputs.join(", ")
+                    )),
+                }
             }
             let unchecked = match &f.verdict {
-                Verdict::Conforms { unchecked, .. } => unchecked.clone(),
+                Verdict::Conforms { unchecked, .. } => {
+                    let mut u = ambiguous.clone();
+                    u.extend(unchecked.iter().cloned());
+                    u
+                }
                 Verdict::Incomplete { missing, reason } => {
                     let mut u = vec![reason.clone()];
                     u.extend(missing.iter().map(|m| format!("hook {m} not attached")));
@@ -237,7 +266,7 @@ fn judge(
     let mut model_expects = model_expects;
     let mut kernel_did = kernel_did;
     if let Some(probe) = &s.probe {
-        let all = probe_expectations(probe, &params_for(version, lab, s, s.focus)?)?;
+        let all = probe_expectations(probe, &params_for(version, facts, lab, s, s.focus)?)?;
         // The scenario saw the replies to the probe's last inputs.
         let answered = notes.replies.len().min(all.len());
         let expected = &all[all.len() - answered..];
@@ -293,6 +322,84 @@ fn judge(
         unchecked,
         flows: reports,
     })
+}
+
+/// One scenario's events, to write as a recording that `tcp-trace replay` reads like one made
+/// by `tcp-trace record`.
+struct RecordingOf<'a> {
+    scenario: &'a Scenario,
+    lab: &'a Lab,
+    events: &'a [tcp_trace_common::Event],
+    /// The lost-events total, when events were lost during the scenario.
+    lost: Option<u64>,
+}
+
+impl RecordingOf<'_> {
+    fn write(
+        &self,
+        dir: &std::path::Path,
+        release: &str,
+        version: &KernelVersion,
+        backend: Backend,
+        hooks: &[HookStatus],
+        facts: &KernelFacts,
+    ) -> Result<()> {
+        let path = dir.join(format!("{}.tt", self.scenario.name));
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut header = RecordHeader::new(
+            release.to_string(),
+            backend,
+            hooks.to_vec(),
+            facts.clone(),
+            Filters::default(),
+        );
+        // The focus side's sysctls: the ones its verdict was judged with.
+        let ns = self.lab.ns(self.scenario.focus);
+        for key in [
+            "net.ipv4.tcp_fin_timeout",
+            "net.ipv4.tcp_rfc1337",
+            "net.ipv4.tcp_orphan_retries",
+        ] {
+            header.sysctls.insert(key.into(), ns.read_sysctl(key)?);
+        }
+        header
+            .sysctls
+            .insert(live::KERNEL_VERSION_KEY.into(), version.to_string());
+        if let Some(hz) = kernel::config_hz() {
+            header.sysctls.insert("kernel.hz".into(), hz.to_string());
+        }
+        let mut w = RecordWriter::new(std::io::BufWriter::new(file), &header)?;
+        for ev in self.events {
+            w.event(ev)?;
+        }
+        if let (Some(total), Some(last)) = (self.lost, self.events.last()) {
+            w.lost(last.ts_ns, total)?;
+        }
+        w.finish()?;
+        Ok(())
+    }
+}
+
+/// The abortive close() inputs that look the same as `want` on this kernel with these hooks:
+/// each ends in ESTABLISHED -> CLOSE and an active RST, told apart only by tcp_close's view of
+/// the queues and SO_LINGER, or by the RST's reason (6.12+). Empty where they can be told apart.
+fn indistinct_aborts(
+    want: &str,
+    close_visible: bool,
+    active_reset_reasons: bool,
+) -> &'static [&'static str] {
+    const ABORTS: &[&str] = &[
+        "close-unread",
+        "close-linger0",
+        "close-read-queued",
+        "memory-pressure",
+    ];
+    if close_visible || active_reset_reasons || !ABORTS.contains(&want) {
+        &[]
+    } else {
+        ABORTS
+    }
 }
 
 /// What the model says comes back on the wire after each of the probe's inputs.
@@ -382,6 +489,10 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             .map(|n| scenarios::find(n))
             .collect::<Result<_>>()?
     };
+    if let Some(dir) = &opts.record_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the --record-dir {}", dir.display()))?;
+    }
     let prep = live::prepare(&[])?;
     let version: KernelVersion = kernel::kernel_version()
         .parse()
@@ -452,6 +563,24 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         std::thread::sleep(Duration::from_millis(300));
         let events = collector.events_in(&lab.netns(), started);
         let lost = collector.lost() > lost_before;
+        if let Some(dir) = &opts.record_dir {
+            let recording = RecordingOf {
+                scenario: s,
+                lab: &lab,
+                events: &events,
+                lost: lost.then(|| collector.lost()),
+            };
+            recording
+                .write(
+                    dir,
+                    &prep.release,
+                    &version,
+                    opts.backend,
+                    &attached.hooks,
+                    &prep.facts,
+                )
+                .with_context(|| format!("{}: writing its recording", s.name))?;
+        }
         let result = judge(
             s,
             &lab,

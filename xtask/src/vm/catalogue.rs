@@ -5,29 +5,61 @@ use std::cmp::Ordering;
 
 use anyhow::{Result, bail};
 
-/// One kernel the VM runner can boot: a Debian `linux-image-*-unsigned` package family.
+/// One kernel the VM runner can boot: a family of Debian `linux-image-*` packages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSpec {
     /// Short name used on the command line (`--kernel 6.12`).
     pub name: &'static str,
-    /// Debian package name pattern; `*` matches any run of characters without `-`, so the
-    /// `-cloud-` and `-rt-` flavours of a version do not match.
-    pub package_glob: &'static str,
-    /// Package used when apt offers nothing matching the glob (or its download fails).
+    /// Debian package name patterns; `*` matches any run of characters without `-`, so the
+    /// `-cloud-` and `-rt-` flavours of a version do not match. The newest package matching any
+    /// of them is taken (some suites ship a kernel only as the signed `linux-image-*-amd64`,
+    /// whose .deb holds the same vmlinuz as the `-unsigned` one).
+    pub package_globs: &'static [&'static str],
+    /// Package used when apt offers nothing matching the globs (or its download fails).
     pub pinned_fallback: &'static str,
 }
 
-/// Every kernel `vm-run --kernel all` and the VM tests boot. Adding a kernel is one line.
+impl KernelSpec {
+    /// Whether `package` belongs to this entry.
+    pub fn matches(&self, package: &str) -> bool {
+        self.package_globs.iter().any(|g| glob_matches(g, package))
+    }
+}
+
+/// Every kernel `vm-run --kernel all` and the VM tests boot, oldest first. Adding a kernel is one
+/// line. The suites they come from (bullseye, bookworm, trixie, trixie-backports, sid) are in the
+/// project's own apt sources (`cargo xtask setup`).
 pub const KERNELS: &[KernelSpec] = &[
+    // Debian 11 (bullseye), the 5.10 longterm: what Amazon Linux 2 and older fleets run.
+    KernelSpec {
+        name: "5.10",
+        package_globs: &["linux-image-5.10.0-*-amd64-unsigned"],
+        pinned_fallback: "linux-image-5.10.0-46-amd64-unsigned",
+    },
     KernelSpec {
         name: "6.1",
-        package_glob: "linux-image-6.1.0-*-amd64-unsigned",
+        package_globs: &["linux-image-6.1.0-*-amd64-unsigned"],
         pinned_fallback: "linux-image-6.1.0-47-amd64-unsigned",
     },
     KernelSpec {
         name: "6.12",
-        package_glob: "linux-image-6.12*-amd64-unsigned",
+        package_globs: &["linux-image-6.12*-amd64-unsigned"],
         pinned_fallback: "linux-image-6.12.117+deb12-amd64-unsigned",
+    },
+    // This machine's own series, but a Debian build with kprobes and fentry allowed.
+    KernelSpec {
+        name: "6.18",
+        package_globs: &[
+            "linux-image-6.18*-amd64-unsigned",
+            "linux-image-6.18*-amd64",
+        ],
+        pinned_fallback: "linux-image-6.18.15+deb13-amd64",
+    },
+    // The newest Debian kernel (trixie-backports or sid), whatever 7.x apt offers today.
+    KernelSpec {
+        name: "7.x",
+        package_globs: &["linux-image-7.*-amd64-unsigned", "linux-image-7.*-amd64"],
+        pinned_fallback: "linux-image-7.3.4+deb13-amd64",
     },
 ];
 
@@ -103,15 +135,18 @@ pub fn glob_to_regex(glob: &str) -> String {
 }
 
 /// Package names from `apt-cache search --names-only` output (`name - description` lines) that
-/// match `glob`.
-pub fn parse_search(output: &str, glob: &str) -> Vec<String> {
-    output
+/// belong to `spec`.
+pub fn parse_search(output: &str, spec: &KernelSpec) -> Vec<String> {
+    let mut names: Vec<String> = output
         .lines()
         .filter_map(|l| l.split(" - ").next())
         .map(str::trim)
-        .filter(|n| glob_matches(glob, n))
+        .filter(|n| spec.matches(n))
         .map(str::to_owned)
-        .collect()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// `(package, candidate version)` pairs from `apt-cache policy PKG...` output; packages whose
@@ -249,8 +284,8 @@ linux-image-6.1.0-9-amd64-unsigned:
 
     #[test]
     fn glob_excludes_flavours() {
-        let g61 = KERNELS[0].package_glob;
-        let g612 = KERNELS[1].package_glob;
+        let g61 = kernel_spec("6.1").unwrap().package_globs[0];
+        let g612 = kernel_spec("6.12").unwrap().package_globs[0];
         assert!(glob_matches(g61, "linux-image-6.1.0-47-amd64-unsigned"));
         assert!(!glob_matches(
             g61,
@@ -275,7 +310,7 @@ linux-image-6.1.0-9-amd64-unsigned:
 
     #[test]
     fn search_then_policy_picks_newest_installable() {
-        let names = parse_search(SEARCH, KERNELS[0].package_glob);
+        let names = parse_search(SEARCH, kernel_spec("6.1").unwrap());
         assert_eq!(
             names,
             [
@@ -290,7 +325,7 @@ linux-image-6.1.0-9-amd64-unsigned:
         assert_eq!(newest.0, "linux-image-6.1.0-56-amd64-unsigned");
         assert_eq!(newest.1, "6.1.192-2");
 
-        let names = parse_search(SEARCH, KERNELS[1].package_glob);
+        let names = parse_search(SEARCH, kernel_spec("6.12").unwrap());
         assert_eq!(
             names,
             [
@@ -364,9 +399,19 @@ linux-image-6.1.0-9-amd64-unsigned:
     fn catalogue_lookup() {
         assert_eq!(kernel_spec("6.12").unwrap().name, "6.12");
         assert!(kernel_spec("5.4").is_err());
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        assert_eq!(names, ["5.10", "6.1", "6.12", "6.18", "7.x"]);
         assert_eq!(kernels_for("all").unwrap().len(), KERNELS.len());
         for k in KERNELS {
-            assert!(glob_matches(k.package_glob, k.pinned_fallback), "{k:?}");
+            assert!(k.matches(k.pinned_fallback), "{k:?}");
         }
+        let newest = kernel_spec("7.x").unwrap();
+        assert!(newest.matches("linux-image-7.2.3-amd64"));
+        assert!(newest.matches("linux-image-7.3.4+deb13-amd64-unsigned"));
+        assert!(!newest.matches("linux-image-7.3.4+deb13-cloud-amd64"));
+        assert!(!newest.matches("linux-image-7.3.4+deb13-amd64-dbg"));
+        let old = kernel_spec("5.10").unwrap();
+        assert!(old.matches("linux-image-5.10.0-46-amd64-unsigned"));
+        assert!(!old.matches("linux-image-5.10.0-35-rt-amd64-unsigned"));
     }
 }

@@ -150,11 +150,11 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     result.with_context(|| format!("could not install {}", packages.join(" ")))
 }
 
-/// Downloads `package`'s .deb into `dir` (apt-get download writes into its working directory) and
-/// returns its path.
-pub fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
+/// Downloads `package`'s .deb into `dir` (apt-get download writes into its working directory)
+/// with the project's kernel apt configuration, and returns its path.
+pub fn apt_download(apt: &crate::setup::KernelApt, package: &str, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cmd = Command::new("apt-get");
+    let mut cmd = apt.command("apt-get");
     cmd.arg("download").arg("-qq").arg(package).current_dir(dir);
     run_checked(&mut cmd)?;
     let deb = std::fs::read_dir(dir)?

@@ -77,8 +77,7 @@ pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours =
-            catalogue::glob_matches(spec.package_glob, &name) || name == spec.pinned_fallback;
+        let ours = spec.matches(&name) || name == spec.pinned_fallback;
         if ours && path.join(COMPLETE).exists() {
             found.push(PreparedKernel::load(spec.name, &path)?);
         }
@@ -87,30 +86,48 @@ pub fn cached_kernels(spec: &KernelSpec) -> Result<Vec<PreparedKernel>> {
     Ok(found)
 }
 
-/// The newest installable package apt offers for `spec` with its version, refreshing apt's lists
-/// once when they have nothing matching. `None` when apt offers nothing.
+/// The newest installable package apt offers for `spec` with its version, from the project's own
+/// apt lists (`cargo xtask setup`: the machine's suites plus bullseye, trixie, trixie-backports
+/// and sid), refreshing them once when they have nothing matching. `None` when apt offers nothing.
 pub fn newest_available(spec: &KernelSpec) -> Result<Option<(String, String)>> {
+    let apt = crate::setup::kernel_apt()?;
     let search = || -> Result<Vec<String>> {
-        let out = host::run_checked(Command::new("apt-cache").args([
-            "search",
-            "--names-only",
-            &catalogue::glob_to_regex(spec.package_glob),
-        ]))?;
-        Ok(catalogue::parse_search(
-            &String::from_utf8_lossy(&out.stdout),
-            spec.package_glob,
-        ))
+        let mut names = Vec::new();
+        for glob in spec.package_globs {
+            let out = host::run_checked(apt.command("apt-cache").args([
+                "search",
+                "--names-only",
+                &catalogue::glob_to_regex(glob),
+            ]))?;
+            names.extend(catalogue::parse_search(
+                &String::from_utf8_lossy(&out.stdout),
+                spec,
+            ));
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     };
     let mut names = search()?;
-    if names.is_empty() && host::apt_update_once()? {
+    if names.is_empty() && refresh_once(&apt)? {
         names = search()?;
     }
     if names.is_empty() {
         return Ok(None);
     }
-    let out = host::run_checked(Command::new("apt-cache").arg("policy").args(&names))?;
+    let out = host::run_checked(apt.command("apt-cache").arg("policy").args(&names))?;
     let candidates = catalogue::parse_policy(&String::from_utf8_lossy(&out.stdout));
     Ok(catalogue::choose_newest(&candidates).cloned())
+}
+
+/// Refreshes the project's kernel lists at most once per process; whether it ran now.
+fn refresh_once(apt: &crate::setup::KernelApt) -> Result<bool> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(false);
+    }
+    apt.update()?;
+    Ok(true)
 }
 
 /// Makes `spec`'s newest kernel available in the cache (downloading and extracting it when it is
@@ -120,7 +137,7 @@ pub fn prepare_kernel(spec: &KernelSpec) -> Result<PreparedKernel> {
     static PREPARED: Mutex<BTreeMap<String, PreparedKernel>> = Mutex::new(BTreeMap::new());
     // Held while preparing, so threads booting the same kernel download it once.
     let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("{}\0{}", spec.name, spec.package_glob);
+    let key = format!("{}\0{}", spec.name, spec.package_globs.join(" "));
     if let Some(k) = prepared.get(&key) {
         return Ok(k.clone());
     }
@@ -138,7 +155,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
             say!(
                 "kernel {}: apt offers nothing matching {}; trying {}",
                 spec.name,
-                spec.package_glob,
+                spec.package_globs.join(" or "),
                 spec.pinned_fallback
             );
             None
@@ -155,7 +172,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
             say!(
                 "kernel {}: cannot ask apt for {} ({e:#}); trying {}",
                 spec.name,
-                spec.package_glob,
+                spec.package_globs.join(" or "),
                 spec.pinned_fallback
             );
             None
@@ -201,7 +218,7 @@ fn prepare_uncached(spec: &KernelSpec) -> Result<PreparedKernel> {
         "could not get a kernel for {} ({}):\n  {}\nCheck that the Debian mirror is reachable \
          (apt-get update), or update the catalogue in xtask/src/vm/catalogue.rs",
         spec.name,
-        spec.package_glob,
+        spec.package_globs.join(" or "),
         errors.join("\n  ")
     )
 }
@@ -225,12 +242,13 @@ fn download_and_extract(
             }
         );
         let dl = staging.join("download");
-        let deb = match host::apt_download(pkg, &dl) {
+        let apt = crate::setup::kernel_apt()?;
+        let deb = match host::apt_download(&apt, pkg, &dl) {
             Ok(deb) => deb,
             // The lists may be stale (the mirror dropped that version): refresh once and retry.
             Err(e) => {
-                if host::apt_update_once()? {
-                    host::apt_download(pkg, &dl)?
+                if refresh_once(&apt)? {
+                    host::apt_download(&apt, pkg, &dl)?
                 } else {
                     return Err(e);
                 }
@@ -243,28 +261,21 @@ fn download_and_extract(
         );
         let x = staging.join("x");
         host::run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
+        // Newer Debian kernels (7.x) split the image: linux-image-<abi> only depends on
+        // linux-binary-<abi> (vmlinuz) and linux-modules-<abi>. Fetch those into the same tree.
+        for part in split_parts(&deb_field(&deb, "Depends").unwrap_or_default()) {
+            say!("kernel {}: {pkg} is split: downloading {part}", spec.name);
+            let part_deb = host::apt_download(&apt, &part, &dl)?;
+            host::run_checked(Command::new("dpkg-deb").arg("-x").arg(&part_deb).arg(&x))?;
+        }
         let entry = staging.join("entry");
         fs::create_dir_all(&entry)?;
-        let boot = x.join("boot");
-        let find_boot = |prefix: &str| -> Result<PathBuf> {
-            fs::read_dir(&boot)
-                .with_context(|| format!("{pkg} has no /boot"))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                })
-                .with_context(|| format!("{pkg} has no /boot/{prefix}*"))
-        };
-        let vmlinuz = find_boot("vmlinuz-")?;
-        let release = vmlinuz
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .trim_start_matches("vmlinuz-")
-            .to_owned();
+        let found = find_vmlinuz(&x).with_context(|| {
+            format!("{pkg} has neither /boot/vmlinuz-* nor /usr/lib/modules/*/vmlinuz")
+        })?;
+        let (vmlinuz, release, config) = found;
         fs::rename(&vmlinuz, entry.join("vmlinuz"))?;
-        if let Ok(config) = find_boot("config-") {
+        if let Some(config) = config {
             fs::rename(config, entry.join("config"))?;
         }
         let modules = ["lib/modules", "usr/lib/modules"]
@@ -305,6 +316,93 @@ fn download_and_extract(
 }
 
 fn deb_version(deb: &Path) -> Result<String> {
-    let out = host::run_checked(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"))?;
+    deb_field(deb, "Version")
+}
+
+fn deb_field(deb: &Path, field: &str) -> Result<String> {
+    let out = host::run_checked(Command::new("dpkg-deb").arg("-f").arg(deb).arg(field))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The parts of a split kernel package, from its `Depends`: `linux-binary-*` and
+/// `linux-modules-*` (none for the older, whole packages).
+pub fn split_parts(depends: &str) -> Vec<String> {
+    depends
+        .split(',')
+        .flat_map(|alt| alt.split('|'))
+        .map(|d| d.split_whitespace().next().unwrap_or_default())
+        .filter(|n| n.starts_with("linux-binary-") || n.starts_with("linux-modules-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// vmlinuz, its release and its config in an extracted kernel package: `boot/vmlinuz-<release>`
+/// (and `boot/config-<release>`), or `usr/lib/modules/<release>/vmlinuz` (and `config` beside it).
+fn find_vmlinuz(x: &Path) -> Option<(PathBuf, String, Option<PathBuf>)> {
+    if let Ok(dir) = fs::read_dir(x.join("boot")) {
+        let files: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        if let Some(v) = files.iter().find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        }) {
+            let release = v.file_name()?.to_string_lossy()["vmlinuz-".len()..].to_owned();
+            let config = x.join("boot").join(format!("config-{release}"));
+            return Some((v.clone(), release, config.is_file().then_some(config)));
+        }
+    }
+    for modules in ["usr/lib/modules", "lib/modules"] {
+        let Ok(dir) = fs::read_dir(x.join(modules)) else {
+            continue;
+        };
+        for d in dir.filter_map(|e| e.ok().map(|e| e.path())) {
+            let v = d.join("vmlinuz");
+            if v.is_file() {
+                let config = d.join("config");
+                let release = d.file_name()?.to_string_lossy().into_owned();
+                return Some((v, release, config.is_file().then_some(config)));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_packages_name_their_parts() {
+        let deps = "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, \
+                    linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), \
+                    linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), \
+                    linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)";
+        assert_eq!(
+            split_parts(deps),
+            [
+                "linux-binary-7.3.4+deb13-amd64",
+                "linux-modules-7.3.4+deb13-amd64"
+            ]
+        );
+        assert!(split_parts("kmod, linux-base (>= 4.3~), initramfs-tools").is_empty());
+    }
+
+    #[test]
+    fn vmlinuz_is_found_in_both_layouts() {
+        let root = std::env::temp_dir().join(format!("vmlinuz-layout-{}", std::process::id()));
+        let old = root.join("old");
+        fs::create_dir_all(old.join("boot")).unwrap();
+        fs::write(old.join("boot/vmlinuz-6.1.0-57-amd64"), "k").unwrap();
+        fs::write(old.join("boot/config-6.1.0-57-amd64"), "c").unwrap();
+        let (v, r, c) = find_vmlinuz(&old).unwrap();
+        assert_eq!(r, "6.1.0-57-amd64");
+        assert!(v.ends_with("boot/vmlinuz-6.1.0-57-amd64") && c.is_some());
+        let new = root.join("new");
+        fs::create_dir_all(new.join("usr/lib/modules/7.3.4+deb13-amd64/kernel")).unwrap();
+        fs::write(new.join("usr/lib/modules/7.3.4+deb13-amd64/vmlinuz"), "k").unwrap();
+        let (_, r, c) = find_vmlinuz(&new).unwrap();
+        assert_eq!(r, "7.3.4+deb13-amd64");
+        assert!(c.is_none());
+        assert!(find_vmlinuz(&root.join("none")).is_none());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
