@@ -57,6 +57,7 @@ impl Stream {
             pid: self.owner,
             comm: "server".into(),
             source: OwnerSource::Kernel,
+            cgroup_id: 0,
         });
         e.netns = NS;
         e.sk = self.sk;
