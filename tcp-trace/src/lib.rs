@@ -8,6 +8,7 @@
 //! model against this kernel; [`doctor`] reports what this kernel allows.
 
 pub mod attach;
+pub mod cgroups;
 pub mod decode;
 pub mod doctor;
 pub mod flows;
@@ -16,6 +17,7 @@ pub mod live;
 pub mod model;
 pub mod owners;
 pub mod peer;
+pub mod progstats;
 pub mod record;
 pub mod replay;
 pub mod report;

@@ -71,6 +71,27 @@ struct TraceArgs {
     /// What to print: every event, each flow's timeline and verdict when it ends, or both.
     #[arg(long, value_enum, default_value_t = View::Both, global = true)]
     view: View,
+    /// Serve OpenMetrics (Prometheus) at http://ADDR/metrics while tracing, e.g. 127.0.0.1:9464
+    /// or [::]:9464. Works with every output mode and with --quiet.
+    #[arg(long, value_name = "ADDR", global = true)]
+    metrics: Option<String>,
+    /// No per-event output: metrics (--metrics) and warnings only. For running as a daemon.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    /// Write the stream (text or --json lines) to FILE instead of stdout, appending; on SIGHUP
+    /// the file is reopened (logrotate's convention). For `record`: the recording to write
+    /// (format: docs/record-format.md).
+    #[arg(short = 'o', long = "output", value_name = "FILE", global = true)]
+    output: Option<std::path::PathBuf>,
+    /// Only sockets whose owner is in this cgroup (v2) or below it (repeatable): a directory
+    /// under /sys/fs/cgroup, or a path as /proc/PID/cgroup shows it
+    /// (/system.slice/docker-<id>.scope). Applied in the kernel.
+    #[arg(long = "cgroup", value_name = "PATH", global = true)]
+    cgroups: Vec<std::path::PathBuf>,
+    /// Only sockets in this network namespace (repeatable): /proc/PID/ns/net, /run/netns/NAME.
+    /// Applied in the kernel. With `resets`, that namespace's counters are checked too.
+    #[arg(long = "netns", value_name = "PATH", global = true)]
+    netns: Vec<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -78,13 +99,9 @@ enum Command {
     /// Show the kernel, BTF, lockdown, privileges, and for every hook which attach mechanism
     /// works here or why none does.
     Doctor,
-    /// Record the raw events (with the kernel facts needed to read them) to a file, to replay
-    /// later anywhere, without root. Same filters as the live trace.
-    Record {
-        /// The recording to write (format: docs/record-format.md).
-        #[arg(short = 'o', long = "output", value_name = "FILE")]
-        output: std::path::PathBuf,
-    },
+    /// Record the raw events (with the kernel facts needed to read them) to a file (-o FILE),
+    /// to replay later anywhere, without root. Same filters as the live trace.
+    Record,
     /// Why connections are reset: one line per RST sent or received (and per silent timeout
     /// abort) with its cause, how sure that is and the evidence; at exit (Ctrl-C or
     /// --duration) a table by process x cause x peer, and a check of the kernel's TcpExt abort
@@ -97,12 +114,7 @@ enum Command {
     ///   tcp-trace resets --port 443 --json
     ///   tcp-trace resets --netns /run/netns/blue
     #[command(verbatim_doc_comment)]
-    Resets {
-        /// Also check the counters of this network namespace (repeatable): /proc/PID/ns/net,
-        /// /run/netns/NAME.
-        #[arg(long = "netns", value_name = "PATH")]
-        netns: Vec<std::path::PathBuf>,
-    },
+    Resets,
     /// Rebuild the events, flow timelines and verdicts of a recording, offline (no root).
     /// Exit status 1 if a flow diverges from the model, 4 if the recording was cut short.
     Replay {
@@ -236,8 +248,17 @@ fn main() -> ExitCode {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
-        Some(Command::Record { output }) => run_live(cli.trace, Some(output), None),
-        Some(Command::Resets { netns }) => run_live(cli.trace, None, Some(ResetsOptions { netns })),
+        Some(Command::Record) => match cli.trace.output.clone() {
+            Some(output) => run_live(cli.trace, Some(output), None),
+            None => {
+                eprintln!("tcp-trace: error: `record` needs the file to write: -o FILE");
+                return ExitCode::from(2);
+            }
+        },
+        Some(Command::Resets) => {
+            let netns = cli.trace.netns.clone();
+            run_live(cli.trace, None, Some(ResetsOptions { netns }))
+        }
         Some(Command::Replay { file }) => replay::run(
             &file,
             ReplayOptions {
@@ -274,7 +295,7 @@ fn run_live(
         .build()?;
     runtime.block_on(live::run(LiveOptions {
         stacks: args.stacks,
-        record,
+        record: record.clone(),
         view: args.view,
         backend: args.backend,
         pids: args.pids,
@@ -284,5 +305,11 @@ fn run_live(
         kernel_log: args.kernel_log,
         buffer_size: args.buffer_size,
         resets,
+        metrics: args.metrics,
+        quiet: args.quiet,
+        // For `record`, --output is the recording.
+        output: if record.is_some() { None } else { args.output },
+        cgroups: args.cgroups,
+        netns: args.netns,
     }))
 }

@@ -2,9 +2,13 @@
 //! decoded, attributed to their owner, filtered, printed (text or JSON lines), and joined into
 //! flows whose timelines and verdicts are printed as each flow ends; a summary closes the run.
 
+pub mod metrics;
+pub mod output;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
+    sync::Arc,
 };
 
 use anyhow::Result;
@@ -14,6 +18,7 @@ use tcp_trace_common::Event;
 
 use crate::{
     attach::HookStatus,
+    cgroups::{Cgroups, Identity},
     decode::{self, Hook, TraceEvent},
     flows::{FlowConfig, FlowReport, FlowTable, attached_hook_names},
     kernel::btf::KernelFacts,
@@ -50,6 +55,18 @@ pub struct ReportOptions {
     pub pids: Vec<u32>,
     /// Turns CLOCK_MONOTONIC event times into wall-clock time.
     pub realtime_minus_mono_ns: i64,
+    /// `--cgroup`, `--netns`.
+    pub scope: Scope,
+}
+
+/// Which owners' cgroups and which network namespaces to show (empty: all). The kernel applies
+/// them too, where it knows enough; this decides the rest.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Cgroup paths below the cgroup2 root: an owner in one of them or below it.
+    pub cgroups: Vec<String>,
+    /// Network namespace inodes.
+    pub netns: Vec<u32>,
 }
 
 /// The model's parameters for this host: the kernel version and the tcp sysctls, from
@@ -99,6 +116,9 @@ struct JsonLine<'a, T: serde::Serialize> {
     unix_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     advice: Option<&'a str>,
+    /// The owner's cgroup and the container or unit it names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a crate::cgroups::Identity>,
     #[serde(flatten)]
     body: &'a T,
 }
@@ -107,6 +127,15 @@ fn json_line<T: serde::Serialize>(out: &mut impl Write, line: &JsonLine<'_, T>) 
     serde_json::to_writer(&mut *out, line)?;
     out.write_all(b"\n")?;
     Ok(())
+}
+
+/// ` [container docker:0123456789ab]` for an owner in a container; nothing otherwise (systemd
+/// units are in `--json` and the metrics, not on every line).
+fn container_note(cgroup: Option<&Identity>) -> String {
+    match cgroup.and_then(|c| c.container.as_ref().map(|_| c.label())) {
+        Some(Some(label)) => format!(" [container {label}]"),
+        _ => String::new(),
+    }
 }
 
 /// Sizes of the pipeline's tables.
@@ -134,6 +163,10 @@ pub struct Pipeline<W: Write> {
     pub malformed: u64,
     /// Symbolizes close() call stacks (live only: the process must still exist).
     pub stacks: Option<crate::stacks::StackResolver>,
+    /// `--metrics`: counted from the same events, flows and resets as the output.
+    pub metrics: Option<Arc<metrics::Metrics>>,
+    /// Owners' cgroup ids to container identities (resolves nothing in replay).
+    pub cgroups: Cgroups,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -167,6 +200,8 @@ impl<W: Write> Pipeline<W> {
             lost: 0,
             malformed: 0,
             stacks: None,
+            metrics: None,
+            cgroups: Cgroups::none(),
         }
     }
 
@@ -193,12 +228,21 @@ impl<W: Write> Pipeline<W> {
         (mono as i128 + self.opts.realtime_minus_mono_ns as i128).max(0) as u64
     }
 
-    fn wanted(&self, ev: &TraceEvent) -> bool {
-        self.opts.pids.is_empty()
+    fn wanted(&self, ev: &TraceEvent, cgroup: Option<&Identity>) -> bool {
+        let scope = &self.opts.scope;
+        (self.opts.pids.is_empty()
             || ev
                 .owner
                 .as_ref()
-                .is_some_and(|o| self.opts.pids.contains(&o.pid))
+                .is_some_and(|o| self.opts.pids.contains(&o.pid)))
+            && (scope.netns.is_empty() || scope.netns.contains(&ev.netns))
+            && (scope.cgroups.is_empty()
+                || cgroup.is_some_and(|c| scope.cgroups.iter().any(|dir| c.within(dir))))
+    }
+
+    /// The owner's identity, from its cgroup id.
+    fn identity(&mut self, owner: Option<&crate::decode::Owner>) -> Option<Arc<Identity>> {
+        owner.and_then(|o| self.cgroups.resolve(o.cgroup_id))
     }
 
     /// One raw event, as the kernel wrote it.
@@ -210,11 +254,15 @@ impl<W: Write> Pipeline<W> {
             ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack, raw.close_ret));
         }
         self.owners.attribute(&mut ev);
-        if !self.wanted(&ev) {
+        let cgroup = self.identity(ev.owner.as_ref());
+        if !self.wanted(&ev, cgroup.as_deref()) {
             return Ok(());
         }
         self.events += 1;
         *self.counts.entry(ev.hook).or_default() += 1;
+        if let Some(m) = &self.metrics {
+            m.event(ev.hook);
+        }
         self.resets.observe(&ev);
         if self.resets_view == ResetsView::Only {
             return Ok(());
@@ -228,11 +276,17 @@ impl<W: Write> Pipeline<W> {
                         r#type: "event",
                         unix_ns: Some(unix_ns),
                         advice: None,
+                        cgroup: cgroup.as_deref(),
                         body: &ev,
                     },
                 )?;
             } else {
-                writeln!(self.out, "{}", human_line(&ev, unix_ns))?;
+                writeln!(
+                    self.out,
+                    "{}{}",
+                    human_line(&ev, unix_ns),
+                    container_note(cgroup.as_deref())
+                )?;
             }
         }
         self.flows.push(ev);
@@ -259,6 +313,11 @@ impl<W: Write> Pipeline<W> {
 
     /// One settled reset diagnosis.
     fn reset_done(&mut self, d: &ResetDiagnosis) -> Result<()> {
+        let cgroup = self.identity(d.owner.as_ref());
+        let label = cgroup.as_deref().and_then(Identity::label);
+        if let Some(m) = &self.metrics {
+            m.reset(d, label.as_deref());
+        }
         if self.resets_view == ResetsView::Inline && self.opts.view == View::Flows {
             return Ok(());
         }
@@ -271,11 +330,17 @@ impl<W: Write> Pipeline<W> {
                     r#type: "reset",
                     unix_ns: Some(unix_ns),
                     advice: advice.as_deref(),
+                    cgroup: cgroup.as_deref(),
                     body: d,
                 },
             )?;
         } else {
-            writeln!(self.out, "{}", resets::reset_line(d, unix_ns))?;
+            writeln!(
+                self.out,
+                "{}{}",
+                resets::reset_line(d, unix_ns),
+                container_note(cgroup.as_deref())
+            )?;
         }
         Ok(())
     }
@@ -286,6 +351,11 @@ impl<W: Write> Pipeline<W> {
             return Ok(());
         }
         *self.verdicts.entry(report.verdict.label()).or_default() += 1;
+        let cgroup = self.identity(report.owner.as_ref());
+        if let Some(m) = &self.metrics {
+            let label = cgroup.as_deref().and_then(Identity::label);
+            m.flow(&report, label.as_deref());
+        }
         if report.verdict.diverges() {
             self.divergent
                 .push(format!("{} > {}", report.key.local, report.key.remote));
@@ -300,11 +370,20 @@ impl<W: Write> Pipeline<W> {
                     r#type: "flow",
                     unix_ns: None,
                     advice: None,
+                    cgroup: cgroup.as_deref(),
                     body: &report,
                 },
             )?;
         } else {
-            writeln!(self.out, "{}", report.render_timeline())?;
+            let text = report.render_timeline();
+            let note = container_note(cgroup.as_deref());
+            // On the flow's first line, after its owner.
+            match text.split_once('\n') {
+                Some((first, rest)) if !note.is_empty() => {
+                    writeln!(self.out, "{first}{note}\n{rest}")?
+                }
+                _ => writeln!(self.out, "{text}")?,
+            }
         }
         Ok(())
     }
@@ -421,6 +500,7 @@ mod tests {
                 view,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             Vec::new(),
         )
@@ -515,6 +595,7 @@ mod tests {
                 view: View::Flows,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             std::io::sink(),
         );

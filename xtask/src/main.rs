@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Install what the eBPF build needs (rust-src, bpf-linker); idempotent and cached.
     Setup,
+    /// Install what the test suite needs besides the build (Debian's prometheus, ...).
+    SetupTests,
     /// Set up, build, and run tcp-trace (default: `tcp-trace validate`); under sudo if not root.
     Run {
         /// Arguments for tcp-trace instead of `validate`, e.g. `-- doctor`.
@@ -66,6 +68,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::SetupTests => setup::tests(),
         Command::Run { args } => tasks::run(args),
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),

@@ -196,3 +196,49 @@ fn find_libllvm(sysroot: &Path) -> Result<PathBuf> {
             )
         })
 }
+
+/// What the test suite needs beyond the build: Debian's `prometheus` (the metrics test scrapes
+/// tcp-trace with it). Each step checks first, says what it does, and is skipped when present.
+pub fn tests() -> Result<()> {
+    ensure_apt("prometheus", Path::new("/usr/bin/prometheus"))?;
+    Ok(())
+}
+
+/// Installs Debian package `package` unless `probe` exists. apt-get needs root: without it the
+/// step says what to run.
+fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
+    if probe.exists() {
+        say(format!("{package} (Debian): present"));
+        return Ok(());
+    }
+    if !crate::tasks::is_root() {
+        bail!(
+            "the test suite needs Debian's {package} package: run `sudo apt-get install -y \
+             {package}`, or run `cargo xtask test` as root"
+        );
+    }
+    say(format!(
+        "{package} (Debian): installing with apt-get (for the test suite)"
+    ));
+    let install = |cmd: &mut Command| {
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            package,
+        ]);
+        crate::tasks::status(cmd)
+    };
+    if install(&mut Command::new("apt-get")).is_err() {
+        say("apt-get install failed: updating the package lists and trying again");
+        crate::tasks::status(Command::new("apt-get").args(["update", "-q"]))?;
+        install(&mut Command::new("apt-get"))?;
+    }
+    // Debian starts the service it installs; the tests run their own on other ports.
+    let _ = Command::new("systemctl")
+        .args(["disable", "--now", &format!("{package}.service")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    Ok(())
+}

@@ -100,6 +100,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
 /// kernel matrix.
 pub fn test(skip_vm: bool) -> Result<()> {
     setup::run()?;
+    setup::tests()?;
     let root = workspace_root();
     say("cargo fmt --check");
     status(

@@ -1077,6 +1077,7 @@ fn the_pipeline_prints_resets_inline_or_alone() {
                 view,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             Vec::new(),
         );

@@ -492,6 +492,7 @@ mod tests {
                 view: View::Flows,
                 pids: vec![],
                 realtime_minus_mono_ns: h.realtime_minus_monotonic_ns,
+                scope: Default::default(),
             },
             Vec::new(),
         );
