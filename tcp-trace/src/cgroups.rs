@@ -195,18 +195,22 @@ impl Cgroups {
         if let Some(known) = self.known.get(&id) {
             return Some(known.clone());
         }
+        let unknown = Arc::new(Identity {
+            id,
+            path: None,
+            container: None,
+            unit: None,
+        });
         if self.root.is_some() && self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             self.rescan();
             if let Some(known) = self.known.get(&id) {
                 return Some(known.clone());
             }
+            // The owner was in it when the event was made, and a scan since does not find it:
+            // it is gone (ids are never reused), so stop looking.
+            self.known.insert(id, unknown.clone());
         }
-        Some(Arc::new(Identity {
-            id,
-            path: None,
-            container: None,
-            unit: None,
-        }))
+        Some(unknown)
     }
 
     fn rescan(&mut self) {

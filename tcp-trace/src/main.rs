@@ -141,6 +141,32 @@ enum Command {
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
     Peer(peer::PeerCommand),
+    /// Write the man pages and shell completions (bash, zsh, fish) into DIR (`cargo xtask dist`).
+    #[command(hide = true)]
+    Assets {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+}
+
+/// Man pages (tcp-trace.1 and one per subcommand, tcp-trace-resets.1, ...) and completions, from
+/// the same clap definition as --help.
+fn write_assets(out: &std::path::Path) -> Result<u8> {
+    use clap::CommandFactory;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "tcp-trace", &completions)?;
+    }
+    Ok(0)
 }
 
 #[derive(clap::Args)]
@@ -247,6 +273,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
+        Some(Command::Assets { out }) => write_assets(&out),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
         Some(Command::Record) => match cli.trace.output.clone() {
             Some(output) => run_live(cli.trace, Some(output), None),

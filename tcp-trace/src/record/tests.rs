@@ -335,7 +335,12 @@ fn bad_json_header() {
     );
     assert!(std::error::Error::source(&err).is_some());
 
-    let err = read_all(&file_with(FORMAT_VERSION, br#"{"tool_version": "0.1.0"}"#, b"")).unwrap_err();
+    let err = read_all(&file_with(
+        FORMAT_VERSION,
+        br#"{"tool_version": "0.1.0"}"#,
+        b"",
+    ))
+    .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("byte 16: header does not describe a tcp-trace recording: missing field"),
