@@ -629,6 +629,7 @@ fn documented_event_layout_matches_the_abi() {
             "user_stack" => offset_of!(Event, user_stack),
             "_reserved" => offset_of!(Event, _reserved),
             "close_ret" => offset_of!(Event, close_ret),
+            "owner_cgroup" => offset_of!(Event, owner_cgroup),
             other => panic!("documented field {other} is not in Event"),
         }
     };
@@ -644,7 +645,7 @@ fn documented_event_layout_matches_the_abi() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 34, "every Event field is documented");
+    assert_eq!(seen, 35, "every Event field is documented");
 }
 
 /// Recordings of format 1 (192-byte events, before `owner_cgroup`) still read: the field is 0.
