@@ -97,11 +97,16 @@ pub struct Event {
     /// The return address on top of the user stack when close() entered the kernel: the
     /// caller of libc's close(), which a frame-pointer walk skips (libc keeps no frame).
     pub close_ret: u64,
+    /// The cgroup (v2) id of the owner, learned with it (`OWNER_KNOWN`); 0 = not known. Added in
+    /// recording format 2 (events of format 1 are 192 bytes, without it).
+    pub owner_cgroup: u64,
 }
 
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
-// 5*8 + 14*4 + 4*2 + 4 + 4*16 + 2*4 = 180, + 4 padding + 8 = 192; keep it explicit.
-const _: () = assert!(EVENT_SIZE == 192);
+// 5*8 + 14*4 + 4*2 + 4 + 4*16 + 2*4 = 180, + 4 padding + 8 = 192, + 8 = 200; keep it explicit.
+const _: () = assert!(EVENT_SIZE == 200);
+/// Events as recording format 1 stored them: [`Event`] without `owner_cgroup`.
+pub const EVENT_SIZE_V1: usize = 192;
 
 impl Event {
     pub const fn zeroed() -> Self {
@@ -140,6 +145,7 @@ impl Event {
             user_stack: 0,
             _reserved: 0,
             close_ret: 0,
+            owner_cgroup: 0,
         }
     }
 }
@@ -201,6 +207,10 @@ pub struct Config {
     pub capture_stacks: u32,
     /// struct pt_regs -> sp (the user stack pointer at syscall entry).
     pub pt_regs_sp: u32,
+    /// Drop events whose owner is known and whose owner's cgroup id is not in `CGROUPS`.
+    pub filter_cgroups: u32,
+    /// Drop events whose network namespace (inode) is known and not in `NETNS`.
+    pub filter_netns: u32,
 }
 
 /// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.
@@ -210,6 +220,9 @@ pub struct Owner {
     pub tgid: u32,
     pub tid: u32,
     pub comm: [u8; COMM_LEN],
+    /// bpf_get_current_cgroup_id() where the owner was learned: its cgroup v2 id (the inode
+    /// number of its directory under /sys/fs/cgroup).
+    pub cgroup: u64,
 }
 
 /// Value of the `CLOSING` map: where a thread inside close() called it from.
@@ -293,6 +306,8 @@ pub const RING_BYTES: u32 = 4 << 20;
 pub const OWNERS_MAX: u32 = 65536;
 pub const LISTENERS_MAX: u32 = 4096;
 pub const FILTER_MAX: u32 = 64;
+/// `--cgroup`: the cgroups named and their descendants.
+pub const CGROUP_FILTER_MAX: u32 = 4096;
 pub const USER_STACKS_MAX: u32 = 4096;
 pub const CLOSING_MAX: u32 = 16384;
 /// How long after close() returns its deferred fput() may still be tearing the socket down (see

@@ -1,9 +1,9 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-        generated as raw,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_task_pt_regs, generated as raw,
     },
     macros::{
         btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, CLOSE_TASK_WORK_NS, CLOSING_MAX, COMM_LEN, CloseSite, Config, DROP_RULES_MAX,
-    DropRule, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX, Owner,
-    RING_BYTES, USER_STACKS_MAX, flag, hook, state,
+    AF_INET6, CGROUP_FILTER_MAX, CLOSE_TASK_WORK_NS, CLOSING_MAX, COMM_LEN, CloseSite, Config,
+    DROP_RULES_MAX, DropRule, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX,
+    Owner, RING_BYTES, USER_STACKS_MAX, flag, hook, state,
 };
 
 #[unsafe(no_mangle)]
@@ -58,6 +58,8 @@ static CONFIG: Config = Config {
     inet_sport: 0,
     capture_stacks: 0,
     pt_regs_sp: 0,
+    filter_cgroups: 0,
+    filter_netns: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -84,6 +86,12 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
 /// `--port` set.
 #[map]
 static PORTS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
+/// `--cgroup` set (cgroup v2 ids).
+#[map]
+static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(CGROUP_FILTER_MAX, 0);
+/// `--netns` set (namespace inodes).
+#[map]
+static NETNS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
 /// Events are built in their ring-buffer slot. When the ring is full, the event is built here
 /// instead, only to tell whether the filter wanted it (then it counts in `DROPPED`).
 #[map]
@@ -132,6 +140,7 @@ fn current_owner() -> Owner {
     unsafe {
         (*o).tgid = (pid_tgid >> 32) as u32;
         (*o).tid = pid_tgid as u32;
+        (*o).cgroup = bpf_get_current_cgroup_id();
         raw::bpf_get_current_comm((&raw mut (*o).comm).cast(), COMM_LEN as u32);
         owner.assume_init()
     }
@@ -287,6 +296,7 @@ fn fill_sock_id(ev: &mut Event, hook: u8, sk: u64, id: &SockId) {
     }
     if let Some(owner) = unsafe { OWNERS.get(&sk) } {
         ev.owner_tgid = owner.tgid;
+        ev.owner_cgroup = owner.cgroup;
         copy_comm(&mut ev.owner_comm, &owner.comm);
         ev.flags |= flag::OWNER_KNOWN;
     }
@@ -355,7 +365,26 @@ fn wanted(ev: &Event) -> bool {
     {
         return false;
     }
+    // A reply built from a segment alone has no namespace (0): userspace decides.
+    if conf!(filter_netns) != 0
+        && ev.netns != 0
+        && unsafe { NETNS.get(&on_stack(&ev.netns)) }.is_none()
+    {
+        return false;
+    }
+    if conf!(filter_cgroups) != 0
+        && ev.flags & flag::OWNER_KNOWN != 0
+        && unsafe { CGROUPS.get(&on_stack64(&ev.owner_cgroup)) }.is_none()
+    {
+        return false;
+    }
     true
+}
+
+/// [`on_stack`] for a u64 field.
+#[inline(always)]
+fn on_stack64(field: &u64) -> u64 {
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 /// Userspace is woken when the pending data crosses this much; below it, and above it until the
@@ -389,7 +418,11 @@ fn zero(ev: *mut Event) {
 /// pointer tested again is not NULL, and reports it unreleased.
 macro_rules! emit {
     (|$ev:ident| $body:block) => {
-        if conf!(filter_ports) != 0 || conf!(filter_pids) != 0 {
+        if conf!(filter_ports) != 0
+            || conf!(filter_pids) != 0
+            || conf!(filter_cgroups) != 0
+            || conf!(filter_netns) != 0
+        {
             emit_aside!(|$ev| $body);
         } else {
             match EVENTS.reserve::<Event>(0) {

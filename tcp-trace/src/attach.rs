@@ -4,7 +4,7 @@
 
 use std::{fmt, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::HashMap as BpfHashMap,
@@ -114,6 +114,10 @@ pub struct AttachOptions {
     pub backend: Backend,
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
+    /// `--cgroup`: cgroup v2 ids of the owners to keep (the cgroups named and those below).
+    pub cgroups: Vec<u64>,
+    /// `--netns`: network namespace inodes to keep.
+    pub netns: Vec<u32>,
     pub kernel_log: bool,
     /// Size of the EVENTS ring buffer in bytes (`--buffer-size`): a power of two and a multiple
     /// of the page size (see [`parse_buffer_size`]).
@@ -399,6 +403,26 @@ fn all_mechanisms(hook: Hook) -> Vec<(Mechanism, &'static str)> {
     mechanisms_for(hook, Backend::Auto).unwrap_or_default()
 }
 
+/// Adds cgroup ids to the kernel's `--cgroup` set (cgroups created below a filtered one after
+/// the start are added as they appear). At most `CGROUP_FILTER_MAX`: beyond it the kernel set
+/// is left as it is and userspace filters alone.
+pub fn add_cgroup_ids(ebpf: &mut Ebpf, ids: &[u64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut set: BpfHashMap<_, u64, u8> =
+        BpfHashMap::try_from(ebpf.map_mut("CGROUPS").context("map CGROUPS missing")?)?;
+    for id in ids {
+        if set.get(id, 0).is_err() && set.insert(id, 1, 0).is_err() {
+            bail!(
+                "more than {} cgroups below --cgroup: name fewer or narrower ones",
+                tcp_trace_common::CGROUP_FILTER_MAX
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Loads the object with `facts` baked in as constants and attaches every hook it can.
 pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     let btf = Btf::from_sys_fs().context(
@@ -408,6 +432,8 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     let config = Config {
         filter_pids: (!opts.pids.is_empty()) as u32,
         filter_ports: (!opts.ports.is_empty()) as u32,
+        filter_cgroups: (!opts.cgroups.is_empty()) as u32,
+        filter_netns: (!opts.netns.is_empty()) as u32,
         capture_stacks: opts.stacks as u32,
         ..facts.config
     };
@@ -437,6 +463,15 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
                 .context("filling the --port map")?;
         }
     }
+
+    if !opts.netns.is_empty() {
+        let mut netns: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(ebpf.map_mut("NETNS").context("map NETNS missing")?)?;
+        for ns in &opts.netns {
+            netns.insert(ns, 1, 0).context("filling the --netns map")?;
+        }
+    }
+    add_cgroup_ids(&mut ebpf, &opts.cgroups)?;
 
     let mut hooks = Vec::new();
     for hook in Hook::ALL {

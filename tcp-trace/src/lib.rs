@@ -10,6 +10,7 @@
 #![warn(unreachable_pub)]
 
 pub mod attach;
+pub mod cgroups;
 pub(crate) mod clock;
 pub mod decode;
 pub mod doctor;
@@ -21,6 +22,7 @@ pub mod model;
 pub(crate) mod owners;
 pub mod peer;
 pub mod pipeline;
+pub mod progstats;
 pub mod record;
 pub mod replay;
 pub mod report;

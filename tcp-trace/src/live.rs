@@ -11,11 +11,12 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
+    cgroups::{CgroupFilter, Cgroups},
     clock, decode, exit,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     pipeline::{self, Pipeline},
     record::{Filters, RecordHeader, RecordWriter},
-    report::{ReportOptions, ResetsView, View},
+    report::{self, ReportOptions, ResetsView, View, metrics::Metrics, output::Output},
     resets::counters::CounterRun,
 };
 
@@ -35,6 +36,47 @@ pub struct LiveOptions {
     pub buffer_size: u32,
     /// `tcp-trace resets`: only the reset diagnoses, then the summary and the counter check.
     pub resets: Option<ResetsOptions>,
+    /// `--metrics ADDR`: serve OpenMetrics at http://ADDR/metrics while tracing.
+    pub metrics: Option<String>,
+    /// `--quiet`: no per-event output (metrics and warnings only).
+    pub quiet: bool,
+    /// `--output FILE`: the stream goes to FILE (appended; reopened on SIGHUP), not stdout.
+    pub output: Option<std::path::PathBuf>,
+    /// `--cgroup PATH`: only sockets whose owner is in this cgroup or below it.
+    pub cgroups: Vec<std::path::PathBuf>,
+    /// `--netns PATH`: only sockets in this network namespace.
+    pub netns: Vec<std::path::PathBuf>,
+}
+
+/// The `--cgroup` and `--netns` arguments, resolved: errors name the argument and the fix.
+fn resolve_scope(
+    cgroups: &[std::path::PathBuf],
+    netns: &[std::path::PathBuf],
+) -> Result<(Vec<CgroupFilter>, Vec<u32>)> {
+    let filters = if cgroups.is_empty() {
+        Vec::new()
+    } else {
+        let root = crate::cgroups::cgroup2_root()?;
+        cgroups
+            .iter()
+            .map(|c| CgroupFilter::parse(c, &root))
+            .collect::<Result<_>>()?
+    };
+    let inodes = netns
+        .iter()
+        .map(|p| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p)
+                .map(|m| m.ino() as u32)
+                .with_context(|| {
+                    format!(
+                        "--netns {}: cannot open it (give /proc/PID/ns/net or /run/netns/NAME)",
+                        p.display()
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    Ok((filters, inodes))
 }
 
 /// What `tcp-trace resets` adds to the live trace.
@@ -137,6 +179,19 @@ fn lost_total(dropped: &PerCpuArray<MapData, u64>) -> u64 {
 /// process exit status.
 pub async fn run(opts: LiveOptions) -> Result<u8> {
     let prep = prepare(&opts.pids)?;
+    let (cgroup_filters, netns) = resolve_scope(&opts.cgroups, &opts.netns)?;
+    let cgroup_ids =
+        |filters: &[CgroupFilter]| -> Vec<u64> { filters.iter().flat_map(|f| f.ids()).collect() };
+    // Bound before anything is loaded: an address in use fails the start, not the scrape.
+    let metrics_listener = match &opts.metrics {
+        Some(addr) => Some(report::metrics::bind(addr).await?),
+        None => None,
+    };
+    let out = match (&opts.output, opts.quiet) {
+        (_, true) => Output::Quiet,
+        (Some(path), false) => Output::file(path)?,
+        (None, false) => Output::stdout(),
+    };
     let Attached { mut ebpf, hooks } = attach::attach(
         &prep.facts,
         &AttachOptions {
@@ -144,6 +199,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             backend: opts.backend,
             pids: opts.pids.clone(),
             ports: opts.ports.clone(),
+            cgroups: cgroup_ids(&cgroup_filters),
+            netns: netns.clone(),
             kernel_log: opts.kernel_log,
             buffer_size: opts.buffer_size,
         },
@@ -183,7 +240,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             if let Some(hz) = kernel::config_hz() {
                 header.sysctls.insert("kernel.hz".into(), hz.to_string());
             }
-            Sink::Record(RecordWriter::new(file, &header)?)
+            Sink::Record(RecordWriter::new(file, &header)?, None)
         }
         None => {
             let mut pipeline = Pipeline::new(
@@ -196,9 +253,14 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                     view: opts.view,
                     pids: opts.pids.clone(),
                     realtime_minus_mono_ns: clock::realtime_minus_monotonic_ns(),
+                    scope: report::Scope {
+                        cgroups: cgroup_filters.iter().map(|f| f.path.clone()).collect(),
+                        netns: netns.clone(),
+                    },
                 },
-                std::io::BufWriter::new(std::io::stdout().lock()),
+                out,
             );
+            pipeline.cgroups = Cgroups::host();
             if let Some(run) = &counters {
                 pipeline.set_resets_view(ResetsView::Only);
                 pipeline.resets_mut().set_count_window(run.start_ns, None);
@@ -231,6 +293,23 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         None
     };
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
+    let metrics = metrics_listener.map(|listener| {
+        let m = std::sync::Arc::new(Metrics::new(report::metrics::DEFAULT_OWNER_CAP));
+        for h in &hooks {
+            if let Some(kind) = decode::Hook::from_name(&h.hook) {
+                m.set_hook_attached(report::metrics::hook_name(kind), h.attached());
+            }
+        }
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("tcp-trace: metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(report::metrics::serve(listener, m.clone()));
+        m
+    });
+    let ring_fill = metrics
+        .as_ref()
+        .and_then(|_| crate::progstats::RingFill::new(&ring, opts.buffer_size));
+    sink.set_metrics(metrics.clone());
     let dropped: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(ebpf.take_map("DROPPED").context("map DROPPED missing")?)?;
     // SAFETY: the ring buffer owns its fd and outlives the registration (both live until the
@@ -254,6 +333,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     let mut lost_tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -280,6 +360,21 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
             _ = lost_tick.tick() => {
+                // Cgroups made below a filtered one since the last tick (a new container of
+                // a pod): the kernel keeps their sockets from now on.
+                if !cgroup_filters.is_empty() {
+                    attach::add_cgroup_ids(&mut ebpf, &cgroup_ids(&cgroup_filters))?;
+                }
+                if let Some(m) = &metrics {
+                    m.set_lost_total("ring_full", lost_check.total);
+                    m.set_lost_total("recursion", crate::progstats::total_recursion_misses(&ebpf));
+                    if let Some(fill) = &ring_fill {
+                        m.set_ring_fill(fill.ratio());
+                    }
+                    if let Sink::Print(p) = &sink {
+                        m.set_flows_in_flight(p.held().flows);
+                    }
+                }
                 let total = lost_check.total;
                 if total > lost_warned {
                     eprintln!(
@@ -289,6 +384,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                     lost_warned = total;
                 }
             }
+            _ = sighup.recv() => sink.reopen()?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
@@ -306,13 +402,14 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     }
     sink.check_lost(&mut lost_check, lost_total(&dropped))?;
     let lost = lost_check.total;
+    drop(ring_fill);
     drop(ring);
     drop(ebpf);
     let seconds = started.elapsed().as_secs_f64();
     let mut mismatch_status = 0;
 
     match sink {
-        Sink::Record(writer) => {
+        Sink::Record(writer, _) => {
             let n = writer.events_written();
             writer.finish()?;
             eprintln!("tcp-trace: {n} events recorded in {seconds:.1}s, {lost} lost");
@@ -321,7 +418,10 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             let mut summary = pipeline.finish()?;
             summary["seconds"] = seconds.into();
             if let Some(run) = &counters {
-                let filtered = !opts.pids.is_empty() || !opts.ports.is_empty();
+                let filtered = !opts.pids.is_empty()
+                    || !opts.ports.is_empty()
+                    || !opts.cgroups.is_empty()
+                    || !opts.netns.is_empty();
                 let mismatch = report_resets(&mut pipeline, run, filtered, opts.json, lost)?;
                 summary["counter_mismatch"] = mismatch.into();
                 if mismatch && lost == 0 {
@@ -332,7 +432,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 writeln!(pipeline.out(), "{summary}")?;
                 pipeline.out().flush()?;
             } else {
-                if counters.is_none() {
+                if counters.is_none() && !opts.quiet {
                     eprintln!("{}", pipeline.summary_table(&hooks));
                 }
                 eprintln!(
@@ -405,28 +505,49 @@ fn report_resets<W: Write>(
 pub const KERNEL_VERSION_KEY: &str = "kernel.version";
 
 /// Where the events go: printed (and joined into flows), or written to a recording.
-enum Sink<'a> {
-    Print(Box<Pipeline<std::io::BufWriter<std::io::StdoutLock<'a>>>>),
-    Record(RecordWriter<std::fs::File>),
+enum Sink {
+    Print(Box<Pipeline<Output>>),
+    /// With `--metrics`, a recording still counts events by hook.
+    Record(RecordWriter<std::fs::File>, Option<std::sync::Arc<Metrics>>),
 }
 
-impl Sink<'_> {
+impl Sink {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
         while let Some(item) = ring.next() {
             match (decode::parse_raw(&item), &mut *self) {
                 (Ok(raw), Sink::Print(p)) => p.event(&raw)?,
-                (Ok(raw), Sink::Record(w)) => w.event(&raw)?,
+                (Ok(raw), Sink::Record(w, m)) => {
+                    w.event(&raw)?;
+                    if let (Some(m), Some(hook)) = (m, decode::Hook::from_abi(raw.hook)) {
+                        m.event(hook);
+                    }
+                }
                 (Err(_), Sink::Print(p)) => p.malformed += 1,
-                (Err(_), Sink::Record(_)) => {}
+                (Err(_), Sink::Record(..)) => {}
             }
         }
         Ok(())
     }
 
+    fn set_metrics(&mut self, metrics: Option<std::sync::Arc<Metrics>>) {
+        match self {
+            Sink::Print(p) => p.metrics = metrics,
+            Sink::Record(_, m) => *m = metrics,
+        }
+    }
+
+    /// SIGHUP: the output file was rotated.
+    fn reopen(&mut self) -> Result<()> {
+        match self {
+            Sink::Print(p) => p.out().reopen(),
+            Sink::Record(..) => Ok(()),
+        }
+    }
+
     fn tick(&mut self, now: u64) -> Result<()> {
         match self {
             Sink::Print(p) => p.tick(now),
-            Sink::Record(w) => w.flush(),
+            Sink::Record(w, _) => w.flush(),
         }
     }
 
@@ -438,11 +559,11 @@ impl Sink<'_> {
         let now = clock::now_ns(libc::CLOCK_MONOTONIC);
         match self {
             Sink::Print(p) => p.lost(now, total)?,
-            Sink::Record(w) if total > last.total => {
+            Sink::Record(w, _) if total > last.total => {
                 w.lost(last.ts_ns, last.total)?;
                 w.lost(now, total)?;
             }
-            Sink::Record(_) => {}
+            Sink::Record(..) => {}
         }
         *last = LostCheck { ts_ns: now, total };
         Ok(())

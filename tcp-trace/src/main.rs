@@ -72,6 +72,27 @@ struct TraceArgs {
     /// What to print: every event, each flow's timeline and verdict when it ends, or both.
     #[arg(long, value_enum, default_value_t = View::Both, global = true)]
     view: View,
+    /// Serve OpenMetrics (Prometheus) at http://ADDR/metrics while tracing, e.g. 127.0.0.1:9464
+    /// or [::]:9464. Works with every output mode and with --quiet.
+    #[arg(long, value_name = "ADDR", global = true)]
+    metrics: Option<String>,
+    /// No per-event output: metrics (--metrics) and warnings only. For running as a daemon.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    /// Write the stream (text or --json lines) to FILE instead of stdout, appending; on SIGHUP
+    /// the file is reopened (logrotate's convention). For `record`: the recording to write
+    /// (format: docs/record-format.md).
+    #[arg(short = 'o', long = "output", value_name = "FILE", global = true)]
+    output: Option<std::path::PathBuf>,
+    /// Only sockets whose owner is in this cgroup (v2) or below it (repeatable): a directory
+    /// under /sys/fs/cgroup, or a path as /proc/PID/cgroup shows it
+    /// (/system.slice/docker-<id>.scope). Applied in the kernel.
+    #[arg(long = "cgroup", value_name = "PATH", global = true)]
+    cgroups: Vec<std::path::PathBuf>,
+    /// Only sockets in this network namespace (repeatable): /proc/PID/ns/net, /run/netns/NAME.
+    /// Applied in the kernel. With `resets`, that namespace's counters are checked too.
+    #[arg(long = "netns", value_name = "PATH", global = true)]
+    netns: Vec<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -79,13 +100,9 @@ enum Command {
     /// Show the kernel, BTF, lockdown, privileges, and for every hook which attach mechanism
     /// works here or why none does.
     Doctor,
-    /// Record the raw events (with the kernel facts needed to read them) to a file, to replay
-    /// later anywhere, without root. Same filters as the live trace.
-    Record {
-        /// The recording to write (format: docs/record-format.md).
-        #[arg(short = 'o', long = "output", value_name = "FILE")]
-        output: std::path::PathBuf,
-    },
+    /// Record the raw events (with the kernel facts needed to read them) to a file (-o FILE),
+    /// to replay later anywhere, without root. Same filters as the live trace.
+    Record,
     /// Why connections are reset: one line per RST sent or received (and per silent timeout
     /// abort) with its cause, how sure that is and the evidence; at exit (Ctrl-C or
     /// --duration) a table by process x cause x peer, and a check of the kernel's TcpExt abort
@@ -98,12 +115,7 @@ enum Command {
     ///   tcp-trace resets --port 443 --json
     ///   tcp-trace resets --netns /run/netns/blue
     #[command(verbatim_doc_comment)]
-    Resets {
-        /// Also check the counters of this network namespace (repeatable): /proc/PID/ns/net,
-        /// /run/netns/NAME.
-        #[arg(long = "netns", value_name = "PATH")]
-        netns: Vec<std::path::PathBuf>,
-    },
+    Resets,
     /// Rebuild the events, flow timelines and verdicts of a recording, offline (no root).
     /// Exit status 6 if a flow diverges from the model, 4 if the recording was cut short.
     Replay {
@@ -139,6 +151,32 @@ enum Command {
     /// Test traffic with a known teardown, one end per process (used by the test suite).
     #[command(hide = true, subcommand)]
     Peer(peer::PeerCommand),
+    /// Write the man pages and shell completions (bash, zsh, fish) into DIR (`cargo xtask dist`).
+    #[command(hide = true)]
+    Assets {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+}
+
+/// Man pages (tcp-trace.1 and one per subcommand, tcp-trace-resets.1, ...) and completions, from
+/// the same clap definition as --help.
+fn write_assets(out: &std::path::Path) -> Result<u8> {
+    use clap::CommandFactory;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "tcp-trace", &completions)?;
+    }
+    Ok(0)
 }
 
 #[derive(clap::Args)]
@@ -246,9 +284,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Doctor) => doctor::run(cli.trace.json),
         Some(Command::Peer(cmd)) => peer::run(cmd),
+        Some(Command::Assets { out }) => write_assets(&out),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
-        Some(Command::Record { output }) => run_live(cli.trace, Some(output), None),
-        Some(Command::Resets { netns }) => run_live(cli.trace, None, Some(ResetsOptions { netns })),
+        Some(Command::Record) => match cli.trace.output.clone() {
+            Some(output) => run_live(cli.trace, Some(output), None),
+            None => {
+                eprintln!("tcp-trace: error: `record` needs the file to write: -o FILE");
+                return ExitCode::from(2);
+            }
+        },
+        Some(Command::Resets) => {
+            let netns = cli.trace.netns.clone();
+            run_live(cli.trace, None, Some(ResetsOptions { netns }))
+        }
         Some(Command::Replay { file }) => replay::run(
             &file,
             ReplayOptions {
@@ -289,7 +337,7 @@ fn run_live(
         .build()?;
     runtime.block_on(live::run(LiveOptions {
         stacks: args.stacks,
-        record,
+        record: record.clone(),
         view: args.view,
         backend: args.backend,
         pids: args.pids,
@@ -299,5 +347,11 @@ fn run_live(
         kernel_log: args.kernel_log,
         buffer_size: args.buffer_size,
         resets,
+        metrics: args.metrics,
+        quiet: args.quiet,
+        // For `record`, --output is the recording.
+        output: if record.is_some() { None } else { args.output },
+        cgroups: args.cgroups,
+        netns: args.netns,
     }))
 }

@@ -122,6 +122,7 @@ impl Owners {
                     pid: ev.pid,
                     comm: ev.comm,
                     source: OwnerSource::Inferred,
+                    cgroup_id: 0,
                 })
             } else if is_tw {
                 tuple.and_then(|t| self.by_tuple.get(&t)).map(|e| e.0)

@@ -3,7 +3,7 @@
 //! and joined into flows, whose timelines and verdicts come out as each flow ends; a summary
 //! closes the run. What is printed, and how, is [`crate::report`]'s.
 
-use std::{collections::BTreeMap, io::Write};
+use std::{collections::BTreeMap, io::Write, sync::Arc};
 
 use anyhow::Result;
 use serde_json::json;
@@ -11,6 +11,7 @@ use tcp_trace_common::Event;
 
 use crate::{
     attach::HookStatus,
+    cgroups::{Cgroups, Identity},
     decode::{self, Hook, TraceEvent},
     flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
@@ -84,6 +85,15 @@ pub(crate) fn judge<'a>(
     Ok(flows.flush().into_iter().filter(|r| r.teardown).collect())
 }
 
+/// ` [container docker:0123456789ab]` for an owner in a container; nothing otherwise (systemd
+/// units are in `--json` and the metrics, not on every line).
+fn container_note(cgroup: Option<&Identity>) -> String {
+    match cgroup.and_then(|c| c.container.as_ref().map(|_| c.label())) {
+        Some(Some(label)) => format!(" [container {label}]"),
+        _ => String::new(),
+    }
+}
+
 /// Sizes of the pipeline's tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Held {
@@ -109,6 +119,10 @@ pub struct Pipeline<W: Write> {
     pub malformed: u64,
     /// Symbolizes close() call stacks (live only: the process must still exist).
     pub stacks: Option<crate::stacks::StackResolver>,
+    /// `--metrics`: counted from the same events, flows and resets as the output.
+    pub metrics: Option<Arc<crate::report::metrics::Metrics>>,
+    /// Owners' cgroup ids to container identities (resolves nothing in replay).
+    pub cgroups: Cgroups,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -139,6 +153,8 @@ impl<W: Write> Pipeline<W> {
             lost: 0,
             malformed: 0,
             stacks: None,
+            metrics: None,
+            cgroups: Cgroups::none(),
         }
     }
 
@@ -165,12 +181,21 @@ impl<W: Write> Pipeline<W> {
         (mono as i128 + self.opts.realtime_minus_mono_ns as i128).max(0) as u64
     }
 
-    fn wanted(&self, ev: &TraceEvent) -> bool {
-        self.opts.pids.is_empty()
+    fn wanted(&self, ev: &TraceEvent, cgroup: Option<&Identity>) -> bool {
+        let scope = &self.opts.scope;
+        (self.opts.pids.is_empty()
             || ev
                 .owner
                 .as_ref()
-                .is_some_and(|o| self.opts.pids.contains(&o.pid))
+                .is_some_and(|o| self.opts.pids.contains(&o.pid)))
+            && (scope.netns.is_empty() || scope.netns.contains(&ev.netns))
+            && (scope.cgroups.is_empty()
+                || cgroup.is_some_and(|c| scope.cgroups.iter().any(|dir| c.within(dir))))
+    }
+
+    /// The owner's identity, from its cgroup id.
+    fn identity(&mut self, owner: Option<&crate::decode::Owner>) -> Option<Arc<Identity>> {
+        owner.and_then(|o| self.cgroups.resolve(o.cgroup_id))
     }
 
     /// One raw event, as the kernel wrote it.
@@ -186,11 +211,15 @@ impl<W: Write> Pipeline<W> {
             ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack, raw.close_ret));
         }
         self.owners.attribute(&mut ev);
-        if !self.wanted(&ev) {
+        let cgroup = self.identity(ev.owner.as_ref());
+        if !self.wanted(&ev, cgroup.as_deref()) {
             return Ok(());
         }
         self.events += 1;
         *self.counts.entry(ev.hook).or_default() += 1;
+        if let Some(m) = &self.metrics {
+            m.event(ev.hook);
+        }
         self.resets.observe(&ev);
         if self.resets_view == ResetsView::Only {
             return Ok(());
@@ -204,11 +233,17 @@ impl<W: Write> Pipeline<W> {
                         r#type: "event",
                         unix_ns: Some(unix_ns),
                         advice: None,
+                        cgroup: cgroup.as_deref(),
                         body: &ev,
                     },
                 )?;
             } else {
-                writeln!(self.out, "{}", text::human_line(&ev, unix_ns))?;
+                writeln!(
+                    self.out,
+                    "{}{}",
+                    text::human_line(&ev, unix_ns),
+                    container_note(cgroup.as_deref())
+                )?;
             }
         }
         self.flows.push(ev);
@@ -235,6 +270,11 @@ impl<W: Write> Pipeline<W> {
 
     /// One settled reset diagnosis.
     fn reset_done(&mut self, d: &ResetDiagnosis) -> Result<()> {
+        let cgroup = self.identity(d.owner.as_ref());
+        let label = cgroup.as_deref().and_then(Identity::label);
+        if let Some(m) = &self.metrics {
+            m.reset(d, label.as_deref());
+        }
         if self.resets_view == ResetsView::Inline && self.opts.view == View::Flows {
             return Ok(());
         }
@@ -247,11 +287,17 @@ impl<W: Write> Pipeline<W> {
                     r#type: "reset",
                     unix_ns: Some(unix_ns),
                     advice: advice.as_deref(),
+                    cgroup: cgroup.as_deref(),
                     body: d,
                 },
             )?;
         } else {
-            writeln!(self.out, "{}", resets::reset_line(d, unix_ns))?;
+            writeln!(
+                self.out,
+                "{}{}",
+                resets::reset_line(d, unix_ns),
+                container_note(cgroup.as_deref())
+            )?;
         }
         Ok(())
     }
@@ -262,6 +308,11 @@ impl<W: Write> Pipeline<W> {
             return Ok(());
         }
         *self.verdicts.entry(report.verdict.label()).or_default() += 1;
+        let cgroup = self.identity(report.owner.as_ref());
+        if let Some(m) = &self.metrics {
+            let label = cgroup.as_deref().and_then(Identity::label);
+            m.flow(&report, label.as_deref());
+        }
         if report.verdict.diverges() {
             self.divergent
                 .push(format!("{} > {}", report.key.local, report.key.remote));
@@ -276,11 +327,20 @@ impl<W: Write> Pipeline<W> {
                     r#type: "flow",
                     unix_ns: None,
                     advice: None,
+                    cgroup: cgroup.as_deref(),
                     body: &report,
                 },
             )?;
         } else {
-            writeln!(self.out, "{}", report.render_timeline())?;
+            let text = report.render_timeline();
+            let note = container_note(cgroup.as_deref());
+            // On the flow's first line, after its owner.
+            match text.split_once('\n') {
+                Some((first, rest)) if !note.is_empty() => {
+                    writeln!(self.out, "{first}{note}\n{rest}")?
+                }
+                _ => writeln!(self.out, "{text}")?,
+            }
         }
         Ok(())
     }
@@ -359,6 +419,7 @@ mod tests {
                 view,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             Vec::new(),
         )
@@ -453,6 +514,7 @@ mod tests {
                 view: View::Flows,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             std::io::sink(),
         );

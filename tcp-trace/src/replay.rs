@@ -43,6 +43,7 @@ pub fn run(path: &Path, opts: ReplayOptions) -> Result<u8> {
             view: opts.view,
             pids: opts.pids,
             realtime_minus_mono_ns: header.realtime_minus_monotonic_ns,
+            scope: Default::default(),
         },
         std::io::BufWriter::new(stdout),
     );

@@ -2,6 +2,7 @@
 //! that the README's two commands work on a fresh machine.
 
 mod bench;
+mod dist;
 mod fuzz;
 mod helpers;
 mod setup;
@@ -26,6 +27,12 @@ struct Cli {
 enum Command {
     /// Install what the eBPF build needs (rust-src, bpf-linker); idempotent and cached.
     Setup,
+    /// Install what the test suite needs besides the build (Debian's prometheus, cargo-deb,
+    /// kubernetes-validate).
+    SetupTests,
+    /// Build what a fleet installs into target/dist: a static binary, man pages, completions,
+    /// the systemd unit, the Kubernetes DaemonSet manifest, and a .deb holding them.
+    Dist,
     /// Set up, build, and run tcp-trace (default: `tcp-trace validate`); under sudo if not root.
     Run {
         /// Arguments for tcp-trace instead of `validate`, e.g. `-- doctor`.
@@ -72,6 +79,8 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::SetupTests => setup::tests(),
+        Command::Dist => dist::run().map(|_| ()),
         Command::Run { args } => tasks::run(args),
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),

@@ -458,6 +458,108 @@ pub fn kernel_apt() -> Result<KernelApt> {
     Ok(apt)
 }
 
+/// What the test suite needs beyond the build: Debian's `prometheus` (the metrics test scrapes
+/// tcp-trace with it). Each step checks first, says what it does, and is skipped when present.
+pub fn tests() -> Result<()> {
+    ensure_apt("prometheus", Path::new("/usr/bin/prometheus"))?;
+    ensure_cargo_deb()?;
+    ensure_k8s_validator()?;
+    Ok(())
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+const K8S_VALIDATE_VERSION: &str = "1.37.0";
+
+/// cargo-deb, for `cargo xtask dist` (built once into ~/.cargo/bin).
+pub fn ensure_cargo_deb() -> Result<()> {
+    let have = output(Command::new("cargo").args(["deb", "--version"]));
+    if have.as_deref().is_ok_and(|v| v.contains(CARGO_DEB_VERSION)) {
+        say(format!("cargo-deb {CARGO_DEB_VERSION}: present"));
+        return Ok(());
+    }
+    say(format!(
+        "cargo-deb {CARGO_DEB_VERSION}: installing (cargo install --locked; a few minutes, once)"
+    ));
+    crate::helpers::status(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--locked",
+    ]))
+}
+
+/// The Kubernetes schema validator the package test checks the DaemonSet manifest with
+/// (kubernetes-validate, from PyPI: it carries the schemas, so it works offline), in a venv of
+/// its own under the cache. Returns its path.
+pub fn ensure_k8s_validator() -> Result<PathBuf> {
+    let venv = cache_dir().join("venv-k8s");
+    let bin = venv.join("bin/kubernetes-validate");
+    let pip = venv.join("bin/pip");
+    let have = output(Command::new(&pip).args(["show", "kubernetes-validate"]));
+    if have
+        .as_deref()
+        .is_ok_and(|v| v.contains(&format!("Version: {K8S_VALIDATE_VERSION}")))
+        && bin.exists()
+    {
+        say(format!(
+            "kubernetes-validate {K8S_VALIDATE_VERSION}: present"
+        ));
+        return Ok(bin);
+    }
+    say(format!(
+        "kubernetes-validate {K8S_VALIDATE_VERSION}: installing from PyPI into {}",
+        venv.display()
+    ));
+    crate::helpers::status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("python3 -m venv failed: install Debian's python3-venv")?;
+    crate::helpers::status(Command::new(&pip).args([
+        "install",
+        "--quiet",
+        &format!("kubernetes-validate=={K8S_VALIDATE_VERSION}"),
+    ]))?;
+    Ok(bin)
+}
+
+/// Installs Debian package `package` unless `probe` exists. apt-get needs root: without it the
+/// step says what to run.
+fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
+    if probe.exists() {
+        say(format!("{package} (Debian): present"));
+        return Ok(());
+    }
+    if !crate::helpers::is_root() {
+        bail!(
+            "the test suite needs Debian's {package} package: run `sudo apt-get install -y \
+             {package}`, or run `cargo xtask test` as root"
+        );
+    }
+    say(format!(
+        "{package} (Debian): installing with apt-get (for the test suite)"
+    ));
+    let install = |cmd: &mut Command| {
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            package,
+        ]);
+        crate::helpers::status(cmd)
+    };
+    if install(&mut Command::new("apt-get")).is_err() {
+        say("apt-get install failed: updating the package lists and trying again");
+        crate::helpers::status(Command::new("apt-get").args(["update", "-q"]))?;
+        install(&mut Command::new("apt-get"))?;
+    }
+    // Debian starts the service it installs; the tests run their own on other ports.
+    let _ = Command::new("systemctl")
+        .args(["disable", "--now", &format!("{package}.service")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

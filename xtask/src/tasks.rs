@@ -45,6 +45,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
 /// kernel matrix.
 pub fn test(skip_vm: bool) -> Result<()> {
     setup::run()?;
+    setup::tests()?;
     let root = workspace_root();
     say("cargo fmt --check");
     status(
@@ -61,16 +62,21 @@ pub fn test(skip_vm: bool) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    say("cargo xtask dist (the package that tests/package.rs installs)");
+    let dist = crate::dist::run()?;
     say("cargo test (unit tests, then live tests on this kernel: they need root)");
     let mut cmd = Command::new("cargo");
     // The default members: everything but the eBPF crate, which only builds for the BPF target.
-    cmd.current_dir(&root).arg("test");
+    cmd.current_dir(&root)
+        .arg("test")
+        .env("TCP_TRACE_DEB", &dist.deb)
+        .env("TCP_TRACE_K8S_VALIDATE", setup::ensure_k8s_validator()?);
     let sudo = !is_root() && which("sudo").is_some();
     if sudo {
         // Build as this user, run the test binaries as root.
         cmd.env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER",
-            "sudo --preserve-env=CI",
+            "sudo --preserve-env=CI,TCP_TRACE_DEB,TCP_TRACE_K8S_VALIDATE",
         );
     }
     // The kernel tests are #[ignore]d unless asked for: as root (or under sudo) they run; in CI

@@ -44,6 +44,9 @@ pub struct Owner {
     /// `kernel`: learned in process context by the eBPF side; `inferred`: deduced in userspace
     /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner).
     pub source: OwnerSource,
+    /// The owner's cgroup v2 id, learned with it in the kernel; 0 = not known (an owner
+    /// inferred from the task on the CPU, a recording of format 1).
+    pub cgroup_id: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +178,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
         pid: ev.owner_tgid,
         comm: Comm::from_kernel(&ev.owner_comm),
         source: OwnerSource::Kernel,
+        cgroup_id: ev.owner_cgroup,
     });
     let has_state = ev.flags & flag::TUPLE_FROM_SKB == 0;
     let new_state = matches!(

@@ -215,6 +215,7 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
                     pid: e.pid,
                     comm: e.comm,
                     source: OwnerSource::Inferred,
+                    cgroup_id: 0,
                 })
         })
 }

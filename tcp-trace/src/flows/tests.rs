@@ -66,6 +66,7 @@ impl End {
                 pid: self.pid,
                 comm: "app".into(),
                 source: OwnerSource::Kernel,
+                cgroup_id: 0,
             }),
             netns: self.netns,
             sk: SockPtr(self.sk),

@@ -339,6 +339,8 @@ impl KernelFacts {
             inet_sport: off("inet_sock", "inet_sport")?,
             capture_stacks: 0,
             pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
+            filter_cgroups: 0,
+            filter_netns: 0,
         };
         Ok(Self::new(
             config,

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tcp_trace_common::{EVENT_SIZE, Event};
+use tcp_trace_common::{EVENT_SIZE, EVENT_SIZE_V1, Event};
 
 pub use self::error::RecordError;
 use crate::{
@@ -29,8 +29,9 @@ use crate::{
 
 /// The first 8 bytes of every recording.
 pub const MAGIC: &[u8; 8] = b"TCPTRACE";
-/// The record layout version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The record layout version this build writes. It reads this one and every older one: format
+/// 1 stored 192-byte events (without `owner_cgroup`), read as if that field were 0.
+pub const FORMAT_VERSION: u32 = 2;
 /// The largest JSON header a reader accepts (real ones are a few KiB).
 pub const MAX_HEADER_LEN: u32 = 16 << 20;
 /// Record tag: one raw [`Event`] (payload: [`EVENT_SIZE`] bytes).
@@ -248,6 +249,8 @@ pub struct RecordReader<R: Read> {
     lost: u64,
     done: bool,
     ended: bool,
+    /// Bytes per event record in this file's format version.
+    event_size: usize,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -261,6 +264,7 @@ impl<R: Read> RecordReader<R> {
             lost: 0,
             done: false,
             ended: false,
+            event_size: EVENT_SIZE,
         };
         let mut magic = [0u8; 8];
         let n = rd.fill(&mut magic)?;
@@ -276,9 +280,11 @@ impl<R: Read> RecordReader<R> {
             return Err(rd.truncated(0, "the magic number", magic.len(), n));
         }
         let version = rd.u32_field("the format version")?;
-        if version != FORMAT_VERSION {
-            return Err(RecordError::UnsupportedVersion { version });
-        }
+        rd.event_size = match version {
+            1 => EVENT_SIZE_V1,
+            FORMAT_VERSION => EVENT_SIZE,
+            _ => return Err(RecordError::UnsupportedVersion { version }),
+        };
         let len_at = rd.offset;
         let len = rd.u32_field("the header length")?;
         if len > MAX_HEADER_LEN {
@@ -304,11 +310,11 @@ impl<R: Read> RecordReader<R> {
                 offset: HEADER_START,
                 source,
             })?;
-        if header.event_size as usize != EVENT_SIZE {
+        if header.event_size as usize != rd.event_size {
             return Err(RecordError::EventSizeMismatch {
                 offset: HEADER_START,
                 recorded: header.event_size,
-                expected: EVENT_SIZE,
+                expected: rd.event_size,
             });
         }
         if let Some(h) = header.hooks.iter().find(|h| h.id().is_none()) {
@@ -421,7 +427,7 @@ impl<R: Read> RecordReader<R> {
         let [tag, l0, l1] = head;
         let len = u16::from_le_bytes([l0, l1]);
         let expected = match tag {
-            TAG_EVENT => EVENT_SIZE,
+            TAG_EVENT => self.event_size,
             TAG_LOST | TAG_END => PAIR_LEN,
             _ => return Err(RecordError::UnknownTag { offset: start, tag }),
         };
@@ -435,7 +441,13 @@ impl<R: Read> RecordReader<R> {
         }
         let record = match tag {
             TAG_EVENT => {
-                let raw = self.payload::<EVENT_SIZE>("an event record")?;
+                // An older format's shorter event: the fields added since stay zero.
+                let mut raw = [0u8; EVENT_SIZE];
+                let (at, n) = (self.offset, self.event_size);
+                let got = self.fill(&mut raw[..n])?;
+                if got < n {
+                    return Err(self.truncated(at, "an event record", n, got));
+                }
                 let ev = parse_raw(&raw).map_err(|e| RecordError::BadEvent {
                     offset: start,
                     reason: e.to_string(),

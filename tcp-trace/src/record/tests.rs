@@ -126,7 +126,7 @@ fn read_stream(bytes: &[u8]) -> Result<(Vec<Record>, Option<RecordError>), Recor
 fn round_trip() {
     let (bytes, records) = small_recording();
     assert_eq!(&bytes[..8], b"TCPTRACE");
-    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
     let (h, got) = read_all(&bytes).unwrap();
     assert_eq!(h, as_read(&header()));
     assert_eq!(h.event_size as usize, EVENT_SIZE);
@@ -225,7 +225,7 @@ fn truncation_message_says_what_was_expected() {
     assert_eq!(
         err.to_string(),
         format!(
-            "byte {}: file ends inside an event record (expected 192 bytes, found 12): the \
+            "byte {}: file ends inside an event record (expected 200 bytes, found 12): the \
              recording was cut short after 0 complete records",
             body + 3
         )
@@ -288,7 +288,7 @@ fn newer_and_bogus_versions() {
     let err = read_all(&bytes).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "recording format version 7 is newer than this tcp-trace understands (1): upgrade \
+        "recording format version 7 is newer than this tcp-trace understands (2): upgrade \
          tcp-trace"
     );
     assert_eq!(err.offset(), Some(8));
@@ -327,7 +327,7 @@ fn header_length_over_the_cap() {
 
 #[test]
 fn bad_json_header() {
-    let err = read_all(&file_with(1, b"{not json", b"")).unwrap_err();
+    let err = read_all(&file_with(FORMAT_VERSION, b"{not json", b"")).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("byte 16: header is not valid JSON: "),
@@ -335,7 +335,12 @@ fn bad_json_header() {
     );
     assert!(std::error::Error::source(&err).is_some());
 
-    let err = read_all(&file_with(1, br#"{"tool_version": "0.1.0"}"#, b"")).unwrap_err();
+    let err = read_all(&file_with(
+        FORMAT_VERSION,
+        br#"{"tool_version": "0.1.0"}"#,
+        b"",
+    ))
+    .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("byte 16: header does not describe a tcp-trace recording: missing field"),
@@ -365,7 +370,7 @@ fn additive_header_fields_are_compatible() {
     v.as_object_mut().unwrap().remove("filters");
     let json = serde_json::to_vec(&v).unwrap();
     let body = raw_record(TAG_END, &pair(0, 0));
-    let (h, records) = read_all(&file_with(1, &json, &body)).unwrap();
+    let (h, records) = read_all(&file_with(FORMAT_VERSION, &json, &body)).unwrap();
     assert!(h.sysctls.is_empty());
     assert_eq!(h.filters, Filters::default());
     assert_eq!(records, vec![Record::End { events: 0, lost: 0 }]);
@@ -376,6 +381,16 @@ fn event_size_mismatch() {
     let mut h = header();
     h.event_size = 184;
     let json = serde_json::to_vec(&h).unwrap();
+    let err = read_all(&file_with(FORMAT_VERSION, &json, b"")).unwrap_err();
+    assert!(matches!(
+        err,
+        RecordError::EventSizeMismatch {
+            recorded: 184,
+            expected: EVENT_SIZE,
+            ..
+        }
+    ));
+    // A format 1 file must say 192.
     let err = read_all(&file_with(1, &json, b"")).unwrap_err();
     assert!(matches!(
         err,
@@ -392,7 +407,7 @@ fn event_size_mismatch() {
 fn unknown_tag() {
     let json = good_header_json();
     let body = raw_record(b'Q', &[0; 16]);
-    let err = read_all(&file_with(1, &json, &body)).unwrap_err();
+    let err = read_all(&file_with(FORMAT_VERSION, &json, &body)).unwrap_err();
     let at = 16 + json.len();
     assert_eq!(
         err.to_string(),
@@ -411,14 +426,14 @@ fn wrong_length_for_known_tags() {
     let ev = v4_event(hook::TCP_CLOSE, 1, 2);
     let mut body = raw_record(TAG_EVENT, event_bytes(&ev));
     body[1..3].copy_from_slice(&100u16.to_le_bytes());
-    let err = read_all(&file_with(1, &json, &body)).unwrap_err();
+    let err = read_all(&file_with(FORMAT_VERSION, &json, &body)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("byte {at}: event record (tag E) has length 100, expected 192 (file corrupt)")
+        format!("byte {at}: event record (tag E) has length 100, expected 200 (file corrupt)")
     );
     for tag in [TAG_LOST, TAG_END] {
         let body = raw_record(tag, &[0; 8]);
-        let err = read_all(&file_with(1, &json, &body)).unwrap_err();
+        let err = read_all(&file_with(FORMAT_VERSION, &json, &body)).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -442,7 +457,7 @@ fn event_with_unknown_hook() {
     let mut body = raw_record(TAG_EVENT, event_bytes(&good));
     let at = 16 + json.len() + body.len();
     body.extend(raw_record(TAG_EVENT, event_bytes(&bad)));
-    let (ok, err) = read_stream(&file_with(1, &json, &body)).unwrap();
+    let (ok, err) = read_stream(&file_with(FORMAT_VERSION, &json, &body)).unwrap();
     assert_eq!(ok, vec![Record::Event(good)]);
     let err = err.unwrap();
     assert!(matches!(err, RecordError::BadEvent { .. }));
@@ -628,6 +643,7 @@ fn documented_event_layout_matches_the_abi() {
             "user_stack" => offset_of!(Event, user_stack),
             "_reserved" => offset_of!(Event, _reserved),
             "close_ret" => offset_of!(Event, close_ret),
+            "owner_cgroup" => offset_of!(Event, owner_cgroup),
             other => panic!("documented field {other} is not in Event"),
         }
     };
@@ -643,5 +659,39 @@ fn documented_event_layout_matches_the_abi() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 34, "every Event field is documented");
+    assert_eq!(seen, 35, "every Event field is documented");
+}
+
+/// Recordings of format 1 (192-byte events, before `owner_cgroup`) still read: the field is 0.
+#[test]
+fn format_1_recordings_still_read() {
+    let mut h = header();
+    h.event_size = tcp_trace_common::EVENT_SIZE_V1 as u32;
+    let json = serde_json::to_vec(&h).unwrap();
+    let mut body = Vec::new();
+    let mut evs = events();
+    for e in &mut evs {
+        e.owner_cgroup = 0;
+        let bytes = crate::decode::event_bytes(e);
+        body.push(TAG_EVENT);
+        body.extend_from_slice(&(tcp_trace_common::EVENT_SIZE_V1 as u16).to_le_bytes());
+        body.extend_from_slice(&bytes[..tcp_trace_common::EVENT_SIZE_V1]);
+    }
+    body.push(TAG_END);
+    body.extend_from_slice(&16u16.to_le_bytes());
+    body.extend_from_slice(&pair(evs.len() as u64, 0));
+    let (_, got) = read_all(&file_with(1, &json, &body)).unwrap();
+    let got: Vec<Event> = got
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, evs);
+    // And a real one: the fuzz corpus was recorded in format 1.
+    let real = include_bytes!("../../../fuzz/corpus/record/clean-close.tt");
+    assert_eq!(u32::from_le_bytes(real[8..12].try_into().unwrap()), 1);
+    let (_, recs) = read_all(real).unwrap();
+    assert!(recs.iter().any(|r| matches!(r, Record::Event(_))));
 }

@@ -13,6 +13,9 @@ pub(crate) struct JsonLine<'a, T: serde::Serialize> {
     pub(crate) unix_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) advice: Option<&'a str>,
+    /// The owner's cgroup and the container or unit it names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cgroup: Option<&'a crate::cgroups::Identity>,
     #[serde(flatten)]
     pub(crate) body: &'a T,
 }

@@ -3,6 +3,8 @@
 //! tables ([`tables`]). Nothing here decides anything: the pipeline calls it.
 
 pub mod json;
+pub mod metrics;
+pub mod output;
 pub mod tables;
 pub mod text;
 
@@ -35,4 +37,16 @@ pub struct ReportOptions {
     pub pids: Vec<u32>,
     /// Turns CLOCK_MONOTONIC event times into wall-clock time.
     pub realtime_minus_mono_ns: i64,
+    /// `--cgroup`, `--netns`.
+    pub scope: Scope,
+}
+
+/// Which owners' cgroups and which network namespaces to show (empty: all). The kernel applies
+/// them too, where it knows enough; this decides the rest.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Cgroup paths below the cgroup2 root: an owner in one of them or below it.
+    pub cgroups: Vec<String>,
+    /// Network namespace inodes.
+    pub netns: Vec<u32>,
 }

@@ -58,6 +58,7 @@ impl Stream {
             pid: self.owner,
             comm: "server".into(),
             source: OwnerSource::Kernel,
+            cgroup_id: 0,
         });
         e.netns = NS;
         e.sk = self.sk;
@@ -1086,6 +1087,7 @@ fn the_pipeline_prints_resets_inline_or_alone() {
                 view,
                 pids: vec![],
                 realtime_minus_mono_ns: 0,
+                scope: Default::default(),
             },
             Vec::new(),
         );

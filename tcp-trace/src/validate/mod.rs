@@ -504,6 +504,8 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             backend: opts.backend,
             pids: vec![],
             ports: vec![],
+            cgroups: vec![],
+            netns: vec![],
             kernel_log: false,
             buffer_size: attach::DEFAULT_BUFFER_SIZE,
         },

@@ -25,7 +25,8 @@ use anyhow::{Context, Result, bail};
 use tcp_trace_common::{AF_INET, EVENT_SIZE, Event, Hook, flag, state};
 
 const MAGIC: &[u8; 8] = b"TCPTRACE";
-const FORMAT_VERSION: u32 = 1;
+/// docs/record-format.md: format 2 has 200-byte events (with `owner_cgroup`).
+const FORMAT_VERSION: u32 = 2;
 const TAG_EVENT: u8 = b'E';
 const TAG_END: u8 = b'Z';
 
@@ -480,6 +481,7 @@ mod tests {
                 view: View::Flows,
                 pids: vec![],
                 realtime_minus_mono_ns: h.realtime_minus_monotonic_ns,
+                scope: Default::default(),
             },
             Vec::new(),
         );
