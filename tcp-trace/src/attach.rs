@@ -79,6 +79,8 @@ enum Target {
         ret: bool,
     },
     Tracepoint,
+    /// A `syscalls:` tracepoint (perf event), one program.
+    Syscall,
 }
 
 /// One hook: a kernel function or tracepoint, and the programs that can serve it, best first.
@@ -126,9 +128,48 @@ pub const HOOKS: &[HookDef] = &[
     tp("tcp:tcp_destroy_sock", "tcp_destroy_sock"),
 ];
 
+/// Hooks that send no events: they tell the eBPF side who holds each socket in user space
+/// (see the README's "Owners"). inet_csk_accept's return names the child an accept() took,
+/// io_uring's included; the syscall tracepoints do the same on every kernel, and close()'s
+/// finds the socket a descriptor releases (the closer) and whether others still hold it.
+pub const OWNER_HOOKS: &[HookDef] = &[
+    HookDef {
+        name: "inet_csk_accept:return",
+        target: "inet_csk_accept",
+        kind: Target::Function { ret: true },
+        programs: [
+            (Mechanism::Fexit, "fexit_inet_csk_accept"),
+            (Mechanism::Kretprobe, "kretprobe_inet_csk_accept"),
+        ],
+    },
+    syscall("syscalls:sys_enter_accept4", "sys_enter_accept4"),
+    syscall("syscalls:sys_exit_accept4", "sys_exit_accept4"),
+    syscall("syscalls:sys_enter_accept", "sys_enter_accept"),
+    syscall("syscalls:sys_exit_accept", "sys_exit_accept"),
+    syscall("syscalls:sys_enter_close", "sys_enter_close"),
+    syscall("syscalls:sys_exit_close", "sys_exit_close"),
+];
+
+/// A classic syscall tracepoint served by one program (no second mechanism exists for it).
+const fn syscall(name: &'static str, program: &'static str) -> HookDef {
+    HookDef {
+        name,
+        target: name,
+        kind: Target::Syscall,
+        programs: [
+            (Mechanism::Tracepoint, program),
+            (Mechanism::Tracepoint, program),
+        ],
+    }
+}
+
 impl HookDef {
     pub fn is_function(&self) -> bool {
         matches!(self.kind, Target::Function { .. })
+    }
+
+    pub fn is_syscall(&self) -> bool {
+        matches!(self.kind, Target::Syscall)
     }
 }
 
@@ -426,6 +467,7 @@ fn mechanisms_for(
 ) -> Result<Vec<(Mechanism, &'static str)>, String> {
     match (def.kind, backend) {
         (Target::Tracepoint, _) => Ok(def.programs.to_vec()),
+        (Target::Syscall, _) => Ok(vec![def.programs[0]]),
         (Target::Function { .. }, Backend::Auto) => Ok(def.programs.to_vec()),
         (Target::Function { .. }, Backend::Fentry) => Ok(vec![def.programs[0]]),
         (Target::Function { .. }, Backend::Kprobe) => Ok(vec![def.programs[1]]),
@@ -475,7 +517,7 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     }
 
     let mut hooks = Vec::new();
-    for def in HOOKS {
+    for def in HOOKS.iter().chain(OWNER_HOOKS) {
         let mut status = HookStatus {
             hook: def.name.to_string(),
             mechanism: None,
@@ -498,31 +540,6 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         }
         hooks.push(status);
     }
-    if opts.stacks {
-        for (name, program) in [
-            ("syscalls:sys_enter_close", "sys_enter_close"),
-            ("syscalls:sys_exit_close", "sys_exit_close"),
-        ] {
-            let result: Result<(), ProgramError> = (|| {
-                let p: &mut TracePoint = ebpf
-                    .program_mut(program)
-                    .ok_or(ProgramError::NotLoaded)?
-                    .try_into()?;
-                p.load()?;
-                p.attach("syscalls", program)?;
-                Ok(())
-            })();
-            hooks.push(HookStatus {
-                hook: name.to_string(),
-                mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
-                failures: result
-                    .err()
-                    .map(|e| vec![(Mechanism::Tracepoint, explain(&e, Mechanism::Tracepoint))])
-                    .unwrap_or_default(),
-                skipped: None,
-            });
-        }
-    }
     Ok(Attached { ebpf, hooks })
 }
 
@@ -538,9 +555,13 @@ pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) failed")?;
     let mut out = Vec::new();
-    for def in HOOKS {
+    for def in HOOKS.iter().chain(OWNER_HOOKS) {
         let mut results = Vec::new();
-        for (mechanism, program) in def.programs {
+        let programs = match def.kind {
+            Target::Syscall => &def.programs[..1],
+            _ => &def.programs[..],
+        };
+        for &(mechanism, program) in programs {
             let r = try_attach(&mut ebpf, &btf, def, mechanism, program);
             if r.is_ok() {
                 unload(&mut ebpf, program);
@@ -559,7 +580,7 @@ mod tests {
     #[test]
     fn every_hook_names_programs_that_exist_in_the_object() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the built object parses");
-        for def in HOOKS {
+        for def in HOOKS.iter().chain(OWNER_HOOKS) {
             for (_, program) in def.programs {
                 assert!(obj.programs.contains_key(program), "{program} missing");
             }

@@ -99,7 +99,9 @@ pub fn time_of_day(unix_ns: u64) -> String {
 
 /// One human line per event.
 pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
+    // `~`: a provisional owner (see the README's "Owners"); the flow's report names the final one.
     let who = match &ev.owner {
+        Some(o) if !o.is_definite() => format!("~{}/{}", o.pid, o.comm),
         Some(o) => format!("{}/{}", o.pid, o.comm),
         None => format!("?({}/{})", ev.pid, ev.comm),
     };
@@ -240,7 +242,24 @@ pub fn blind_spots(missing: &[&str]) -> String {
     }
     if missing
         .iter()
-        .any(|m| m.contains(':') && !m.ends_with(":return"))
+        .any(|m| m.starts_with("syscalls:sys_") && m.contains("close"))
+    {
+        lost.push(
+            "which task close()d a socket (owners and closers come from socket events only; \
+             a socket passed on after fork or SCM_RIGHTS keeps its first owner)",
+        );
+    }
+    if missing
+        .iter()
+        .any(|m| m.starts_with("syscalls:sys_") && m.contains("accept"))
+    {
+        lost.push("accept() (children keep their listener's owner until close())");
+    } else if missing.contains(&"inet_csk_accept:return") {
+        lost.push("accepts outside accept()/accept4() (io_uring): such children keep their listener's owner until close()");
+    }
+    if missing
+        .iter()
+        .any(|m| m.contains(':') && !m.ends_with(":return") && !m.starts_with("syscalls:"))
     {
         lost.push("some tracepoint events (see above)");
     }

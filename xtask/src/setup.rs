@@ -196,3 +196,32 @@ fn find_libllvm(sysroot: &Path) -> Result<PathBuf> {
             )
         })
 }
+
+/// The real servers the test suite runs (Debian's packages): nginx-light (a master and pre-fork
+/// workers) for the owner tests, curl as their client. Installed once; the package's own
+/// service is kept from starting (a policy-rc.d for the duration of the install), since the
+/// tests start their own instances on loopback.
+pub fn test_servers() -> Result<()> {
+    let mut missing = Vec::new();
+    if !Path::new("/usr/sbin/nginx").exists() {
+        missing.push("nginx-light");
+    }
+    if !crate::vm::host::have_command("curl") {
+        missing.push("curl");
+    }
+    if missing.is_empty() {
+        say("test servers: nginx and curl are installed");
+        return Ok(());
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+    if ours {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
+    }
+    let result = crate::vm::host::apt_install(&missing);
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    result.context("installing the test servers (the owner tests run Debian's nginx)")
+}

@@ -116,6 +116,7 @@ pub fn test(skip_vm: bool) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    setup::test_servers()?;
     say("cargo test (unit tests, then live tests on this kernel: they need root)");
     let mut cmd = Command::new("cargo");
     // The default members: everything but the eBPF crate, which only builds for the BPF target.

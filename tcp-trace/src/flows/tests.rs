@@ -96,6 +96,7 @@ impl End {
             timeo_jiffies: None,
             segment: None,
             tw_status: None,
+            in_close: false,
             user_stack: None,
         }
     }
