@@ -213,39 +213,79 @@ impl Hook {
     }
 }
 
-/// Programs that feed the maps but emit no events of their own (`--stacks`).
+/// Programs that feed the maps but emit no events of their own: who holds each socket in user
+/// space (accept(), close(): see the README's "Owners") and, with `--stacks`, where close() was
+/// called. Always attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AuxHook {
     SysEnterClose,
     SysExitClose,
+    SysEnterAccept4,
+    SysExitAccept4,
+    SysEnterAccept,
+    SysExitAccept,
+    /// inet_csk_accept's return (fexit/kretprobe): accepts the syscalls miss (io_uring).
+    InetCskAcceptReturn,
 }
 
 impl AuxHook {
-    pub const ALL: [AuxHook; 2] = [AuxHook::SysEnterClose, AuxHook::SysExitClose];
+    pub const ALL: [AuxHook; 7] = [
+        AuxHook::SysEnterClose,
+        AuxHook::SysExitClose,
+        AuxHook::SysEnterAccept4,
+        AuxHook::SysExitAccept4,
+        AuxHook::SysEnterAccept,
+        AuxHook::SysExitAccept,
+        AuxHook::InetCskAcceptReturn,
+    ];
 
     /// What users see: `syscalls:sys_enter_close`.
     pub const fn name(self) -> &'static str {
         match self {
             AuxHook::SysEnterClose => "syscalls:sys_enter_close",
             AuxHook::SysExitClose => "syscalls:sys_exit_close",
+            AuxHook::SysEnterAccept4 => "syscalls:sys_enter_accept4",
+            AuxHook::SysExitAccept4 => "syscalls:sys_exit_accept4",
+            AuxHook::SysEnterAccept => "syscalls:sys_enter_accept",
+            AuxHook::SysExitAccept => "syscalls:sys_exit_accept",
+            AuxHook::InetCskAcceptReturn => "inet_csk_accept:return",
         }
     }
 
-    /// (system, tracepoint) of the classic tracepoint it attaches to.
-    pub const fn tracepoint(self) -> (&'static str, &'static str) {
+    /// (system, tracepoint) of the classic tracepoint it attaches to; None for the function hook.
+    pub const fn tracepoint(self) -> Option<(&'static str, &'static str)> {
         match self {
-            AuxHook::SysEnterClose => ("syscalls", "sys_enter_close"),
-            AuxHook::SysExitClose => ("syscalls", "sys_exit_close"),
+            AuxHook::SysEnterClose => Some(("syscalls", "sys_enter_close")),
+            AuxHook::SysExitClose => Some(("syscalls", "sys_exit_close")),
+            AuxHook::SysEnterAccept4 => Some(("syscalls", "sys_enter_accept4")),
+            AuxHook::SysExitAccept4 => Some(("syscalls", "sys_exit_accept4")),
+            AuxHook::SysEnterAccept => Some(("syscalls", "sys_enter_accept")),
+            AuxHook::SysExitAccept => Some(("syscalls", "sys_exit_accept")),
+            AuxHook::InetCskAcceptReturn => None,
         }
     }
 
-    /// The program in the eBPF object.
+    /// The program in the eBPF object (the function hook: its fexit form; kretprobe_* too).
     pub const fn program(self) -> &'static str {
-        self.tracepoint().1
+        match self.tracepoint() {
+            Some((_, name)) => name,
+            None => "fexit_inet_csk_accept",
+        }
     }
 
     pub const fn blind_spot(self) -> &'static str {
-        "close() call stacks"
+        match self {
+            AuxHook::SysEnterClose | AuxHook::SysExitClose => {
+                "which task close()d a socket, and close() call stacks (owners and closers come \
+                 from socket events only; a socket passed on after fork or SCM_RIGHTS keeps its \
+                 first owner)"
+            }
+            AuxHook::InetCskAcceptReturn => {
+                "accepts outside accept()/accept4() (io_uring): such children keep their \
+                 listener's owner until close()"
+            }
+            _ => "accept() (children keep their listener's owner until close())",
+        }
     }
 
     pub fn from_name(name: &str) -> Option<AuxHook> {

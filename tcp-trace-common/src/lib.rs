@@ -44,6 +44,23 @@ pub mod flag {
     pub const HAS_RET: u16 = 1 << 7;
     /// `tcp_close` details (timeout, linger, unread/unsent/unacked) are filled in.
     pub const HAS_CLOSE_DETAILS: u16 = 1 << 8;
+    /// The owner is provisional: a child's listener's owner until the accepting process shows
+    /// itself, or a holder that closed its descriptor while another still holds the socket.
+    pub const OWNER_PROVISIONAL: u16 = 1 << 9;
+    /// The current task is inside close() of this very socket (found by descriptor at
+    /// sys_enter_close): it is the closer.
+    pub const IN_CLOSE: u16 = 1 << 10;
+    /// The provisional owner shares the socket (or the child's listener) with other
+    /// processes: another may yet own it, so `--pid` lets the event through to userspace.
+    pub const OWNER_SHARED: u16 = 1 << 11;
+}
+
+/// Bits of [`Owner::flags`].
+pub mod owner_flag {
+    /// See [`super::flag::OWNER_PROVISIONAL`].
+    pub const PROVISIONAL: u32 = 1 << 0;
+    /// See [`super::flag::OWNER_SHARED`]: on a listener, more than one process accept()ed on it.
+    pub const SHARED: u32 = 1 << 1;
 }
 
 /// One hook hit. Field use by hook:
@@ -207,13 +224,33 @@ pub struct Config {
     pub capture_stacks: u32,
     /// struct pt_regs -> sp (the user stack pointer at syscall entry).
     pub pt_regs_sp: u32,
+    /// struct pt_regs -> di (a syscall's first argument, for the raw sys_enter fallback).
+    pub pt_regs_di: u32,
     /// Drop events whose owner is known and whose owner's cgroup id is not in `CGROUPS`.
     pub filter_cgroups: u32,
     /// Drop events whose network namespace (inode) is known and not in `NETNS`.
     pub filter_netns: u32,
+    /// Descriptor -> socket, for the syscall tracepoints that learn owners (accept, close):
+    /// task_struct.files, files_struct.fdt, fdtable.fd and .max_fds, file.private_data,
+    /// file.f_inode, inode.i_mode, socket.sk. `fd_to_sock` is 0 when BTF lacks one of them.
+    pub fd_to_sock: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub file_private_data: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+    /// The file's reference count (file.f_count, or file.f_ref from 6.13), read as a u64.
+    pub file_refs: u32,
+    /// The count's value when one reference is left: 1 for an atomic_long_t f_count, 0 for a
+    /// file_ref_t (it stores count - 1). `file_refs_known` is 0 when BTF has neither.
+    pub file_refs_one: u32,
+    pub file_refs_known: u32,
 }
 
-/// Value of the `OWNERS` map (key: socket pointer) and `LISTENERS` map.
+/// Value of the `OWNERS` map (key: socket pointer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -223,13 +260,30 @@ pub struct Owner {
     /// bpf_get_current_cgroup_id() where the owner was learned: its cgroup v2 id (the inode
     /// number of its directory under /sys/fs/cgroup).
     pub cgroup: u64,
+    /// [`owner_flag`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `LISTENERS` map: the listening socket on (netns, port). With SO_REUSEPORT
+/// several sockets listen on one port; a child cannot tell which one it came from (no
+/// tracepoint names it), so it gets no provisional owner then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Listener {
+    pub sk: u64,
+    /// Sockets listening there (more than one: ambiguous).
+    pub count: u32,
+    pub _pad: u32,
 }
 
 /// Value of the `CLOSING` map: where a thread inside close() called it from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CloseSite {
-    /// 1 + the id in `USER_STACKS`; 0 = the walk failed.
+    /// The TCP socket this close() releases (from its descriptor).
+    pub sk: u64,
+    /// 1 + the id in `USER_STACKS`; 0 = the walk failed or stacks are not captured.
     pub stack: u32,
     pub _pad: u32,
     /// The word on top of the user stack at syscall entry (see `Event::close_ret`).
@@ -240,8 +294,8 @@ pub struct CloseSite {
     pub exit_ns: u64,
 }
 
-/// Key of the `LISTENERS` map: who called listen() on (netns, local port). Children created in
-/// softirq inherit it until the accepting process shows itself.
+/// Key of the `LISTENERS` map: (netns, local port). Children created in softirq provisionally
+/// inherit the listening socket's owner until the accepting process shows itself.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenKey {
@@ -324,4 +378,5 @@ mod user {
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::DropRule {}
     unsafe impl aya::Pod for super::CloseSite {}
+    unsafe impl aya::Pod for super::Listener {}
 }

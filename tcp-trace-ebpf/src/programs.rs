@@ -1,9 +1,9 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_task_pt_regs, generated as raw,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs, generated as raw,
     },
     macros::{
         btf_tracepoint, classifier, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint,
@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcp_trace_common::{
-    AF_INET6, CGROUP_FILTER_MAX, CLOSE_TASK_WORK_NS, CLOSING_MAX, COMM_LEN, CloseSite, Config,
-    DROP_RULES_MAX, DropRule, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey, OWNERS_MAX,
-    Owner, RING_BYTES, USER_STACKS_MAX, flag, hook, state,
+    AF_INET, AF_INET6, CGROUP_FILTER_MAX, CLOSE_TASK_WORK_NS, CLOSING_MAX, COMM_LEN, CloseSite,
+    Config, DROP_RULES_MAX, DropRule, Event, FILTER_MAX, IPPROTO_TCP, LISTENERS_MAX, ListenKey,
+    Listener, OWNERS_MAX, Owner, RING_BYTES, USER_STACKS_MAX, flag, hook, owner_flag, state,
 };
 
 #[unsafe(no_mangle)]
@@ -58,8 +58,21 @@ static CONFIG: Config = Config {
     inet_sport: 0,
     capture_stacks: 0,
     pt_regs_sp: 0,
+    pt_regs_di: 0,
     filter_cgroups: 0,
     filter_netns: 0,
+    fd_to_sock: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+    file_private_data: 0,
+    file_inode: 0,
+    inode_mode: 0,
+    socket_sk: 0,
+    file_refs: 0,
+    file_refs_one: 0,
+    file_refs_known: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -77,9 +90,10 @@ static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Socket pointer -> the process that owns it, learned in process context.
 #[map]
 static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX, 0);
-/// (netns, port) -> who listens there; children created in softirq inherit it.
+/// (netns, port) -> the socket listening there; children created in softirq provisionally
+/// inherit its owner.
 #[map]
-static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entries(LISTENERS_MAX, 0);
+static LISTENERS: LruHashMap<ListenKey, Listener> = LruHashMap::with_max_entries(LISTENERS_MAX, 0);
 /// `--pid` set (tgids).
 #[map]
 static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
@@ -103,7 +117,8 @@ static TW_ARG: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// User call stacks of close() calls (with stack capture on).
 #[map]
 static USER_STACKS: StackTrace = StackTrace::with_max_entries(USER_STACKS_MAX, 0);
-/// Thread id -> 1 + its stack id in `USER_STACKS`, while that thread is inside close().
+/// Thread id -> the TCP socket it is closing (and, with stacks, where it called close()), while
+/// that thread is inside close() of a TCP socket's descriptor.
 #[map]
 static CLOSING: LruHashMap<u32, CloseSite> = LruHashMap::with_max_entries(CLOSING_MAX, 0);
 
@@ -141,6 +156,8 @@ fn current_owner() -> Owner {
         (*o).tgid = (pid_tgid >> 32) as u32;
         (*o).tid = pid_tgid as u32;
         (*o).cgroup = bpf_get_current_cgroup_id();
+        (*o).flags = 0;
+        (*o)._pad = 0;
         raw::bpf_get_current_comm((&raw mut (*o).comm).cast(), COMM_LEN as u32);
         owner.assume_init()
     }
@@ -299,15 +316,24 @@ fn fill_sock_id(ev: &mut Event, hook: u8, sk: u64, id: &SockId) {
         ev.owner_cgroup = owner.cgroup;
         copy_comm(&mut ev.owner_comm, &owner.comm);
         ev.flags |= flag::OWNER_KNOWN;
+        if owner.flags & owner_flag::PROVISIONAL != 0 {
+            ev.flags |= flag::OWNER_PROVISIONAL;
+        }
+        if owner.flags & owner_flag::SHARED != 0 {
+            ev.flags |= flag::OWNER_SHARED;
+        }
     }
-    // Only for the closer's own sockets: the close() of one socket also runs softirq work for
-    // others (on loopback, its peer's), which must not be blamed on this call.
-    if conf!(capture_stacks) != 0
+    // Is the task on the CPU closing this very socket? The last close() made it the owner (see
+    // `sys_enter_close`), so only events of its own sockets are looked up. The close() of one
+    // socket also runs softirq work for others (on loopback, its peer's), which the socket
+    // check keeps apart.
+    if ev.owner_tgid == ev.tgid
         && ev.flags & flag::OWNER_KNOWN != 0
-        && ev.owner_tgid == ev.tgid
         && let Some(site) = unsafe { CLOSING.get(&on_stack(&ev.tid)) }
+        && site.sk == sk
         && (site.exit_ns == 0 || ev.ts_ns.wrapping_sub(site.exit_ns) < CLOSE_TASK_WORK_NS)
     {
+        ev.flags |= flag::IN_CLOSE;
         ev.user_stack = site.stack;
         ev.close_ret = site.ret;
     }
@@ -359,8 +385,13 @@ fn wanted(ev: &Event) -> bool {
     {
         return false;
     }
+    // A provisional owner that shares the socket may yet hand it to a traced process (a child
+    // of a listener several processes accept() on, a descriptor passed on): such events pass,
+    // and userspace decides. A child of a listener only its owner accepts on does not.
+    let shared = flag::OWNER_PROVISIONAL | flag::OWNER_SHARED;
     if conf!(filter_pids) != 0
         && ev.flags & flag::OWNER_KNOWN != 0
+        && ev.flags & shared != shared
         && unsafe { PIDS.get(&on_stack(&ev.owner_tgid)) }.is_none()
     {
         return false;
@@ -592,24 +623,74 @@ fn on_set_state(sk: u64, old: u32, new: u32) {
     };
     match new {
         // connect(), listen(), close()/shutdown() (tcp_close_state): process context.
-        state::SYN_SENT | state::LISTEN | state::FIN_WAIT1 | state::LAST_ACK => learn_owner(sk),
-        // A child socket, created in softirq: it belongs to whoever listens on its port.
-        state::SYN_RECV => {
-            if let Some(owner) = unsafe { LISTENERS.get(&key) } {
-                let owner = *owner;
-                set_owner(sk, &owner);
-            }
+        state::SYN_SENT | state::FIN_WAIT1 | state::LAST_ACK => learn_owner(sk),
+        state::LISTEN => {
+            learn_owner(sk);
+            listening(&key, sk);
         }
+        // A child socket, created in softirq: provisionally its listener's, until accept().
+        state::SYN_RECV => child_of_listener(&key, sk),
         _ => {}
     }
-    if new == state::LISTEN {
-        let _ = LISTENERS.insert(&key, &current_owner(), 0);
+    if old as u8 == state::LISTEN {
+        not_listening(&key, sk);
     }
     emit!(|ev| {
         fill_sock_id(ev, hook::INET_SOCK_SET_STATE, sk, &id);
         ev.old_state = old as u8;
         ev.new_state = new;
     });
+}
+
+/// `sk` listens on `key`. A second socket on the same port (SO_REUSEPORT) makes the port
+/// ambiguous: its children get no provisional owner.
+#[inline(always)]
+fn listening(key: &ListenKey, sk: u64) {
+    let mut entry = Listener {
+        sk,
+        count: 1,
+        _pad: 0,
+    };
+    if let Some(known) = unsafe { LISTENERS.get(key) }
+        && known.sk != sk
+    {
+        entry.count = known.count.saturating_add(1);
+    }
+    let _ = LISTENERS.insert(key, &entry, 0);
+}
+
+#[inline(always)]
+fn not_listening(key: &ListenKey, sk: u64) {
+    let Some(known) = LISTENERS.get_ptr_mut(key) else {
+        return;
+    };
+    let known = unsafe { &mut *known };
+    if known.count <= 1 {
+        let _ = LISTENERS.remove(key);
+    } else {
+        // Which of the others still listens is not known: none is named.
+        known.count -= 1;
+        if known.sk == sk || known.count > 1 {
+            known.sk = 0;
+        }
+    }
+}
+
+#[inline(always)]
+fn child_of_listener(key: &ListenKey, child: u64) {
+    let Some(listener) = (unsafe { LISTENERS.get(key) }) else {
+        return;
+    };
+    if listener.count != 1 || listener.sk == 0 {
+        return;
+    }
+    let listener_sk = listener.sk;
+    if let Some(owner) = unsafe { OWNERS.get(&listener_sk) } {
+        let mut owner = *owner;
+        // SHARED is kept from the listener.
+        owner.flags = (owner.flags & owner_flag::SHARED) | owner_flag::PROVISIONAL;
+        let _ = OWNERS.insert(&child, &owner, 0);
+    }
 }
 
 #[inline(always)]
@@ -879,73 +960,230 @@ tracepoint_pair!(
     tp_destroy_sock
 );
 
-// ---- close() call stacks (opt-in: they cost a stack walk per close() on the host) -----------
+// ---- owners from descriptors: accept() and close() (syscall tracepoints, every kernel) ----
 
-const BPF_F_USER_STACK: u64 = 1 << 8;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
 
-/// syscalls:sys_enter_close: remember where in the program this thread called close(), so
-/// that the RST (or FIN) it causes can be blamed on a line of code.
+/// The TCP socket behind the current task's descriptor `fd`, and its `struct file`; None for
+/// any other kind of file (or if BTF lacked an offset). The descriptor table is read without
+/// its lock, as tracing tools do: a racing close() of the same fd yields a stale or no answer.
+#[inline(always)]
+fn tcp_sock_of_fd(fd: u64) -> Option<(u64, u64)> {
+    if conf!(fd_to_sock) == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = rd(task, conf!(task_files));
+    if files == 0 {
+        return None;
+    }
+    let fdt: u64 = rd(files, conf!(files_fdt));
+    if fdt == 0 || fd >= rd::<u32>(fdt, conf!(fdt_max_fds)) as u64 {
+        return None;
+    }
+    let table: u64 = rd(fdt, conf!(fdt_fd));
+    let file: u64 = rd(table + fd * 8, 0);
+    if file == 0 {
+        return None;
+    }
+    let inode: u64 = rd(file, conf!(file_inode));
+    if rd::<u16>(inode, conf!(inode_mode)) & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket: u64 = rd(file, conf!(file_private_data));
+    let sk: u64 = rd(socket, conf!(socket_sk));
+    if sk == 0 || rd::<u16>(sk, conf!(sk_protocol)) != IPPROTO_TCP {
+        return None;
+    }
+    let family: u16 = rd(sk, conf!(skc_family));
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    Some((sk, file))
+}
+
+/// Whether this descriptor holds the file's last reference, i.e. whether this close() will
+/// release the socket. Forked children, dup()ed descriptors and descriptors in flight over
+/// SCM_RIGHTS hold references of their own. None: BTF did not say how files count them.
+#[inline(always)]
+fn last_reference(file: u64) -> Option<bool> {
+    if conf!(file_refs_known) == 0 {
+        return None;
+    }
+    Some(rd::<u64>(file, conf!(file_refs)) == conf!(file_refs_one) as u64)
+}
+
+/// syscalls:sys_enter_close. The thread closing a TCP socket's last descriptor is the process
+/// that held it in user space: it becomes the owner, and the events this close() causes are
+/// marked as the closer's (`IN_CLOSE`), with its call stack when stacks are captured. A holder
+/// that closes its descriptor while another still holds the socket (a parent after fork, the
+/// sender after SCM_RIGHTS) leaves it with a provisional owner until the next holder shows.
 #[tracepoint(category = "syscalls", name = "sys_enter_close")]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    if conf!(capture_stacks) == 0 {
+    // struct trace_event_raw_sys_enter: common header (8), __syscall_nr (4, padded), args[6].
+    let fd = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(u64::MAX);
+    let Some((sk, file)) = tcp_sock_of_fd(fd) else {
         return 0;
-    }
-    // The user registers as the syscall entered (bpf_task_pt_regs: 5.15+).
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    remember_close(&ctx, regs);
+        return 0;
+    };
+    // The user registers as the syscall entered (bpf_task_pt_regs: 5.15+), for the call site;
+    // without stacks the (constant) branch is pruned, so older kernels load this program too.
+    let regs = if conf!(capture_stacks) != 0 {
+        unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 }
+    } else {
+        0
+    };
+    on_close_enter(&ctx, sk, file, regs);
     0
 }
 
 /// x86_64's close(2) number.
 const NR_CLOSE: u64 = 3;
 
-/// raw_syscalls:sys_enter as a raw tracepoint (`regs`, `id`): the close() entry where the
-/// kernel lacks the helpers `sys_enter_close` needs to reach the user registers (before 5.15).
-/// It runs for every syscall on the host, so the loader uses it only where the other one does
-/// not load.
+/// raw_syscalls:sys_enter as a raw tracepoint (`regs`, `id`): the close() entry where
+/// `sys_enter_close` does not load (the helpers it needs for stacks: before 5.15). It runs for
+/// every syscall on the host, so the loader uses it only where the other one does not load.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn raw_tp_sys_enter_close(ctx: RawTracePointContext) -> u32 {
-    if conf!(capture_stacks) == 0 || tp_arg(&ctx, 1) != NR_CLOSE {
+    if tp_arg(&ctx, 1) != NR_CLOSE {
         return 0;
     }
-    remember_close(&ctx, tp_arg(&ctx, 0));
+    let regs = tp_arg(&ctx, 0);
+    let fd: u64 = rd(regs, conf!(pt_regs_di));
+    let Some((sk, file)) = tcp_sock_of_fd(fd) else {
+        return 0;
+    };
+    on_close_enter(&ctx, sk, file, regs);
     0
 }
 
-/// Records this thread's close() call site: its user stack and the return address on top of
-/// the user stack (`regs`: the user registers at syscall entry, 0 if unknown).
+/// close() of `sk`'s descriptor (`file`) is starting in this thread; `regs`: the user registers
+/// at syscall entry (0 if unknown).
 #[inline(always)]
-fn remember_close(ctx: &impl StackIdContext, regs: u64) {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let stack = ctx
-        .get_stackid(&USER_STACKS, BPF_F_USER_STACK)
-        .map_or(0, |id| id as u32 + 1);
-    // The caller of libc's close(): on top of the user stack when the syscall entered.
-    let sp: u64 = if regs != 0 {
-        rd(regs, conf!(pt_regs_sp))
-    } else {
-        0
-    };
-    let ret = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
-    let site = CloseSite {
-        stack,
+fn on_close_enter(ctx: &impl StackIdContext, sk: u64, file: u64, regs: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    match last_reference(file) {
+        Some(false) => {
+            if let Some(owner) = OWNERS.get_ptr_mut(&sk) {
+                let owner = unsafe { &mut *owner };
+                if owner.tgid == (pid_tgid >> 32) as u32 {
+                    owner.flags |= owner_flag::PROVISIONAL | owner_flag::SHARED;
+                }
+            }
+            return;
+        }
+        // Unknown: the socket may live on elsewhere, but the closer is the best guess.
+        Some(true) | None => learn_owner(sk),
+    }
+    let mut site = CloseSite {
+        sk,
+        stack: 0,
         _pad: 0,
-        ret,
+        ret: 0,
         exit_ns: 0,
     };
+    if conf!(capture_stacks) != 0 {
+        site.stack = ctx
+            .get_stackid(&USER_STACKS, BPF_F_USER_STACK)
+            .map_or(0, |id| id as u32 + 1);
+        // The caller of libc's close(): on top of the user stack when the syscall entered.
+        let sp: u64 = if regs != 0 {
+            rd(regs, conf!(pt_regs_sp))
+        } else {
+            0
+        };
+        site.ret = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    }
     let _ = CLOSING.insert(&tid, &site, 0);
 }
 
+const BPF_F_USER_STACK: u64 = 1 << 8;
+
 #[tracepoint(category = "syscalls", name = "sys_exit_close")]
 pub fn sys_exit_close(_ctx: TracePointContext) -> u32 {
-    if conf!(capture_stacks) == 0 {
-        return 0;
-    }
     // Not removed: before 6.8 the socket's teardown (the last fput) runs just after this, on the
     // way back to user space. Events within CLOSE_TASK_WORK_NS still belong to this close().
     let tid = bpf_get_current_pid_tgid() as u32;
     if let Some(site) = CLOSING.get_ptr_mut(&tid) {
         unsafe { (*site).exit_ns = bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// accept()/accept4() entry: the caller holds the listening socket (a pre-fork worker that
+/// inherited it from the process that called listen(), maybe long gone). Children that arrive
+/// before the next accept are provisionally this process's.
+#[inline(always)]
+fn on_accept_enter(ctx: &TracePointContext) {
+    let fd = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(u64::MAX);
+    let Some((listener, _)) = tcp_sock_of_fd(fd) else {
+        return;
+    };
+    let mut owner = current_owner();
+    if let Some(known) = unsafe { OWNERS.get(&listener) }
+        && (known.tgid != owner.tgid || known.flags & owner_flag::SHARED != 0)
+    {
+        // A second process accept()s on it (pre-fork workers): its children may be anyone's.
+        owner.flags = owner_flag::SHARED;
+    }
+    set_owner(listener, &owner);
+}
+
+/// accept()/accept4() return: the new descriptor's socket is the caller's.
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    // struct trace_event_raw_sys_exit: common header (8), __syscall_nr (4, padded), ret.
+    let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    if fd < 0 {
+        return;
+    }
+    if let Some((sk, _)) = tcp_sock_of_fd(fd as u64) {
+        learn_owner(sk);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_enter(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_accept")]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    on_accept_enter(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+/// inet_csk_accept() returns the child it took off the listener's queue, in the accepting
+/// task: io_uring and in-kernel accepts included, which the syscall tracepoints miss.
+#[fexit(function = "inet_csk_accept")]
+pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
+    let child = ctx.ret::<u64>().unwrap_or(0);
+    if child != 0 {
+        learn_owner(child);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
+    let child = ctx.ret::<u64>();
+    if child != 0 {
+        learn_owner(child);
     }
     0
 }

@@ -286,7 +286,22 @@ fn try_attach(
     mechanism: Mechanism,
     program: &str,
 ) -> Result<(), String> {
-    let target = hook.target();
+    let system = match hook.kind() {
+        HookKind::Tracepoint { system } => Some(system),
+        HookKind::Function { .. } => None,
+    };
+    attach_program(ebpf, btf, hook.target(), system, mechanism, program)
+}
+
+/// Loads and attaches `program` to `target` (a kernel function, or a tracepoint of `system`).
+fn attach_program(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    target: &str,
+    system: Option<&str>,
+    mechanism: Mechanism,
+    program: &str,
+) -> Result<(), String> {
     let prog = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the eBPF object"))?;
@@ -320,10 +335,7 @@ fn try_attach(
             Mechanism::Tracepoint => {
                 let p: &mut TracePoint = prog.try_into()?;
                 p.load()?;
-                let HookKind::Tracepoint { system } = hook.kind() else {
-                    return Err(ProgramError::NotLoaded);
-                };
-                p.attach(system, target)?;
+                p.attach(system.ok_or(ProgramError::NotLoaded)?, target)?;
             }
         }
         Ok(())
@@ -498,17 +510,23 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
         }
         hooks.push(status);
     }
-    if opts.stacks {
-        hooks.push(attach_close_entry(&mut ebpf));
-        let result = attach_tracepoint(&mut ebpf, "sys_exit_close");
-        hooks.push(HookStatus {
-            hook: "syscalls:sys_exit_close".to_string(),
-            mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
-            failures: result
-                .err()
-                .map(|e| vec![(Mechanism::Tracepoint, e)])
-                .unwrap_or_default(),
-            skipped: None,
+    // Owner hooks (and the close() site for --stacks): always.
+    for aux in AuxHook::ALL {
+        hooks.push(match aux {
+            AuxHook::SysEnterClose => attach_close_entry(&mut ebpf),
+            AuxHook::InetCskAcceptReturn => attach_accept_return(&mut ebpf, &btf, opts.backend),
+            _ => {
+                let result = attach_tracepoint(&mut ebpf, aux.program());
+                HookStatus {
+                    hook: aux.name().to_string(),
+                    mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
+                    failures: result
+                        .err()
+                        .map(|e| vec![(Mechanism::Tracepoint, e)])
+                        .unwrap_or_default(),
+                    skipped: None,
+                }
+            }
         });
     }
     Ok(Attached { ebpf, hooks })
@@ -530,6 +548,39 @@ fn attach_tracepoint(ebpf: &mut Ebpf, program: &str) -> Result<(), String> {
 /// The close() entry for `--stacks`: the `syscalls:sys_enter_close` tracepoint, else (kernels
 /// whose tracepoint programs cannot reach the user registers, before 5.15) a raw tracepoint on
 /// every syscall entry that keeps only close().
+/// inet_csk_accept's return, as the backend allows for function hooks.
+fn attach_accept_return(ebpf: &mut Ebpf, btf: &Btf, backend: Backend) -> HookStatus {
+    let mut status = HookStatus {
+        hook: AuxHook::InetCskAcceptReturn.name().to_string(),
+        mechanism: None,
+        failures: Vec::new(),
+        skipped: None,
+    };
+    let all = [
+        (Mechanism::Fexit, "fexit_inet_csk_accept"),
+        (Mechanism::Kretprobe, "kretprobe_inet_csk_accept"),
+    ];
+    let list: &[(Mechanism, &str)] = match backend {
+        Backend::Auto => &all,
+        Backend::Fentry => &all[..1],
+        Backend::Kprobe => &all[1..],
+        Backend::Tracepoint => {
+            status.skipped = Some("not requested (--backend tracepoint)".into());
+            return status;
+        }
+    };
+    for &(mechanism, program) in list {
+        match attach_program(ebpf, btf, "inet_csk_accept", None, mechanism, program) {
+            Ok(()) => {
+                status.mechanism = Some(mechanism);
+                break;
+            }
+            Err(e) => status.failures.push((mechanism, e)),
+        }
+    }
+    status
+}
+
 fn attach_close_entry(ebpf: &mut Ebpf) -> HookStatus {
     let mut status = HookStatus {
         hook: "syscalls:sys_enter_close".to_string(),

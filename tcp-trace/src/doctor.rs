@@ -65,6 +65,9 @@ pub fn run(json_out: bool) -> Result<u8> {
                 .join(" "),
         ));
     }
+    if let Some(f) = &facts {
+        lines.push(("owners".into(), owner_learning(&f.config)));
+    }
     if privileges.sufficient() {
         match kernel::ensure_tracefs() {
             Ok(note) => lines.push(("tracefs".into(), note)),
@@ -168,4 +171,36 @@ pub fn run(json_out: bool) -> Result<u8> {
         }
     }
     Ok(if usable > 0 { 0 } else { 1 })
+}
+
+/// How this kernel lets tcp-trace learn who holds each socket (the README's "Owners").
+fn owner_learning(c: &tcp_trace_common::Config) -> String {
+    let mut how = vec![
+        "connect/listen/shutdown/close state changes (process context)".to_string(),
+        "inet_csk_accept:return where a function hook attaches".to_string(),
+    ];
+    if c.fd_to_sock != 0 {
+        how.push(
+            "accept()/accept4() and close() by descriptor (syscall tracepoints; task_struct.files \
+             -> fdtable -> file -> socket offsets from BTF)"
+                .to_string(),
+        );
+        how.push(if c.file_refs_known != 0 {
+            format!(
+                "a close() that leaves other holders (file.{} from BTF) makes the owner provisional",
+                if c.file_refs_one == 0 { "f_ref" } else { "f_count" }
+            )
+        } else {
+            "BTF has neither file.f_count nor file.f_ref: every close() of a TCP descriptor is \
+             taken as its holder's"
+                .to_string()
+        });
+    } else {
+        how.push(
+            "NOT by descriptor: BTF lacks the task_struct.files -> socket path, so owners come \
+             from socket events only"
+                .to_string(),
+        );
+    }
+    how.join("; ")
 }

@@ -117,7 +117,7 @@ impl Owners {
                 && ev
                     .reason()
                     .is_some_and(|r| CLOSE_CONTEXT_REASONS.contains(&r));
-            ev.owner = if closing_reset {
+            ev.owner = if closing_reset || ev.in_close {
                 Some(Owner {
                     pid: ev.pid,
                     comm: ev.comm,
@@ -130,7 +130,7 @@ impl Owners {
                 self.by_sk.get(&ev.sk).map(|e| e.0)
             }
             .map(|mut o| {
-                if o.source == OwnerSource::Kernel && ev.owner.is_none() {
+                if o.source == OwnerSource::Kernel {
                     o.source = OwnerSource::Inferred;
                 }
                 o
@@ -151,6 +151,148 @@ impl Owners {
                 if self.by_sk.get(&ev.sk).map(|e| e.0) != Some(owner) {
                     self.remember(Some(ev.sk), None, &owner)
                 }
+            }
+        }
+    }
+}
+
+/// `--pid`: which events to keep, decided by owner. An event whose owner is provisional or
+/// unknown may yet turn out to be a traced process's (a listener's child before accept(), a
+/// socket passed on after fork or over SCM_RIGHTS): it is held, per socket, until an event of
+/// that socket names a definite owner (the held events then go with that decision), or the
+/// socket is destroyed (its provisional owner decides), or the gate is full (the socket held
+/// longest is decided first, by its provisional owner). Nothing a traced process owns is lost
+/// that way, and nothing another owns is shown.
+pub(crate) struct PidGate {
+    pids: Vec<u32>,
+    /// Held events per socket, with the stamp of when the socket started waiting.
+    held: HashMap<SockPtr, (u64, Vec<TraceEvent>)>,
+    /// Waiting sockets, oldest first; an entry whose stamp no longer matches is stale.
+    order: VecDeque<(SockPtr, u64)>,
+    stamp: u64,
+    held_events: usize,
+    capacity: usize,
+    /// Events decided against (owned by another process, or never owned by a known one).
+    pub(crate) dropped: u64,
+    /// Events that waited for their owner.
+    pub(crate) waited: u64,
+}
+
+impl PidGate {
+    pub(crate) fn new(pids: Vec<u32>) -> Self {
+        Self::with_capacity(pids, 100_000)
+    }
+
+    pub(crate) fn with_capacity(pids: Vec<u32>, capacity: usize) -> Self {
+        Self {
+            pids,
+            held: HashMap::new(),
+            order: VecDeque::new(),
+            stamp: 0,
+            held_events: 0,
+            capacity,
+            dropped: 0,
+            waited: 0,
+        }
+    }
+
+    /// Events held now.
+    pub(crate) fn held_events(&self) -> usize {
+        self.held_events
+    }
+
+    fn wants(&self, owner: Option<&Owner>) -> bool {
+        owner.is_some_and(|o| self.pids.contains(&o.pid))
+    }
+
+    /// Takes one attributed event; appends to `out` the events now decided for (in order).
+    pub(crate) fn admit(&mut self, ev: TraceEvent, out: &mut Vec<TraceEvent>) {
+        let definite = ev.owner.filter(Owner::is_definite);
+        if definite.is_some() || ev.sk.0 == 0 {
+            // A definite owner decides for the socket's held events too. A reply without a
+            // socket has no owner to wait for.
+            let keep = self.wants(definite.as_ref());
+            self.release(ev.sk, keep, definite, out);
+            self.decide(ev, keep, out);
+            return;
+        }
+        let sk = ev.sk;
+        let ends = ev.hook == Hook::TcpDestroySock;
+        let provisional = ev.owner;
+        match self.held.get_mut(&sk) {
+            Some((_, list)) => list.push(ev),
+            None => {
+                self.stamp += 1;
+                self.held.insert(sk, (self.stamp, vec![ev]));
+                self.order.push_back((sk, self.stamp));
+            }
+        }
+        self.held_events += 1;
+        self.waited += 1;
+        if ends {
+            let keep = self.wants(provisional.as_ref());
+            self.release(sk, keep, None, out);
+        }
+        while self.held_events > self.capacity {
+            let Some((oldest, stamp)) = self.order.pop_front() else {
+                break;
+            };
+            if self.held.get(&oldest).is_some_and(|e| e.0 == stamp) {
+                let keep = self.last_owner_wanted(oldest);
+                self.release(oldest, keep, None, out);
+            }
+        }
+        if self.order.len() > 2 * self.held.len() + 1024 {
+            let held = &self.held;
+            self.order
+                .retain(|(sk, stamp)| held.get(sk).is_some_and(|e| e.0 == *stamp));
+        }
+    }
+
+    fn last_owner_wanted(&self, sk: SockPtr) -> bool {
+        let owner = self
+            .held
+            .get(&sk)
+            .and_then(|(_, l)| l.iter().rev().find_map(|e| e.owner));
+        self.wants(owner.as_ref())
+    }
+
+    fn decide(&mut self, ev: TraceEvent, keep: bool, out: &mut Vec<TraceEvent>) {
+        if keep {
+            out.push(ev);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    /// Decides for `sk`'s held events. `owner`: the definite owner that settled it, which the
+    /// held events (unknown or provisional until now) are attributed to.
+    fn release(
+        &mut self,
+        sk: SockPtr,
+        keep: bool,
+        owner: Option<Owner>,
+        out: &mut Vec<TraceEvent>,
+    ) {
+        let Some((_, list)) = self.held.remove(&sk) else {
+            return;
+        };
+        self.held_events -= list.len();
+        for mut ev in list {
+            if let Some(mut o) = owner {
+                o.source = OwnerSource::Inferred;
+                ev.owner = Some(o);
+            }
+            self.decide(ev, keep, out);
+        }
+    }
+
+    /// End of trace: every held socket is decided by its provisional owner, oldest first.
+    pub(crate) fn flush(&mut self, out: &mut Vec<TraceEvent>) {
+        while let Some((sk, stamp)) = self.order.pop_front() {
+            if self.held.get(&sk).is_some_and(|e| e.0 == stamp) {
+                let keep = self.last_owner_wanted(sk);
+                self.release(sk, keep, None, out);
             }
         }
     }
@@ -204,6 +346,74 @@ mod tests {
         let mut t = decode(&ev, &d::facts()).unwrap();
         o.attribute(&mut t);
         assert_eq!(t.owner.unwrap().pid, 55);
+    }
+
+    fn provisional(h: u8, owner: u32) -> TraceEvent {
+        let mut ev = d::v4_event(h, 40000, 80);
+        ev.flags |= flag::OWNER_KNOWN | flag::OWNER_PROVISIONAL;
+        ev.owner_tgid = owner;
+        decode(&ev, &d::facts()).unwrap()
+    }
+
+    fn admitted(gate: &mut PidGate, evs: Vec<TraceEvent>) -> Vec<TraceEvent> {
+        let mut out = Vec::new();
+        for ev in evs {
+            gate.admit(ev, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn pid_gate_holds_until_a_definite_owner_decides() {
+        // A listener's child (provisionally 10's) accepted by 20: --pid 20 keeps it all, with
+        // the handshake attributed to 20; --pid 10 shows none of it.
+        let events = || {
+            vec![
+                provisional(hook::INET_SOCK_SET_STATE, 10),
+                owned(hook::TCP_RECEIVE_RESET, 0),
+                owned(hook::INET_SOCK_SET_STATE, 20),
+                owned(hook::TCP_DESTROY_SOCK, 20),
+            ]
+        };
+        let mut gate = PidGate::new(vec![20]);
+        let kept = admitted(&mut gate, events());
+        assert_eq!(kept.len(), 4);
+        assert!(kept.iter().all(|e| e.owner.is_some_and(|o| o.pid == 20)));
+        assert_eq!(kept[0].owner.unwrap().source, OwnerSource::Inferred);
+        let mut gate = PidGate::new(vec![10]);
+        assert!(admitted(&mut gate, events()).is_empty());
+        assert_eq!((gate.dropped, gate.held_events()), (4, 0));
+    }
+
+    #[test]
+    fn pid_gate_decides_by_the_provisional_owner_at_the_end_or_when_full() {
+        let mut gate = PidGate::new(vec![10]);
+        let out = admitted(
+            &mut gate,
+            vec![
+                provisional(hook::INET_SOCK_SET_STATE, 10),
+                provisional(hook::TCP_DESTROY_SOCK, 10),
+            ],
+        );
+        assert_eq!(out.len(), 2);
+        let mut gate = PidGate::with_capacity(vec![10], 3);
+        let mut out = Vec::new();
+        for i in 0..5u64 {
+            let mut ev = d::v4_event(hook::INET_SOCK_SET_STATE, 1, 2);
+            ev.sk = 0x1000 + i;
+            ev.flags |= flag::OWNER_KNOWN | flag::OWNER_PROVISIONAL;
+            ev.owner_tgid = 10;
+            gate.admit(decode(&ev, &d::facts()).unwrap(), &mut out);
+        }
+        assert_eq!((out.len(), gate.held_events()), (2, 3));
+        gate.flush(&mut out);
+        assert_eq!((out.len(), gate.held_events()), (5, 0));
+        // An event nobody ever owns is not shown.
+        let mut gate = PidGate::new(vec![10]);
+        let mut out = Vec::new();
+        gate.admit(owned(hook::INET_SOCK_SET_STATE, 0), &mut out);
+        gate.flush(&mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

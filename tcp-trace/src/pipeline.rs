@@ -16,7 +16,7 @@ use crate::{
     flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
     model::{KernelGeneration, KernelVersion, ModelParams},
-    owners::Owners,
+    owners::{Owners, PidGate},
     report::{
         ReportOptions, ResetsView, View,
         json::{JsonLine, json_line},
@@ -107,6 +107,10 @@ pub struct Pipeline<W: Write> {
     facts: KernelFacts,
     opts: ReportOptions,
     owners: Owners,
+    /// With `--pid`: events wait here until their socket's owner is known.
+    gate: Option<PidGate>,
+    /// Events the gate let through, to process (kept to reuse the allocation).
+    admitted: Vec<TraceEvent>,
     flows: FlowTable,
     out: W,
     counts: BTreeMap<Hook, u64>,
@@ -139,6 +143,8 @@ impl<W: Write> Pipeline<W> {
         let mut config = FlowConfig::new(params, attached);
         config.hz = hz;
         Self {
+            gate: (!opts.pids.is_empty()).then(|| PidGate::new(opts.pids.clone())),
+            admitted: Vec::new(),
             facts,
             opts,
             owners: Owners::default(),
@@ -181,14 +187,10 @@ impl<W: Write> Pipeline<W> {
         (mono as i128 + self.opts.realtime_minus_mono_ns as i128).max(0) as u64
     }
 
+    /// `--cgroup`, `--netns` (`--pid` is the gate's: see [`PidGate`]).
     fn wanted(&self, ev: &TraceEvent, cgroup: Option<&Identity>) -> bool {
         let scope = &self.opts.scope;
-        (self.opts.pids.is_empty()
-            || ev
-                .owner
-                .as_ref()
-                .is_some_and(|o| self.opts.pids.contains(&o.pid)))
-            && (scope.netns.is_empty() || scope.netns.contains(&ev.netns))
+        (scope.netns.is_empty() || scope.netns.contains(&ev.netns))
             && (scope.cgroups.is_empty()
                 || cgroup.is_some_and(|c| scope.cgroups.iter().any(|dir| c.within(dir))))
     }
@@ -211,6 +213,18 @@ impl<W: Write> Pipeline<W> {
             ev.user_stack = Some(resolver.resolve(raw.tgid, raw.user_stack, raw.close_ret));
         }
         self.owners.attribute(&mut ev);
+        let Some(gate) = self.gate.as_mut() else {
+            return self.process(ev);
+        };
+        let mut admitted = std::mem::take(&mut self.admitted);
+        gate.admit(ev, &mut admitted);
+        let result = admitted.drain(..).try_for_each(|ev| self.process(ev));
+        self.admitted = admitted;
+        result
+    }
+
+    /// One attributed event that the `--pid` filter keeps.
+    fn process(&mut self, ev: TraceEvent) -> Result<()> {
         let cgroup = self.identity(ev.owner.as_ref());
         if !self.wanted(&ev, cgroup.as_deref()) {
             return Ok(());
@@ -359,6 +373,13 @@ impl<W: Write> Pipeline<W> {
 
     /// Ends the run: every open flow is reported; returns the summary as JSON.
     pub fn finish(&mut self) -> Result<serde_json::Value> {
+        if let Some(gate) = self.gate.as_mut() {
+            let mut rest = Vec::new();
+            gate.flush(&mut rest);
+            for ev in rest {
+                self.process(ev)?;
+            }
+        }
         for r in self.flows.flush() {
             self.flow_done(r)?;
         }
@@ -384,7 +405,7 @@ impl<W: Write> Pipeline<W> {
             flows: self.flows.live_flows(),
             buffered_events: self.flows.buffered_events(),
             reset_histories: self.resets.connections(),
-            owners: self.owners.len(),
+            owners: self.owners.len() + self.gate.as_ref().map_or(0, PidGate::held_events),
         }
     }
 

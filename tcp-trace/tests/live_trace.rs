@@ -480,7 +480,21 @@ fn doctor_reports_every_hook() {
         return;
     }
     let hooks = v["hooks"].as_array().unwrap();
-    assert_eq!(hooks.len(), 11, "{v}");
+    // 11 event hooks and 7 owner hooks (inet_csk_accept's return, accept/accept4/close syscalls).
+    assert_eq!(hooks.len(), 18, "{v}");
+    for syscall in ["syscalls:sys_exit_accept4", "syscalls:sys_enter_close"] {
+        let h = hooks.iter().find(|h| h["hook"] == syscall);
+        assert!(
+            h.is_some_and(|h| h["auto"] == "tracepoint"),
+            "{syscall}: {h:?}"
+        );
+    }
+    assert!(
+        v["system"]["owners"]
+            .as_str()
+            .is_some_and(|s| s.contains("by descriptor")),
+        "{v}"
+    );
     for h in hooks {
         let ok = h["auto"].is_string();
         let reasons: Vec<_> = h["mechanisms"]

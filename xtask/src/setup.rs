@@ -459,9 +459,12 @@ pub fn kernel_apt() -> Result<KernelApt> {
 }
 
 /// What the test suite needs beyond the build: Debian's `prometheus` (the metrics test scrapes
-/// tcp-trace with it). Each step checks first, says what it does, and is skipped when present.
+/// tcp-trace with it) and `nginx-light` (the owner tests). Each step checks first, says what it does, and is skipped when present.
 pub fn tests() -> Result<()> {
     ensure_apt("prometheus", Path::new("/usr/bin/prometheus"))?;
+    // The owner tests run Debian's nginx (a master and pre-fork workers), with curl.
+    ensure_apt("nginx-light", Path::new("/usr/sbin/nginx"))?;
+    ensure_apt("curl", Path::new("/usr/bin/curl"))?;
     ensure_cargo_deb()?;
     ensure_k8s_validator()?;
     Ok(())

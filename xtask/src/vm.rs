@@ -29,7 +29,7 @@
 
 mod catalogue;
 mod elf;
-mod host;
+pub(crate) mod host;
 mod initramfs;
 mod kernel;
 mod modules;

@@ -42,11 +42,21 @@ pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
     /// `kernel`: learned in process context by the eBPF side; `inferred`: deduced in userspace
-    /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner).
+    /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner);
+    /// `provisional`: not yet confirmed (a child's listener's owner before accept(), or a
+    /// holder that closed its descriptor while another process still holds the socket).
     pub source: OwnerSource,
     /// The owner's cgroup v2 id, learned with it in the kernel; 0 = not known (an owner
     /// inferred from the task on the CPU, a recording of format 1).
     pub cgroup_id: u64,
+}
+
+impl Owner {
+    /// Whether the owner is confirmed (learned where the holder was certainly current, or
+    /// inherited from such an owner).
+    pub fn is_definite(&self) -> bool {
+        self.source != OwnerSource::Provisional
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +64,7 @@ pub struct Owner {
 pub enum OwnerSource {
     Kernel,
     Inferred,
+    Provisional,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -123,6 +134,10 @@ pub struct TraceEvent {
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tw_status: Option<KTwStatus>,
+    /// The task on the CPU was inside close() of this socket's last descriptor: it is the
+    /// closer (whoever the owner of record was).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub in_close: bool,
     /// The user call stack of the close() that caused this event (with `--stacks`), innermost
     /// frame first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -177,7 +192,11 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
     let owner = (ev.flags & flag::OWNER_KNOWN != 0).then(|| Owner {
         pid: ev.owner_tgid,
         comm: Comm::from_kernel(&ev.owner_comm),
-        source: OwnerSource::Kernel,
+        source: if ev.flags & flag::OWNER_PROVISIONAL != 0 {
+            OwnerSource::Provisional
+        } else {
+            OwnerSource::Kernel
+        },
         cgroup_id: ev.owner_cgroup,
     });
     let has_state = ev.flags & flag::TUPLE_FROM_SKB == 0;
@@ -207,6 +226,7 @@ pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
         timeo_jiffies: None,
         segment: None,
         tw_status: None,
+        in_close: ev.flags & flag::IN_CLOSE != 0,
         user_stack: None,
     };
     if ev.flags & flag::HAS_REASON != 0 {

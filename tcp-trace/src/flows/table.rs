@@ -198,15 +198,22 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-/// The flow's owner: one the kernel learned in process context, else any, else the task that
-/// called close().
+/// The flow's owner: the process that last held the socket in user space, as the kernel learned
+/// it in process context (an accept()ing worker, the last close()); else one userspace
+/// inferred; else a provisional one (a listener's owner before accept); else the task that
+/// called close(). Earlier events with a provisional owner are the final owner's too.
 fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
-    events
-        .iter()
-        .filter_map(|e| e.owner.as_ref())
-        .find(|o| o.source == OwnerSource::Kernel)
-        .or_else(|| events.iter().find_map(|e| e.owner.as_ref()))
-        .cloned()
+    let last = |want: &dyn Fn(&Owner) -> bool| {
+        events
+            .iter()
+            .rev()
+            .filter_map(|e| e.owner.as_ref())
+            .find(|o| want(o))
+            .copied()
+    };
+    last(&|o| o.source == OwnerSource::Kernel)
+        .or_else(|| last(&|o| o.is_definite()))
+        .or_else(|| last(&|_| true))
         .or_else(|| {
             events
                 .iter()

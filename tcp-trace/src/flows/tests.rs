@@ -81,6 +81,7 @@ impl End {
             timeo_jiffies: None,
             segment: None,
             tw_status: None,
+            in_close: false,
             user_stack: None,
         }
     }
@@ -1134,7 +1135,7 @@ fn memory_pressure_at_close_and_on_the_orphans_timer() {
         s.send_rst(15, "CLOSE", "TCP_ABORT_ON_MEMORY"),
         s.destroy(16),
     ];
-    let r = run(config(&ALL_HOOKS), at_close.clone());
+    let r = run(config(HookSet::all()), at_close.clone());
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["memory-pressure"]);
     // Tracepoints only: close() and shutdown() look alike, the RST's reason names the cause.
@@ -1147,7 +1148,7 @@ fn memory_pressure_at_close_and_on_the_orphans_timer() {
             )
         })
         .collect();
-    let r = run(config(&TRACEPOINTS), tp);
+    let r = run(config(HookSet::tracepoints_only()), tp);
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]).last(), Some(&"memory-pressure"));
     // A plain close(), and 600 ms later the orphan's retransmission timer finds too many
@@ -1161,7 +1162,7 @@ fn memory_pressure_at_close_and_on_the_orphans_timer() {
         s.set(600_002, "FIN_WAIT1", "CLOSE"),
         s.destroy(600_003),
     ];
-    let r = run(config(&ALL_HOOKS), on_timer.clone());
+    let r = run(config(HookSet::all()), on_timer.clone());
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["close", "orphan-out-of-resources"]);
     let tp: Vec<TraceEvent> = on_timer
@@ -1173,7 +1174,7 @@ fn memory_pressure_at_close_and_on_the_orphans_timer() {
             )
         })
         .collect();
-    let r = run(config(&TRACEPOINTS), tp);
+    let r = run(config(HookSet::tracepoints_only()), tp);
     assert_conforms(&r[0]);
     assert_eq!(inputs(&r[0]), ["close", "orphan-out-of-resources"]);
 }
@@ -1191,7 +1192,7 @@ fn a_state_change_to_the_same_state_is_not_a_transition() {
         s.send_rst(5_002, "CLOSE", "TCP_ABORT_ON_LINGER"),
         s.destroy(5_003),
     ];
-    let mut cfg = config(&TRACEPOINTS);
+    let mut cfg = config(HookSet::tracepoints_only());
     cfg.params.tcp_linger2_secs = -1;
     let r = run(cfg, events);
     assert_conforms(&r[0]);

@@ -262,6 +262,63 @@ fn table<T: Copy>(
     t
 }
 
+/// The offsets that take a descriptor to its socket (see `Config::fd_to_sock`), and how files
+/// count references. Optional: without them owners are learned from socket events only, and
+/// `doctor` says so.
+fn fd_offsets(btf: &KernelBtf) -> Config {
+    let path = [
+        ("task_struct", "files"),
+        ("files_struct", "fdt"),
+        ("fdtable", "fd"),
+        ("fdtable", "max_fds"),
+        ("file", "private_data"),
+        ("file", "f_inode"),
+        ("inode", "i_mode"),
+        ("socket", "sk"),
+    ]
+    .map(|(s, f)| btf.offset_of(s, f).ok());
+    let mut config = Config::default();
+    if let [
+        Some(task_files),
+        Some(files_fdt),
+        Some(fdt_fd),
+        Some(fdt_max_fds),
+        Some(file_private_data),
+        Some(file_inode),
+        Some(inode_mode),
+        Some(socket_sk),
+    ] = path
+    {
+        config = Config {
+            fd_to_sock: 1,
+            task_files,
+            files_fdt,
+            fdt_fd,
+            fdt_max_fds,
+            file_private_data,
+            file_inode,
+            inode_mode,
+            socket_sk,
+            ..config
+        };
+    }
+    // atomic_long_t f_count holds the count; 6.13's file_ref_t f_ref holds count - 1.
+    if let Ok(off) = btf.offset_of("file", "f_count") {
+        (
+            config.file_refs,
+            config.file_refs_one,
+            config.file_refs_known,
+        ) = (off, 1, 1);
+    } else if let Ok(off) = btf.offset_of("file", "f_ref") {
+        (
+            config.file_refs,
+            config.file_refs_one,
+            config.file_refs_known,
+        ) = (off, 0, 1);
+    }
+    config
+}
+
 fn strip_all(map: BTreeMap<u64, String>, prefix: &str) -> BTreeMap<u64, String> {
     map.into_iter()
         .map(|(k, v)| (k, v.strip_prefix(prefix).map(str::to_string).unwrap_or(v)))
@@ -339,8 +396,10 @@ impl KernelFacts {
             inet_sport: off("inet_sock", "inet_sport")?,
             capture_stacks: 0,
             pt_regs_sp: btf.offset_of("pt_regs", "sp").unwrap_or(0),
+            pt_regs_di: btf.offset_of("pt_regs", "di").unwrap_or(0),
             filter_cgroups: 0,
             filter_netns: 0,
+            ..fd_offsets(btf)
         };
         Ok(Self::new(
             config,
@@ -651,6 +710,23 @@ pub(crate) mod testing {
         );
         let sockp = b.ptr(sock);
         let voidp = b.ptr(0);
+        // Descriptor -> socket. 6.13 replaced file.f_count (count) by file.f_ref (count - 1).
+        let i16_ = b.int("short unsigned int", 2);
+        b.strukt("inode", 600, &[("i_mode", i16_, 0)]);
+        let refs = if with_reason { "f_ref" } else { "f_count" };
+        b.strukt(
+            "file",
+            232,
+            &[
+                (refs, u64_, 56),
+                ("f_inode", voidp, 32),
+                ("private_data", voidp, 200),
+            ],
+        );
+        b.strukt("socket", 128, &[("sk", sockp, 24)]);
+        b.strukt("fdtable", 56, &[("max_fds", u32_, 0), ("fd", voidp, 8)]);
+        b.strukt("files_struct", 704, &[("fdt", voidp, 32)]);
+        b.strukt("task_struct", 9000, &[("files", voidp, 2000)]);
         let close = b.func_proto(0, &[("sk", sockp), ("timeout", u64_)]);
         b.func("tcp_close", close);
         if with_reason {
@@ -757,6 +833,36 @@ mod tests {
         assert!(old.rst_reason_names().is_empty());
         assert_eq!(old.functions["tcp_send_active_reset"].len(), 2);
         assert!(!old.functions.contains_key("tcp_fin"));
+
+        // Descriptor -> socket offsets, and both ways files count references.
+        let c = new.config;
+        assert_eq!(c.fd_to_sock, 1);
+        assert_eq!(
+            (c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds),
+            (2000, 32, 8, 0)
+        );
+        assert_eq!(
+            (c.file_inode, c.inode_mode, c.file_private_data, c.socket_sk),
+            (32, 0, 200, 24)
+        );
+        assert_eq!(
+            (c.file_refs, c.file_refs_one, c.file_refs_known),
+            (56, 0, 1)
+        );
+        let c = old.config;
+        assert_eq!(
+            (c.file_refs, c.file_refs_one, c.file_refs_known),
+            (56, 1, 1)
+        );
+    }
+
+    #[test]
+    fn without_descriptor_structs_owners_come_from_socket_events_only() {
+        let mut b = super::testing::BtfBuilder::new();
+        let u32_ = b.int("unsigned int", 4);
+        b.strukt("fdtable", 8, &[("max_fds", u32_, 0)]);
+        let c = fd_offsets(&KernelBtf::from_bytes(&b.build()).unwrap());
+        assert_eq!((c.fd_to_sock, c.file_refs_known), (0, 0));
     }
 
     #[test]

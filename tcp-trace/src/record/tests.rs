@@ -353,7 +353,7 @@ fn a_hook_the_registry_lacks_is_refused() {
     let mut h = header();
     h.hooks[0].hook = "tcp_bogus".into();
     let json = serde_json::to_vec(&h).unwrap();
-    let err = read_all(&file_with(1, &json, b"")).unwrap_err();
+    let err = read_all(&file_with(FORMAT_VERSION, &json, b"")).unwrap_err();
     assert!(matches!(err, RecordError::UnknownHook { .. }), "{err}");
     let msg = err.to_string();
     assert!(

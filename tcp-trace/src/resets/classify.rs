@@ -224,7 +224,9 @@ fn app_close_at<'a>(cx: &FlowContext<'a>) -> Option<&'a TraceEvent> {
 /// The owner of the connection this (socket-less) event belongs to, from its history.
 fn owner_from_history(cx: &FlowContext<'_>) -> Option<Owner> {
     cx.before.iter().rev().find_map(|e| e.owner).map(|mut o| {
-        o.source = OwnerSource::Inferred;
+        if o.is_definite() {
+            o.source = OwnerSource::Inferred;
+        }
         o
     })
 }
@@ -274,7 +276,10 @@ fn active(ev: &TraceEvent, cx: &FlowContext<'_>) -> ResetDiagnosis {
     let tcp_close = cx
         .close
         .filter(|c| c.sk == ev.sk && c.hook == Hook::TcpClose);
-    let from_close_call = tcp_close.is_some_and(|c| c.tid == ev.tid) || trans.is_some();
+    // The eBPF side marks events of the socket whose last descriptor the task on the CPU is
+    // closing (found by descriptor, whoever the owner of record was).
+    let from_close_call =
+        ev.in_close || tcp_close.is_some_and(|c| c.tid == ev.tid) || trans.is_some();
     if from_close_call {
         d.closer = Some(task(tcp_close.filter(|c| c.tid == ev.tid).unwrap_or(ev)));
     }
