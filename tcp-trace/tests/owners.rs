@@ -9,8 +9,9 @@
 //! socket passed over SCM_RIGHTS. And Debian's nginx (a master and its workers), started before
 //! and after the tracer. Every wait is on the tracer's output (the flows it printed), not on time.
 //!
-//! Need root (BPF), gcc, and nginx for the nginx tests (`cargo xtask test` installs it): outside
-//! CI each is skipped with a note when missing; in CI (CI=true) that fails.
+//! Need root (BPF), gcc, and nginx for the nginx tests (`cargo xtask test` installs it): they are
+//! #[ignore]d unless run with --include-ignored (as `cargo xtask test` does as root); asked to
+//! run without what they need, they fail.
 
 use std::{
     collections::BTreeSet,
@@ -376,6 +377,7 @@ fn check(
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn prefork_workers_own_what_they_accept() {
     let Some((s, all, by_pid, pid, port)) = run("prefork", 3, "unread", 3, |w| w[1]) else {
         return;
@@ -385,6 +387,7 @@ fn prefork_workers_own_what_they_accept() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn prefork_passive_close_is_the_acceptors_before_it_closes() {
     // The client's FIN (sent once the worker has accepted) reaches the worker's socket in
     // softirq, before the worker's close(): that event's owner can only come from accept().
@@ -408,6 +411,7 @@ fn prefork_passive_close_is_the_acceptors_before_it_closes() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn reuseport_workers_each_own_their_listeners_children() {
     let Some((s, all, by_pid, pid, port)) = run("reuseport", 3, "unread", 3, |w| w[2]) else {
         return;
@@ -416,6 +420,7 @@ fn reuseport_workers_each_own_their_listeners_children() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn fork_after_accept_belongs_to_the_child_that_closes() {
     // --pid of the parent, which accepted and closed its copy first: nothing of the server flow
     // is its own.
@@ -429,6 +434,7 @@ fn fork_after_accept_belongs_to_the_child_that_closes() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn accept_in_one_thread_close_in_another() {
     let Some((s, all, by_pid, pid, port)) = run("thread", 1, "unread", 1, |w| w[0]) else {
         return;
@@ -440,6 +446,7 @@ fn accept_in_one_thread_close_in_another() {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn socket_passed_over_scm_rights_belongs_to_the_receiver() {
     let Some((s, all, by_pid, pid, port)) = run("scm-rights", 1, "unread", 1, |w| w[0]) else {
         return;
@@ -592,11 +599,13 @@ fn nginx_case(started_before_tracer: bool) {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn nginx_started_after_the_tracer() {
     nginx_case(false);
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn nginx_started_before_the_tracer() {
     nginx_case(true);
 }
