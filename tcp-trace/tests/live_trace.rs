@@ -480,15 +480,8 @@ fn doctor_reports_every_hook() {
         return;
     }
     let hooks = v["hooks"].as_array().unwrap();
-    // 11 event hooks and 7 owner hooks (inet_csk_accept's return, accept/accept4/close syscalls).
-    assert_eq!(hooks.len(), 18, "{v}");
-    for syscall in ["syscalls:sys_exit_accept4", "syscalls:sys_enter_close"] {
-        let h = hooks.iter().find(|h| h["hook"] == syscall);
-        assert!(
-            h.is_some_and(|h| h["auto"] == "tracepoint"),
-            "{syscall}: {h:?}"
-        );
-    }
+    // The 11 event hooks; how owners are learned is the `owners` line.
+    assert_eq!(hooks.len(), 11, "{v}");
     assert!(
         v["system"]["owners"]
             .as_str()
