@@ -121,10 +121,15 @@ impl Tracer {
 
     /// Waits until the tracer printed a line that `want` accepts.
     fn wait_for(&self, what: &str, want: impl Fn(&Value) -> bool) {
-        assert!(
-            self.printed(HANG, want),
-            "tcp-trace did not print {what} (hung?)"
-        );
+        if !self.printed(HANG, want) {
+            let lines = self.lines.lock().unwrap();
+            let head: Vec<String> = lines.iter().take(40).map(|l| l.to_string()).collect();
+            panic!(
+                "tcp-trace did not print {what} (hung?); it printed {} lines, first:\n{}",
+                lines.len(),
+                head.join("\n")
+            );
+        }
     }
 
     /// Whether the tracer printed, within `patience`, both ends' socket destruction for the
