@@ -632,7 +632,9 @@ fn on_set_state(sk: u64, old: u32, new: u32) {
         state::SYN_RECV => child_of_listener(&key, sk),
         _ => {}
     }
-    if old as u8 == state::LISTEN {
+    // A listener closing (LISTEN -> CLOSE). A child is cloned from its listener and so goes
+    // LISTEN -> SYN_RECV itself: that is no listener leaving.
+    if old as u8 == state::LISTEN && new == state::CLOSE {
         not_listening(&key, sk);
     }
     emit!(|ev| {
