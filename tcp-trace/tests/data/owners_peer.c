@@ -165,13 +165,16 @@ int main(int argc, char **argv) {
         pthread_create(&t, NULL, thread_serve, (void *)(long)c);
         pthread_join(t, NULL);
     } else if (!strcmp(pattern, "scm-rights")) {
-        /* The parent accepts and passes the socket to a child over SCM_RIGHTS. */
+        /* The parent accepts and passes the socket to a child over SCM_RIGHTS, then closes its copy
+         * before the child may serve, so the child's close() is the last. */
         int pair[2];
         socketpair(AF_UNIX, SOCK_STREAM, 0, pair);
         pid_t kid = fork();
         if (kid == 0) {
             close(pair[0]);
             int c = recv_fd(pair[1]);
+            char x;
+            read(pair[1], &x, 1); /* the parent's copy is closed: ours is the last */
             serve(c);
             _exit(0);
         }
@@ -182,6 +185,7 @@ int main(int argc, char **argv) {
         int c = accept(l, 0, 0);
         send_fd(pair[0], c);
         close(c);
+        write(pair[0], "x", 1);
         waitpid(kid, NULL, 0);
     } else {
         fprintf(stderr, "unknown pattern %s\n", pattern);
