@@ -265,11 +265,22 @@ impl AuxHook {
         }
     }
 
-    /// The program in the eBPF object (the function hook: its fexit form; kretprobe_* too).
+    /// The program in the eBPF object (the function hook: its fexit form).
     pub const fn program(self) -> &'static str {
         match self.tracepoint() {
             Some((_, name)) => name,
             None => "fexit_inet_csk_accept",
+        }
+    }
+
+    /// The program tried when [`AuxHook::program`] cannot attach: the function hook's kretprobe
+    /// form; for sys_enter_close, a raw tracepoint on sys_enter (where the syscall tracepoint
+    /// cannot load, as on 5.10 with BTF-typed tracepoint contexts).
+    pub const fn fallback(self) -> Option<&'static str> {
+        match self {
+            AuxHook::InetCskAcceptReturn => Some("kretprobe_inet_csk_accept"),
+            AuxHook::SysEnterClose => Some("raw_tp_sys_enter_close"),
+            _ => None,
         }
     }
 

@@ -388,6 +388,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         Some(Program::KProbe(p)) => p.unload(),
         Some(Program::BtfTracePoint(p)) => p.unload(),
         Some(Program::RawTracePoint(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
         _ => Ok(()),
     };
 }
@@ -512,100 +513,99 @@ pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     }
     // Owner hooks (and the close() site for --stacks): always.
     for aux in AuxHook::ALL {
-        hooks.push(match aux {
-            AuxHook::SysEnterClose => attach_close_entry(&mut ebpf),
-            AuxHook::InetCskAcceptReturn => attach_accept_return(&mut ebpf, &btf, opts.backend),
-            _ => {
-                let result = attach_tracepoint(&mut ebpf, aux.program());
-                HookStatus {
-                    hook: aux.name().to_string(),
-                    mechanism: result.is_ok().then_some(Mechanism::Tracepoint),
-                    failures: result
-                        .err()
-                        .map(|e| vec![(Mechanism::Tracepoint, e)])
-                        .unwrap_or_default(),
-                    skipped: None,
-                }
-            }
-        });
+        hooks.push(attach_aux(&mut ebpf, &btf, aux, opts.backend));
     }
     Ok(Attached { ebpf, hooks })
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, program: &str) -> Result<(), String> {
-    let result: Result<(), ProgramError> = (|| {
-        let p: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or(ProgramError::NotLoaded)?
-            .try_into()?;
-        p.load()?;
-        p.attach("syscalls", program)?;
-        Ok(())
-    })();
-    result.map_err(|e| explain(&e, Mechanism::Tracepoint))
-}
-
-/// The close() entry for `--stacks`: the `syscalls:sys_enter_close` tracepoint, else (kernels
-/// whose tracepoint programs cannot reach the user registers, before 5.15) a raw tracepoint on
-/// every syscall entry that keeps only close().
-/// inet_csk_accept's return, as the backend allows for function hooks.
-fn attach_accept_return(ebpf: &mut Ebpf, btf: &Btf, backend: Backend) -> HookStatus {
-    let mut status = HookStatus {
-        hook: AuxHook::InetCskAcceptReturn.name().to_string(),
-        mechanism: None,
-        failures: Vec::new(),
-        skipped: None,
-    };
-    let all = [
-        (Mechanism::Fexit, "fexit_inet_csk_accept"),
-        (Mechanism::Kretprobe, "kretprobe_inet_csk_accept"),
-    ];
-    let list: &[(Mechanism, &str)] = match backend {
-        Backend::Auto => &all,
-        Backend::Fentry => &all[..1],
-        Backend::Kprobe => &all[1..],
-        Backend::Tracepoint => {
-            status.skipped = Some("not requested (--backend tracepoint)".into());
-            return status;
+/// The mechanisms, with their program, an owner hook may use under `backend`, best first: the
+/// syscall tracepoints always (owners are learned whatever the backend), sys_enter_close with a
+/// raw tracepoint on sys_enter behind it (before 5.15 tracepoint programs cannot reach the user
+/// registers close() needs for `--stacks`), inet_csk_accept's return as the backend allows for
+/// function hooks.
+fn aux_mechanisms(
+    aux: AuxHook,
+    backend: Backend,
+) -> Result<Vec<(Mechanism, &'static str)>, String> {
+    let mut list = Vec::new();
+    if aux.tracepoint().is_some() {
+        list.push((Mechanism::Tracepoint, aux.program()));
+        if let Some(raw) = aux.fallback() {
+            list.push((Mechanism::RawTp, raw));
         }
-    };
-    for &(mechanism, program) in list {
-        match attach_program(ebpf, btf, "inet_csk_accept", None, mechanism, program) {
-            Ok(()) => {
-                status.mechanism = Some(mechanism);
-                break;
-            }
-            Err(e) => status.failures.push((mechanism, e)),
-        }
+        return Ok(list);
     }
-    status
+    let kretprobe = aux.fallback().unwrap_or(aux.program());
+    match backend {
+        Backend::Auto => Ok(vec![
+            (Mechanism::Fexit, aux.program()),
+            (Mechanism::Kretprobe, kretprobe),
+        ]),
+        Backend::Fentry => Ok(vec![(Mechanism::Fexit, aux.program())]),
+        Backend::Kprobe => Ok(vec![(Mechanism::Kretprobe, kretprobe)]),
+        Backend::Tracepoint => Err("not requested (--backend tracepoint)".into()),
+    }
 }
 
-fn attach_close_entry(ebpf: &mut Ebpf) -> HookStatus {
-    let mut status = HookStatus {
-        hook: "syscalls:sys_enter_close".to_string(),
-        mechanism: None,
-        failures: Vec::new(),
-        skipped: None,
-    };
-    match attach_tracepoint(ebpf, "sys_enter_close") {
-        Ok(()) => status.mechanism = Some(Mechanism::Tracepoint),
-        Err(e) => {
-            status.failures.push((Mechanism::Tracepoint, e));
-            let raw: Result<(), ProgramError> = (|| {
+/// Loads and attaches an owner hook's `program` with `mechanism`.
+fn try_attach_aux(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    aux: AuxHook,
+    mechanism: Mechanism,
+    program: &str,
+) -> Result<(), String> {
+    match (mechanism, aux.tracepoint()) {
+        (Mechanism::Tracepoint, Some((category, name))) => {
+            let result: Result<(), ProgramError> = (|| {
+                let p: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .ok_or(ProgramError::NotLoaded)?
+                    .try_into()?;
+                p.load()?;
+                p.attach(category, name)?;
+                Ok(())
+            })();
+            result.map_err(|e| explain(&e, mechanism))
+        }
+        (Mechanism::RawTp, Some(_)) => {
+            let result: Result<(), ProgramError> = (|| {
                 let p: &mut RawTracePoint = ebpf
-                    .program_mut("raw_tp_sys_enter_close")
+                    .program_mut(program)
                     .ok_or(ProgramError::NotLoaded)?
                     .try_into()?;
                 p.load()?;
                 p.attach("sys_enter")?;
                 Ok(())
             })();
-            match raw {
-                Ok(()) => status.mechanism = Some(Mechanism::RawTp),
-                Err(e) => status
-                    .failures
-                    .push((Mechanism::RawTp, explain(&e, Mechanism::RawTp))),
+            result.map_err(|e| {
+                unload(ebpf, program);
+                explain(&e, mechanism)
+            })
+        }
+        _ => attach_program(ebpf, btf, "inet_csk_accept", None, mechanism, program),
+    }
+}
+
+/// Attaches an owner hook with the first mechanism that works.
+fn attach_aux(ebpf: &mut Ebpf, btf: &Btf, aux: AuxHook, backend: Backend) -> HookStatus {
+    let mut status = HookStatus {
+        hook: aux.name().to_string(),
+        mechanism: None,
+        failures: Vec::new(),
+        skipped: None,
+    };
+    match aux_mechanisms(aux, backend) {
+        Err(why) => status.skipped = Some(why),
+        Ok(list) => {
+            for (mechanism, program) in list {
+                match try_attach_aux(ebpf, btf, aux, mechanism, program) {
+                    Ok(()) => {
+                        status.mechanism = Some(mechanism);
+                        break;
+                    }
+                    Err(e) => status.failures.push((mechanism, e)),
+                }
             }
         }
     }
@@ -613,9 +613,10 @@ fn attach_close_entry(ebpf: &mut Ebpf) -> HookStatus {
 }
 
 /// A hook and, for each of its mechanisms, whether it attached (or why not).
-pub type HookProbe = (Hook, Vec<(Mechanism, Result<(), String>)>);
+pub type HookProbe = (AnyHook, Vec<(Mechanism, Result<(), String>)>);
 
-/// Tries every mechanism of every hook on its own (attach, then detach), for `doctor`.
+/// Tries every mechanism of every hook (event hooks, then owner hooks) on its own (attach, then
+/// detach), for `doctor`.
 pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
     let mut ebpf = EbpfLoader::new()
@@ -634,7 +635,18 @@ pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
             }
             results.push((mechanism, r));
         }
-        out.push((hook, results));
+        out.push((AnyHook::Event(hook), results));
+    }
+    for aux in AuxHook::ALL {
+        let mut results = Vec::new();
+        for (mechanism, program) in aux_mechanisms(aux, Backend::Auto).unwrap_or_default() {
+            let r = try_attach_aux(&mut ebpf, &btf, aux, mechanism, program);
+            if r.is_ok() {
+                unload(&mut ebpf, program);
+            }
+            results.push((mechanism, r));
+        }
+        out.push((AnyHook::Aux(aux), results));
     }
     Ok(out)
 }
@@ -653,6 +665,9 @@ mod tests {
         }
         for aux in AuxHook::ALL {
             assert!(obj.programs.contains_key(aux.program()), "{aux:?}");
+            if let Some(fallback) = aux.fallback() {
+                assert!(obj.programs.contains_key(fallback), "{fallback} missing");
+            }
         }
         // The per-signature variants the loader picks from BTF.
         for program in [
@@ -661,7 +676,6 @@ mod tests {
             "fentry_tcp_send_active_reset_r4",
             "fexit_tcp_timewait_state_process4",
             "fexit_tcp_timewait_state_process5",
-            "raw_tp_sys_enter_close",
         ] {
             assert!(obj.programs.contains_key(program), "{program} missing");
         }

@@ -5,6 +5,8 @@ use anyhow::Result;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::json;
 
+use tcp_trace_common::AnyHook;
+
 use crate::{
     attach::{self, Mechanism},
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
@@ -89,27 +91,27 @@ pub fn run(json_out: bool) -> Result<u8> {
     }
 
     let mut rows = Vec::new();
+    let mut owner_rows = Vec::new();
     let mut usable = 0;
     if let Some(probes) = &probes {
         for (hook, results) in probes {
-            let signature = facts.as_ref().and_then(|f| {
-                if hook.is_function() {
-                    f.functions
-                        .get(hook.target())
-                        .map(|p| format!("({})", p.join(", ")))
-                } else {
-                    f.tracepoints
-                        .get(hook.target())
-                        .map(|p| format!("{} args", p.len()))
-                }
+            let signature = facts.as_ref().and_then(|f| match hook {
+                AnyHook::Event(h) if h.is_function() => f
+                    .functions
+                    .get(h.target())
+                    .map(|p| format!("({})", p.join(", "))),
+                AnyHook::Event(h) => f
+                    .tracepoints
+                    .get(h.target())
+                    .map(|p| format!("{} args", p.len())),
+                AnyHook::Aux(_) => None,
             });
             let cell = |m: Mechanism, r: &Result<(), String>| match r {
                 Ok(()) => format!("{m}: ok"),
                 Err(e) => format!("{m}: {e}"),
             };
             let auto = results.iter().find(|(_, r)| r.is_ok()).map(|(m, _)| *m);
-            usable += auto.is_some() as usize;
-            rows.push(json!({
+            let row = json!({
                 "hook": hook.name(),
                 "signature": signature,
                 "mechanisms": results.iter().map(|(m, r)| json!({
@@ -117,7 +119,14 @@ pub fn run(json_out: bool) -> Result<u8> {
                 })).collect::<Vec<_>>(),
                 "auto": auto,
                 "cells": results.iter().map(|(m, r)| cell(*m, r)).collect::<Vec<_>>(),
-            }));
+            });
+            match hook {
+                AnyHook::Event(_) => {
+                    usable += auto.is_some() as usize;
+                    rows.push(row);
+                }
+                AnyHook::Aux(_) => owner_rows.push(row),
+            }
         }
     }
 
@@ -126,6 +135,7 @@ pub fn run(json_out: bool) -> Result<u8> {
             "type": "doctor",
             "system": lines.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "hooks": rows,
+            "owner_hooks": owner_rows,
             "error": probe_error,
             "usable_hooks": usable,
         });
@@ -168,6 +178,24 @@ pub fn run(json_out: bool) -> Result<u8> {
             }
             println!("\n{table}");
             println!("{usable}/{} hooks usable with --backend auto", rows.len());
+        }
+        if !owner_rows.is_empty() {
+            let mut table = Table::new();
+            table.load_preset(UTF8_FULL_CONDENSED);
+            table.set_width(160);
+            table.set_header(["owner hook", "mechanisms", "auto uses"]);
+            for r in &owner_rows {
+                let cells: Vec<&str> = r["cells"]
+                    .as_array()
+                    .map(|c| c.iter().filter_map(|c| c.as_str()).collect())
+                    .unwrap_or_default();
+                table.add_row([
+                    r["hook"].as_str().unwrap_or("").to_string(),
+                    cells.join("\n"),
+                    r["auto"].as_str().unwrap_or("none").to_string(),
+                ]);
+            }
+            println!("\n{table}");
         }
     }
     Ok(if usable > 0 { 0 } else { 1 })

@@ -488,7 +488,16 @@ fn doctor_reports_every_hook() {
             .is_some_and(|s| s.contains("by descriptor")),
         "{v}"
     );
-    for h in hooks {
+    // The owner hooks, each tried: the syscall tracepoints attach on every kernel tcp-trace
+    // supports (sys_enter_close perhaps as a raw tracepoint).
+    let owner_hooks = v["owner_hooks"].as_array().unwrap();
+    assert_eq!(owner_hooks.len(), 7, "{v}");
+    for h in owner_hooks {
+        if h["hook"].as_str().unwrap().starts_with("syscalls:") {
+            assert!(h["auto"].is_string(), "{h}");
+        }
+    }
+    for h in hooks.iter().chain(owner_hooks) {
         let ok = h["auto"].is_string();
         let reasons: Vec<_> = h["mechanisms"]
             .as_array()

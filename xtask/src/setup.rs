@@ -540,6 +540,19 @@ fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
     say(format!(
         "{package} (Debian): installing with apt-get (for the test suite)"
     ));
+    // Debian starts the services it installs (nginx on :80): policy-rc.d exit 101 tells
+    // invoke-rc.d not to, with or without systemd; the tests run their own servers.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists()
+        && std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup-tests: no service starts\nexit 101\n",
+        )
+        .is_ok()
+        && {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755)).is_ok()
+        };
     let install = |cmd: &mut Command| {
         cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
             "install",
@@ -549,12 +562,17 @@ fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
         ]);
         crate::helpers::status(cmd)
     };
-    if install(&mut Command::new("apt-get")).is_err() {
+    let mut installed = install(&mut Command::new("apt-get"));
+    if installed.is_err() {
         say("apt-get install failed: updating the package lists and trying again");
-        crate::helpers::status(Command::new("apt-get").args(["update", "-q"]))?;
-        install(&mut Command::new("apt-get"))?;
+        installed = crate::helpers::status(Command::new("apt-get").args(["update", "-q"]))
+            .and_then(|()| install(&mut Command::new("apt-get")));
     }
-    // Debian starts the service it installs; the tests run their own on other ports.
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
+    // Where a service did start anyway (a policy-rc.d of the machine's own said yes).
     let _ = Command::new("systemctl")
         .args(["disable", "--now", &format!("{package}.service")])
         .stdout(std::process::Stdio::null())
