@@ -17,6 +17,7 @@ use crate::{
     kernel::btf::KernelFacts,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::{Owners, PidGate},
+    record::NetnsSettings,
     report::{
         ReportOptions, ResetsView, View,
         json::{JsonLine, json_line},
@@ -46,26 +47,49 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
     }
 }
 
-/// The sysctls the model depends on, read from this process's network namespace.
-pub fn host_sysctls() -> BTreeMap<String, String> {
-    [
-        "net.ipv4.tcp_fin_timeout",
-        "net.ipv4.tcp_rfc1337",
-        "net.ipv4.tcp_orphan_retries",
-    ]
-    .iter()
-    .filter_map(|k| {
-        let path = format!("/proc/sys/{}", k.replace('.', "/"));
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|v| (k.to_string(), v.trim().to_string()))
-    })
-    .collect()
+/// The model's parameters in a namespace a recording describes: the kernel `version` (with
+/// what `facts` detected), that namespace's sysctls and the socket facts the recorder knew.
+pub fn netns_params(version: &str, facts: &KernelFacts, settings: &NetnsSettings) -> ModelParams {
+    let mut params = model_params(version, &settings.sysctls).with_detected(facts.detected());
+    if let Some(secs) = settings.tcp_linger2_secs {
+        params.tcp_linger2_secs = secs;
+    }
+    if let Some(listening) = settings.listener_on_port {
+        params.listener_on_port = listening;
+    }
+    params
 }
 
+/// The sysctls the model depends on (see [`model_params`]).
+pub const MODEL_SYSCTLS: &[&str] = &[
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_rfc1337",
+    "net.ipv4.tcp_orphan_retries",
+];
+
+/// The sysctls the model depends on, read from this process's network namespace.
+pub fn host_sysctls() -> BTreeMap<String, String> {
+    MODEL_SYSCTLS
+        .iter()
+        .filter_map(|k| {
+            let path = format!("/proc/sys/{}", k.replace('.', "/"));
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|v| (k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Trace time between releases of ended flows: the live tracer's drain tick, which replay and
+/// `validate` follow in trace time so that they split and join flows as the tracer does (a
+/// segment long after a flow was released starts a new one).
+pub const RELEASE_TICK_NS: u64 = 50_000_000;
+
 /// The pipeline without printing or reset diagnoses, for events already in hand (`validate`):
-/// decode -> owners -> flows, then every flow that tore down, judged. `lost`: the kernel
-/// dropped events meanwhile (no verdict may then rely on an absence).
+/// decode -> owners -> flows, then every flow that tore down, judged. Ended flows are released
+/// every [`RELEASE_TICK_NS`] of trace time, as in replay. `lost`: the kernel dropped events
+/// meanwhile, when is not known: every flow is then held to the end and judged with the loss
+/// (no verdict may rely on an absence).
 pub(crate) fn judge<'a>(
     facts: &KernelFacts,
     config: FlowConfig,
@@ -74,15 +98,23 @@ pub(crate) fn judge<'a>(
 ) -> Result<Vec<FlowReport>> {
     let mut flows = FlowTable::new(config);
     let mut owners = Owners::default();
+    let mut reports = Vec::new();
+    let (mut last_ts, mut next_tick) = (0, 0);
     for raw in events {
         let mut ev = decode::decode(raw, facts)?;
         owners.attribute(&mut ev);
+        last_ts = last_ts.max(ev.ts_ns);
         flows.push(ev);
+        if !lost && last_ts >= next_tick {
+            reports.extend(flows.advance(last_ts));
+            next_tick = last_ts.saturating_add(RELEASE_TICK_NS);
+        }
     }
     if lost {
         flows.note_lost(0, 1);
     }
-    Ok(flows.flush().into_iter().filter(|r| r.teardown).collect())
+    reports.extend(flows.flush());
+    Ok(reports.into_iter().filter(|r| r.teardown).collect())
 }
 
 /// ` [container docker:0123456789ab]` for an owner in a container; nothing otherwise (systemd
@@ -162,6 +194,12 @@ impl<W: Write> Pipeline<W> {
             metrics: None,
             cgroups: Cgroups::none(),
         }
+    }
+
+    /// Judges the flows of namespace `netns` with `params` (its own settings) instead of the
+    /// parameters given to [`Pipeline::new`].
+    pub fn judge_netns_with(&mut self, netns: u32, params: ModelParams) {
+        self.flows.set_netns_params(netns, params);
     }
 
     /// Shows reset diagnoses as `view` says (default: inline).
