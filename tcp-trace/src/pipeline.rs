@@ -15,6 +15,7 @@ use crate::{
     decode::{self, Hook, TraceEvent},
     flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
+    kernel::netns_sysctls::NetnsSysctls,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::{Owners, PidGate},
     record::NetnsSettings,
@@ -33,6 +34,11 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
         .parse::<KernelVersion>()
         .map(KernelGeneration::for_release)
         .unwrap_or_else(|_| KernelGeneration::from_version(6, 12, 0));
+    with_sysctls(ModelParams::for_generation(kernel), settings)
+}
+
+/// `base` with the sysctls `settings` has (the others as in `base`).
+pub fn with_sysctls(base: ModelParams, settings: &BTreeMap<String, String>) -> ModelParams {
     let int = |key: &str, default: i64| {
         settings
             .get(key)
@@ -40,10 +46,14 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
             .unwrap_or(default)
     };
     ModelParams {
-        tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout", 60) as u32,
-        tcp_rfc1337: int("net.ipv4.tcp_rfc1337", 0) != 0,
-        tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries", 0) as u32,
-        ..ModelParams::for_generation(kernel)
+        tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout", base.tcp_fin_timeout_secs.into())
+            as u32,
+        tcp_rfc1337: int("net.ipv4.tcp_rfc1337", base.tcp_rfc1337.into()) != 0,
+        tcp_orphan_retries: int(
+            "net.ipv4.tcp_orphan_retries",
+            base.tcp_orphan_retries.into(),
+        ) as u32,
+        ..base
     }
 }
 
@@ -159,6 +169,13 @@ pub struct Pipeline<W: Write> {
     pub metrics: Option<Arc<crate::report::metrics::Metrics>>,
     /// Owners' cgroup ids to container identities (resolves nothing in replay).
     pub cgroups: Cgroups,
+    /// Reads each network namespace's sysctls (live only: the namespaces must still exist), so
+    /// that its flows are judged with them.
+    pub netns_sysctls: Option<NetnsSysctls>,
+    /// The parameters given to [`Pipeline::new`], which a namespace's own sysctls override.
+    params: ModelParams,
+    /// Namespaces whose parameters are settled.
+    netns_settled: std::collections::HashSet<u32>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -193,6 +210,9 @@ impl<W: Write> Pipeline<W> {
             stacks: None,
             metrics: None,
             cgroups: Cgroups::none(),
+            netns_sysctls: None,
+            params,
+            netns_settled: Default::default(),
         }
     }
 
@@ -272,6 +292,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(m) = &self.metrics {
             m.event(ev.hook);
         }
+        self.settle_netns(&ev);
         self.resets.observe(&ev);
         if self.resets_view == ResetsView::Only {
             return Ok(());
@@ -300,6 +321,28 @@ impl<W: Write> Pipeline<W> {
         }
         self.flows.push(ev);
         Ok(())
+    }
+
+    /// The first event of a namespace: its flows are judged with its own sysctls where they
+    /// differ from the defaults (live, with [`Pipeline::netns_sysctls`]).
+    fn settle_netns(&mut self, ev: &TraceEvent) {
+        let Some(reader) = self.netns_sysctls.as_mut() else {
+            return;
+        };
+        if self.netns_settled.contains(&ev.netns) {
+            return;
+        }
+        let owner = ev.owner.as_ref().map(|o| o.pid).unwrap_or(ev.pid);
+        if let Some(sysctls) = reader.get(ev.netns, Some(owner)) {
+            let params = with_sysctls(self.params, sysctls);
+            if params != self.params {
+                self.flows.set_netns_params(ev.netns, params);
+            }
+        }
+        // Settled once, found or not (bounded by the reader's cache).
+        if self.netns_settled.len() < 4096 {
+            self.netns_settled.insert(ev.netns);
+        }
     }
 
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading
