@@ -13,9 +13,10 @@ use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
     cgroups::{CgroupFilter, Cgroups},
     clock, decode, exit,
+    kernel::netns_sysctls::NetnsSysctls,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     pipeline::{self, Pipeline},
-    record::{Filters, RecordHeader, RecordWriter},
+    record::{Filters, NetnsSettings, RecordHeader, RecordWriter},
     report::{self, ReportOptions, ResetsView, View, metrics::Metrics, output::Output},
     resets::counters::CounterRun,
 };
@@ -240,6 +241,18 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             if let Some(hz) = kernel::config_hz() {
                 header.sysctls.insert("kernel.hz".into(), hz.to_string());
             }
+            // Each network namespace alive now, with its own sysctls, for replay to judge its
+            // flows with (namespaces created later are judged with the host's).
+            let mut per_netns = NetnsSysctls::new(pipeline::MODEL_SYSCTLS);
+            for (inode, sysctls) in per_netns.all_current() {
+                header.netns.insert(
+                    inode,
+                    NetnsSettings {
+                        sysctls,
+                        ..Default::default()
+                    },
+                );
+            }
             Sink::Record(RecordWriter::new(file, &header)?, None)
         }
         None => {
@@ -261,6 +274,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 out,
             );
             pipeline.cgroups = Cgroups::host();
+            pipeline.netns_sysctls = Some(NetnsSysctls::new(pipeline::MODEL_SYSCTLS));
             if let Some(run) = &counters {
                 pipeline.set_resets_view(ResetsView::Only);
                 pipeline.resets_mut().set_count_window(run.start_ns, None);

@@ -15,8 +15,10 @@ use crate::{
     decode::{self, Hook, TraceEvent},
     flows::{FlowConfig, FlowReport, FlowTable, attached_hooks},
     kernel::btf::KernelFacts,
+    kernel::netns_sysctls::NetnsSysctls,
     model::{KernelGeneration, KernelVersion, ModelParams},
     owners::{Owners, PidGate},
+    record::NetnsSettings,
     report::{
         ReportOptions, ResetsView, View,
         json::{JsonLine, json_line},
@@ -32,6 +34,11 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
         .parse::<KernelVersion>()
         .map(KernelGeneration::for_release)
         .unwrap_or_else(|_| KernelGeneration::from_version(6, 12, 0));
+    with_sysctls(ModelParams::for_generation(kernel), settings)
+}
+
+/// `base` with the sysctls `settings` has (the others as in `base`).
+pub fn with_sysctls(base: ModelParams, settings: &BTreeMap<String, String>) -> ModelParams {
     let int = |key: &str, default: i64| {
         settings
             .get(key)
@@ -39,33 +46,60 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
             .unwrap_or(default)
     };
     ModelParams {
-        tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout", 60) as u32,
-        tcp_rfc1337: int("net.ipv4.tcp_rfc1337", 0) != 0,
-        tcp_orphan_retries: int("net.ipv4.tcp_orphan_retries", 0) as u32,
-        ..ModelParams::for_generation(kernel)
+        tcp_fin_timeout_secs: int("net.ipv4.tcp_fin_timeout", base.tcp_fin_timeout_secs.into())
+            as u32,
+        tcp_rfc1337: int("net.ipv4.tcp_rfc1337", base.tcp_rfc1337.into()) != 0,
+        tcp_orphan_retries: int(
+            "net.ipv4.tcp_orphan_retries",
+            base.tcp_orphan_retries.into(),
+        ) as u32,
+        ..base
     }
 }
 
-/// The sysctls the model depends on, read from this process's network namespace.
-pub fn host_sysctls() -> BTreeMap<String, String> {
-    [
-        "net.ipv4.tcp_fin_timeout",
-        "net.ipv4.tcp_rfc1337",
-        "net.ipv4.tcp_orphan_retries",
-    ]
-    .iter()
-    .filter_map(|k| {
-        let path = format!("/proc/sys/{}", k.replace('.', "/"));
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|v| (k.to_string(), v.trim().to_string()))
-    })
-    .collect()
+/// The model's parameters in a namespace a recording describes: the kernel `version` (with
+/// what `facts` detected), that namespace's sysctls and the socket facts the recorder knew.
+pub fn netns_params(version: &str, facts: &KernelFacts, settings: &NetnsSettings) -> ModelParams {
+    let mut params = model_params(version, &settings.sysctls).with_detected(facts.detected());
+    if let Some(secs) = settings.tcp_linger2_secs {
+        params.tcp_linger2_secs = secs;
+    }
+    if let Some(listening) = settings.listener_on_port {
+        params.listener_on_port = listening;
+    }
+    params
 }
 
+/// The sysctls the model depends on (see [`model_params`]).
+pub const MODEL_SYSCTLS: &[&str] = &[
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_rfc1337",
+    "net.ipv4.tcp_orphan_retries",
+];
+
+/// The sysctls the model depends on, read from this process's network namespace.
+pub fn host_sysctls() -> BTreeMap<String, String> {
+    MODEL_SYSCTLS
+        .iter()
+        .filter_map(|k| {
+            let path = format!("/proc/sys/{}", k.replace('.', "/"));
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|v| (k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Trace time between releases of ended flows: the live tracer's drain tick, which replay and
+/// `validate` follow in trace time so that they split and join flows as the tracer does (a
+/// segment long after a flow was released starts a new one).
+pub const RELEASE_TICK_NS: u64 = 50_000_000;
+
 /// The pipeline without printing or reset diagnoses, for events already in hand (`validate`):
-/// decode -> owners -> flows, then every flow that tore down, judged. `lost`: the kernel
-/// dropped events meanwhile (no verdict may then rely on an absence).
+/// decode -> owners -> flows, then every flow that tore down, judged. Ended flows are released
+/// every [`RELEASE_TICK_NS`] of trace time, as in replay. `lost`: the kernel dropped events
+/// meanwhile, when is not known: every flow is then held to the end and judged with the loss
+/// (no verdict may rely on an absence).
 pub(crate) fn judge<'a>(
     facts: &KernelFacts,
     config: FlowConfig,
@@ -74,15 +108,23 @@ pub(crate) fn judge<'a>(
 ) -> Result<Vec<FlowReport>> {
     let mut flows = FlowTable::new(config);
     let mut owners = Owners::default();
+    let mut reports = Vec::new();
+    let (mut last_ts, mut next_tick) = (0, 0);
     for raw in events {
         let mut ev = decode::decode(raw, facts)?;
         owners.attribute(&mut ev);
+        last_ts = last_ts.max(ev.ts_ns);
         flows.push(ev);
+        if !lost && last_ts >= next_tick {
+            reports.extend(flows.advance(last_ts));
+            next_tick = last_ts.saturating_add(RELEASE_TICK_NS);
+        }
     }
     if lost {
         flows.note_lost(0, 1);
     }
-    Ok(flows.flush().into_iter().filter(|r| r.teardown).collect())
+    reports.extend(flows.flush());
+    Ok(reports.into_iter().filter(|r| r.teardown).collect())
 }
 
 /// ` [container docker:0123456789ab]` for an owner in a container; nothing otherwise (systemd
@@ -127,6 +169,13 @@ pub struct Pipeline<W: Write> {
     pub metrics: Option<Arc<crate::report::metrics::Metrics>>,
     /// Owners' cgroup ids to container identities (resolves nothing in replay).
     pub cgroups: Cgroups,
+    /// Reads each network namespace's sysctls (live only: the namespaces must still exist), so
+    /// that its flows are judged with them.
+    pub netns_sysctls: Option<NetnsSysctls>,
+    /// The parameters given to [`Pipeline::new`], which a namespace's own sysctls override.
+    params: ModelParams,
+    /// Namespaces whose parameters are settled.
+    netns_settled: std::collections::HashSet<u32>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -161,7 +210,16 @@ impl<W: Write> Pipeline<W> {
             stacks: None,
             metrics: None,
             cgroups: Cgroups::none(),
+            netns_sysctls: None,
+            params,
+            netns_settled: Default::default(),
         }
+    }
+
+    /// Judges the flows of namespace `netns` with `params` (its own settings) instead of the
+    /// parameters given to [`Pipeline::new`].
+    pub fn judge_netns_with(&mut self, netns: u32, params: ModelParams) {
+        self.flows.set_netns_params(netns, params);
     }
 
     /// Shows reset diagnoses as `view` says (default: inline).
@@ -234,6 +292,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(m) = &self.metrics {
             m.event(ev.hook);
         }
+        self.settle_netns(&ev);
         self.resets.observe(&ev);
         if self.resets_view == ResetsView::Only {
             return Ok(());
@@ -262,6 +321,28 @@ impl<W: Write> Pipeline<W> {
         }
         self.flows.push(ev);
         Ok(())
+    }
+
+    /// The first event of a namespace: its flows are judged with its own sysctls where they
+    /// differ from the defaults (live, with [`Pipeline::netns_sysctls`]).
+    fn settle_netns(&mut self, ev: &TraceEvent) {
+        let Some(reader) = self.netns_sysctls.as_mut() else {
+            return;
+        };
+        if self.netns_settled.contains(&ev.netns) {
+            return;
+        }
+        let owner = ev.owner.as_ref().map(|o| o.pid).unwrap_or(ev.pid);
+        if let Some(sysctls) = reader.get(ev.netns, Some(owner)) {
+            let params = with_sysctls(self.params, sysctls);
+            if params != self.params {
+                self.flows.set_netns_params(ev.netns, params);
+            }
+        }
+        // Settled once, found or not (bounded by the reader's cache).
+        if self.netns_settled.len() < 4096 {
+            self.netns_settled.insert(ev.netns);
+        }
     }
 
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading

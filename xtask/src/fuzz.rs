@@ -1,11 +1,21 @@
-//! `cargo xtask fuzz`: libFuzzer (cargo-fuzz) on the recording reader, for a bounded time, from
-//! the corpus kept in fuzz/corpus. Part of `cargo xtask test` (60 s) so that CI fuzzes too.
+//! `cargo xtask fuzz`: libFuzzer (cargo-fuzz) for a bounded time on each target, from the
+//! corpus kept in fuzz/corpus/<target>: `record` (the recording reader) and `replay` (the reader
+//! and the whole replay pipeline). Part of `cargo xtask test` (60 s in all) so that CI fuzzes too.
 
 use std::process::Command;
 
 use anyhow::{Context, Result};
 
 use crate::{helpers, setup};
+
+/// The fuzz targets (fuzz/fuzz_targets/<name>.rs), with what each covers.
+const TARGETS: &[(&str, &str)] = &[
+    ("record", "record reader"),
+    (
+        "replay",
+        "replay pipeline (reader, decode, flows, judge, resets, report)",
+    ),
+];
 
 fn say(msg: impl AsRef<str>) {
     eprintln!("[fuzz] {}", msg.as_ref());
@@ -31,30 +41,37 @@ fn ensure_cargo_fuzz(nightly: &str) -> Result<()> {
     .context("installing cargo-fuzz")
 }
 
+/// Fuzzes every target, `seconds` split evenly between them.
 pub fn run(seconds: u64) -> Result<()> {
     setup::run()?;
     let nightly = setup::nightly();
     ensure_cargo_fuzz(&nightly)?;
     let root = helpers::workspace_root();
-    // A scratch copy of the corpus: libFuzzer adds what it finds, the repo keeps the seeds.
-    let work = root.join("target/fuzz-corpus/record");
-    std::fs::create_dir_all(&work)?;
-    for entry in std::fs::read_dir(root.join("fuzz/corpus/record"))? {
-        let path = entry?.path();
-        if let Some(name) = path.file_name() {
-            std::fs::copy(&path, work.join(name))?;
+    let each = (seconds / TARGETS.len() as u64).max(1);
+    for (target, what) in TARGETS {
+        // A scratch copy of the corpus: libFuzzer adds what it finds, the repo keeps the seeds.
+        let work = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work)?;
+        for entry in std::fs::read_dir(root.join("fuzz/corpus").join(target))? {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, work.join(name))?;
+            }
         }
+        say(format!("{what}: {each} s of libFuzzer"));
+        helpers::status(
+            Command::new("cargo")
+                .current_dir(&root)
+                .arg(format!("+{nightly}"))
+                .args(["fuzz", "run", "--fuzz-dir", "fuzz", target])
+                .arg(&work)
+                .arg("--")
+                .arg(format!("-max_total_time={each}"))
+                .arg("-max_len=65536"),
+        )
+        .with_context(|| {
+            format!("the {target} fuzzer found a crash (the input is in fuzz/artifacts/{target})")
+        })?;
     }
-    say(format!("record reader: {seconds} s of libFuzzer"));
-    helpers::status(
-        Command::new("cargo")
-            .current_dir(&root)
-            .arg(format!("+{nightly}"))
-            .args(["fuzz", "run", "--fuzz-dir", "fuzz", "record"])
-            .arg(&work)
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg("-max_len=65536"),
-    )
-    .context("the fuzzer found a crash (the input is in fuzz/artifacts/record)")
+    Ok(())
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod dist;
 mod fuzz;
+mod golden;
 mod helpers;
 mod setup;
 mod tasks;
@@ -63,11 +64,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         jobs: usize,
     },
-    /// Fuzz the recording reader (cargo-fuzz, libFuzzer) for a bounded time.
+    /// Fuzz the recording reader and the replay pipeline (cargo-fuzz, libFuzzer) for a bounded
+    /// time.
     Fuzz {
-        /// How long to fuzz, seconds.
+        /// How long to fuzz, seconds, split between the targets.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// Refresh the golden recordings `cargo test` replays (tcp-trace/tests/data/golden) from the
+    /// latest `vm-test` run's recordings, each with the verdicts live validate gave its flows.
+    Golden {
+        /// Where the recordings are, as <kernel>/<backend>/<scenario>.tt (default:
+        /// target/vm-recordings).
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
     },
     /// Boot a Debian kernel under qemu with a static tcp-trace inside and run a command there.
     VmRun(vm::VmRunArgs),
@@ -85,6 +95,7 @@ fn main() -> Result<()> {
         Command::Test { skip_vm } => tasks::test(skip_vm),
         Command::VmRun(args) => vm::run(args),
         Command::Fuzz { seconds } => fuzz::run(seconds),
+        Command::Golden { from } => golden::run(from),
         Command::Bench(args) => bench::run(args),
         Command::VmTest {
             kernel,

@@ -47,6 +47,7 @@ mod timeline;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -85,6 +86,9 @@ impl fmt::Display for FlowKey {
 pub(crate) struct FlowConfig {
     /// The kernel generation and sysctls the model decides with.
     pub params: ModelParams,
+    /// Namespaces whose own settings are known (inode -> params): their flows are judged with
+    /// these instead of `params`.
+    pub netns_params: BTreeMap<u32, ModelParams>,
     /// Hooks attached, as `attach::HookStatus::hook` names them (`tcp_close`,
     /// `sock:inet_sock_set_state`, ...). Hooks whose events show up count as attached too.
     pub attached_hooks: HookSet,
@@ -111,6 +115,7 @@ impl FlowConfig {
     pub(crate) fn new(params: ModelParams, attached_hooks: HookSet) -> FlowConfig {
         FlowConfig {
             params,
+            netns_params: BTreeMap::new(),
             attached_hooks,
             hz: None,
             reorder_window_ns: 50_000_000,
@@ -121,6 +126,16 @@ impl FlowConfig {
             tw_slack_ns: 1_000_000_000,
             max_buffered_events: 1 << 20,
         }
+    }
+}
+
+impl FlowConfig {
+    /// The parameters a flow in `netns` is judged with.
+    pub(crate) fn params_in(&self, netns: u32) -> ModelParams {
+        self.netns_params
+            .get(&netns)
+            .copied()
+            .unwrap_or(self.params)
     }
 }
 

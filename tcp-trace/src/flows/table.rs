@@ -228,6 +228,11 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
 }
 
 impl FlowTable {
+    /// From now on, flows in `netns` are judged with `params` (that namespace's own settings).
+    pub(crate) fn set_netns_params(&mut self, netns: u32, params: crate::model::ModelParams) {
+        self.cfg.netns_params.insert(netns, params);
+    }
+
     pub(crate) fn new(config: FlowConfig) -> FlowTable {
         let mut vis = Visibility::from_hooks(config.attached_hooks);
         vis.reply_reset_without_full_socket = config.params.kernel.passive_reset_reasons;
@@ -643,7 +648,10 @@ impl FlowTable {
         to: Option<TcpState>,
     ) {
         use TcpState::*;
-        let params = self.cfg.params;
+        let Some(netns) = self.flows.get(&id).map(|f| f.key.netns) else {
+            return;
+        };
+        let params = self.cfg.params_in(netns);
         let hz = self.cfg.hz;
         let vis = self.vis;
         let max_events = self.cfg.max_events_per_flow;
@@ -912,8 +920,9 @@ impl FlowTable {
     }
 
     fn report(&self, flow: Flow, end: FlowEnd) -> FlowReport {
+        let params = self.cfg.params_in(flow.key.netns);
         let cx = JudgeCtx {
-            params: &self.cfg.params,
+            params: &params,
             vis: self.vis,
             hz: self.cfg.hz,
         };

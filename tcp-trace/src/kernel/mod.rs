@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod enums;
+pub mod netns_sysctls;
 
 use std::{fs, path::Path};
 

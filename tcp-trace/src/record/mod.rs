@@ -83,6 +83,68 @@ pub struct RecordHeader {
     /// Sysctls the reference model needs (e.g. `net.ipv4.tcp_fin_timeout`), by dotted name.
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// Per network namespace (by inode number): what the model is parameterised by there, where
+    /// the recorder knew it. Flows in a namespace listed here are judged with these settings,
+    /// the others with `sysctls`. Optional (added in tcp-trace 0.1.0, format 2 unchanged).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub netns: BTreeMap<u32, NetnsSettings>,
+    /// What the recorder itself judged of each flow (`validate --record-dir` writes it), so a
+    /// replay of the recording can be checked against the live verdicts. Optional.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live_flows: Vec<JudgedFlow>,
+}
+
+/// The model's settings in one network namespace: its sysctls, and socket-level facts the
+/// recorder knew of (a scenario that set TCP_LINGER2, or closed its listener).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsSettings {
+    /// Dotted sysctl name to value, as read inside the namespace.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// TCP_LINGER2 set on the namespace's sockets, seconds (negative: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_linger2_secs: Option<i32>,
+    /// Whether a listener was bound to the flows' local port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener_on_port: Option<bool>,
+}
+
+/// One flow's verdict, in the terms a replay is compared with the live run by.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JudgedFlow {
+    pub netns: u32,
+    pub local: String,
+    pub remote: String,
+    /// `conforms`, `diverges` or `incomplete`.
+    pub verdict: String,
+    /// The model inputs the events were explained by, in order.
+    pub inputs: Vec<String>,
+    /// Model steps the events verified, and steps the attached hooks could not show.
+    pub checked: usize,
+    pub unchecked: usize,
+}
+
+impl JudgedFlow {
+    /// From a flow as `--json` prints it (a `"type": "flow"` line, or a validate scenario's
+    /// `flows` entry); None when it is not one.
+    pub fn from_flow_json(flow: &serde_json::Value) -> Option<JudgedFlow> {
+        let key = &flow["key"];
+        let verdict = &flow["verdict"];
+        let count = |k: &str| verdict[k].as_array().map_or(0, Vec::len);
+        Some(JudgedFlow {
+            netns: u32::try_from(key["netns"].as_u64()?).ok()?,
+            local: key["local"].as_str()?.to_string(),
+            remote: key["remote"].as_str()?.to_string(),
+            verdict: verdict["verdict"].as_str()?.to_string(),
+            inputs: flow["inputs"]
+                .as_array()?
+                .iter()
+                .map(|i| i.as_str().map(str::to_string))
+                .collect::<Option<_>>()?,
+            checked: count("checked"),
+            unchecked: count("unchecked"),
+        })
+    }
 }
 
 impl RecordHeader {
@@ -109,6 +171,8 @@ impl RecordHeader {
             event_size: EVENT_SIZE as u32,
             filters,
             sysctls: BTreeMap::new(),
+            netns: BTreeMap::new(),
+            live_flows: Vec::new(),
         }
     }
 

@@ -373,7 +373,42 @@ fn additive_header_fields_are_compatible() {
     let (h, records) = read_all(&file_with(FORMAT_VERSION, &json, &body)).unwrap();
     assert!(h.sysctls.is_empty());
     assert_eq!(h.filters, Filters::default());
+    assert!(h.netns.is_empty() && h.live_flows.is_empty());
     assert_eq!(records, vec![Record::End { events: 0, lost: 0 }]);
+}
+
+#[test]
+fn per_netns_settings_and_live_verdicts_round_trip() {
+    let mut h = header();
+    h.netns.insert(
+        4026532386,
+        NetnsSettings {
+            sysctls: BTreeMap::from([("net.ipv4.tcp_fin_timeout".into(), "7".into())]),
+            tcp_linger2_secs: Some(-1),
+            listener_on_port: None,
+        },
+    );
+    let flow = serde_json::json!({
+        "key": {"netns": 4026532386u32, "local": "10.0.0.1:8080", "remote": "10.0.0.2:40000"},
+        "inputs": ["close", "ack-of-fin"],
+        "verdict": {"verdict": "conforms", "checked": ["a", "b"], "unchecked": ["c"]},
+    });
+    let judged = JudgedFlow::from_flow_json(&flow).unwrap();
+    assert_eq!((judged.checked, judged.unchecked), (2, 1));
+    assert_eq!(judged.inputs, ["close", "ack-of-fin"]);
+    h.live_flows.push(judged);
+    let mut buf = Vec::new();
+    RecordWriter::new(&mut buf, &h).unwrap().finish().unwrap();
+    let (read, _) = read_all(&buf).unwrap();
+    assert_eq!(read, as_read(&h));
+    // The namespace's inode is a JSON object key, so a string.
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains(r#""netns":{"4026532386":"#), "{text}");
+    // Not a flow: no key.
+    assert_eq!(
+        JudgedFlow::from_flow_json(&serde_json::json!({"type": "lost"})),
+        None
+    );
 }
 
 #[test]

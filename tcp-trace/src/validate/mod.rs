@@ -27,7 +27,7 @@ use crate::{
     live,
     model::{KernelGeneration, KernelVersion, ModelParams},
     pipeline,
-    record::{Filters, RecordHeader, RecordWriter},
+    record::{Filters, JudgedFlow, NetnsSettings, RecordHeader, RecordWriter},
 };
 use lab::{Collector, Dropper, Lab, SERVER_PORT, Side};
 use scenarios::{Ctx, ModelSetting, RunNotes, SCENARIOS, Scenario};
@@ -129,24 +129,27 @@ fn judge(
     lab: &Lab,
     notes: RunNotes,
     run_error: Option<anyhow::Error>,
-    events: Vec<tcp_trace_common::Event>,
+    events: &[tcp_trace_common::Event],
     facts: &KernelFacts,
     hooks: &[HookStatus],
     version: &KernelVersion,
     lost: bool,
 ) -> Result<ScenarioResult> {
-    let mut reports = Vec::new();
-    // Each side's flows are judged with that namespace's sysctls.
+    // One table for all the events, as the live tracer and replay have: each side's flows are
+    // judged with that namespace's settings, socket-less events (no namespace) with the focus
+    // side's, which is also what the recording's replay does.
+    let mut config = FlowConfig::new(
+        params_for(version, facts, lab, s, s.focus)?,
+        attached_hooks(hooks),
+    );
+    config.hz = kernel::config_hz();
     for side in [Side::Client, Side::Server] {
-        let mut config = FlowConfig::new(
+        config.netns_params.insert(
+            lab.ns(side).inode,
             params_for(version, facts, lab, s, side)?,
-            attached_hooks(hooks),
         );
-        config.hz = kernel::config_hz();
-        let netns = lab.ns(side).inode;
-        let side_events = events.iter().filter(|e| e.netns == netns);
-        reports.extend(pipeline::judge(facts, config, side_events, lost)?);
     }
+    let reports = pipeline::judge(facts, config, events, lost)?;
     let (local, remote) = scenarios::focus_port(s, &notes);
     let focus_ns = lab.ns(s.focus).inode;
     let focus = reports.iter().find(|r| {
@@ -325,13 +328,15 @@ fn judge(
 }
 
 /// One scenario's events, to write as a recording that `tcp-trace replay` reads like one made
-/// by `tcp-trace record`.
+/// by `tcp-trace record`, with what validate judged of its flows.
 struct RecordingOf<'a> {
     scenario: &'a Scenario,
     lab: &'a Lab,
     events: &'a [tcp_trace_common::Event],
     /// The lost-events total, when events were lost during the scenario.
     lost: Option<u64>,
+    /// The flows as validate judged them.
+    flows: &'a [FlowReport],
 }
 
 impl RecordingOf<'_> {
@@ -354,20 +359,39 @@ impl RecordingOf<'_> {
             facts.clone(),
             Filters::default(),
         );
-        // The focus side's sysctls: the ones its verdict was judged with.
-        let ns = self.lab.ns(self.scenario.focus);
-        for key in [
-            "net.ipv4.tcp_fin_timeout",
-            "net.ipv4.tcp_rfc1337",
-            "net.ipv4.tcp_orphan_retries",
-        ] {
-            header.sysctls.insert(key.into(), ns.read_sysctl(key)?);
+        // Each side's namespace with the settings its flows were judged with (`params_for`);
+        // the focus side's sysctls also as the recording's defaults.
+        for side in [Side::Client, Side::Server] {
+            let ns = self.lab.ns(side);
+            let mut settings = NetnsSettings::default();
+            for key in pipeline::MODEL_SYSCTLS {
+                settings
+                    .sysctls
+                    .insert(key.to_string(), ns.read_sysctl(key)?);
+            }
+            for (_, setting) in self.scenario.model.iter().filter(|(at, _)| *at == side) {
+                match setting {
+                    ModelSetting::Linger2(secs) => settings.tcp_linger2_secs = Some(*secs),
+                    ModelSetting::NoListener => settings.listener_on_port = Some(false),
+                }
+            }
+            if side == self.scenario.focus {
+                header.sysctls.extend(settings.sysctls.clone());
+            }
+            header.netns.insert(ns.inode, settings);
         }
         header
             .sysctls
             .insert(live::KERNEL_VERSION_KEY.into(), version.to_string());
         if let Some(hz) = kernel::config_hz() {
             header.sysctls.insert("kernel.hz".into(), hz.to_string());
+        }
+        for flow in self.flows {
+            let judged = serde_json::to_value(flow)
+                .ok()
+                .and_then(|v| JudgedFlow::from_flow_json(&v))
+                .context("a flow report without key, verdict or inputs")?;
+            header.live_flows.push(judged);
         }
         let mut w = RecordWriter::new(std::io::BufWriter::new(file), &header)?;
         for ev in self.events {
@@ -565,12 +589,24 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         std::thread::sleep(Duration::from_millis(300));
         let events = collector.events_in(&lab.netns(), started);
         let lost = collector.lost() > lost_before;
+        let result = judge(
+            s,
+            &lab,
+            notes,
+            run_error,
+            &events,
+            &prep.facts,
+            &attached.hooks,
+            &version,
+            lost,
+        )?;
         if let Some(dir) = &opts.record_dir {
             let recording = RecordingOf {
                 scenario: s,
                 lab: &lab,
                 events: &events,
                 lost: lost.then(|| collector.lost()),
+                flows: &result.flows,
             };
             recording
                 .write(
@@ -583,17 +619,6 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
                 )
                 .with_context(|| format!("{}: writing its recording", s.name))?;
         }
-        let result = judge(
-            s,
-            &lab,
-            notes,
-            run_error,
-            events,
-            &prep.facts,
-            &attached.hooks,
-            &version,
-            lost,
-        )?;
         if opts.json {
             let mut v = serde_json::to_value(&result)?;
             v["type"] = "scenario".into();
