@@ -7,8 +7,8 @@
 //! note outside CI and fail in CI.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Read,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -16,6 +16,8 @@ use std::{
 };
 
 mod common;
+
+use common::net::http_get;
 
 const MANIFEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/daemonset.yaml");
 
@@ -69,20 +71,6 @@ fn daemonset_manifest_passes_the_kubernetes_schemas() {
     let (ok, said) = validate(&bin, &bad);
     let _ = std::fs::remove_file(&bad);
     assert!(!ok, "a misspelt field passed validation:\n{said}");
-}
-
-fn http_get(addr: SocketAddr, target: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {target} HTTP/1.0\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, resp))
 }
 
 /// dpkg, waiting (up to 5 min) while another dpkg or apt on the machine holds its lock.
