@@ -238,6 +238,13 @@ fn linger_zero_close_sends_rst() {
         .unwrap_or_else(|| panic!("no RST from the server: {server:?}"));
     assert_eq!(rst["rst_active"], true);
     assert_eq!(rst["owner"]["pid"], spid, "{rst}");
+    // close() with SO_LINGER {on, 0} disconnects: tcp_disconnect() resets an ESTABLISHED
+    // socket for its state.
+    assert_eq!(
+        rst["rst_reason"],
+        expected_active_reason(tcp_trace::model::RstReason::TcpState),
+        "this kernel's reason for a linger-0 close(): {rst}"
+    );
     assert!(client.iter().any(|e| e["hook"] == "tcp_receive_reset"));
     assert!(
         !server.iter().any(|e| e["new_state"] == "FIN_WAIT1"),
