@@ -47,7 +47,7 @@ pub fn model_params(version: &str, settings: &BTreeMap<String, String>) -> Model
 }
 
 /// The sysctls the model depends on, read from this process's network namespace.
-pub fn host_sysctls() -> BTreeMap<String, String> {
+pub(crate) fn host_sysctls() -> BTreeMap<String, String> {
     [
         "net.ipv4.tcp_fin_timeout",
         "net.ipv4.tcp_rfc1337",
@@ -96,11 +96,11 @@ fn container_note(cgroup: Option<&Identity>) -> String {
 
 /// Sizes of the pipeline's tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Held {
-    pub flows: usize,
-    pub buffered_events: usize,
-    pub reset_histories: usize,
-    pub owners: usize,
+pub(crate) struct Held {
+    pub(crate) flows: usize,
+    pub(crate) buffered_events: usize,
+    pub(crate) reset_histories: usize,
+    pub(crate) owners: usize,
 }
 
 pub struct Pipeline<W: Write> {
@@ -118,15 +118,15 @@ pub struct Pipeline<W: Write> {
     divergent: Vec<String>,
     resets: ResetTracker,
     resets_view: ResetsView,
-    pub events: u64,
-    pub lost: u64,
-    pub malformed: u64,
+    pub(crate) events: u64,
+    pub(crate) lost: u64,
+    pub(crate) malformed: u64,
     /// Symbolizes close() call stacks (live only: the process must still exist).
-    pub stacks: Option<crate::stacks::StackResolver>,
+    pub(crate) stacks: Option<crate::stacks::StackResolver>,
     /// `--metrics`: counted from the same events, flows and resets as the output.
-    pub metrics: Option<Arc<crate::report::metrics::Metrics>>,
+    pub(crate) metrics: Option<Arc<crate::report::metrics::Metrics>>,
     /// Owners' cgroup ids to container identities (resolves nothing in replay).
-    pub cgroups: Cgroups,
+    pub(crate) cgroups: Cgroups,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -165,21 +165,21 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Shows reset diagnoses as `view` says (default: inline).
-    pub fn set_resets_view(&mut self, view: ResetsView) {
+    pub(crate) fn set_resets_view(&mut self, view: ResetsView) {
         self.resets_view = view;
     }
 
     /// The reset diagnoses' tracker: tallies, summary, the counting window.
-    pub fn resets(&self) -> &ResetTracker {
+    pub(crate) fn resets(&self) -> &ResetTracker {
         &self.resets
     }
 
-    pub fn resets_mut(&mut self) -> &mut ResetTracker {
+    pub(crate) fn resets_mut(&mut self) -> &mut ResetTracker {
         &mut self.resets
     }
 
     /// Wall-clock ns of a CLOCK_MONOTONIC time.
-    pub fn wall_ns(&self, mono: u64) -> u64 {
+    pub(crate) fn wall_ns(&self, mono: u64) -> u64 {
         self.wall(mono)
     }
 
@@ -267,7 +267,7 @@ impl<W: Write> Pipeline<W> {
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading
     /// counts, unchanged ones too: a loss is placed after the last reading without it. A `lost`
     /// line is printed only when the counter grew.
-    pub fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
+    pub(crate) fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
         let new = total.saturating_sub(self.lost);
         self.lost = total;
         self.flows.note_lost(ts_ns, total);
@@ -360,7 +360,7 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Releases flows that ended before `now_ns` (CLOCK_MONOTONIC, less the reorder window).
-    pub fn tick(&mut self, now_ns: u64) -> Result<()> {
+    pub(crate) fn tick(&mut self, now_ns: u64) -> Result<()> {
         for r in self.flows.advance(now_ns) {
             self.flow_done(r)?;
         }
@@ -400,7 +400,7 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// What the pipeline holds in memory now (all bounded; see `many_short_flows_keep_memory_bounded`).
-    pub fn held(&self) -> Held {
+    pub(crate) fn held(&self) -> Held {
         Held {
             flows: self.flows.live_flows(),
             buffered_events: self.flows.buffered_events(),
@@ -414,11 +414,11 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// The summary table (text mode): per hook, how it was attached and how many events came.
-    pub fn summary_table(&self, hooks: &[HookStatus]) -> String {
+    pub(crate) fn summary_table(&self, hooks: &[HookStatus]) -> String {
         tables::summary(hooks, &self.counts, &self.verdicts, self.resets.by_cause())
     }
 
-    pub fn diverged(&self) -> bool {
+    pub(crate) fn diverged(&self) -> bool {
         !self.divergent.is_empty()
     }
 }
