@@ -16,7 +16,8 @@ use tcp_trace_common::{AnyHook, AuxHook, Config, Hook, HookKind};
 use crate::kernel::btf::KernelFacts;
 
 /// The eBPF object, built from tcp-trace-ebpf by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
 
 /// Which attach mechanisms function hooks may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
@@ -86,16 +87,16 @@ pub struct HookStatus {
 
 impl HookStatus {
     /// The registry's hook of this name; None for a name no hook has (an error in a recording).
-    pub fn id(&self) -> Option<AnyHook> {
+    pub(crate) fn id(&self) -> Option<AnyHook> {
         AnyHook::from_name(&self.hook)
     }
 
-    pub fn attached(&self) -> bool {
+    pub(crate) fn attached(&self) -> bool {
         self.mechanism.is_some()
     }
 
     /// One line: why this hook is not attached.
-    pub fn why_not(&self) -> String {
+    pub(crate) fn why_not(&self) -> String {
         if let Some(s) = &self.skipped {
             return s.clone();
         }
@@ -107,25 +108,25 @@ impl HookStatus {
     }
 }
 
-pub struct AttachOptions {
+pub(crate) struct AttachOptions {
     /// Record the user call stack of close() calls (two more tracepoints; a stack walk per
     /// close() on the host) and attach it to the events close() causes.
-    pub stacks: bool,
-    pub backend: Backend,
-    pub pids: Vec<u32>,
-    pub ports: Vec<u16>,
+    pub(crate) stacks: bool,
+    pub(crate) backend: Backend,
+    pub(crate) pids: Vec<u32>,
+    pub(crate) ports: Vec<u16>,
     /// `--cgroup`: cgroup v2 ids of the owners to keep (the cgroups named and those below).
-    pub cgroups: Vec<u64>,
+    pub(crate) cgroups: Vec<u64>,
     /// `--netns`: network namespace inodes to keep.
-    pub netns: Vec<u32>,
-    pub kernel_log: bool,
+    pub(crate) netns: Vec<u32>,
+    pub(crate) kernel_log: bool,
     /// Size of the EVENTS ring buffer in bytes (`--buffer-size`): a power of two and a multiple
     /// of the page size (see [`parse_buffer_size`]).
-    pub buffer_size: u32,
+    pub(crate) buffer_size: u32,
 }
 
 /// The EVENTS ring buffer's size when `--buffer-size` is not given.
-pub const DEFAULT_BUFFER_SIZE: u32 = tcp_trace_common::RING_BYTES;
+pub(crate) const DEFAULT_BUFFER_SIZE: u32 = tcp_trace_common::RING_BYTES;
 
 /// The memory page size (the ring buffer's size must be a multiple of it).
 pub fn page_size() -> u32 {
@@ -193,9 +194,9 @@ pub fn parse_buffer_size(s: &str, page: u32) -> Result<u32, String> {
 }
 
 /// The loaded object with its attached programs. Dropping it detaches everything.
-pub struct Attached {
-    pub ebpf: Ebpf,
-    pub hooks: Vec<HookStatus>,
+pub(crate) struct Attached {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) hooks: Vec<HookStatus>,
 }
 
 /// Shortens aya's errors to what a user can act on, with the likely cause.
@@ -273,7 +274,7 @@ fn os_error(err: &ProgramError) -> Option<i32> {
     None
 }
 
-pub fn kprobes_available() -> bool {
+pub(crate) fn kprobes_available() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
         || Path::new("/sys/kernel/tracing/kprobe_events").exists()
         || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists()
@@ -419,7 +420,7 @@ fn all_mechanisms(hook: Hook) -> Vec<(Mechanism, &'static str)> {
 /// Adds cgroup ids to the kernel's `--cgroup` set (cgroups created below a filtered one after
 /// the start are added as they appear). At most `CGROUP_FILTER_MAX`: beyond it the kernel set
 /// is left as it is and userspace filters alone.
-pub fn add_cgroup_ids(ebpf: &mut Ebpf, ids: &[u64]) -> Result<()> {
+pub(crate) fn add_cgroup_ids(ebpf: &mut Ebpf, ids: &[u64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -437,7 +438,7 @@ pub fn add_cgroup_ids(ebpf: &mut Ebpf, ids: &[u64]) -> Result<()> {
 }
 
 /// Loads the object with `facts` baked in as constants and attaches every hook it can.
-pub fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
+pub(crate) fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attached> {
     let btf = Btf::from_sys_fs().context(
         "cannot load the kernel's BTF (/sys/kernel/btf/vmlinux): a kernel with \
          CONFIG_DEBUG_INFO_BTF=y is required",
@@ -613,11 +614,11 @@ fn attach_aux(ebpf: &mut Ebpf, btf: &Btf, aux: AuxHook, backend: Backend) -> Hoo
 }
 
 /// A hook and, for each of its mechanisms, whether it attached (or why not).
-pub type HookProbe = (AnyHook, Vec<(Mechanism, Result<(), String>)>);
+pub(crate) type HookProbe = (AnyHook, Vec<(Mechanism, Result<(), String>)>);
 
 /// Tries every mechanism of every hook (event hooks, then owner hooks) on its own (attach, then
 /// detach), for `doctor`.
-pub fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
+pub(crate) fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     let btf = Btf::from_sys_fs().context("cannot load the kernel's BTF")?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))

@@ -17,31 +17,31 @@ use serde::Serialize;
 
 /// A container, as its runtime names it in the cgroup tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Container {
+pub(crate) struct Container {
     /// `docker`, `containerd`, `cri-o`, `podman`, or `kubernetes` (a kubepods cgroup whose
     /// runtime the path does not say).
-    pub runtime: &'static str,
+    pub(crate) runtime: &'static str,
     /// The full container id (64 hex digits).
-    pub id: String,
+    pub(crate) id: String,
 }
 
 /// The identity behind one cgroup id. Serialized as `cgroup` in `--json` lines.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// The cgroup v2 id (as the kernel gave it).
-    pub id: u64,
+    pub(crate) id: u64,
     /// Its path below the cgroup2 root (`/system.slice/nginx.service`); null when it could not
     /// be resolved (the cgroup is gone, or this is a replay on another machine).
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Container>,
+    pub(crate) container: Option<Container>,
     /// The innermost systemd unit (`nginx.service`, `docker-<id>.scope`, `session-3.scope`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
+    pub(crate) unit: Option<String>,
 }
 
 impl Identity {
-    pub fn from_path(id: u64, path: &str) -> Identity {
+    pub(crate) fn from_path(id: u64, path: &str) -> Identity {
         let (container, unit) = parse_path(path);
         Identity {
             id,
@@ -54,7 +54,7 @@ impl Identity {
     /// The short form for text output and the metrics' `container` label: `docker:0123456789ab`
     /// (runtime and the id's first 12 digits, as `docker ps` shows it), else the systemd unit,
     /// else None.
-    pub fn label(&self) -> Option<String> {
+    pub(crate) fn label(&self) -> Option<String> {
         match (&self.container, &self.unit) {
             (Some(c), _) => Some(format!("{}:{}", c.runtime, &c.id[..12.min(c.id.len())])),
             (None, Some(u)) => Some(u.clone()),
@@ -63,7 +63,7 @@ impl Identity {
     }
 
     /// Whether this cgroup is `dir` (a path below the root) or inside it.
-    pub fn within(&self, dir: &str) -> bool {
+    pub(crate) fn within(&self, dir: &str) -> bool {
         self.path.as_deref().is_some_and(|p| {
             dir == "/"
                 || p == dir
@@ -77,7 +77,7 @@ fn is_container_id(s: &str) -> bool {
 }
 
 /// The container and systemd unit a cgroup path names, innermost first.
-pub fn parse_path(path: &str) -> (Option<Container>, Option<String>) {
+pub(crate) fn parse_path(path: &str) -> (Option<Container>, Option<String>) {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let mut container = None;
     for (i, part) in parts.iter().enumerate().rev() {
@@ -150,7 +150,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 /// Resolves cgroup ids to identities, from a scan of the cgroup2 tree (rescanned, at most once a
 /// second, when an unknown id comes).
-pub struct Cgroups {
+pub(crate) struct Cgroups {
     root: Option<PathBuf>,
     known: HashMap<u64, Arc<Identity>>,
     last_scan: Option<Instant>,
@@ -166,7 +166,7 @@ const MAX_DEPTH: usize = 32;
 impl Cgroups {
     /// A resolver for this host's cgroup tree (or one that resolves nothing when there is no
     /// cgroup2 filesystem: ids are still reported).
-    pub fn host() -> Cgroups {
+    pub(crate) fn host() -> Cgroups {
         Cgroups {
             root: cgroup2_root().ok(),
             known: HashMap::new(),
@@ -175,7 +175,7 @@ impl Cgroups {
     }
 
     /// A resolver that resolves nothing (replay on another machine): ids only.
-    pub fn none() -> Cgroups {
+    pub(crate) fn none() -> Cgroups {
         Cgroups {
             root: None,
             known: HashMap::new(),
@@ -183,12 +183,8 @@ impl Cgroups {
         }
     }
 
-    pub fn root(&self) -> Option<&Path> {
-        self.root.as_deref()
-    }
-
     /// The identity of cgroup `id` (None for 0: not known).
-    pub fn resolve(&mut self, id: u64) -> Option<Arc<Identity>> {
+    pub(crate) fn resolve(&mut self, id: u64) -> Option<Arc<Identity>> {
         if id == 0 {
             return None;
         }
@@ -231,7 +227,7 @@ impl Cgroups {
 }
 
 /// Every cgroup below `root`: (id, path below the root).
-pub fn scan(root: &Path) -> Vec<(u64, String)> {
+pub(crate) fn scan(root: &Path) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::from("/"), 0usize)];
     while let Some((dir, path, depth)) = stack.pop() {
@@ -263,15 +259,15 @@ pub fn scan(root: &Path) -> Vec<(u64, String)> {
 /// A `--cgroup` argument: a directory of the cgroup2 filesystem (`/sys/fs/cgroup/system.slice`)
 /// or a path below its root as /proc/PID/cgroup shows it (`/system.slice/nginx.service`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CgroupFilter {
+pub(crate) struct CgroupFilter {
     /// The path below the cgroup2 root.
-    pub path: String,
+    pub(crate) path: String,
     /// Its directory.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl CgroupFilter {
-    pub fn parse(arg: &Path, root: &Path) -> Result<CgroupFilter> {
+    pub(crate) fn parse(arg: &Path, root: &Path) -> Result<CgroupFilter> {
         let dir = if arg.starts_with(root) {
             arg.to_path_buf()
         } else {
@@ -292,7 +288,7 @@ impl CgroupFilter {
     }
 
     /// The ids of this cgroup and every cgroup below it now.
-    pub fn ids(&self) -> Vec<u64> {
+    pub(crate) fn ids(&self) -> Vec<u64> {
         scan(&self.dir).into_iter().map(|(id, _)| id).collect()
     }
 }

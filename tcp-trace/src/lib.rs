@@ -22,7 +22,7 @@ pub mod model;
 pub(crate) mod owners;
 pub mod peer;
 pub mod pipeline;
-pub mod progstats;
+pub(crate) mod progstats;
 pub mod record;
 pub mod replay;
 pub mod report;

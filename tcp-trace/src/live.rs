@@ -89,12 +89,12 @@ pub struct ResetsOptions {
 }
 
 /// Everything that must hold before anything is loaded; errors name the problem and the fix.
-pub struct Prepared {
-    pub facts: KernelFacts,
-    pub release: String,
+pub(crate) struct Prepared {
+    pub(crate) facts: KernelFacts,
+    pub(crate) release: String,
 }
 
-pub fn prepare(pids: &[u32]) -> Result<Prepared> {
+pub(crate) fn prepare(pids: &[u32]) -> Result<Prepared> {
     kernel::Privileges::current().require()?;
     for pid in pids {
         kernel::check_pid(*pid)?;
@@ -113,7 +113,7 @@ pub fn prepare(pids: &[u32]) -> Result<Prepared> {
 }
 
 /// Prints the attach report: which hooks work and, by name, which do not and why.
-pub fn report_hooks(hooks: &[HookStatus], backend: Backend, release: &str) {
+pub(crate) fn report_hooks(hooks: &[HookStatus], backend: Backend, release: &str) {
     let attached: Vec<_> = hooks.iter().filter(|h| h.attached()).collect();
     eprintln!(
         "tcp-trace: kernel {release}, backend {backend}: {}/{} hooks attached",
@@ -143,7 +143,7 @@ pub fn report_hooks(hooks: &[HookStatus], backend: Backend, release: &str) {
 }
 
 /// What the user cannot see without the given hooks (each blind spot once, in registry order).
-pub fn blind_spots(missing: &[AnyHook]) -> String {
+pub(crate) fn blind_spots(missing: &[AnyHook]) -> String {
     let mut lost: Vec<&str> = Vec::new();
     for hook in missing {
         let text = hook.blind_spot();
@@ -516,7 +516,7 @@ fn report_resets<W: Write>(
 }
 
 /// The header key under which recordings keep the kernel version the model should use.
-pub const KERNEL_VERSION_KEY: &str = "kernel.version";
+pub(crate) const KERNEL_VERSION_KEY: &str = "kernel.version";
 
 /// Where the events go: printed (and joined into flows), or written to a recording.
 enum Sink {

@@ -79,9 +79,9 @@ fn wait_readable(stream: &TcpStream, n: usize) -> Result<()> {
 }
 
 pub const REQUEST: &[u8] = b"GET /teardown\n";
-pub const RESPONSE: &[u8] = b"200 bye\n";
+pub(crate) const RESPONSE: &[u8] = b"200 bye\n";
 
-pub fn serve(listen: SocketAddr, teardown: Teardown) -> Result<()> {
+pub(crate) fn serve(listen: SocketAddr, teardown: Teardown) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
@@ -113,7 +113,7 @@ pub fn serve(listen: SocketAddr, teardown: Teardown) -> Result<()> {
     Ok(())
 }
 
-pub fn connect(to: SocketAddr, close_first: bool) -> Result<()> {
+pub(crate) fn connect(to: SocketAddr, close_first: bool) -> Result<()> {
     let mut stream = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
     println!("connected {}", stream.local_addr()?.port());
     std::io::stdout().flush()?;

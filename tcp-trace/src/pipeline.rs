@@ -59,7 +59,7 @@ pub fn with_sysctls(base: ModelParams, settings: &BTreeMap<String, String>) -> M
 
 /// The model's parameters in a namespace a recording describes: the kernel `version` (with
 /// what `facts` detected), that namespace's sysctls and the socket facts the recorder knew.
-pub fn netns_params(version: &str, facts: &KernelFacts, settings: &NetnsSettings) -> ModelParams {
+pub(crate) fn netns_params(version: &str, facts: &KernelFacts, settings: &NetnsSettings) -> ModelParams {
     let mut params = model_params(version, &settings.sysctls).with_detected(facts.detected());
     if let Some(secs) = settings.tcp_linger2_secs {
         params.tcp_linger2_secs = secs;
@@ -138,11 +138,11 @@ fn container_note(cgroup: Option<&Identity>) -> String {
 
 /// Sizes of the pipeline's tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Held {
-    pub flows: usize,
-    pub buffered_events: usize,
-    pub reset_histories: usize,
-    pub owners: usize,
+pub(crate) struct Held {
+    pub(crate) flows: usize,
+    pub(crate) buffered_events: usize,
+    pub(crate) reset_histories: usize,
+    pub(crate) owners: usize,
 }
 
 pub struct Pipeline<W: Write> {
@@ -160,18 +160,18 @@ pub struct Pipeline<W: Write> {
     divergent: Vec<String>,
     resets: ResetTracker,
     resets_view: ResetsView,
-    pub events: u64,
-    pub lost: u64,
-    pub malformed: u64,
+    pub(crate) events: u64,
+    pub(crate) lost: u64,
+    pub(crate) malformed: u64,
     /// Symbolizes close() call stacks (live only: the process must still exist).
-    pub stacks: Option<crate::stacks::StackResolver>,
+    pub(crate) stacks: Option<crate::stacks::StackResolver>,
     /// `--metrics`: counted from the same events, flows and resets as the output.
-    pub metrics: Option<Arc<crate::report::metrics::Metrics>>,
+    pub(crate) metrics: Option<Arc<crate::report::metrics::Metrics>>,
     /// Owners' cgroup ids to container identities (resolves nothing in replay).
-    pub cgroups: Cgroups,
+    pub(crate) cgroups: Cgroups,
     /// Reads each network namespace's sysctls (live only: the namespaces must still exist), so
     /// that its flows are judged with them.
-    pub netns_sysctls: Option<NetnsSysctls>,
+    pub(crate) netns_sysctls: Option<NetnsSysctls>,
     /// The parameters given to [`Pipeline::new`], which a namespace's own sysctls override.
     params: ModelParams,
     /// Namespaces whose parameters are settled.
@@ -223,21 +223,21 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Shows reset diagnoses as `view` says (default: inline).
-    pub fn set_resets_view(&mut self, view: ResetsView) {
+    pub(crate) fn set_resets_view(&mut self, view: ResetsView) {
         self.resets_view = view;
     }
 
     /// The reset diagnoses' tracker: tallies, summary, the counting window.
-    pub fn resets(&self) -> &ResetTracker {
+    pub(crate) fn resets(&self) -> &ResetTracker {
         &self.resets
     }
 
-    pub fn resets_mut(&mut self) -> &mut ResetTracker {
+    pub(crate) fn resets_mut(&mut self) -> &mut ResetTracker {
         &mut self.resets
     }
 
     /// Wall-clock ns of a CLOCK_MONOTONIC time.
-    pub fn wall_ns(&self, mono: u64) -> u64 {
+    pub(crate) fn wall_ns(&self, mono: u64) -> u64 {
         self.wall(mono)
     }
 
@@ -348,7 +348,7 @@ impl<W: Write> Pipeline<W> {
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading
     /// counts, unchanged ones too: a loss is placed after the last reading without it. A `lost`
     /// line is printed only when the counter grew.
-    pub fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
+    pub(crate) fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
         let new = total.saturating_sub(self.lost);
         self.lost = total;
         self.flows.note_lost(ts_ns, total);
@@ -441,7 +441,7 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Releases flows that ended before `now_ns` (CLOCK_MONOTONIC, less the reorder window).
-    pub fn tick(&mut self, now_ns: u64) -> Result<()> {
+    pub(crate) fn tick(&mut self, now_ns: u64) -> Result<()> {
         for r in self.flows.advance(now_ns) {
             self.flow_done(r)?;
         }
@@ -481,7 +481,7 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// What the pipeline holds in memory now (all bounded; see `many_short_flows_keep_memory_bounded`).
-    pub fn held(&self) -> Held {
+    pub(crate) fn held(&self) -> Held {
         Held {
             flows: self.flows.live_flows(),
             buffered_events: self.flows.buffered_events(),
@@ -495,11 +495,11 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// The summary table (text mode): per hook, how it was attached and how many events came.
-    pub fn summary_table(&self, hooks: &[HookStatus]) -> String {
+    pub(crate) fn summary_table(&self, hooks: &[HookStatus]) -> String {
         tables::summary(hooks, &self.counts, &self.verdicts, self.resets.by_cause())
     }
 
-    pub fn diverged(&self) -> bool {
+    pub(crate) fn diverged(&self) -> bool {
         !self.divergent.is_empty()
     }
 }

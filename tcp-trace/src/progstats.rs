@@ -20,7 +20,7 @@ struct InfoAttr {
 
 /// A program's recursion misses, or `None` when the kernel does not tell (before 5.12 the
 /// returned info is shorter than the field).
-pub fn recursion_misses(prog: &impl AsFd) -> Option<u64> {
+pub(crate) fn recursion_misses(prog: &impl AsFd) -> Option<u64> {
     let mut info = [0u8; PROG_INFO_LEN];
     let mut attr = InfoAttr {
         bpf_fd: prog.as_fd().as_raw_fd() as u32,
@@ -46,7 +46,7 @@ pub fn recursion_misses(prog: &impl AsFd) -> Option<u64> {
 }
 
 /// The sum of the recursion misses of every loaded program.
-pub fn total_recursion_misses(ebpf: &aya::Ebpf) -> u64 {
+pub(crate) fn total_recursion_misses(ebpf: &aya::Ebpf) -> u64 {
     ebpf.programs()
         .filter_map(|(_, p)| p.fd().ok())
         .filter_map(recursion_misses)
@@ -55,7 +55,7 @@ pub fn total_recursion_misses(ebpf: &aya::Ebpf) -> u64 {
 
 /// The ring buffer's consumer and producer pages, mapped read-only (the kernel allows that on
 /// any part of the mapping; only the consumer page may be mapped writable).
-pub struct RingFill {
+pub(crate) struct RingFill {
     base: *mut libc::c_void,
     page: usize,
     size: u64,
@@ -64,7 +64,7 @@ pub struct RingFill {
 impl RingFill {
     /// Maps the positions of the ring buffer `ring` of `size` bytes; `None` if the kernel
     /// refuses.
-    pub fn new(ring: &impl AsFd, size: u32) -> Option<Self> {
+    pub(crate) fn new(ring: &impl AsFd, size: u32) -> Option<Self> {
         let page = crate::attach::page_size() as usize;
         // SAFETY: a fresh read-only shared mapping of the map's first two pages; the kernel
         // checks the range.
@@ -89,7 +89,7 @@ impl RingFill {
     }
 
     /// Bytes written by the programs and not yet consumed, over the ring's size.
-    pub fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         // SAFETY: both positions are u64s at the start of their pages, inside the mapping; the
         // kernel updates them concurrently, so they are read volatile.
         let (consumer, producer) = unsafe {

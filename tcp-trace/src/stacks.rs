@@ -17,16 +17,16 @@ use serde::{Deserialize, Serialize};
 
 /// One frame of a user call stack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Frame {
-    pub addr: u64,
-    pub function: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
+pub(crate) struct Frame {
+    pub(crate) addr: u64,
+    pub(crate) function: Option<String>,
+    pub(crate) file: Option<String>,
+    pub(crate) line: Option<u32>,
 }
 
 impl Frame {
     /// `function (file:line)`, as much as is known.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let function = self
             .function
             .clone()
@@ -72,7 +72,7 @@ pub(crate) fn with_leaf_caller(mut addrs: Vec<u64>, ret: u64) -> Vec<u64> {
     addrs
 }
 
-pub struct StackResolver {
+pub(crate) struct StackResolver {
     map: StackTraceMap<MapData>,
     normalizer: Normalizer,
     symbolizer: Symbolizer,
@@ -80,7 +80,7 @@ pub struct StackResolver {
 }
 
 impl StackResolver {
-    pub fn new(map: StackTraceMap<MapData>) -> Self {
+    pub(crate) fn new(map: StackTraceMap<MapData>) -> Self {
         Self {
             map,
             // Keep each process's memory map once read: a process that exits right after its
@@ -99,7 +99,7 @@ impl StackResolver {
     /// Addresses are first normalized to (file, offset) through /proc/<pid>/maps, which is
     /// quick, and then symbolized from the files themselves, which can take a while the first
     /// time (DWARF) but no longer needs the process: short-lived programs still get names.
-    pub fn resolve(&mut self, pid: u32, id: u32, ret: u64) -> Vec<Frame> {
+    pub(crate) fn resolve(&mut self, pid: u32, id: u32, ret: u64) -> Vec<Frame> {
         if id == 0 {
             return Vec::new();
         }

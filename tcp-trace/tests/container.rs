@@ -4,25 +4,23 @@
 //! tracer filters on the cgroup, another on the namespace; each must see exactly its part, and
 //! the events, flows and resets must carry the cgroup's path.
 //!
-//! Needs root (BPF, namespaces, cgroups): outside CI skipped with a note, in CI a failure.
+//! Needs root (BPF, namespaces, cgroups): #[ignore]d unless run with --include-ignored, and then
+//! it fails if it cannot run.
 
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::Duration,
 };
 
+use common::{Connection, Tracer, free_ports, owner_pid, peer::Side};
 use serde_json::Value;
 use tcp_trace::validate::netns::Netns;
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 /// A cgroup made for the test, removed at the end.
 struct TestCgroup {
@@ -78,97 +76,23 @@ fn in_cgroup(cmd: &mut Command, procs: &Path) {
     }
 }
 
-struct Tracer {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Tracer {
-    fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(BIN)
-            .args(["--json", "--duration", "120s"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn tcp-trace");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("tcp-trace printed nothing within 60 s");
-        assert!(first.contains("\"type\":\"start\""), "{first}");
-        Tracer { child, lines: rx }
-    }
-
-    fn stop(mut self) -> Vec<Value> {
-        thread::sleep(Duration::from_millis(300));
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        assert!(self.child.wait().unwrap().success());
-        let mut out = Vec::new();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            out.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}")));
-        }
-        out
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A server (closing with the request unread: RST) in `cgroup`, and its client in the caller's
-/// cgroup, both in `ns` (or the host's namespace). Returns (server pid, client pid).
-fn connection(ns: Option<&Netns>, cgroup: &TestCgroup, port: u16) -> (u32, u32) {
-    let spawn = |args: Vec<String>, in_cg: bool| -> Child {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("peer").args(&args).stdout(Stdio::piped());
-        if in_cg {
+/// cgroup, both in `ns` (or the host's namespace).
+fn connection(ns: Option<&Netns>, cgroup: &TestCgroup, port: u16) -> Connection {
+    let listen = format!("127.0.0.1:{port}");
+    Connection::run_with(&listen, &listen, "unread", |mut cmd, side| {
+        if side == Side::Server {
             in_cgroup(&mut cmd, &cgroup.dir.join("cgroup.procs"));
         }
         match ns {
             Some(ns) => ns.run(move || Ok(cmd.spawn()?)).unwrap(),
             None => cmd.spawn().unwrap(),
         }
-    };
-    let listen = format!("127.0.0.1:{port}");
-    let mut server = spawn(
-        vec![
-            "serve".into(),
-            "--listen".into(),
-            listen.clone(),
-            "--teardown".into(),
-            "unread".into(),
-        ],
-        true,
-    );
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), format!("listening {port}"));
-    let client = spawn(vec!["connect".into(), "--to".into(), listen], false);
-    let cpid = client.id();
-    assert!(client.wait_with_output().unwrap().status.success());
-    let spid = server.id();
-    assert!(server.wait().unwrap().success());
-    (spid, cpid)
-}
-
-fn owner_pid(v: &Value) -> Option<u64> {
-    v["owner"]["pid"].as_u64()
+    })
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn cgroup_and_netns_filters_and_identity() {
     if !common::bpf_allowed() {
         return;
@@ -180,7 +104,7 @@ fn cgroup_and_netns_filters_and_identity() {
         .run(|| Ok(Command::new("sleep").arg("120").spawn()?))
         .unwrap();
     let ns_path = format!("/proc/{}/ns/net", holder.id());
-    let (p1, p2) = (free_port(), free_port());
+    let [p1, p2] = free_ports();
     let ports = [
         "--port".to_string(),
         p1.to_string(),
@@ -192,27 +116,33 @@ fn cgroup_and_netns_filters_and_identity() {
     let by_cgroup = Tracer::start(&[&["--cgroup", &cgroup.path][..], &port_args].concat());
     let by_netns = Tracer::start(&[&["--netns", ns_path.as_str()][..], &port_args].concat());
     // In the namespace: server in the cgroup, client not.
-    let (server_ns, client_ns) = connection(Some(&ns), &cgroup, p1);
+    let in_ns = connection(Some(&ns), &cgroup, p1);
+    let (server_ns, client_ns) = (in_ns.server_pid, in_ns.client_pid);
     // In the host's namespace: server in the cgroup, client not.
-    let (server_host, client_host) = connection(None, &cgroup, p2);
-    let seen_cg = by_cgroup.stop();
-    let seen_ns = by_netns.stop();
+    let in_host = connection(None, &cgroup, p2);
+    let (server_host, client_host) = (in_host.server_pid, in_host.client_pid);
+    // Their filters keep a marker of this process out: the last sockets each must show are
+    // the host server's (in the cgroup) and the whole connection in the namespace.
+    let seen_cg = by_cgroup.stop_after_sockets(&in_host.server_sockets());
+    let seen_ns = by_netns.stop_after_sockets(&in_ns.sockets());
+    assert_eq!((seen_cg.code, seen_ns.code), (Some(0), Some(0)));
+    let (seen_cg, seen_ns) = (seen_cg.lines, seen_ns.lines);
     let _ = holder.kill();
     let _ = holder.wait();
 
     // --cgroup: only sockets owned by the two servers, each event and flow naming the cgroup.
     let events: Vec<&Value> = seen_cg.iter().filter(|v| v["type"] == "event").collect();
-    let owners: std::collections::BTreeSet<u64> =
+    let owners: std::collections::BTreeSet<u32> =
         events.iter().filter_map(|v| owner_pid(v)).collect();
-    assert!(owners.contains(&(server_ns as u64)), "{owners:?}");
-    assert!(owners.contains(&(server_host as u64)), "{owners:?}");
+    assert!(owners.contains(&server_ns), "{owners:?}");
+    assert!(owners.contains(&server_host), "{owners:?}");
     for v in seen_cg
         .iter()
         .filter(|v| matches!(v["type"].as_str(), Some("event" | "flow" | "reset")))
     {
         let owner = owner_pid(v);
         assert!(
-            owner != Some(client_ns as u64) && owner != Some(client_host as u64),
+            owner != Some(client_ns) && owner != Some(client_host),
             "--cgroup let a client's socket through: {v}"
         );
         assert_eq!(v["cgroup"]["path"], cgroup.path.as_str(), "{v}");
@@ -231,19 +161,19 @@ fn cgroup_and_netns_filters_and_identity() {
 
     // --netns: both ends of the connection in the namespace, nothing of the host's.
     let events: Vec<&Value> = seen_ns.iter().filter(|v| v["type"] == "event").collect();
-    let owners: std::collections::BTreeSet<u64> =
+    let owners: std::collections::BTreeSet<u32> =
         events.iter().filter_map(|v| owner_pid(v)).collect();
-    assert!(owners.contains(&(server_ns as u64)), "{owners:?}");
-    assert!(owners.contains(&(client_ns as u64)), "{owners:?}");
-    assert!(!owners.contains(&(server_host as u64)), "{owners:?}");
-    assert!(!owners.contains(&(client_host as u64)), "{owners:?}");
+    assert!(owners.contains(&server_ns), "{owners:?}");
+    assert!(owners.contains(&client_ns), "{owners:?}");
+    assert!(!owners.contains(&server_host), "{owners:?}");
+    assert!(!owners.contains(&client_host), "{owners:?}");
     for v in &events {
         assert_eq!(v["netns"], ns.inode, "{v}");
     }
     // The client is in the test's own cgroup: its events carry that one, not the server's.
     let client_ev = events
         .iter()
-        .find(|v| owner_pid(v) == Some(client_ns as u64))
+        .find(|v| owner_pid(v) == Some(client_ns))
         .unwrap();
     assert_ne!(
         client_ev["cgroup"]["path"],

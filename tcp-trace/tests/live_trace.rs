@@ -4,243 +4,73 @@
 //! These need root (BPF): they are #[ignore]d unless run with --include-ignored (as
 //! `cargo xtask test` does as root or in CI), and then fail if they cannot run.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread,
-    time::{Duration, Instant},
-};
+use std::process::Command;
 
-use common::bpf_allowed;
+use common::{BIN, Connection, Listening, Stopped, Tracer, bpf_allowed, free_port, port_of};
 use serde_json::Value;
 
 mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
-
-struct Tracer {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    port: u16,
-    /// Started with `--pid`: a marker connection from this process would not be printed.
-    pid_filtered: bool,
-    /// The hooks its start line says are attached (registry names).
-    attached: Vec<String>,
+/// Starts `tcp-trace --json --port PORT EXTRA` and checks its start line: the tracepoints are
+/// attached.
+fn start_tracer(port: u16, extra: &[&str]) -> Tracer {
+    let port = port.to_string();
+    let tracer = Tracer::start(&[&["--port", port.as_str()][..], extra].concat());
+    let hooks = tracer.start["hooks"].as_array().unwrap();
+    for tp in [
+        "sock:inet_sock_set_state",
+        "tcp:tcp_send_reset",
+        "tcp:tcp_receive_reset",
+    ] {
+        let h = hooks.iter().find(|h| h["hook"] == tp).unwrap();
+        assert!(
+            !h["mechanism"].is_null(),
+            "tracepoint {tp} did not attach: {h}"
+        );
+    }
+    tracer
 }
 
-impl Tracer {
-    /// Starts `tcp-trace --json --port P` and waits until it reports its hooks attached.
-    fn start(port: u16, extra: &[&str]) -> Tracer {
-        let mut child = Command::new(BIN)
-            .args(["--json", "--duration", "60s", "--port", &port.to_string()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tcp-trace");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("tcp-trace printed nothing within 60 s");
-        let start: Value = serde_json::from_str(&first).expect("first line is JSON");
-        assert_eq!(start["type"], "start", "{first}");
-        let hooks = start["hooks"].as_array().unwrap();
-        for tp in [
-            "sock:inet_sock_set_state",
-            "tcp:tcp_send_reset",
-            "tcp:tcp_receive_reset",
-        ] {
-            let h = hooks.iter().find(|h| h["hook"] == tp).unwrap();
-            assert!(
-                !h["mechanism"].is_null(),
-                "tracepoint {tp} did not attach: {h}"
-            );
-        }
-        Tracer {
-            child,
-            lines: rx,
-            port,
-            pid_filtered: extra.contains(&"--pid"),
-            attached: hooks
-                .iter()
-                .filter(|h| !h["mechanism"].is_null())
-                .filter_map(|h| h["hook"].as_str().map(str::to_string))
-                .collect(),
-        }
-    }
-
-    /// Stops the tracer with SIGINT (as Ctrl-C does) once it has printed a marker connection
-    /// made after the test's own (so every event before it was read), and returns every event it
-    /// printed but the marker's.
-    fn stop(mut self) -> (Vec<Value>, Vec<String>) {
-        let me = std::process::id();
-        // The marker's sockets (its listener too) are this process's.
-        let is_marker =
-            |v: &Value| v["owner"]["pid"] == me || (v["owner"].is_null() && v["pid"] == me);
-        let parse = |line: &str| -> Value {
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
-        };
-        let mut printed = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut marker_ends = 0;
-        if self.pid_filtered {
-            // Only the filtered process's events come: let its last ones reach the ring.
-            thread::sleep(Duration::from_millis(300));
-            marker_ends = 2;
-        } else {
-            marker_connection(self.port);
-        }
-        while marker_ends < 2 {
-            let line = self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("tcp-trace printed the marker connection's end within 60 s");
-            let v = parse(&line);
-            // The accepted socket and the client: the listener may go before them.
-            if v["type"] == "event"
-                && v["hook"] == "tcp_destroy_sock"
-                && is_marker(&v)
-                && v["remote"].as_str().is_some_and(|r| !r.ends_with(":0"))
-            {
-                marker_ends += 1;
-            }
-            printed.push(v);
-        }
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            printed.push(parse(&line));
-        }
-        let mut all_events = 0;
-        let mut events = Vec::new();
-        let mut summary = None;
-        for v in printed {
-            match v["type"].as_str() {
-                Some("event") => {
-                    all_events += 1;
-                    if !is_marker(&v) {
-                        events.push(v);
-                    }
-                }
-                Some("summary") => summary = Some(v),
-                _ => {}
-            }
-        }
-        assert!(status.success(), "tcp-trace exited with {status}");
-        let summary = summary.expect("a summary line at exit");
-        assert_eq!(summary["lost"], 0, "events were lost: {summary}");
-        assert_eq!(summary["events"].as_u64().unwrap() as usize, all_events);
-        (events, self.attached)
-    }
+/// The events a stopped tracer printed (the marker's left out), once it is checked: it exited
+/// successfully, lost nothing, and printed as many events as its summary counts.
+fn events_of(out: &Stopped) -> Vec<Value> {
+    assert_eq!(out.code, Some(0), "tcp-trace's exit status");
+    let summary = out.summary();
+    assert_eq!(summary["lost"], 0, "events were lost: {summary}");
+    assert_eq!(
+        summary["events"].as_u64().unwrap() as usize,
+        out.events_printed()
+    );
+    out.events().into_iter().cloned().collect()
 }
 
-/// A connection to `port` from this process (its own listener: the test's server is gone),
-/// closed by the server first; returns its client port. Its end, printed, shows the tracer has
-/// read everything the kernel wrote before it.
-fn marker_connection(port: u16) -> u16 {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the marker's listener");
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the marker");
-    let client_port = client.local_addr().unwrap().port();
-    let (server, _) = listener.accept().unwrap();
-    drop(server);
-    let mut buf = [0u8; 1];
-    // EOF: the server's FIN arrived; then the client closes too.
-    let _ = std::io::Read::read(&mut client, &mut buf);
-    drop(client);
-    client_port
-}
-
-struct Peer {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Peer {
-    fn spawn(args: &[&str]) -> Peer {
-        let mut child = Command::new(BIN)
-            .arg("peer")
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn peer");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Peer { child, out }
-    }
-
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.out.read_line(&mut s).unwrap();
-        s.trim().to_string()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn finish(mut self) -> String {
-        let last = self.line();
-        assert!(self.child.wait().unwrap().success());
-        last
-    }
-}
-
-/// Runs one server (that ends the connection as `teardown` says) and one client, each in its own
-/// process, under the tracer. Returns (events, server pid, client pid, client port).
 /// What [`run_pair`] saw: the events, the server's and client's pids and ports, and the hooks
 /// attached.
 type Pair = (Vec<Value>, u32, u32, u16, u16, Vec<String>);
 
-fn run_pair(teardown: &str, client_args: &[&str]) -> Pair {
-    let port = common::free_port();
-    let tracer = Tracer::start(port, &[]);
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut server = Peer::spawn(&[
-        "serve",
-        "--listen",
-        &listen.to_string(),
-        "--teardown",
-        teardown,
-    ]);
-    assert_eq!(server.line(), format!("listening {port}"));
-    let mut args = vec!["connect", "--to"];
-    let to = listen.to_string();
-    args.push(&to);
-    args.extend_from_slice(client_args);
-    let mut client = Peer::spawn(&args);
-    let connected = client.line();
-    let client_port: u16 = connected
-        .strip_prefix("connected ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let (spid, cpid) = (server.pid(), client.pid());
-    assert_eq!(server.finish(), "done");
-    let client_said = client.finish();
-    assert!(client_said.starts_with("done"), "{client_said}");
-    let (events, attached) = tracer.stop();
-    (events, spid, cpid, port, client_port, attached)
-}
-
-fn local_port(e: &Value) -> Option<u16> {
-    e["local"].as_str()?.rsplit(':').next()?.parse().ok()
+/// Runs one server (that ends the connection as `teardown` says) and one client, each in its own
+/// process, under the tracer, stopped after its marker.
+fn run_pair(teardown: &str) -> Pair {
+    let port = free_port();
+    let tracer = start_tracer(port, &[]);
+    let attached = tracer.attached();
+    let c = Connection::on_loopback(port, teardown);
+    let events = events_of(&tracer.stop());
+    (
+        events,
+        c.server_pid,
+        c.client_pid,
+        port,
+        c.client_port,
+        attached,
+    )
 }
 
 /// Events of one end: its local port.
 fn side(events: &[Value], port: u16) -> Vec<&Value> {
     events
         .iter()
-        .filter(|e| local_port(e) == Some(port))
+        .filter(|e| port_of(&e["local"]) == Some(port))
         .collect()
 }
 
@@ -300,7 +130,7 @@ fn clean_active_close_by_the_server() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, cpid, port, cport, attached) = run_pair("clean", &[]);
+    let (events, spid, cpid, port, cport, attached) = run_pair("clean");
     let server = side(&events, port);
     let server: Vec<_> = server
         .into_iter()
@@ -354,7 +184,7 @@ fn close_with_unread_data_sends_rst() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, cpid, port, cport, attached) = run_pair("unread", &[]);
+    let (events, spid, cpid, port, cport, attached) = run_pair("unread");
     let server = side(&events, port);
     let client = side(&events, cport);
     assert!(
@@ -395,7 +225,7 @@ fn linger_zero_close_sends_rst() {
     if !bpf_allowed() {
         return;
     }
-    let (events, spid, _cpid, port, cport, attached) = run_pair("linger0", &[]);
+    let (events, spid, _cpid, port, cport, attached) = run_pair("linger0");
     let server = side(&events, port);
     let client = side(&events, cport);
     assert!(
@@ -408,6 +238,13 @@ fn linger_zero_close_sends_rst() {
         .unwrap_or_else(|| panic!("no RST from the server: {server:?}"));
     assert_eq!(rst["rst_active"], true);
     assert_eq!(rst["owner"]["pid"], spid, "{rst}");
+    // close() with SO_LINGER {on, 0} disconnects: tcp_disconnect() resets an ESTABLISHED
+    // socket for its state.
+    assert_eq!(
+        rst["rst_reason"],
+        expected_active_reason(tcp_trace::model::RstReason::TcpState),
+        "this kernel's reason for a linger-0 close(): {rst}"
+    );
     assert!(client.iter().any(|e| e["hook"] == "tcp_receive_reset"));
     assert!(
         !server.iter().any(|e| e["new_state"] == "FIN_WAIT1"),
@@ -429,23 +266,20 @@ fn pid_filter_keeps_only_that_process() {
     if !bpf_allowed() {
         return;
     }
-    // Two clients, traced with --pid of the server: only server-owned sockets may appear.
-    let port = common::free_port();
+    // A client, traced with --pid of the server: only server-owned sockets may appear.
+    let server = Listening::serve("127.0.0.1:0", "clean");
+    let port = server.port;
     let listen = format!("127.0.0.1:{port}");
-    let mut server = Peer::spawn(&["serve", "--listen", &listen, "--teardown", "clean"]);
-    assert_eq!(server.line(), format!("listening {port}"));
     let spid = server.pid().to_string();
-    let tracer = Tracer::start(port, &["--pid", &spid]);
-    let mut client = Peer::spawn(&["connect", "--to", &listen]);
-    client.line();
-    assert_eq!(server.finish(), "done");
-    client.finish();
-    let (events, _) = tracer.stop();
+    let tracer = start_tracer(port, &["--pid", &spid]);
+    let c = server.connect(&listen);
+    // --pid keeps the marker out: the server's end and its listener are the last it prints.
+    let events = events_of(&tracer.stop_after_sockets(&c.server_sockets()));
     assert!(!events.is_empty(), "nothing traced for the server");
     for e in &events {
         assert_eq!(e["owner"]["pid"].to_string(), spid, "{e}");
         assert_eq!(
-            local_port(e),
+            port_of(&e["local"]),
             Some(port),
             "a client-side event leaked through: {e}"
         );

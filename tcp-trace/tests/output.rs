@@ -1,45 +1,17 @@
 //! `--output FILE` and logrotate: the JSON stream goes to the file; after the file is renamed
 //! and tcp-trace gets SIGHUP, what follows goes to a new file at the same path, and nothing is
-//! lost or duplicated across the two. Needs root (BPF).
+//! lost or duplicated across the two. Needs root (BPF): #[ignore]d unless run with
+//! --include-ignored, and then it fails if it cannot run.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+use common::{Connection, Tracer, free_ports, port_of, tracer::Stdout};
 use serde_json::Value;
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn connection(port: u16) {
-    let listen = format!("127.0.0.1:{port}");
-    let mut server = Command::new(BIN)
-        .args(["peer", "serve", "--listen", &listen, "--teardown", "clean"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let client = Command::new(BIN)
-        .args(["peer", "connect", "--to", &listen])
-        .output()
-        .unwrap();
-    assert!(client.status.success());
-    assert!(server.wait().unwrap().success());
-}
 
 fn lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -51,7 +23,6 @@ fn lines(path: &std::path::Path) -> Vec<Value> {
 
 /// How many flows in `v` have `port` at either end.
 fn flows_on(v: &[Value], port: u16) -> usize {
-    let port_of = |a: &Value| -> Option<u16> { a.as_str()?.rsplit(':').next()?.parse().ok() };
     v.iter()
         .filter(|v| v["type"] == "flow")
         .filter(|v| {
@@ -75,6 +46,7 @@ fn wait_flow(path: &std::path::Path, port: u16) {
 }
 
 #[test]
+#[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn output_file_is_reopened_on_sighup() {
     if !common::bpf_allowed() {
         return;
@@ -84,32 +56,22 @@ fn output_file_is_reopened_on_sighup() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("trace.json");
     let rotated = dir.join("trace.json.1");
-    let (a, b) = (free_port(), free_port());
-    let mut tracer = Command::new(BIN)
-        .args(["--json", "--view", "flows", "--duration", "120s"])
-        .args(["--port", &a.to_string(), "--port", &b.to_string()])
-        .arg("--output")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("tracing; Ctrl-C") {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "tcp-trace ended early"
-        );
-    }
-    thread::spawn(move || for _ in err.lines() {});
+    let [a, b] = free_ports();
+    let (a_arg, b_arg) = (a.to_string(), b.to_string());
+    let path_arg = path.to_str().expect("a UTF-8 temporary path");
+    let tracer = Tracer::spawn(
+        &[
+            "--json", "--view", "flows", "--port", &a_arg, "--port", &b_arg, "--output", path_arg,
+        ],
+        Stdout::Nothing,
+        None,
+    );
 
-    connection(a);
+    Connection::on_loopback(a, "clean");
     wait_flow(&path, a);
     // What logrotate does: rename, then SIGHUP.
     std::fs::rename(&path, &rotated).unwrap();
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGHUP) };
+    tracer.signal(libc::SIGHUP);
     let start = Instant::now();
     while !path.exists() {
         assert!(
@@ -118,13 +80,16 @@ fn output_file_is_reopened_on_sighup() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    connection(b);
+    Connection::on_loopback(b, "clean");
     wait_flow(&path, b);
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
-    assert!(tracer.wait().unwrap().success());
-    let mut printed = String::new();
-    std::io::Read::read_to_string(&mut tracer.stdout.take().unwrap(), &mut printed).unwrap();
-    assert_eq!(printed, "", "--output still printed to stdout");
+    // Its output is in the file, awaited there: stopped without a marker.
+    let out = tracer.stop_now(libc::SIGINT);
+    assert_eq!(out.code, Some(0), "tcp-trace's exit status");
+    assert_eq!(
+        out.stdout,
+        Vec::<String>::new(),
+        "--output still printed to stdout"
+    );
 
     let (old, new) = (lines(&rotated), lines(&path));
     assert_eq!(old[0]["type"], "start", "{old:?}");

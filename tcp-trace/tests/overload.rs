@@ -11,23 +11,20 @@
 //! `OVERLOAD_DUMP=FILE` keeps the overload tracer's output for a look after a failure.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::bpf_allowed;
+use common::{Peer, Tracer, bpf_allowed, free_port, free_ports, port_of};
 use serde_json::Value;
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 /// One or two pages: about 44 events of 184 bytes.
 const TINY_BUFFER: &str = "8K";
@@ -42,129 +39,11 @@ const PAUSE: Duration = Duration::from_millis(250);
 /// Connections tried after the burst until one comes through whole, and how long each may take.
 const MARKERS: usize = 40;
 const MARKER_PATIENCE: Duration = Duration::from_secs(3);
-/// How long to wait for something the tracer must print before calling it a hang.
-const HANG: Duration = Duration::from_secs(120);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn port_of(addr: &Value) -> Option<u16> {
-    addr.as_str()?.rsplit(':').next()?.parse().ok()
-}
-
-/// `tcp-trace --json` with its output collected by a thread, so the test can wait on it.
-struct Tracer {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    lost_reported: Arc<AtomicBool>,
-    reader: thread::JoinHandle<()>,
-}
-
-impl Tracer {
-    fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(BIN)
-            .args(["--json", "--duration", "10m"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tcp-trace");
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let lost_reported = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let lines = lines.clone();
-            let lost = lost_reported.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let v: Value =
-                        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-                    if v["type"] == "lost" {
-                        lost.store(true, Ordering::SeqCst);
-                    }
-                    lines.lock().unwrap().push(v);
-                }
-            })
-        };
-        let tracer = Tracer {
-            child,
-            lines,
-            lost_reported,
-            reader,
-        };
-        tracer.wait_for("the start line", |v| v["type"] == "start");
-        tracer
-    }
-
-    /// Whether the tracer printed a line that `want` accepts within `patience`.
-    fn printed(&self, patience: Duration, want: impl Fn(&Value) -> bool) -> bool {
-        let started = Instant::now();
-        let mut seen = 0;
-        loop {
-            {
-                let lines = self.lines.lock().unwrap();
-                if lines[seen..].iter().any(&want) {
-                    return true;
-                }
-                seen = lines.len();
-            }
-            if started.elapsed() > patience {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits until the tracer printed a line that `want` accepts.
-    fn wait_for(&self, what: &str, want: impl Fn(&Value) -> bool) {
-        if !self.printed(HANG, want) {
-            let lines = self.lines.lock().unwrap();
-            let head: Vec<String> = lines.iter().take(40).map(|l| l.to_string()).collect();
-            panic!(
-                "tcp-trace did not print {what} (hung?); it printed {} lines, first:\n{}",
-                lines.len(),
-                head.join("\n")
-            );
-        }
-    }
-
-    /// Whether the tracer printed, within `patience`, both ends' socket destruction for the
-    /// connection from `client_port` to `server_port`: then all of it came through.
-    fn printed_connection(&self, patience: Duration, server_port: u16, client_port: u16) -> bool {
-        [(client_port, server_port), (server_port, client_port)]
-            .into_iter()
-            .all(|(local, remote)| {
-                self.printed(patience, |v| {
-                    v["type"] == "event"
-                        && v["hook"] == "tcp_destroy_sock"
-                        && port_of(&v["local"]) == Some(local)
-                        && port_of(&v["remote"]) == Some(remote)
-                })
-            })
-    }
-
-    /// Waits until the tracer printed all of the connection from `client_port` (see
-    /// [`Tracer::printed_connection`]).
-    fn wait_for_connection(&self, server_port: u16, client_port: u16) {
-        assert!(
-            self.printed_connection(HANG, server_port, client_port),
-            "tcp-trace did not print the end of {client_port} > {server_port} (hung, or its \
-             events were lost)"
-        );
-    }
-
-    /// Stops it with SIGINT (Ctrl-C); returns its exit code and every line it printed.
-    fn stop(mut self) -> (Option<i32>, Vec<Value>) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        self.reader.join().expect("reading the tracer's output");
-        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
-        (status.code(), lines)
-    }
+/// Whether the tracer printed, within `patience`, both ends' socket destruction for the
+/// connection from `client_port` to `server_port`: then all of it came through.
+fn printed_connection(tracer: &Tracer, patience: Duration, server: u16, client: u16) -> bool {
+    tracer.printed_sockets(patience, &[(client, server), (server, client)])
 }
 
 /// A loopback server for the churn. Per connection it waits for the request's first byte:
@@ -257,22 +136,11 @@ fn trickle(tracer: &Tracer, port: u16, n: usize) -> Vec<u16> {
     (0..n)
         .map(|i| {
             let client = connection(port, i % 2 == 1);
-            tracer.wait_for_connection(port, client);
+            tracer.wait_for_sockets(&[(client, port), (port, client)]);
             thread::sleep(PAUSE);
             client
         })
         .collect()
-}
-
-fn of_type<'a>(lines: &'a [Value], t: &str) -> Vec<&'a Value> {
-    lines.iter().filter(|l| l["type"] == t).collect()
-}
-
-fn summary(lines: &[Value]) -> &Value {
-    lines
-        .iter()
-        .find(|l| l["type"] == "summary")
-        .expect("a summary line at exit")
 }
 
 /// The flows of the connection from `client`: both ends (server side and client side).
@@ -312,7 +180,7 @@ fn overload_is_counted_flagged_and_recovered_from() {
             n < BURST_MAX,
             "{n} connections and no loss reported with a {TINY_BUFFER} buffer"
         );
-        n >= BURST_MIN && tracer.lost_reported.load(Ordering::SeqCst)
+        n >= BURST_MIN && tracer.printed_type("lost")
     });
 
     // The rate falls. A marker connection printed whole shows the tracer has drained the burst
@@ -321,7 +189,7 @@ fn overload_is_counted_flagged_and_recovered_from() {
     let markers = (0..MARKERS).position(|_| {
         thread::sleep(PAUSE);
         let marker = connection(port, false);
-        tracer.printed_connection(MARKER_PATIENCE, port, marker)
+        printed_connection(&tracer, MARKER_PATIENCE, port, marker)
     });
     let Some(markers) = markers else {
         panic!("{MARKERS} connections after the burst, none came through whole");
@@ -333,29 +201,29 @@ fn overload_is_counted_flagged_and_recovered_from() {
     thread::sleep(PAUSE);
     let slow = trickle(&tracer, port, SLOW);
     server.stop();
-    let (code, lines) = tracer.stop();
+    let out = tracer.stop();
     if let Ok(path) = std::env::var("OVERLOAD_DUMP") {
-        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let text: Vec<String> = out.lines.iter().map(|l| l.to_string()).collect();
         std::fs::write(path, text.join("\n")).unwrap();
     }
 
     // Counted and reported.
-    let summary = summary(&lines);
+    let summary = out.summary();
     let lost = summary["lost"].as_u64().unwrap();
     assert!(lost > 0, "{burst} connections, nothing lost: {summary}");
-    assert_eq!(code, Some(3), "exit status with events lost: {summary}");
-    let reported = of_type(&lines, "lost");
+    assert_eq!(out.code, Some(3), "exit status with events lost: {summary}");
+    let reported = out.of_type("lost");
     assert!(!reported.is_empty());
     assert_eq!(reported.last().unwrap()["total"], lost, "{summary}");
     assert_eq!(summary["decode_errors"], 0, "{summary}");
     assert_eq!(
         summary["events"].as_u64().unwrap() as usize,
-        of_type(&lines, "event").len()
+        out.events_printed()
     );
 
     // Verdicts: loss makes flows incomplete, never divergent, and a flow judged `conforms`
     // was seen from its set-up on (one whose start was lost must not pass as whole).
-    let flows = of_type(&lines, "flow");
+    let flows = out.flows();
     assert!(!flows.is_empty());
     let mut incomplete = 0;
     for f in &flows {
@@ -386,7 +254,7 @@ fn overload_is_counted_flagged_and_recovered_from() {
     );
     assert!(summary["verdicts"].get("diverges").is_none(), "{summary}");
     // A loss is no evidence of a timeout: nothing on loopback timed out.
-    for r in of_type(&lines, "reset") {
+    for r in out.of_type("reset") {
         assert_ne!(
             r["direction"], "silent",
             "a reset diagnosis invented from a loss: {r}"
@@ -412,7 +280,7 @@ fn port_filter_drops_other_ports_in_the_kernel() {
     if !bpf_allowed() {
         return;
     }
-    let (traced, other) = (free_port(), free_port());
+    let [traced, other] = free_ports();
     let tracer = Tracer::start(&["--port", &traced.to_string(), "--buffer-size", TINY_BUFFER]);
     let traced_server = Server::start(traced);
     let other_server = Server::start(other);
@@ -428,22 +296,22 @@ fn port_filter_drops_other_ports_in_the_kernel() {
     });
     traced_server.stop();
     other_server.stop();
-    let (code, lines) = tracer.stop();
+    let out = tracer.stop();
 
-    let summary = summary(&lines);
+    let summary = out.summary();
     assert_eq!(
         summary["lost"], 0,
         "the filtered churn took ring space: {summary}"
     );
-    assert_eq!(code, Some(0), "{summary}");
-    let events = of_type(&lines, "event");
+    assert_eq!(out.code, Some(0), "{summary}");
+    let events = out.events();
     for e in &events {
         assert!(
             port_of(&e["local"]) == Some(traced) || port_of(&e["remote"]) == Some(traced),
             "an event of another port passed the filter: {e}"
         );
     }
-    let flows = of_type(&lines, "flow");
+    let flows = out.flows();
     for client in slow {
         let both = flows_of(&flows, traced, client);
         assert_eq!(both.len(), 2, "flows of {client}: {both:?}");
@@ -462,16 +330,9 @@ fn pid_filter_drops_other_processes_in_the_kernel() {
     // The traced process: a peer server in its own process, one clean connection to it.
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut peer = Command::new(BIN)
-        .args(["peer", "serve", "--listen", &listen, "--teardown", "clean"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn peer");
-    let mut out = BufReader::new(peer.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), format!("listening {port}"));
-    let peer_pid = peer.id();
+    let mut peer = Peer::spawn(&["serve", "--listen", &listen, "--teardown", "clean"]);
+    assert_eq!(peer.port("listening"), port);
+    let peer_pid = peer.pid();
     // The churn's port is traced too, so that only --pid can keep it out. (Only these ports:
     // sockets whose owner the kernel does not know pass --pid, e.g. the children of a listener
     // older than the tracer, such as other tests' servers.)
@@ -493,25 +354,23 @@ fn pid_filter_drops_other_processes_in_the_kernel() {
     churn(other, |n| n >= BURST_MIN);
     other_server.stop();
     let mut client = TcpStream::connect(&listen).expect("connect to the peer");
-    client.write_all(b"GET /teardown\n").unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    client.write_all(tcp_trace::peer::REQUEST).unwrap();
     let mut reply = Vec::new();
     let _ = client.read_to_end(&mut reply);
     drop(client);
-    assert!(peer.wait().unwrap().success());
-    tracer.wait_for("the traced server's socket destruction", |v| {
-        v["type"] == "event"
-            && v["hook"] == "tcp_destroy_sock"
-            && port_of(&v["local"]) == Some(port)
-    });
-    let (code, lines) = tracer.stop();
+    peer.wait();
+    // --pid keeps the marker out: the traced server's sockets, its listener and its end of the
+    // connection, are the last it prints.
+    let out = tracer.stop_after_sockets(&[(port, client_port), (port, 0)]);
 
-    let summary = summary(&lines);
+    let summary = out.summary();
     assert_eq!(
         summary["lost"], 0,
         "the filtered churn took ring space: {summary}"
     );
-    assert_eq!(code, Some(0), "{summary}");
-    let events = of_type(&lines, "event");
+    assert_eq!(out.code, Some(0), "{summary}");
+    let events = out.events();
     assert!(!events.is_empty(), "nothing traced for the peer");
     for e in &events {
         assert_eq!(e["owner"]["pid"], peer_pid, "another process's event: {e}");

@@ -16,105 +16,39 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, TcpStream},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
 
+use common::{Tracer, free_port, owner_pid, port_of, tracer::HANG};
 use serde_json::Value;
 
 mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
-/// How long to wait for something the tracer or a server must do before calling it a hang.
-const HANG: Duration = Duration::from_secs(60);
 const REQUEST: &[u8] = b"GET /owners\n";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Waits until `tracer` has printed `n` teardown flows whose local port is `port`.
+fn wait_for_server_flows(tracer: &Tracer, port: u16, n: usize) {
+    tracer.wait_until_lines(&format!("{n} flows on port {port}"), |lines| {
+        server_flows(lines, port).len() >= n
+    });
 }
 
-fn port_of(addr: &Value) -> Option<u16> {
-    addr.as_str()?.rsplit(':').next()?.parse().ok()
-}
-
-/// `tcp-trace --json ARGS` with its output collected by a thread, so the test can wait on it.
-struct Tracer {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    reader: thread::JoinHandle<()>,
-}
-
-impl Tracer {
-    fn start(args: &[String]) -> Tracer {
-        let mut child = Command::new(BIN)
-            .args(["--json", "--duration", "10m"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tcp-trace");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("tracer: {line}");
-                if line.contains("tracing") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let lines = lines.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        lines.lock().unwrap().push(v);
-                    }
-                }
-            })
-        };
-        rx.recv_timeout(HANG)
-            .expect("tcp-trace did not start tracing");
-        Tracer {
-            child,
-            lines,
-            reader,
-        }
-    }
-
-    /// Waits until the tracer has printed `n` teardown flows whose local port is `port`.
-    fn wait_for_server_flows(&self, port: u16, n: usize) {
-        let start = Instant::now();
-        loop {
-            let got = server_flows(&self.lines.lock().unwrap(), port).len();
-            if got >= n {
-                return;
-            }
-            assert!(
-                start.elapsed() < HANG,
-                "the tracer printed {got} of {n} flows on port {port}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGINT (the summary is printed), then everything it printed.
-    fn stop(mut self) -> Vec<Value> {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        self.reader.join().unwrap();
-        assert_eq!(status.code(), Some(0), "tcp-trace failed");
-        Arc::try_unwrap(self.lines).unwrap().into_inner().unwrap()
-    }
+/// Stops the tracer (after its marker, or for a `--pid` tracer once it printed the `n` server
+/// flows it must show) and returns what it printed; it must exit successfully.
+fn stop(tracer: Tracer, port: u16, pid_filtered: Option<usize>) -> Vec<Value> {
+    let out = match pid_filtered {
+        None => tracer.stop(),
+        Some(n) => tracer.stop_once(&format!("{n} flows on port {port}"), |lines| {
+            server_flows(lines, port).len() >= n
+        }),
+    };
+    assert_eq!(out.code, Some(0), "tcp-trace failed");
+    out.lines
 }
 
 /// The teardown flows of connections the server on `port` accepted (not its listener's).
@@ -130,27 +64,27 @@ fn server_flows(lines: &[Value], port: u16) -> Vec<Value> {
         .collect()
 }
 
-fn owner_pid(v: &Value) -> Option<u32> {
-    v["owner"]["pid"].as_u64().map(|p| p as u32)
-}
-
 /// tests/data/owners_peer.c, built with frame pointers and debug info.
 fn peer_binary() -> Option<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/owners_peer.c");
-    // Named so that its comm reads `owners_peer`.
-    let dir = std::env::temp_dir().join(format!("tcp-trace-owners-{}", std::process::id()));
-    let out = dir.join("owners_peer");
-    if out.exists() {
-        return Some(out);
-    }
-    std::fs::create_dir_all(&dir).ok()?;
-    let ok = Command::new("gcc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(out)
+    // Built once per test process: tests run in parallel, and one must not exec the binary (or
+    // symbolize its stacks) while another's gcc rewrites it.
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/owners_peer.c");
+            // Named so that its comm reads `owners_peer`.
+            let dir = std::env::temp_dir().join(format!("tcp-trace-owners-{}", std::process::id()));
+            let out = dir.join("owners_peer");
+            std::fs::create_dir_all(&dir).ok()?;
+            let ok = Command::new("gcc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(out)
+        })
+        .clone()
 }
 
 /// A running owners_peer: its worker pids, then the (pid, tid) of each closer.
@@ -246,11 +180,9 @@ fn run(
     let port = free_port();
     let mut peer = Peer::start(&bin, pattern, port, workers, teardown);
     let filtered_pid = pid_filter(&peer.workers);
-    let port_arg = ["--port".to_string(), port.to_string(), "--stacks".into()];
-    let full = Tracer::start(&port_arg);
-    let mut pid_args = port_arg.to_vec();
-    pid_args.extend(["--pid".to_string(), filtered_pid.to_string()]);
-    let by_pid = Tracer::start(&pid_args);
+    let (port_arg, pid_arg) = (port.to_string(), filtered_pid.to_string());
+    let full = Tracer::start(&["--port", &port_arg, "--stacks"]);
+    let by_pid = Tracer::start(&["--port", &port_arg, "--stacks", "--pid", &pid_arg]);
     let mut closers = Vec::new();
     let client_teardown: &'static str = if teardown == "passive" {
         "passive"
@@ -267,14 +199,13 @@ fn run(
     }
     let workers = peer.workers.clone();
     peer.wait();
-    full.wait_for_server_flows(port, connections);
-    let expected_by_pid = server_flows(&full.lines.lock().unwrap(), port)
+    wait_for_server_flows(&full, port, connections);
+    let expected_by_pid = server_flows(&full.lines(), port)
         .iter()
         .filter(|f| owner_pid(f) == Some(filtered_pid))
         .count();
-    by_pid.wait_for_server_flows(port, expected_by_pid);
-    let all = full.stop();
-    let filtered = by_pid.stop();
+    let all = stop(full, port, None);
+    let filtered = stop(by_pid, port, Some(expected_by_pid));
     Some((
         Served { closers, workers },
         all,
@@ -542,24 +473,22 @@ fn nginx_case(started_before_tracer: bool) {
     }
     let port = free_port();
     let early = started_before_tracer.then(|| Nginx::start(port));
-    let port_arg = vec!["--port".to_string(), port.to_string()];
-    let full = Tracer::start(&port_arg);
+    let port_arg = port.to_string();
+    let full = Tracer::start(&["--port", &port_arg]);
     let nginx = early.unwrap_or_else(|| Nginx::start(port));
     let workers = nginx.workers();
-    let mut pid_args = port_arg.clone();
-    pid_args.extend(["--pid".to_string(), workers[0].to_string()]);
-    let by_pid = Tracer::start(&pid_args);
+    let worker_arg = workers[0].to_string();
+    let by_pid = Tracer::start(&["--port", &port_arg, "--pid", &worker_arg]);
     for _ in 0..REQUESTS {
         curl(port);
     }
-    full.wait_for_server_flows(port, REQUESTS);
-    let expected = server_flows(&full.lines.lock().unwrap(), port)
+    wait_for_server_flows(&full, port, REQUESTS);
+    let expected = server_flows(&full.lines(), port)
         .iter()
         .filter(|f| owner_pid(f) == Some(workers[0]))
         .count();
-    by_pid.wait_for_server_flows(port, expected);
-    let all = full.stop();
-    let filtered = by_pid.stop();
+    let all = stop(full, port, None);
+    let filtered = stop(by_pid, port, Some(expected));
     drop(nginx);
 
     let flows = server_flows(&all, port);

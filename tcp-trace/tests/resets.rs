@@ -11,41 +11,37 @@
 //! they fail if they cannot run.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use common::{BIN, Connection, Stopped, Tracer, free_port, free_ports};
 use serde_json::Value;
-
-mod common;
 use tcp_trace::validate::netns::Netns;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+mod common;
 
 fn root_allowed() -> bool {
     common::root_for("load BPF programs and create network namespaces")
-}
-
-/// Ports unlikely to collide with other tests' (the tracer's --port filter is host-wide).
-fn port(offset: u16) -> u16 {
-    30000 + (std::process::id() % 15000) as u16 + offset * 11
 }
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// `tcp-trace resets --json` running inside a namespace.
-struct Tracer {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// The hooks that attached.
-    attached: Vec<String>,
+/// `tcp-trace resets --json --port P...` (unfiltered without ports) running inside `ns`: its
+/// own namespace, whose counters it checks, is that one.
+fn start_tracer(ns: &Netns, ports: &[u16]) -> Tracer {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut args = vec!["resets"];
+    for p in &ports {
+        args.extend(["--port", p.as_str()]);
+    }
+    Tracer::start_in(ns, &args)
 }
 
 /// What the tracer printed.
@@ -56,85 +52,34 @@ struct Output {
     /// The counter check of the namespace under test.
     check: Value,
     reset_summary: Value,
-    status: std::process::ExitStatus,
+    code: Option<i32>,
 }
 
-impl Tracer {
-    fn start(ns: &Netns, ports: &[u16]) -> Tracer {
-        let mut args = vec![
-            "resets".to_string(),
-            "--json".into(),
-            "--duration".into(),
-            "120s".into(),
-        ];
-        for p in ports {
-            args.extend(["--port".to_string(), p.to_string()]);
-        }
-        let mut child = ns
-            .run(move || {
-                Ok(Command::new(BIN)
-                    .args(&args)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()?)
-            })
-            .expect("spawn tcp-trace resets in the namespace");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("tcp-trace printed nothing within 60 s");
-        let start: Value = serde_json::from_str(&first).expect("first line is JSON");
-        assert_eq!(start["type"], "start", "{first}");
-        let attached = start["hooks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| !h["mechanism"].is_null())
-            .map(|h| h["hook"].as_str().unwrap().to_string())
-            .collect();
-        Tracer {
-            child,
-            lines: rx,
-            attached,
-        }
-    }
-
-    /// Stops it as Ctrl-C does and sorts what it printed.
-    fn stop(mut self, ns: &Netns) -> Output {
-        // Let the last events reach the ring buffer.
-        thread::sleep(Duration::from_millis(300));
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        let (mut resets, mut summary, mut check, mut reset_summary) =
-            (Vec::new(), None, None, None);
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            match v["type"].as_str() {
-                Some("reset") if v["netns"] == ns.inode => resets.push(v),
-                Some("summary") => summary = Some(v),
-                Some("reset_summary") => reset_summary = Some(v),
-                Some("counter_check") if v["netns"] == ns.inode => check = Some(v),
-                _ => {}
-            }
-        }
-        let summary = summary.expect("a summary line at exit");
-        assert_eq!(summary["lost"], 0, "events were lost: {summary}");
-        Output {
-            resets,
-            summary,
-            check: check.expect("a counter check of the tracer's own namespace"),
-            reset_summary: reset_summary.expect("a reset summary at exit"),
-            status,
-        }
+/// Stops the tracer after its marker (a refused connection outside `ns`, on a port of its own)
+/// and sorts what it printed.
+fn stop(tracer: Tracer, ns: &Netns) -> Output {
+    let out: Stopped = tracer.stop();
+    let summary = out.summary().clone();
+    assert_eq!(summary["lost"], 0, "events were lost: {summary}");
+    let in_ns = |t: &str| -> Vec<Value> {
+        out.of_type(t)
+            .into_iter()
+            .filter(|v| v["netns"] == ns.inode)
+            .cloned()
+            .collect()
+    };
+    let mut checks = in_ns("counter_check");
+    assert_eq!(
+        checks.len(),
+        1,
+        "one counter check of the tracer's own namespace: {checks:#?}"
+    );
+    Output {
+        resets: in_ns("reset"),
+        summary,
+        check: checks.remove(0),
+        reset_summary: out.one("reset_summary").clone(),
+        code: out.code,
     }
 }
 
@@ -197,7 +142,7 @@ impl Output {
         }
         assert_eq!(self.check["ok"], true, "{}", self.check);
         assert_eq!(self.summary["counter_mismatch"], false);
-        assert_eq!(self.status.code(), Some(0), "exit status");
+        assert_eq!(self.code, Some(0), "exit status");
     }
 }
 
@@ -211,41 +156,15 @@ fn assert_reset(r: &Value, cause: &str, confidence: &str, owner: u32, counter: O
     }
 }
 
-fn spawn_peer(ns: &Netns, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut child = ns
-        .run(move || {
-            Ok(Command::new(BIN)
-                .arg("peer")
-                .args(&args)
-                .stdout(Stdio::piped())
-                .spawn()?)
-        })
-        .expect("spawn a peer in the namespace");
-    let out = BufReader::new(child.stdout.take().unwrap());
-    (child, out)
-}
-
-fn line(out: &mut BufReader<std::process::ChildStdout>) -> String {
-    let mut s = String::new();
-    out.read_line(&mut s).unwrap();
-    s.trim().to_string()
-}
-
 /// A server (teardown `teardown`) and a client, each its own process, in the namespace.
 /// Returns (server pid, client pid).
 fn peer_pair(ns: &Netns, port: u16, teardown: &str) -> (u32, u32) {
     let listen = addr(port).to_string();
-    let (mut server, mut sout) =
-        spawn_peer(ns, &["serve", "--listen", &listen, "--teardown", teardown]);
-    assert_eq!(line(&mut sout), format!("listening {port}"));
-    let (mut client, mut cout) = spawn_peer(ns, &["connect", "--to", &listen]);
-    assert!(line(&mut cout).starts_with("connected "));
-    assert_eq!(line(&mut sout), "done");
-    assert!(line(&mut cout).starts_with("done"));
-    assert!(server.wait().unwrap().success());
-    assert!(client.wait().unwrap().success());
-    (server.id(), client.id())
+    let c = Connection::run_with(&listen, &listen, teardown, |mut cmd, _| {
+        ns.run(move || Ok(cmd.spawn()?))
+            .expect("spawn a peer in the namespace")
+    });
+    (c.server_pid, c.client_pid)
 }
 
 fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) {
@@ -330,11 +249,11 @@ fn close_with_unread_data_and_linger_zero_by_separate_processes() {
         return;
     }
     let ns = Netns::new().unwrap();
-    let (unread, linger0) = (port(0), port(1));
-    let tracer = Tracer::start(&ns, &[unread, linger0]);
+    let [unread, linger0] = free_ports();
+    let tracer = start_tracer(&ns, &[unread, linger0]);
     let (unread_server, unread_client) = peer_pair(&ns, unread, "unread");
     let (linger_server, linger_client) = peer_pair(&ns, linger0, "linger0");
-    let out = tracer.stop(&ns);
+    let out = stop(tracer, &ns);
 
     // This kernel names the reason: certain. The byte count needs tcp_close (not attachable
     // here), the age bound does not.
@@ -397,8 +316,8 @@ fn orphans_time_wait_and_no_socket_replies() {
     }
     let ns = Netns::new().unwrap();
     let me = std::process::id();
-    let (data, linger2, tw, closed) = (port(2), port(3), port(4), port(5));
-    let tracer = Tracer::start(&ns, &[data, linger2, tw, closed]);
+    let [data, linger2, tw, closed] = free_ports();
+    let tracer = start_tracer(&ns, &[data, linger2, tw, closed]);
 
     // Data after close: the orphan waits in FIN_WAIT2 as a full socket (TCP_LINGER2 > 60 s),
     // and the peer sends more: TCPAbortOnData and a reply RST.
@@ -453,7 +372,7 @@ fn orphans_time_wait_and_no_socket_replies() {
         .unwrap();
     assert!(refused, "connect to a closed port succeeded");
 
-    let out = tracer.stop(&ns);
+    let out = stop(tracer, &ns);
 
     let sent = out.one(data, "sent");
     assert_reset(
@@ -538,8 +457,8 @@ fn timeouts_are_counted_without_inventing_a_reset() {
     }
     let ns = Netns::new().unwrap();
     let me = std::process::id();
-    let (window, keepalive) = (port(6), port(7));
-    let tracer = Tracer::start(&ns, &[window, keepalive]);
+    let [window, keepalive] = free_ports();
+    let tracer = start_tracer(&ns, &[window, keepalive]);
 
     // The receiver never reads: zero window; TCP_USER_TIMEOUT ends the zero-window probing with
     // tcp_write_err(): ETIMEDOUT, TCPAbortOnTimeout, and no RST.
@@ -575,7 +494,7 @@ fn timeouts_are_counted_without_inventing_a_reset() {
         "keepalive did not time out"
     );
 
-    let out = tracer.stop(&ns);
+    let out = stop(tracer, &ns);
     let silent = out.one(sender_port, "silent");
     assert_reset(silent, "timeout", "derived", me, Some("TCPAbortOnTimeout"));
     assert!(
@@ -617,11 +536,11 @@ fn an_abort_the_hooks_cannot_see_is_a_counter_mismatch() {
         return;
     }
     let ns = Netns::new().unwrap();
-    let full = port(8);
+    let full = free_port();
     // Unfiltered: the namespace is private, so the check is exact (a filtered trace may see less
     // than the kernel counts).
-    let tracer = Tracer::start(&ns, &[]);
-    let close_hook = tracer.attached.contains(&"tcp_close".to_string());
+    let tracer = start_tracer(&ns, &[]);
+    let close_hook = tracer.attached().iter().any(|h| h == "tcp_close");
 
     // A listener with a full accept queue drops SYNs: a second client stays in SYN_SENT. Its
     // close() with SO_LINGER {on, 0} sends nothing but counts TCPAbortOnData.
@@ -670,7 +589,7 @@ fn an_abort_the_hooks_cannot_see_is_a_counter_mismatch() {
     thread::sleep(Duration::from_millis(50));
     assert_eq!(unsafe { libc::close(syn_sent) }, 0);
 
-    let out = tracer.stop(&ns);
+    let out = stop(tracer, &ns);
     let data = out.check["rows"]
         .as_array()
         .unwrap()
@@ -681,7 +600,7 @@ fn an_abort_the_hooks_cannot_see_is_a_counter_mismatch() {
     if close_hook {
         // tcp_close shows the linger-0 close: a silent abort, counted exactly.
         assert_eq!(data["verdict"], "ok", "{}", out.check);
-        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(out.code, Some(0));
     } else {
         // Only a SYN_SENT -> CLOSE is visible (a guessed connect timeout): the kernel counted
         // an abort tcp-trace did not see, and says so.
@@ -689,7 +608,7 @@ fn an_abort_the_hooks_cannot_see_is_a_counter_mismatch() {
         assert_eq!(data["verdict"], "mismatch", "{}", out.check);
         assert_eq!(out.check["ok"], false);
         assert_eq!(out.summary["counter_mismatch"], true);
-        assert_eq!(out.status.code(), Some(5), "exit status on a mismatch");
+        assert_eq!(out.code, Some(5), "exit status on a mismatch");
         let guess: Vec<_> = out
             .resets
             .iter()

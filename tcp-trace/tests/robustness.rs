@@ -4,104 +4,21 @@
 //! These need root (BPF): #[ignore]d unless run with --include-ignored, and then they fail if
 //! they cannot run.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread,
-    time::Duration,
+use common::{
+    Connection, Listening, Stopped, Tracer, bpf_allowed, free_port, free_port_v6, port_of,
 };
-
-use common::bpf_allowed;
 use serde_json::Value;
 
 mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
-
-fn free_port(v6: bool) -> u16 {
-    let addr = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
-    std::net::TcpListener::bind(addr)
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A tracer with `--json`, started and attached.
-struct Tracer {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Tracer {
-    fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(BIN)
-            .args(["--json", "--duration", "60s"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("no start line");
-        assert!(first.contains("\"type\":\"start\""), "{first}");
-        Tracer { child, lines: rx }
+/// Every flow a clean close made conforms (an `incomplete` one would hide a missed event), and
+/// there are as many as `want` says.
+fn assert_all_conform(out: &Stopped, want: usize) {
+    let flows = out.flows();
+    assert_eq!(flows.len(), want, "{flows:#?}");
+    for f in &flows {
+        assert_eq!(f["verdict"]["verdict"], "conforms", "{f}");
     }
-
-    /// Stops it with `signal`; returns (exit code, every JSON line after the start line).
-    fn stop(mut self, signal: i32) -> (Option<i32>, Vec<Value>) {
-        thread::sleep(Duration::from_millis(300));
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let status = self.child.wait().unwrap();
-        let mut out = Vec::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            out.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
-        }
-        (status.code(), out)
-    }
-}
-
-/// One connection through the hidden test peers; returns the server's pid.
-fn connection(listen: &str, to: &str, teardown: &str) -> u32 {
-    let mut server = Command::new(BIN)
-        .args(["peer", "serve", "--listen", listen, "--teardown", teardown])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.starts_with("listening"), "{line}");
-    let client = Command::new(BIN)
-        .args(["peer", "connect", "--to", to])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(client.success());
-    let pid = server.id();
-    assert!(server.wait().unwrap().success());
-    pid
-}
-
-fn events(lines: &[Value]) -> Vec<&Value> {
-    lines.iter().filter(|l| l["type"] == "event").collect()
-}
-
-fn summary(lines: &[Value]) -> &Value {
-    lines
-        .iter()
-        .find(|l| l["type"] == "summary")
-        .expect("a summary at exit")
 }
 
 #[test]
@@ -110,18 +27,16 @@ fn sigterm_detaches_and_prints_the_summary() {
     if !bpf_allowed() {
         return;
     }
-    let port = free_port(false);
+    let port = free_port();
     let tracer = Tracer::start(&["--port", &port.to_string()]);
-    connection(
-        &format!("127.0.0.1:{port}"),
-        &format!("127.0.0.1:{port}"),
-        "clean",
-    );
-    let (code, lines) = tracer.stop(libc::SIGTERM);
-    assert_eq!(code, Some(0));
-    let s = summary(&lines);
-    assert_eq!(s["events"].as_u64().unwrap() as usize, events(&lines).len());
-    assert!(!events(&lines).is_empty());
+    Connection::on_loopback(port, "clean");
+    let out = tracer.stop_with(libc::SIGTERM);
+    assert_eq!(out.code, Some(0));
+    let s = out.summary();
+    assert_eq!(s["events"].as_u64().unwrap() as usize, out.events_printed());
+    assert!(!out.events().is_empty());
+    // The listener and both ends.
+    assert_all_conform(&out, 3);
 }
 
 #[test]
@@ -130,17 +45,15 @@ fn two_tracers_at_once_both_see_everything() {
     if !bpf_allowed() {
         return;
     }
-    let port = free_port(false);
+    let port = free_port();
     let a = Tracer::start(&["--port", &port.to_string()]);
     let b = Tracer::start(&["--port", &port.to_string(), "--view", "events"]);
-    connection(
-        &format!("127.0.0.1:{port}"),
-        &format!("127.0.0.1:{port}"),
-        "unread",
-    );
-    let (ca, la) = a.stop(libc::SIGINT);
-    let (cb, lb) = b.stop(libc::SIGINT);
-    assert_eq!((ca, cb), (Some(0), Some(0)));
+    Connection::on_loopback(port, "unread");
+    // Each sees its own marker only (the other's port is not among its filters).
+    let (la, lb) = (a.stop(), b.stop());
+    assert_eq!((la.code, lb.code), (Some(0), Some(0)));
+    assert_all_conform(&la, 3);
+    assert!(lb.flows().is_empty(), "--view events printed flows");
     // Each tracer's programs read the clock themselves: compare what happened, not when.
     let key = |e: &&Value| {
         format!(
@@ -148,8 +61,8 @@ fn two_tracers_at_once_both_see_everything() {
             e["hook"], e["local"], e["remote"], e["state"], e["new_state"]
         )
     };
-    let mut ea: Vec<String> = events(&la).iter().map(key).collect();
-    let mut eb: Vec<String> = events(&lb).iter().map(key).collect();
+    let mut ea: Vec<String> = la.events().iter().map(key).collect();
+    let mut eb: Vec<String> = lb.events().iter().map(key).collect();
     ea.sort();
     eb.sort();
     assert!(!ea.is_empty());
@@ -162,33 +75,39 @@ fn a_traced_process_that_exits_mid_trace_is_fine() {
     if !bpf_allowed() {
         return;
     }
-    let port = free_port(false);
     // The server exists when the tracer starts, and exits while it runs.
-    let mut server = Command::new(BIN)
-        .args(["peer", "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--teardown", "clean"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid = server.id().to_string();
-    let tracer = Tracer::start(&["--pid", &pid]);
-    let client = Command::new(BIN)
-        .args(["peer", "connect", "--to", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(client.success());
-    assert!(server.wait().unwrap().success());
-    thread::sleep(Duration::from_millis(500));
-    let (code, lines) = tracer.stop(libc::SIGINT);
-    assert_eq!(code, Some(0));
-    let evs = events(&lines);
+    let server = Listening::serve("127.0.0.1:0", "clean");
+    let port = server.port;
+    let listen = format!("127.0.0.1:{port}");
+    let pid = server.pid();
+    let tracer = Tracer::start(&["--pid", &pid.to_string()]);
+    let c = server.connect(&listen);
+    // --pid keeps the marker out: the server's end of the connection and its listener (closed
+    // as it exits) are the last the tracer prints.
+    let out = tracer.stop_after_sockets(&c.server_sockets());
+    assert_eq!(out.code, Some(0));
+    let evs = out.events();
     assert!(!evs.is_empty(), "nothing traced for the exited process");
-    for e in evs {
-        assert_eq!(e["owner"]["pid"].to_string(), pid, "{e}");
+    for e in &evs {
+        assert_eq!(e["owner"]["pid"], pid, "{e}");
+    }
+    // The server's end and its listener conform; the listener, older than the tracer, is
+    // judged from the state it was first seen in, and says so.
+    let flows = out.flows();
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    for f in &flows {
+        assert_eq!(f["verdict"]["verdict"], "conforms", "{f}");
+        let listener = port_of(&f["key"]["remote"]) == Some(0);
+        let began_before = f["notes"].as_array().is_some_and(|n| {
+            n.iter().any(|n| {
+                n.as_str()
+                    .is_some_and(|n| n.starts_with("began before tracing"))
+            })
+        });
+        assert_eq!(
+            began_before, listener,
+            "only the listener began before tracing: {f}"
+        );
     }
 }
 
@@ -199,42 +118,41 @@ fn ipv6_and_ipv4_mapped_flows_are_traced_and_judged() {
         return;
     }
     // IPv6 on both ends.
-    let port = free_port(true);
+    let port = free_port_v6();
     let tracer = Tracer::start(&["--port", &port.to_string()]);
-    connection(&format!("[::1]:{port}"), &format!("[::1]:{port}"), "clean");
+    let v6 = format!("[::1]:{port}");
+    Connection::run(&v6, &v6, "clean");
     // A dual-stack listener accepting an IPv4 client: its socket is AF_INET6 with
     // IPv4-mapped addresses.
-    let port4 = free_port(false);
+    let port4 = free_port();
     let tracer4 = Tracer::start(&["--port", &port4.to_string()]);
-    connection(
+    Connection::run(
         &format!("[::]:{port4}"),
         &format!("127.0.0.1:{port4}"),
         "clean",
     );
 
-    let (code, lines) = tracer.stop(libc::SIGINT);
-    assert_eq!(code, Some(0));
-    let evs = events(&lines);
-    assert!(evs.iter().any(|e| e["family"] == "ipv6"
+    let out = tracer.stop();
+    assert_eq!(out.code, Some(0));
+    assert!(out.events().iter().any(|e| e["family"] == "ipv6"
         && e["local"] == format!("[::1]:{port}")
         && e["new_state"] == "FIN_WAIT1"));
-    let flows: Vec<&Value> = lines.iter().filter(|l| l["type"] == "flow").collect();
-    assert!(flows.len() >= 2, "{lines:#?}");
-    // Clean closes: every flow conforms (an "incomplete" one would hide a missed event).
-    for f in &flows {
-        assert_eq!(f["verdict"]["verdict"], "conforms", "{f}");
-    }
+    // Clean closes: the listener and both ends conform (an "incomplete" one would hide a
+    // missed event).
+    assert_all_conform(&out, 3);
 
-    let (code, lines) = tracer4.stop(libc::SIGINT);
-    assert_eq!(code, Some(0));
+    let out = tracer4.stop();
+    assert_eq!(out.code, Some(0));
     let mapped = format!("[::ffff:127.0.0.1]:{port4}");
-    let all = events(&lines);
+    let all = out.events();
     let server_side: Vec<&&Value> = all.iter().filter(|e| e["local"] == mapped).collect();
     assert!(
         server_side.iter().any(|e| e["family"] == "ipv6"),
-        "no event for the mapped server socket: {lines:#?}"
+        "no event for the mapped server socket: {:#?}",
+        out.lines
     );
-    let flows: Vec<&Value> = lines.iter().filter(|l| l["type"] == "flow").collect();
+    assert_all_conform(&out, 3);
+    let flows = out.flows();
     let server_flow = flows
         .iter()
         .find(|f| f["key"]["local"] == mapped)

@@ -10,16 +10,11 @@ use std::{
     net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::mpsc,
-    thread,
-    time::Duration,
 };
 
-use serde_json::Value;
+use common::{Tracer, free_port};
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 fn build_peer() -> Option<PathBuf> {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/close_unread_peer.c");
@@ -43,36 +38,8 @@ fn reset_on_unread_data_is_blamed_on_the_line_that_closed() {
         common::skip("gcc could not build the test peer");
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let mut tracer = Command::new(BIN)
-        .args([
-            "resets",
-            "--json",
-            "--stacks",
-            "--duration",
-            "60s",
-            "--port",
-        ])
-        .arg(port.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until attached ("tracing" on stderr).
-    let stderr = tracer.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tracing") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("tcp-trace did not start tracing");
+    let port = free_port();
+    let tracer = Tracer::start(&["resets", "--stacks", "--port", &port.to_string()]);
 
     let mut server = Command::new(&peer)
         .arg(port.to_string())
@@ -90,17 +57,14 @@ fn reset_on_unread_data_is_blamed_on_the_line_that_closed() {
     assert!(server.wait().unwrap().success());
     drop(client);
 
-    thread::sleep(Duration::from_millis(300));
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
-    let out = tracer.wait_with_output().unwrap();
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+    let out = tracer.stop();
+    let sent: Vec<_> = out
+        .of_type("reset")
+        .into_iter()
+        .filter(|l| l["direction"] == "sent")
         .collect();
-    let reset = lines
-        .iter()
-        .find(|l| l["type"] == "reset" && l["direction"] == "sent")
-        .unwrap_or_else(|| panic!("no sent reset reported: {lines:?}"));
+    assert_eq!(sent.len(), 1, "one sent reset reported: {:#?}", out.lines);
+    let reset = sent[0];
     assert_eq!(reset["cause"], "close-unread", "{reset}");
     assert_eq!(reset["owner"]["pid"], server_pid, "{reset}");
     assert_eq!(

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
-pub use tcp_trace_common::Hook;
+pub(crate) use tcp_trace_common::Hook;
 use tcp_trace_common::{AF_INET, AF_INET6, EVENT_SIZE, Event, flag};
 
 use crate::kernel::btf::KernelFacts;
@@ -13,8 +13,8 @@ use crate::model::{RstReason, TcpState, TwStatus};
 
 mod values;
 
-pub use crate::kernel::enums::{KReason, KTwStatus};
-pub use values::{Comm, Family, KState, SockPtr, TcpFlags};
+pub(crate) use crate::kernel::enums::{KReason, KTwStatus};
+pub(crate) use values::{Comm, Family, KState, SockPtr, TcpFlags};
 
 /// Reinterprets one ring-buffer record as an [`Event`].
 pub fn parse_raw(bytes: &[u8]) -> Result<Event> {
@@ -38,110 +38,110 @@ pub fn event_bytes(ev: &Event) -> &[u8] {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: Comm,
+pub(crate) struct Owner {
+    pub(crate) pid: u32,
+    pub(crate) comm: Comm,
     /// `kernel`: learned in process context by the eBPF side; `inferred`: deduced in userspace
     /// (from the flow, e.g. a TIME_WAIT minisocket inherits its full socket's owner);
     /// `provisional`: not yet confirmed (a child's listener's owner before accept(), or a
     /// holder that closed its descriptor while another process still holds the socket).
-    pub source: OwnerSource,
+    pub(crate) source: OwnerSource,
     /// The owner's cgroup v2 id, learned with it in the kernel; 0 = not known (an owner
     /// inferred from the task on the CPU, a recording of format 1).
-    pub cgroup_id: u64,
+    pub(crate) cgroup_id: u64,
 }
 
 impl Owner {
     /// Whether the owner is confirmed (learned where the holder was certainly current, or
     /// inherited from such an owner).
-    pub fn is_definite(&self) -> bool {
+    pub(crate) fn is_definite(&self) -> bool {
         self.source != OwnerSource::Provisional
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OwnerSource {
+pub(crate) enum OwnerSource {
     Kernel,
     Inferred,
     Provisional,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct CloseDetails {
+pub(crate) struct CloseDetails {
     /// tcp_close's timeout argument, jiffies (the SO_LINGER time when lingering).
-    pub timeout_jiffies: i64,
-    pub linger: bool,
-    pub linger_jiffies: i64,
+    pub(crate) timeout_jiffies: i64,
+    pub(crate) linger: bool,
+    pub(crate) linger_jiffies: i64,
     /// Received bytes the application never read (rcv_nxt - copied_seq, less a pending FIN).
-    pub unread: u32,
+    pub(crate) unread: u32,
     /// Bytes written but not yet sent (write_seq - snd_nxt).
-    pub unsent: u32,
+    pub(crate) unsent: u32,
     /// Bytes sent but not yet acknowledged (snd_nxt - snd_una).
-    pub unacked: u32,
+    pub(crate) unacked: u32,
     /// A FIN had been received (SOCK_DONE).
-    pub fin_received: bool,
-    pub orphan: bool,
+    pub(crate) fin_received: bool,
+    pub(crate) orphan: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Segment {
-    pub flags: TcpFlags,
-    pub seq: u32,
-    pub ack: u32,
-    pub len: u32,
+pub(crate) struct Segment {
+    pub(crate) flags: TcpFlags,
+    pub(crate) seq: u32,
+    pub(crate) ack: u32,
+    pub(crate) len: u32,
     /// The minisocket's rcv_nxt when the segment arrived.
-    pub tw_rcv_nxt: u32,
+    pub(crate) tw_rcv_nxt: u32,
 }
 
 /// One decoded event: the stable JSON schema of `--json` lines with `"type": "event"`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct TraceEvent {
+pub(crate) struct TraceEvent {
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
-    pub ts_ns: u64,
-    pub cpu: u32,
-    pub hook: Hook,
+    pub(crate) ts_ns: u64,
+    pub(crate) cpu: u32,
+    pub(crate) hook: Hook,
     /// The task on the CPU when the hook ran (in softirq: whatever it interrupted).
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: Comm,
+    pub(crate) pid: u32,
+    pub(crate) tid: u32,
+    pub(crate) comm: Comm,
     /// The process that owns the socket, when known.
-    pub owner: Option<Owner>,
-    pub netns: u32,
+    pub(crate) owner: Option<Owner>,
+    pub(crate) netns: u32,
     /// Kernel address of the socket (the TIME_WAIT minisocket for TW hooks), as hex.
-    pub sk: SockPtr,
-    pub family: Option<Family>,
-    pub local: Option<SocketAddr>,
-    pub remote: Option<SocketAddr>,
+    pub(crate) sk: SockPtr,
+    pub(crate) family: Option<Family>,
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) remote: Option<SocketAddr>,
     /// The socket's state when the hook ran (TW substate for TW hooks).
-    pub state: Option<KState>,
+    pub(crate) state: Option<KState>,
     /// inet_sock_set_state: the new state; tcp_time_wait: the requested TW substate;
     /// tcp_timewait_state_process return: the substate afterwards.
-    pub new_state: Option<KState>,
+    pub(crate) new_state: Option<KState>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub close: Option<CloseDetails>,
+    pub(crate) close: Option<CloseDetails>,
     /// RST reason by kernel name (SK_RST_REASON_ prefix dropped), where the kernel has one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rst_reason: Option<KReason>,
+    pub(crate) rst_reason: Option<KReason>,
     /// tcp_send_reset: true for an active reset (no incoming segment), false for a reply.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rst_active: Option<bool>,
+    pub(crate) rst_active: Option<bool>,
     /// tcp_time_wait: timeo in jiffies.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub timeo_jiffies: Option<i64>,
+    pub(crate) timeo_jiffies: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub segment: Option<Segment>,
+    pub(crate) segment: Option<Segment>,
     /// tcp_timewait_state_process return: enum tcp_tw_status by name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tw_status: Option<KTwStatus>,
+    pub(crate) tw_status: Option<KTwStatus>,
     /// The task on the CPU was inside close() of this socket's last descriptor: it is the
     /// closer (whoever the owner of record was).
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
-    pub in_close: bool,
+    pub(crate) in_close: bool,
     /// The user call stack of the close() that caused this event (with `--stacks`), innermost
     /// frame first.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub user_stack: Option<Vec<crate::stacks::Frame>>,
+    pub(crate) user_stack: Option<Vec<crate::stacks::Frame>>,
 }
 
 fn hook_of(ev: &Event) -> Result<Hook> {
@@ -151,22 +151,22 @@ fn hook_of(ev: &Event) -> Result<Hook> {
 
 impl TraceEvent {
     /// The socket's state when the hook ran, when it is a TCP state.
-    pub fn tcp_state(&self) -> Option<TcpState> {
+    pub(crate) fn tcp_state(&self) -> Option<TcpState> {
         self.state?.tcp()
     }
 
     /// The state after the event (see [`TraceEvent::new_state`]), when it is a TCP state.
-    pub fn tcp_new_state(&self) -> Option<TcpState> {
+    pub(crate) fn tcp_new_state(&self) -> Option<TcpState> {
         self.new_state?.tcp()
     }
 
     /// The kernel's RST reason, when the model knows it by name.
-    pub fn reason(&self) -> Option<RstReason> {
+    pub(crate) fn reason(&self) -> Option<RstReason> {
         self.rst_reason?.known()
     }
 
     /// The tcp_tw_status, when the model knows it by name.
-    pub fn tw_verdict(&self) -> Option<TwStatus> {
+    pub(crate) fn tw_verdict(&self) -> Option<TwStatus> {
         self.tw_status?.known()
     }
 }
@@ -182,7 +182,7 @@ fn addr(family: u16, raw: &[u8; 16], port: u16) -> Option<SocketAddr> {
 
 /// Decodes `ev` with the enum names in `facts`. `owner` is the owner after userspace
 /// attribution (see `flows::owners`), which may know more than the kernel did.
-pub fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
+pub(crate) fn decode(ev: &Event, facts: &KernelFacts) -> Result<TraceEvent> {
     let hook = hook_of(ev)?;
     let family = match ev.family {
         AF_INET => Some(Family::Ipv4),

@@ -14,14 +14,14 @@ use crate::model::TcpState;
 /// A task's command name (`comm`, at most 15 bytes), stored inline. Bytes that are not UTF-8
 /// are shown as `?`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Comm {
+pub(crate) struct Comm {
     len: u8,
     bytes: [u8; COMM_LEN],
 }
 
 impl Comm {
     /// From the kernel's NUL-padded `comm` array.
-    pub fn from_kernel(raw: &[u8]) -> Comm {
+    pub(crate) fn from_kernel(raw: &[u8]) -> Comm {
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
         let mut c = Comm::default();
         let n = end.min(COMM_LEN);
@@ -37,7 +37,7 @@ impl Comm {
         c
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Always valid: from_kernel and From<&str> only store UTF-8.
         std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
     }
@@ -100,10 +100,10 @@ impl<'de> Deserialize<'de> for Comm {
 
 /// A kernel socket address (`struct sock *`, or the TIME_WAIT minisocket's): shown in hex.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SockPtr(pub u64);
+pub(crate) struct SockPtr(pub u64);
 
 impl SockPtr {
-    pub fn is_null(self) -> bool {
+    pub(crate) fn is_null(self) -> bool {
         self.0 == 0
     }
 }
@@ -139,7 +139,7 @@ impl<'de> Deserialize<'de> for SockPtr {
 /// A kernel TCP state number (include/net/tcp_states.h), or a TIME_WAIT substate (which uses
 /// the same numbers), shown by name.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KState(pub u8);
+pub(crate) struct KState(pub u8);
 
 /// Kernel TCP state names, by number.
 const STATE_NAMES: [&str; 13] = [
@@ -160,11 +160,11 @@ const STATE_NAMES: [&str; 13] = [
 
 impl KState {
     /// The TCP state, when the number is one (0 and 13, TCP_BOUND_INACTIVE, are not).
-    pub fn tcp(self) -> Option<TcpState> {
+    pub(crate) fn tcp(self) -> Option<TcpState> {
         TcpState::from_kernel(self.0)
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         STATE_NAMES
             .get(self.0 as usize)
             .copied()
@@ -172,7 +172,7 @@ impl KState {
     }
 
     /// The number of a state name (the inverse of [`KState::name`]), for tests and fixtures.
-    pub fn from_name(name: &str) -> Option<KState> {
+    pub(crate) fn from_name(name: &str) -> Option<KState> {
         STATE_NAMES
             .iter()
             .position(|n| *n == name)
@@ -208,7 +208,7 @@ impl<'de> Deserialize<'de> for KState {
 
 /// The flags byte of a TCP header, shown tcpdump-style (`S`, `F`, `R`, `P`, `.`, `U`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct TcpFlags(pub u8);
+pub(crate) struct TcpFlags(pub u8);
 
 const FLAG_LETTERS: [(u8, char); 6] = [
     (0x02, 'S'),
@@ -221,14 +221,14 @@ const FLAG_LETTERS: [(u8, char); 6] = [
 
 impl TcpFlags {
     /// Whether the flag shown as `letter` is set.
-    pub fn contains(self, letter: char) -> bool {
+    pub(crate) fn contains(self, letter: char) -> bool {
         FLAG_LETTERS
             .iter()
             .any(|&(bit, c)| c == letter && self.0 & bit != 0)
     }
 
     /// None of the shown flags is set.
-    pub fn is_empty(self) -> bool {
+    pub(crate) fn is_empty(self) -> bool {
         FLAG_LETTERS.iter().all(|&(bit, _)| self.0 & bit == 0)
     }
 }
@@ -259,7 +259,7 @@ impl Serialize for TcpFlags {
 /// The address family, as `--json` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Family {
+pub(crate) enum Family {
     Ipv4,
     Ipv6,
 }

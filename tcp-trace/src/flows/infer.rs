@@ -15,14 +15,14 @@ use super::obs::{Obs, ObsEv, Visibility};
 /// One way to explain a trigger.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Cand {
-    pub inputs: Vec<Input>,
+    pub(crate) inputs: Vec<Input>,
     /// Not the first choice: a path through it ranks lower when nothing fits.
-    pub fallback: bool,
+    pub(crate) fallback: bool,
     /// What the events could not tell apart, when this candidate is used.
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
     /// The close-type input was not the application's close(), so no tcp_close event goes
     /// with it (a listener's close() disconnecting an un-accepted child).
-    pub silent_close: bool,
+    pub(crate) silent_close: bool,
 }
 
 #[derive(Default)]

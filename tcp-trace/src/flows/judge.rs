@@ -33,22 +33,22 @@ const RTO_TIMER_MIN_GAP_NS: u64 = 100_000_000;
 
 /// What judging needs besides the events.
 pub(crate) struct JudgeCtx<'a> {
-    pub params: &'a ModelParams,
-    pub vis: Visibility,
-    pub hz: Option<u64>,
+    pub(crate) params: &'a ModelParams,
+    pub(crate) vis: Visibility,
+    pub(crate) hz: Option<u64>,
 }
 
 /// The judge's findings for one flow.
 #[derive(Clone, Debug)]
 pub(crate) struct Judgement {
-    pub inputs: Vec<String>,
-    pub steps: Vec<StepReport>,
-    pub verdict: Verdict,
-    pub observed: String,
-    pub expected: String,
-    pub notes: Vec<String>,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) steps: Vec<StepReport>,
+    pub(crate) verdict: Verdict,
+    pub(crate) observed: String,
+    pub(crate) expected: String,
+    pub(crate) notes: Vec<String>,
     /// Some event beyond connection setup was seen.
-    pub teardown: bool,
+    pub(crate) teardown: bool,
 }
 
 /// Connection setup, which the model does not cover: the flow's teardown starts where it ends.

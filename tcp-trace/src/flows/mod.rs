@@ -54,7 +54,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::attach::HookStatus;
-use crate::decode::{Hook, Owner, TraceEvent};
+use crate::decode::{Hook, Owner};
 use crate::model::ModelParams;
 use tcp_trace_common::{AnyHook, HookSet};
 
@@ -62,17 +62,10 @@ pub(crate) use table::FlowTable;
 
 /// A flow: this host's end of one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct FlowKey {
-    pub netns: u32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-impl FlowKey {
-    /// The key the other end of a connection within this host would have (netns aside).
-    pub fn mirrored(&self) -> (SocketAddr, SocketAddr) {
-        (self.remote, self.local)
-    }
+pub(crate) struct FlowKey {
+    pub(crate) netns: u32,
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
 }
 
 impl fmt::Display for FlowKey {
@@ -85,29 +78,29 @@ impl fmt::Display for FlowKey {
 #[derive(Clone, Debug)]
 pub(crate) struct FlowConfig {
     /// The kernel generation and sysctls the model decides with.
-    pub params: ModelParams,
+    pub(crate) params: ModelParams,
     /// Namespaces whose own settings are known (inode -> params): their flows are judged with
     /// these instead of `params`.
-    pub netns_params: BTreeMap<u32, ModelParams>,
+    pub(crate) netns_params: BTreeMap<u32, ModelParams>,
     /// Hooks attached, as `attach::HookStatus::hook` names them (`tcp_close`,
     /// `sock:inet_sock_set_state`, ...). Hooks whose events show up count as attached too.
-    pub attached_hooks: HookSet,
+    pub(crate) attached_hooks: HookSet,
     /// The kernel's HZ, to compare tcp_time_wait's timeo (jiffies) with the model's ms.
-    pub hz: Option<u64>,
+    pub(crate) hz: Option<u64>,
     /// Events are processed in timestamp order once older than this.
-    pub reorder_window_ns: u64,
+    pub(crate) reorder_window_ns: u64,
     /// A flow with no event for this long is reported and dropped (with a note).
-    pub idle_evict_ns: u64,
+    pub(crate) idle_evict_ns: u64,
     /// At most this many flows are kept; beyond it the oldest is reported and dropped.
-    pub max_flows: usize,
+    pub(crate) max_flows: usize,
     /// Events kept per flow; beyond it they only count (and the verdict is incomplete).
-    pub max_events_per_flow: usize,
+    pub(crate) max_events_per_flow: usize,
     /// An ended flow waits this long for stragglers (e.g. a RST answering a late segment).
-    pub end_grace_ns: u64,
+    pub(crate) end_grace_ns: u64,
     /// Past a minisocket's timer before it is presumed expired.
-    pub tw_slack_ns: u64,
+    pub(crate) tw_slack_ns: u64,
     /// Events held in the reorder buffer at most; beyond it the oldest are processed early.
-    pub max_buffered_events: usize,
+    pub(crate) max_buffered_events: usize,
 }
 
 impl FlowConfig {
@@ -154,7 +147,7 @@ pub(crate) fn attached_hooks(hooks: &[HookStatus]) -> HookSet {
 /// Why a flow was reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FlowEnd {
+pub(crate) enum FlowEnd {
     /// The socket was destroyed and no minisocket is left.
     Destroyed,
     /// The TIME_WAIT minisocket was killed (RST, TIME_WAIT assassination, a SYN taken by a
@@ -193,7 +186,7 @@ impl fmt::Display for FlowEnd {
 /// Which kernel object an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SocketObject {
+pub(crate) enum SocketObject {
     /// The full socket (`struct tcp_sock`).
     Socket,
     /// The TIME_WAIT minisocket.
@@ -204,36 +197,36 @@ pub enum SocketObject {
 
 /// One event of a flow, compactly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TimelineEntry {
-    pub ts_ns: u64,
-    pub hook: Hook,
-    pub object: SocketObject,
-    pub sk: crate::decode::SockPtr,
+pub(crate) struct TimelineEntry {
+    pub(crate) ts_ns: u64,
+    pub(crate) hook: Hook,
+    pub(crate) object: SocketObject,
+    pub(crate) sk: crate::decode::SockPtr,
     /// The task on the CPU (in softirq: whatever it interrupted).
-    pub pid: u32,
-    pub comm: crate::decode::Comm,
+    pub(crate) pid: u32,
+    pub(crate) comm: crate::decode::Comm,
     /// e.g. `ESTABLISHED -> FIN_WAIT1`, `active reason=TCP_ABORT_ON_CLOSE`.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// One model step along the inferred inputs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct StepReport {
-    pub input: String,
+pub(crate) struct StepReport {
+    pub(crate) input: String,
     /// Model states, e.g. `FIN_WAIT1+orphan`, `TW:TIME_WAIT`.
-    pub from: String,
-    pub to: String,
+    pub(crate) from: String,
+    pub(crate) to: String,
     /// The first event the step accounts for; `None` for a step that left no event (an unseen
     /// close(), a minisocket's silent expiry).
-    pub at_ns: Option<u64>,
+    pub(crate) at_ns: Option<u64>,
     /// The kernel function whose rule decided it.
-    pub decided_by: Option<String>,
+    pub(crate) decided_by: Option<String>,
 }
 
 /// How a flow compares with the model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Every observed step is what the model predicts. `checked`: what the events verified;
     /// `unchecked`: what the model says happened that the attached hooks cannot show, and the
     /// ambiguities the events left.
@@ -260,16 +253,17 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn conforms(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn conforms(&self) -> bool {
         matches!(self, Verdict::Conforms { .. })
     }
 
-    pub fn diverges(&self) -> bool {
+    pub(crate) fn diverges(&self) -> bool {
         matches!(self, Verdict::Diverges { .. })
     }
 
     /// `conforms`, `diverges`, `incomplete`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Verdict::Conforms { .. } => "conforms",
             Verdict::Diverges { .. } => "diverges",
@@ -310,58 +304,51 @@ impl fmt::Display for Verdict {
 
 /// A finished flow: its events, the inputs inferred from them, and the verdict.
 #[derive(Clone, Debug, Serialize)]
-pub struct FlowReport {
+pub(crate) struct FlowReport {
     /// Unique within one table.
-    pub id: u64,
-    pub key: FlowKey,
+    pub(crate) id: u64,
+    pub(crate) key: FlowKey,
     /// The other end's flow, when it is on this host too.
-    pub peer_key: Option<FlowKey>,
-    pub peer_id: Option<u64>,
-    pub owner: Option<Owner>,
+    pub(crate) peer_key: Option<FlowKey>,
+    pub(crate) peer_id: Option<u64>,
+    pub(crate) owner: Option<Owner>,
     /// Kernel pointers of the full socket and of the minisocket.
-    pub sockets: Vec<crate::decode::SockPtr>,
-    pub first_ns: u64,
-    pub last_ns: u64,
-    pub end: FlowEnd,
-    pub timeline: Vec<TimelineEntry>,
-    /// The events themselves (not serialized: `timeline` is their compact form).
-    #[serde(skip)]
-    pub events: Vec<TraceEvent>,
+    pub(crate) sockets: Vec<crate::decode::SockPtr>,
+    pub(crate) first_ns: u64,
+    pub(crate) last_ns: u64,
+    pub(crate) end: FlowEnd,
+    pub(crate) timeline: Vec<TimelineEntry>,
     /// Events beyond `max_events_per_flow`, counted but not kept.
-    pub events_dropped: u64,
+    pub(crate) events_dropped: u64,
     /// Something beyond connection setup was seen (false: e.g. an idle ESTABLISHED connection
     /// evicted, or still open at the end of the trace).
-    pub teardown: bool,
+    pub(crate) teardown: bool,
     /// Model input names, in order.
-    pub inputs: Vec<String>,
-    pub steps: Vec<StepReport>,
-    pub verdict: Verdict,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) steps: Vec<StepReport>,
+    pub(crate) verdict: Verdict,
     /// The kernel's path, e.g. `ESTABLISHED → FIN_WAIT1 → FIN_WAIT2 → TW(FIN_WAIT2); FIN`.
-    pub observed: String,
+    pub(crate) observed: String,
     /// The model's path along `inputs`, in the same format.
-    pub expected: String,
-    pub notes: Vec<String>,
+    pub(crate) expected: String,
+    pub(crate) notes: Vec<String>,
 }
 
 impl FlowReport {
     /// What the kernel did, in one line (same format as [`FlowReport::expected_summary`]).
-    pub fn observed_summary(&self) -> &str {
+    pub(crate) fn observed_summary(&self) -> &str {
         &self.observed
     }
 
     /// What the model predicted along the inferred inputs, as far as the attached hooks show.
-    pub fn expected_summary(&self) -> &str {
+    pub(crate) fn expected_summary(&self) -> &str {
         &self.expected
-    }
-
-    /// Whether model input `name` was inferred for this flow.
-    pub fn has_input(&self, name: &str) -> bool {
-        self.inputs.iter().any(|i| i == name)
     }
 
     /// Whether a step took input `name` from a state that starts with `from` (e.g. `fin` from
     /// `FIN_WAIT1`).
-    pub fn has_step(&self, name: &str, from: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_step(&self, name: &str, from: &str) -> bool {
         self.steps
             .iter()
             .any(|s| s.input == name && s.from.starts_with(from))

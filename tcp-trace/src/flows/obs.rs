@@ -16,7 +16,7 @@ pub(crate) struct Visibility {
     /// socket. Before 6.10 tcp_v4_send_reset() traced only replies from full sockets
     /// (`if (sk && sk_fullsock(sk))`); "tcp: make trace_tcp_send_reset() available in all reply
     /// cases" changed that together with the reset reasons.
-    pub reply_reset_without_full_socket: bool,
+    pub(crate) reply_reset_without_full_socket: bool,
 }
 
 impl Visibility {
@@ -94,12 +94,12 @@ pub(crate) enum Obs {
 /// An observation with the event's time and the socket state the hook saw.
 #[derive(Clone, Debug)]
 pub(crate) struct ObsEv {
-    pub ts: u64,
-    pub obs: Obs,
+    pub(crate) ts: u64,
+    pub(crate) obs: Obs,
     /// The full socket's state when the hook ran.
-    pub state: Option<TcpState>,
+    pub(crate) state: Option<TcpState>,
     /// TW hooks: the minisocket's substate when the hook ran.
-    pub tw_substate: Option<TwSubstate>,
+    pub(crate) tw_substate: Option<TwSubstate>,
 }
 
 impl ObsEv {
@@ -225,22 +225,22 @@ pub(crate) enum Pred {
 /// inlined tcp_fin).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PredItem {
-    pub pred: Pred,
-    pub required: bool,
+    pub(crate) pred: Pred,
+    pub(crate) required: bool,
 }
 
 /// What a step would show through the attached hooks, and what it does that they cannot show.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Prediction {
-    pub items: Vec<PredItem>,
-    pub unseen: Vec<String>,
+    pub(crate) items: Vec<PredItem>,
+    pub(crate) unseen: Vec<String>,
 }
 
 /// A successful match: what it verified, and what it could not.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MatchNote {
-    pub checked: String,
-    pub unchecked: Option<String>,
+    pub(crate) checked: String,
+    pub(crate) unchecked: Option<String>,
 }
 
 fn reason_name(reason: Option<RstReason>) -> String {

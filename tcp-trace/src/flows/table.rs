@@ -40,17 +40,17 @@ const MAX_LOSS_INTERVALS: usize = 64;
 /// Counters of what the table did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub(crate) struct FlowStats {
-    pub events: u64,
+    pub(crate) events: u64,
     /// Events with neither a 4-tuple nor a socket pointer: no flow to put them in.
-    pub unattributed: u64,
+    pub(crate) unattributed: u64,
     /// Events older than what the table had already processed (beyond the reorder window).
-    pub late_events: u64,
-    pub flows_started: u64,
-    pub flows_reported: u64,
-    pub evicted_idle: u64,
-    pub evicted_capacity: u64,
+    pub(crate) late_events: u64,
+    pub(crate) flows_started: u64,
+    pub(crate) flows_reported: u64,
+    pub(crate) evicted_idle: u64,
+    pub(crate) evicted_capacity: u64,
     /// Events processed before their reorder window passed because the buffer was full.
-    pub released_early: u64,
+    pub(crate) released_early: u64,
 }
 
 /// Events waiting to be processed in time order: a heap of small keys (time, arrival) over a
@@ -978,7 +978,6 @@ impl FlowTable {
             last_ns: flow.last_ts,
             end,
             timeline: events.iter().map(entry).collect(),
-            events,
             events_dropped: flow.dropped,
             teardown: judgement.teardown,
             inputs: judgement.inputs,

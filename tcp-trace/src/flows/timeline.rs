@@ -117,7 +117,7 @@ pub(crate) fn relative(ns: u64) -> String {
 
 impl FlowReport {
     /// A few lines: header, events, inputs, model vs kernel, verdict, notes.
-    pub fn render_timeline(&self) -> String {
+    pub(crate) fn render_timeline(&self) -> String {
         let mut out = String::new();
         let _ = write!(out, "{}", self.key);
         match &self.owner {

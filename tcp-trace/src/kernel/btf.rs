@@ -13,12 +13,12 @@ use super::enums::{KReason, KTwStatus};
 use crate::model::{RstReason, TwStatus};
 
 /// The running kernel's BTF, with the look-ups tcp-trace needs.
-pub struct KernelBtf {
+pub(crate) struct KernelBtf {
     btf: Btf,
 }
 
 impl KernelBtf {
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let btf = Btf::from_bytes(bytes).map_err(|e| anyhow!("malformed BTF: {e}"))?;
         Ok(Self { btf })
     }
@@ -86,7 +86,7 @@ impl KernelBtf {
     }
 
     /// Byte offset of a dotted field path (`"ns.inum"`) from the start of `struct name`.
-    pub fn offset_of(&self, name: &str, path: &str) -> Result<u32> {
+    pub(crate) fn offset_of(&self, name: &str, path: &str) -> Result<u32> {
         let mut members = self.strukt(name)?.members;
         let mut total = 0;
         let mut parts = path.split('.').peekable();
@@ -106,7 +106,7 @@ impl KernelBtf {
     }
 
     /// Enumerators of `enum name` (32- or 64-bit), by value.
-    pub fn enum_values(&self, name: &str) -> Result<BTreeMap<u64, String>> {
+    pub(crate) fn enum_values(&self, name: &str) -> Result<BTreeMap<u64, String>> {
         for t in self.named(name) {
             match t {
                 Type::Enum(e) if !e.members.is_empty() => {
@@ -135,7 +135,7 @@ impl KernelBtf {
 
     /// Parameter names of kernel function `name`, or None when BTF has no such function (it
     /// does not exist, or was inlined everywhere and has no symbol).
-    pub fn function_params(&self, name: &str) -> Result<Option<Vec<String>>> {
+    pub(crate) fn function_params(&self, name: &str) -> Result<Option<Vec<String>>> {
         for t in self.named(name) {
             if let Type::Func(f) = t
                 && let Type::FuncProto(p) = self.btf.resolve_chained_type(&f)?
@@ -148,7 +148,7 @@ impl KernelBtf {
 
     /// Arguments of tracepoint `name` (its TP_PROTO, without the leading context pointer), from
     /// the `btf_trace_<name>` typedef the kernel defines for every tracepoint.
-    pub fn tracepoint_params(&self, name: &str) -> Result<Option<Vec<String>>> {
+    pub(crate) fn tracepoint_params(&self, name: &str) -> Result<Option<Vec<String>>> {
         for t in self.named(&format!("btf_trace_{name}")) {
             if let Type::Typedef(td) = t {
                 let ptr = self.btf.resolve_chained_type(&td)?;
@@ -167,12 +167,12 @@ impl KernelBtf {
 }
 
 /// The kernel functions tcp-trace hooks (from the registry; each once).
-pub fn hooked_functions() -> impl Iterator<Item = &'static str> {
+pub(crate) fn hooked_functions() -> impl Iterator<Item = &'static str> {
     targets(true)
 }
 
 /// The tracepoints tcp-trace hooks, without their system.
-pub fn hooked_tracepoints() -> impl Iterator<Item = &'static str> {
+pub(crate) fn hooked_tracepoints() -> impl Iterator<Item = &'static str> {
     targets(false)
 }
 
@@ -200,15 +200,15 @@ fn targets(functions: bool) -> impl Iterator<Item = &'static str> {
 pub struct KernelFacts {
     /// Field offsets and signature flags handed to the eBPF programs.
     #[serde(skip)]
-    pub config: Config,
+    pub(crate) config: Config,
     /// `enum sk_rst_reason` (6.10+), value -> name without the `SK_RST_REASON_` prefix.
     rst_reasons: BTreeMap<u64, String>,
     /// `enum tcp_tw_status`, value -> name without the `TCP_TW_` prefix.
     tw_status: BTreeMap<u64, String>,
     /// Parameter names of each hooked function; absent when BTF does not list it.
-    pub functions: BTreeMap<String, Vec<String>>,
+    pub(crate) functions: BTreeMap<String, Vec<String>>,
     /// Arguments of each tracepoint.
-    pub tracepoints: BTreeMap<String, Vec<String>>,
+    pub(crate) tracepoints: BTreeMap<String, Vec<String>>,
     /// The two enums above as typed values, indexed by the kernel's number: built once from
     /// the names, so that decoding an event is an index, not a name look-up.
     #[serde(skip)]
@@ -326,7 +326,7 @@ fn strip_all(map: BTreeMap<u64, String>, prefix: &str) -> BTreeMap<u64, String> 
 }
 
 impl KernelFacts {
-    pub fn from_btf(btf: &KernelBtf) -> Result<Self> {
+    pub(crate) fn from_btf(btf: &KernelBtf) -> Result<Self> {
         let off = |s: &str, f: &str| {
             btf.offset_of(s, f)
                 .with_context(|| format!("reading the offset of {s}.{f} from BTF"))
@@ -435,7 +435,7 @@ impl KernelFacts {
     }
 
     /// What these facts show of the kernel's teardown, for the model's parameters.
-    pub fn detected(&self) -> crate::model::DetectedKernel {
+    pub(crate) fn detected(&self) -> crate::model::DetectedKernel {
         let has =
             |params: Option<&Vec<String>>, name: &str| params.map(|p| p.iter().any(|n| n == name));
         crate::model::DetectedKernel {
@@ -449,17 +449,17 @@ impl KernelFacts {
     }
 
     /// `enum sk_rst_reason` as the kernel names it (empty before 6.10).
-    pub fn rst_reason_names(&self) -> &BTreeMap<u64, String> {
+    pub(crate) fn rst_reason_names(&self) -> &BTreeMap<u64, String> {
         &self.rst_reasons
     }
 
     /// `enum tcp_tw_status` as the kernel names it.
-    pub fn tw_status_names(&self) -> &BTreeMap<u64, String> {
+    pub(crate) fn tw_status_names(&self) -> &BTreeMap<u64, String> {
         &self.tw_status
     }
 
     /// An `enum sk_rst_reason` number of this kernel as a typed value.
-    pub fn rst_reason(&self, value: u32) -> KReason {
+    pub(crate) fn rst_reason(&self, value: u32) -> KReason {
         match self.values.rst.get(value as usize) {
             Some(Some(r)) => KReason::Known(*r),
             _ => KReason::Unknown(value),
@@ -467,7 +467,7 @@ impl KernelFacts {
     }
 
     /// An `enum tcp_tw_status` number of this kernel as a typed value.
-    pub fn tw_status(&self, value: i32) -> KTwStatus {
+    pub(crate) fn tw_status(&self, value: i32) -> KTwStatus {
         match usize::try_from(value)
             .ok()
             .and_then(|i| self.values.tw.get(i))

@@ -11,13 +11,13 @@ use crate::model::{RstReason, TwStatus};
 /// name for. Mapped once per kernel from its BTF names ([`crate::kernel::btf::KernelFacts`]):
 /// the numbers shift between releases, the names do not.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KReason {
+pub(crate) enum KReason {
     Known(RstReason),
     Unknown(u32),
 }
 
 impl KReason {
-    pub fn known(self) -> Option<RstReason> {
+    pub(crate) fn known(self) -> Option<RstReason> {
         match self {
             KReason::Known(r) => Some(r),
             KReason::Unknown(_) => None,
@@ -49,13 +49,13 @@ impl Serialize for KReason {
 /// An `enum tcp_tw_status` value (what tcp_timewait_state_process() returned), mapped by name
 /// like [`KReason`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KTwStatus {
+pub(crate) enum KTwStatus {
     Known(TwStatus),
     Unknown(i32),
 }
 
 impl KTwStatus {
-    pub fn known(self) -> Option<TwStatus> {
+    pub(crate) fn known(self) -> Option<TwStatus> {
         match self {
             KTwStatus::Known(s) => Some(s),
             KTwStatus::Unknown(_) => None,

@@ -2,14 +2,14 @@
 //! returns what it found and, on failure, the fix to print.
 
 pub mod btf;
-pub mod enums;
-pub mod netns_sysctls;
+pub(crate) mod enums;
+pub(crate) mod netns_sysctls;
 
 use std::{fs, path::Path};
 
 use anyhow::{Context, Result, bail};
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn kernel_release() -> String {
@@ -21,12 +21,12 @@ pub fn kernel_release() -> String {
 /// The running kernel's version as a string the model understands. Distribution kernels often
 /// keep the patch level out of `uname -r` (Debian: "6.1.0-47-amd64" is really 6.1.170), so
 /// /proc/version's "Debian 6.1.170-1" wins where present.
-pub fn kernel_version() -> String {
+pub(crate) fn kernel_version() -> String {
     let version = fs::read_to_string("/proc/version").unwrap_or_default();
     distro_version(&version).unwrap_or_else(kernel_release)
 }
 
-pub fn distro_version(proc_version: &str) -> Option<String> {
+pub(crate) fn distro_version(proc_version: &str) -> Option<String> {
     let words: Vec<&str> = proc_version.split_whitespace().collect();
     words
         .windows(2)
@@ -35,7 +35,7 @@ pub fn distro_version(proc_version: &str) -> Option<String> {
 }
 
 /// (major, minor, patch) of a release string such as "6.12.117+deb12-amd64".
-pub fn parse_release(release: &str) -> Option<(u32, u32, u32)> {
+pub(crate) fn parse_release(release: &str) -> Option<(u32, u32, u32)> {
     let mut nums = release
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -47,7 +47,7 @@ pub fn parse_release(release: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
-pub fn read_vmlinux_btf() -> Result<Vec<u8>> {
+pub(crate) fn read_vmlinux_btf() -> Result<Vec<u8>> {
     fs::read(VMLINUX_BTF).with_context(|| {
         format!(
             "cannot read the kernel's BTF at {VMLINUX_BTF}: tcp-trace needs a kernel built with \
@@ -56,7 +56,7 @@ pub fn read_vmlinux_btf() -> Result<Vec<u8>> {
     })
 }
 
-pub fn lockdown() -> String {
+pub(crate) fn lockdown() -> String {
     // "none [integrity] confidentiality": the bracketed word is the mode in force.
     match fs::read_to_string("/sys/kernel/security/lockdown") {
         Ok(s) => s
@@ -84,15 +84,15 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-pub struct Privileges {
-    pub euid: u32,
-    pub cap_bpf: bool,
-    pub cap_perfmon: bool,
-    pub cap_sys_admin: bool,
+pub(crate) struct Privileges {
+    pub(crate) euid: u32,
+    pub(crate) cap_bpf: bool,
+    pub(crate) cap_perfmon: bool,
+    pub(crate) cap_sys_admin: bool,
 }
 
 impl Privileges {
-    pub fn current() -> Self {
+    pub(crate) fn current() -> Self {
         let caps = effective_caps();
         let has = |c: u32| caps & (1 << c) != 0;
         Self {
@@ -103,11 +103,11 @@ impl Privileges {
         }
     }
 
-    pub fn sufficient(&self) -> bool {
+    pub(crate) fn sufficient(&self) -> bool {
         self.cap_sys_admin || (self.cap_bpf && self.cap_perfmon)
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
         format!(
             "euid {}, CAP_BPF {}, CAP_PERFMON {}, CAP_SYS_ADMIN {}",
@@ -118,7 +118,7 @@ impl Privileges {
         )
     }
 
-    pub fn require(&self) -> Result<()> {
+    pub(crate) fn require(&self) -> Result<()> {
         if self.sufficient() {
             return Ok(());
         }
@@ -133,7 +133,7 @@ impl Privileges {
 
 /// Makes sure tracefs is mounted (kprobes and tracepoints attach through it); mounts it when it
 /// is not and we may. Returns a note about what was done.
-pub fn ensure_tracefs() -> Result<String> {
+pub(crate) fn ensure_tracefs() -> Result<String> {
     if Path::new(TRACEFS).join("events").is_dir() {
         return Ok(format!("mounted at {TRACEFS}"));
     }
@@ -163,7 +163,7 @@ pub fn ensure_tracefs() -> Result<String> {
 }
 
 /// Fails with a clear message when `pid` names no running process.
-pub fn check_pid(pid: u32) -> Result<()> {
+pub(crate) fn check_pid(pid: u32) -> Result<()> {
     if Path::new(&format!("/proc/{pid}")).exists() {
         return Ok(());
     }
@@ -175,13 +175,13 @@ pub fn check_pid(pid: u32) -> Result<()> {
 
 /// Kernel timer frequency, for turning jiffies into seconds. From the kernel config when it is
 /// readable; None otherwise.
-pub fn config_hz() -> Option<u64> {
+pub(crate) fn config_hz() -> Option<u64> {
     let release = kernel_release();
     let text = fs::read_to_string(format!("/boot/config-{release}")).ok()?;
     parse_config_hz(&text)
 }
 
-pub fn parse_config_hz(config: &str) -> Option<u64> {
+pub(crate) fn parse_config_hz(config: &str) -> Option<u64> {
     config
         .lines()
         .find_map(|l| l.strip_prefix("CONFIG_HZ="))

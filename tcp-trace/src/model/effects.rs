@@ -20,8 +20,8 @@ enum Fate {
 }
 
 pub(crate) struct Ctx<'p> {
-    pub sk: Sock,
-    pub p: &'p ModelParams,
+    pub(crate) sk: Sock,
+    pub(crate) p: &'p ModelParams,
     out: Outcome,
     fate: Fate,
     rules: Vec<String>,

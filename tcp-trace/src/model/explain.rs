@@ -13,10 +13,10 @@ use super::state::State;
 /// The model run on `inputs` from `start`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
-    pub params: ModelParams,
-    pub start: State,
-    pub steps: Vec<Step>,
-    pub end: State,
+    pub(crate) params: ModelParams,
+    pub(crate) start: State,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) end: State,
 }
 
 /// Runs the model from `start` over `inputs`.

@@ -57,7 +57,7 @@ pub enum Input {
 /// Who causes an input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum InputSource {
+pub(crate) enum InputSource {
     Application,
     Peer,
     PeerToTimeWait,
@@ -77,12 +77,12 @@ impl fmt::Display for InputSource {
 
 /// An input's name, aliases and one-line help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct InputInfo {
-    pub input: Input,
-    pub name: &'static str,
-    pub aliases: &'static [&'static str],
-    pub source: InputSource,
-    pub help: &'static str,
+pub(crate) struct InputInfo {
+    pub(crate) input: Input,
+    pub(crate) name: &'static str,
+    pub(crate) aliases: &'static [&'static str],
+    pub(crate) source: InputSource,
+    pub(crate) help: &'static str,
 }
 
 const fn info(
@@ -102,7 +102,7 @@ const fn info(
 }
 
 /// Every input, in declaration order (`INPUTS[i].input as usize == i`).
-pub const INPUTS: &[InputInfo] = {
+pub(crate) const INPUTS: &[InputInfo] = {
     use Input::*;
     use InputSource::*;
     &[
@@ -330,17 +330,17 @@ pub const INPUTS: &[InputInfo] = {
 
 impl Input {
     /// Every input, in declaration order.
-    pub fn all() -> impl Iterator<Item = Input> {
+    pub(crate) fn all() -> impl Iterator<Item = Input> {
         INPUTS.iter().map(|info| info.input)
     }
 
     /// Name, aliases and help.
-    pub fn info(self) -> &'static InputInfo {
+    pub(crate) fn info(self) -> &'static InputInfo {
         &INPUTS[self as usize]
     }
 
     /// The canonical kebab-case name.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         self.info().name
     }
 
@@ -435,8 +435,8 @@ impl FromStr for Input {
 /// An input name that did not parse; Display lists the valid names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseInputError {
-    pub given: String,
-    pub valid: Vec<&'static str>,
+    pub(crate) given: String,
+    pub(crate) valid: Vec<&'static str>,
 }
 
 impl fmt::Display for ParseInputError {
@@ -473,14 +473,14 @@ pub(crate) enum Linger {
 /// How close() was called, and what __tcp_close() finds besides the socket's own flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CloseCall {
-    pub linger: Linger,
+    pub(crate) linger: Linger,
     /// What the receive queue holds at close(), when the input says so; else the socket's own.
-    pub receive_queue: Option<ReceiveQueue>,
-    pub repair: bool,
+    pub(crate) receive_queue: Option<ReceiveQueue>,
+    pub(crate) repair: bool,
     /// tcp_check_oom() reports pressure at adjudge_to_death.
-    pub oom: bool,
+    pub(crate) oom: bool,
     /// The listener's accept queue holds un-accepted children.
-    pub listener_children: bool,
+    pub(crate) listener_children: bool,
 }
 
 impl CloseCall {

@@ -35,53 +35,53 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
+// Public: what the `model` subcommand (src/main.rs) and the integration tests use.
 pub use explain::{Explanation, explain};
-pub use input::{INPUTS, Input, InputInfo, InputSource, ParseInputError, parse_inputs};
-pub use outcome::{
-    Errno, KernelFunction, Outcome, RstReason, StateChange, Step, TcpExtCounter, TimeWaitCall,
-    TimerArmed, TwStatus, Wire,
-};
-pub use params::{
-    DetectedKernel, KernelGeneration, KernelVersion, ModelParams, ParseKernelVersionError,
-    TCP_FIN_TIMEOUT_MAX_SECS, TCP_TIMEWAIT_LEN_MS,
-};
-pub use state::{
-    ParseStateError, ReceiveQueue, STATE_FLAGS, STATE_NAMES, Sock, State, TcpState, TimeWaitSock,
-    TwSubstate,
-};
+pub use input::{Input, ParseInputError, parse_inputs};
+pub use outcome::{RstReason, Step};
+pub use params::{KernelGeneration, KernelVersion, ModelParams, ParseKernelVersionError};
+pub use state::{ParseStateError, Sock, State, TimeWaitSock};
 pub use table::{TableRow, render_table, transition_table};
+
+pub(crate) use outcome::{KernelFunction, Outcome, TcpExtCounter, TwStatus, Wire};
+pub(crate) use params::{DetectedKernel, TCP_TIMEWAIT_LEN_MS};
+pub(crate) use state::{TcpState, TwSubstate};
+// What only the tests use besides.
+#[cfg(test)]
+pub(crate) use input::INPUTS;
+#[cfg(test)]
+pub(crate) use outcome::{Errno, StateChange, TimerArmed};
+#[cfg(test)]
+pub(crate) use state::ReceiveQueue;
 
 use input::{Action, TwSegment};
 
 /// One connection's teardown, step by step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Model {
+pub(crate) struct Model {
     params: ModelParams,
     state: State,
 }
 
 impl Model {
     /// A model of an ESTABLISHED connection held by the application.
-    pub fn established(params: ModelParams) -> Model {
+    #[cfg(test)]
+    pub(crate) fn established(params: ModelParams) -> Model {
         Model::with_state(params, State::established())
     }
 
     /// A model starting anywhere.
-    pub fn with_state(params: ModelParams, state: State) -> Model {
+    pub(crate) fn with_state(params: ModelParams, state: State) -> Model {
         Model { params, state }
     }
 
-    pub fn state(&self) -> &State {
+    pub(crate) fn state(&self) -> &State {
         &self.state
-    }
-
-    pub fn params(&self) -> &ModelParams {
-        &self.params
     }
 
     /// Applies one input: moves to the next state and returns what happened. Never panics; an
     /// input that cannot occur here leaves the state alone and says why.
-    pub fn step(&mut self, input: Input) -> Step {
+    pub(crate) fn step(&mut self, input: Input) -> Step {
         let outcome = decide(&self.state, input, &self.params);
         let from = std::mem::replace(&mut self.state, outcome.next.clone());
         Step {
@@ -92,7 +92,7 @@ impl Model {
     }
 
     /// Applies inputs in order.
-    pub fn run(&mut self, inputs: &[Input]) -> Vec<Step> {
+    pub(crate) fn run(&mut self, inputs: &[Input]) -> Vec<Step> {
         inputs.iter().map(|&input| self.step(input)).collect()
     }
 }

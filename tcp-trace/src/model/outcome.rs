@@ -11,7 +11,7 @@ use super::state::{State, TcpState, TwSubstate};
 /// A packet the step puts on the wire (or queues for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Wire {
+pub(crate) enum Wire {
     /// tcp_send_fin() built a new FIN skb and pushed it at once (TCP_NAGLE_OFF): nothing was
     /// queued ahead of it.
     FinSent,
@@ -33,11 +33,13 @@ pub enum Wire {
 }
 
 impl Wire {
-    pub fn is_fin(self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_fin(self) -> bool {
         matches!(self, Wire::FinSent | Wire::FinQueued)
     }
 
-    pub fn is_rst(self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_rst(self) -> bool {
         matches!(self, Wire::RstActive | Wire::RstReply | Wire::RstToChildren)
     }
 }
@@ -121,7 +123,7 @@ pub enum RstReason {
 }
 
 impl RstReason {
-    pub const ALL: [RstReason; 28] = [
+    pub(crate) const ALL: [RstReason; 28] = [
         RstReason::NotSpecified,
         RstReason::NoSocket,
         RstReason::TcpInvalidAckSequence,
@@ -188,7 +190,7 @@ impl RstReason {
     }
 
     /// The reason of a kernel name (without the `SK_RST_REASON_` prefix).
-    pub fn from_kernel_name(name: &str) -> Option<RstReason> {
+    pub(crate) fn from_kernel_name(name: &str) -> Option<RstReason> {
         RstReason::ALL.into_iter().find(|r| r.kernel_name() == name)
     }
 }
@@ -202,7 +204,7 @@ impl fmt::Display for RstReason {
 /// `enum tcp_tw_status`, what tcp_timewait_state_process() returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TwStatus {
+pub(crate) enum TwStatus {
     Success,
     Rst,
     Ack,
@@ -212,7 +214,7 @@ pub enum TwStatus {
 }
 
 impl TwStatus {
-    pub const ALL: [TwStatus; 5] = [
+    pub(crate) const ALL: [TwStatus; 5] = [
         TwStatus::Success,
         TwStatus::Rst,
         TwStatus::Ack,
@@ -221,23 +223,12 @@ impl TwStatus {
     ];
 
     /// The status of a kernel name (without the `TCP_TW_` prefix).
-    pub fn from_kernel_name(name: &str) -> Option<TwStatus> {
+    pub(crate) fn from_kernel_name(name: &str) -> Option<TwStatus> {
         TwStatus::ALL.into_iter().find(|s| s.kernel_name() == name)
     }
 
-    /// The kernel's numeric value (TCP_TW_SUCCESS = 0 ... TCP_TW_ACK_OOW = 4).
-    pub fn as_kernel(self) -> u8 {
-        match self {
-            TwStatus::Success => 0,
-            TwStatus::Rst => 1,
-            TwStatus::Ack => 2,
-            TwStatus::Syn => 3,
-            TwStatus::AckOow => 4,
-        }
-    }
-
     /// The name without the `TCP_TW_` prefix.
-    pub fn kernel_name(self) -> &'static str {
+    pub(crate) fn kernel_name(self) -> &'static str {
         match self {
             TwStatus::Success => "SUCCESS",
             TwStatus::Rst => "RST",
@@ -256,7 +247,7 @@ impl fmt::Display for TwStatus {
 
 /// A TcpExt counter (`nstat` name) the step bumps: an independent cross-check of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TcpExtCounter {
+pub(crate) enum TcpExtCounter {
     #[serde(rename = "TCPAbortOnClose")]
     TcpAbortOnClose,
     #[serde(rename = "TCPAbortOnData")]
@@ -274,7 +265,7 @@ pub enum TcpExtCounter {
 }
 
 impl TcpExtCounter {
-    pub fn nstat_name(self) -> &'static str {
+    pub(crate) fn nstat_name(self) -> &'static str {
         match self {
             TcpExtCounter::TcpAbortOnClose => "TCPAbortOnClose",
             TcpExtCounter::TcpAbortOnData => "TCPAbortOnData",
@@ -297,7 +288,7 @@ impl fmt::Display for TcpExtCounter {
 /// call's own return value for shutdown()/write(). Orphans record it with nobody to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum Errno {
+pub(crate) enum Errno {
     Econnreset,
     Econnrefused,
     Econnaborted,
@@ -321,9 +312,9 @@ impl fmt::Display for Errno {
 
 /// One tcp_set_state() call: what sock:inet_sock_set_state shows for the full socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StateChange {
-    pub from: TcpState,
-    pub to: TcpState,
+pub(crate) struct StateChange {
+    pub(crate) from: TcpState,
+    pub(crate) to: TcpState,
 }
 
 impl fmt::Display for StateChange {
@@ -335,14 +326,14 @@ impl fmt::Display for StateChange {
 /// A tcp_time_wait(sk, state, timeo) call: the full socket is traded for a minisocket (and then
 /// goes to CLOSE through tcp_done()).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct TimeWaitCall {
+pub(crate) struct TimeWaitCall {
     /// The `state` argument, which becomes tw_substate.
-    pub substate: TwSubstate,
+    pub(crate) substate: TwSubstate,
     /// The `timeo` argument, ms.
-    pub timeo_ms: u64,
+    pub(crate) timeo_ms: u64,
     /// What the minisocket's timer is armed to: timeo floored at 3.5 RTO, or TCP_TIMEWAIT_LEN
     /// for substate TIME_WAIT.
-    pub timer_ms: u64,
+    pub(crate) timer_ms: u64,
 }
 
 impl fmt::Display for TimeWaitCall {
@@ -358,7 +349,7 @@ impl fmt::Display for TimeWaitCall {
 /// A timer the step arms or re-arms (besides the one tcp_time_wait() arms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "timer", rename_all = "snake_case")]
-pub enum TimerArmed {
+pub(crate) enum TimerArmed {
     /// inet_csk_reset_keepalive_timer(): the keepalive timer doubles as the orphan FIN_WAIT2
     /// timer of a full socket.
     FinWait2Keepalive { ms: u64 },
@@ -377,7 +368,7 @@ impl fmt::Display for TimerArmed {
 
 /// The kernel function whose rule decided a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum KernelFunction {
+pub(crate) enum KernelFunction {
     #[serde(rename = "__tcp_close")]
     TcpClose,
     #[serde(rename = "tcp_disconnect")]
@@ -419,7 +410,7 @@ pub enum KernelFunction {
 }
 
 impl KernelFunction {
-    pub fn kernel_name(self) -> &'static str {
+    pub(crate) fn kernel_name(self) -> &'static str {
         match self {
             KernelFunction::TcpClose => "__tcp_close",
             KernelFunction::TcpDisconnect => "tcp_disconnect",
@@ -452,30 +443,30 @@ impl fmt::Display for KernelFunction {
 
 /// The decision for one input in one state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The state after the step.
-    pub next: State,
+    pub(crate) next: State,
     /// False when the input cannot happen in this state (then nothing changes and `rule` says
     /// why).
-    pub applicable: bool,
+    pub(crate) applicable: bool,
     /// The full socket's tcp_set_state() calls, in order.
-    pub state_changes: Vec<StateChange>,
+    pub(crate) state_changes: Vec<StateChange>,
     /// Packets, in order. Empty: nothing goes on the wire.
-    pub wire: Vec<Wire>,
+    pub(crate) wire: Vec<Wire>,
     /// The RST's `sk_rst_reason`; `None` when no RST or the kernel has no reasons.
-    pub rst_reason: Option<RstReason>,
+    pub(crate) rst_reason: Option<RstReason>,
     /// tcp_timewait_state_process()'s return, for segments that reach a minisocket.
-    pub tw_status: Option<TwStatus>,
+    pub(crate) tw_status: Option<TwStatus>,
     /// TcpExt counters bumped.
-    pub counters: Vec<TcpExtCounter>,
-    pub error: Option<Errno>,
-    pub time_wait: Option<TimeWaitCall>,
-    pub timer: Option<TimerArmed>,
+    pub(crate) counters: Vec<TcpExtCounter>,
+    pub(crate) error: Option<Errno>,
+    pub(crate) time_wait: Option<TimeWaitCall>,
+    pub(crate) timer: Option<TimerArmed>,
     /// close() blocks in sk_stream_wait_close() (SO_LINGER with a positive time).
-    pub blocks_caller: bool,
-    pub decided_by: Option<KernelFunction>,
+    pub(crate) blocks_caller: bool,
+    pub(crate) decided_by: Option<KernelFunction>,
     /// The rule, in words, citing the kernel code.
-    pub rule: String,
+    pub(crate) rule: String,
 }
 
 impl Outcome {
@@ -539,30 +530,34 @@ impl Outcome {
 /// One step of a model run: the input, where it started, and the outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
-    pub input: Input,
-    pub from: State,
+    pub(crate) input: Input,
+    pub(crate) from: State,
     #[serde(flatten)]
-    pub outcome: Outcome,
+    pub(crate) outcome: Outcome,
 }
 
 impl Step {
     /// The state after the step.
-    pub fn to(&self) -> &State {
+    #[cfg(test)]
+    pub(crate) fn to(&self) -> &State {
         &self.outcome.next
     }
 
     /// A FIN was sent or queued.
-    pub fn sends_fin(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn sends_fin(&self) -> bool {
         self.outcome.wire.iter().any(|w| w.is_fin())
     }
 
     /// A RST was sent (by the socket, in reply, or by a listener's children).
-    pub fn sends_rst(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn sends_rst(&self) -> bool {
         self.outcome.wire.iter().any(|w| w.is_rst())
     }
 
     /// tcp_time_wait() was called.
-    pub fn time_wait_called(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn time_wait_called(&self) -> bool {
         self.outcome.time_wait.is_some()
     }
 }

@@ -9,22 +9,22 @@ use serde::{Deserialize, Serialize};
 use super::outcome::{RstReason, TwStatus};
 
 /// TCP_TIMEWAIT_LEN: a TIME_WAIT minisocket's lifetime, 60 s.
-pub const TCP_TIMEWAIT_LEN_MS: u64 = 60_000;
+pub(crate) const TCP_TIMEWAIT_LEN_MS: u64 = 60_000;
 
 /// TCP_FIN_TIMEOUT_MAX (120 s): do_tcp_setsockopt(TCP_LINGER2) caps linger2 here. (From the
 /// setsockopt code, not from the teardown doc.)
-pub const TCP_FIN_TIMEOUT_MAX_SECS: i32 = 120;
+pub(crate) const TCP_FIN_TIMEOUT_MAX_SECS: i32 = 120;
 
 /// A kernel release, `major.minor.patch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct KernelVersion {
-    pub major: u32,
-    pub minor: u32,
-    pub patch: u32,
+    pub(crate) major: u32,
+    pub(crate) minor: u32,
+    pub(crate) patch: u32,
 }
 
 impl KernelVersion {
-    pub const fn new(major: u32, minor: u32, patch: u32) -> KernelVersion {
+    pub(crate) const fn new(major: u32, minor: u32, patch: u32) -> KernelVersion {
         KernelVersion {
             major,
             minor,
@@ -88,36 +88,36 @@ impl std::error::Error for ParseKernelVersionError {}
 /// Where teardown behaviour (or what a tracer can see of it) differs between kernel releases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KernelGeneration {
-    pub version: KernelVersion,
+    pub(crate) version: KernelVersion,
     /// 6.10+: reply resets (tcp_v4_send_reset) carry an `enum sk_rst_reason`: NO_SOCKET,
     /// TCP_ABORT_ON_DATA, TCP_TIMEWAIT_SOCKET... Before that the tracepoint has no reason.
-    pub passive_reset_reasons: bool,
+    pub(crate) passive_reset_reasons: bool,
     /// 6.12+: tcp_send_active_reset() callers name their reason (TCP_ABORT_ON_CLOSE,
     /// TCP_ABORT_ON_LINGER, TCP_ABORT_ON_MEMORY, TCP_STATE, TCP_DISCONNECT_WITH_DATA). On 6.10 and
     /// 6.11 the argument exists but every active reset passes NOT_SPECIFIED.
-    pub active_reset_reasons: bool,
+    pub(crate) active_reset_reasons: bool,
     /// 6.15+: tcp_timewait_state_process() returns TCP_TW_ACK_OOW (4) for its rate-limited
     /// out-of-window ACKs; before, those are TCP_TW_ACK.
-    pub tw_ack_oow: bool,
+    pub(crate) tw_ack_oow: bool,
     /// 6.10+: the new incarnation's ISN leaves tcp_timewait_state_process() through a
     /// `u32 *tw_isn` argument rather than TCP_SKB_CB(skb)->tcp_tw_isn. (The doc's signature table
     /// samples 6.12; the exact first release is taken from the tracker issue.)
-    pub tw_isn_argument: bool,
+    pub(crate) tw_isn_argument: bool,
     /// Whether a RST that tcp_rfc1337=1 tells TIME_WAIT to ignore still re-arms the 60 s timer.
     /// Not on 6.x (the re-arm is in the bare-ACK branch only); older kernels re-armed
     /// unconditionally. The exact release of the change is (unverified); the model says pre-6.0.
-    pub rfc1337_rst_rearms_tw_timer: bool,
+    pub(crate) rfc1337_rst_rearms_tw_timer: bool,
     /// "tcp: fix __tcp_close() to only send RST when required" (mainline 6.18, backported to
     /// stables in Oct 2025 at point releases that are (unverified)): with it, close() resets only
     /// if some queued skb ends (minus FIN) after copied_seq; without it, any queued payload counts,
     /// read or not. The version constructor sets it for 6.18+ only: callers that know their
     /// stable kernel has the backport should set it themselves.
-    pub close_unread_fix: bool,
+    pub(crate) close_unread_fix: bool,
 }
 
 impl KernelGeneration {
     /// The generation of a given release.
-    pub fn from_version(major: u32, minor: u32, patch: u32) -> KernelGeneration {
+    pub(crate) fn from_version(major: u32, minor: u32, patch: u32) -> KernelGeneration {
         KernelGeneration::for_release(KernelVersion::new(major, minor, patch))
     }
 
@@ -137,7 +137,7 @@ impl KernelGeneration {
     /// This generation with what the running kernel shows of itself (its BTF) in place of what
     /// the release number suggests: a backport, or a distribution kernel that differs from
     /// mainline, is then modelled as it is.
-    pub fn with_detected(mut self, d: DetectedKernel) -> KernelGeneration {
+    pub(crate) fn with_detected(mut self, d: DetectedKernel) -> KernelGeneration {
         if let Some(v) = d.passive_reset_reasons {
             self.passive_reset_reasons = v;
         }
@@ -167,12 +167,12 @@ impl KernelGeneration {
     }
 
     /// The reason a reply reset (tcp_v4_send_reset) shows, given the reason 6.10+ passes.
-    pub fn reply_reset_reason(&self, named: RstReason) -> Option<RstReason> {
+    pub(crate) fn reply_reset_reason(&self, named: RstReason) -> Option<RstReason> {
         self.passive_reset_reasons.then_some(named)
     }
 
     /// The status of a rate-limited out-of-window ACK from a TIME_WAIT minisocket.
-    pub fn tw_oow_ack_status(&self) -> TwStatus {
+    pub(crate) fn tw_oow_ack_status(&self) -> TwStatus {
         if self.tw_ack_oow {
             TwStatus::AckOow
         } else {
@@ -184,15 +184,15 @@ impl KernelGeneration {
 /// Kernel facts that the running kernel's BTF shows directly (None: BTF did not say), which
 /// [`KernelGeneration::with_detected`] prefers over the release number.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DetectedKernel {
+pub(crate) struct DetectedKernel {
     /// The tcp_send_reset tracepoint has a `reason` argument.
-    pub passive_reset_reasons: Option<bool>,
+    pub(crate) passive_reset_reasons: Option<bool>,
     /// tcp_send_active_reset() has a `reason` argument.
-    pub active_reset_argument: Option<bool>,
+    pub(crate) active_reset_argument: Option<bool>,
     /// `enum tcp_tw_status` has TCP_TW_ACK_OOW.
-    pub tw_ack_oow: Option<bool>,
+    pub(crate) tw_ack_oow: Option<bool>,
     /// tcp_timewait_state_process() has a `tw_isn` argument.
-    pub tw_isn_argument: Option<bool>,
+    pub(crate) tw_isn_argument: Option<bool>,
 }
 
 /// Everything the model's decisions depend on besides the state and the input.
@@ -218,7 +218,7 @@ pub struct ModelParams {
 
 impl ModelParams {
     /// Kernel `major.minor.patch` with every sysctl at its default.
-    pub fn for_kernel(major: u32, minor: u32, patch: u32) -> ModelParams {
+    pub(crate) fn for_kernel(major: u32, minor: u32, patch: u32) -> ModelParams {
         ModelParams::for_generation(KernelGeneration::from_version(major, minor, patch))
     }
 
@@ -237,14 +237,14 @@ impl ModelParams {
 
     /// These parameters with the kernel's own facts preferred (see
     /// [`KernelGeneration::with_detected`]).
-    pub fn with_detected(mut self, d: DetectedKernel) -> ModelParams {
+    pub(crate) fn with_detected(mut self, d: DetectedKernel) -> ModelParams {
         self.kernel = self.kernel.with_detected(d);
         self
     }
 
     /// tcp_fin_time(): (linger2 ?: tcp_fin_timeout), floored at 3.5 RTO, in ms. With linger2 < 0
     /// the kernel's callers test that case first, so only the floor is left here.
-    pub fn fin_time_ms(&self) -> u64 {
+    pub(crate) fn fin_time_ms(&self) -> u64 {
         let secs = if self.tcp_linger2_secs != 0 {
             i64::from(self.tcp_linger2_secs.min(TCP_FIN_TIMEOUT_MAX_SECS))
         } else {
@@ -256,13 +256,13 @@ impl ModelParams {
 
     /// 3.5 RTO, `(rto << 2) - (rto >> 1)`: the floor of tcp_fin_time() and of tcp_time_wait()'s
     /// timeout.
-    pub fn rto_floor_ms(&self) -> u64 {
+    pub(crate) fn rto_floor_ms(&self) -> u64 {
         let rto = u64::from(self.rto_ms);
         (rto << 2) - (rto >> 1)
     }
 
     /// tcp_orphan_retries(): the sysctl, where 0 means 8 while the peer seems alive.
-    pub fn orphan_retries(&self, alive: bool) -> u32 {
+    pub(crate) fn orphan_retries(&self, alive: bool) -> u32 {
         if self.tcp_orphan_retries == 0 && alive {
             8
         } else {

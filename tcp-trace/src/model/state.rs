@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// unconnected sockets, is outside teardown and deliberately absent.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TcpState {
+pub(crate) enum TcpState {
     Established,
     SynSent,
     SynRecv,
@@ -31,7 +31,7 @@ pub enum TcpState {
 
 impl TcpState {
     /// Every state, in kernel order (1..=12).
-    pub const ALL: [TcpState; 12] = [
+    pub(crate) const ALL: [TcpState; 12] = [
         TcpState::Established,
         TcpState::SynSent,
         TcpState::SynRecv,
@@ -47,7 +47,7 @@ impl TcpState {
     ];
 
     /// The state for a kernel value (`TCP_ESTABLISHED` = 1 ... `TCP_NEW_SYN_RECV` = 12).
-    pub fn from_kernel(value: u8) -> Option<TcpState> {
+    pub(crate) fn from_kernel(value: u8) -> Option<TcpState> {
         match value {
             1..=12 => Some(TcpState::ALL[usize::from(value) - 1]),
             _ => None,
@@ -55,7 +55,8 @@ impl TcpState {
     }
 
     /// The kernel's numeric value of this state.
-    pub fn as_kernel(self) -> u8 {
+    #[cfg(test)]
+    pub(crate) fn as_kernel(self) -> u8 {
         match self {
             TcpState::Established => 1,
             TcpState::SynSent => 2,
@@ -73,7 +74,7 @@ impl TcpState {
     }
 
     /// The kernel's name, as the sock:inet_sock_set_state tracepoint prints it without `TCP_`.
-    pub fn kernel_name(self) -> &'static str {
+    pub(crate) fn kernel_name(self) -> &'static str {
         match self {
             TcpState::Established => "ESTABLISHED",
             TcpState::SynSent => "SYN_SENT",
@@ -135,7 +136,7 @@ impl FromStr for TcpState {
 /// `tw->tw_substate` of a TIME_WAIT minisocket: the TCP state it stands in for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TwSubstate {
+pub(crate) enum TwSubstate {
     /// An orphaned FIN_WAIT2 whose full socket was traded for a minisocket
     /// (tcp_time_wait(sk, TCP_FIN_WAIT2, tmo)); the peer has not sent its FIN yet.
     FinWait2,
@@ -145,12 +146,13 @@ pub enum TwSubstate {
 
 impl TwSubstate {
     /// The kernel value stored in `tw_substate` (TCP_FIN_WAIT2 = 5, TCP_TIME_WAIT = 6).
-    pub fn as_kernel(self) -> u8 {
+    #[cfg(test)]
+    pub(crate) fn as_kernel(self) -> u8 {
         self.as_tcp_state().as_kernel()
     }
 
     /// The TCP state this substate stands in for.
-    pub fn as_tcp_state(self) -> TcpState {
+    pub(crate) fn as_tcp_state(self) -> TcpState {
         match self {
             TwSubstate::FinWait2 => TcpState::FinWait2,
             TwSubstate::TimeWait => TcpState::TimeWait,
@@ -167,7 +169,7 @@ impl fmt::Display for TwSubstate {
 /// What the receive queue holds, measured the way __tcp_close() cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ReceiveQueue {
+pub(crate) enum ReceiveQueue {
     /// Nothing queued.
     Empty,
     /// Bytes after copied_seq: the application has not read them.
@@ -180,20 +182,20 @@ pub enum ReceiveQueue {
 /// A full socket (`struct tcp_sock`): its state plus the flags that change teardown decisions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Sock {
-    pub state: TcpState,
+    pub(crate) state: TcpState,
     /// SOCK_DEAD: close() ran sock_orphan(); no application holds the socket any more.
-    pub orphan: bool,
+    pub(crate) orphan: bool,
     /// RCV_SHUTDOWN in sk_shutdown (shutdown(SHUT_RD), close(), or the peer's FIN).
-    pub rcv_shutdown: bool,
-    pub receive_queue: ReceiveQueue,
+    pub(crate) rcv_shutdown: bool,
+    pub(crate) receive_queue: ReceiveQueue,
     /// snd_nxt != write_seq: written bytes wait in the write queue (peer window closed). A FIN
     /// queued now rides behind them instead of going out at once.
-    pub unsent: bool,
+    pub(crate) unsent: bool,
 }
 
 impl Sock {
     /// A socket held by the application with empty queues.
-    pub fn new(state: TcpState) -> Sock {
+    pub(crate) fn new(state: TcpState) -> Sock {
         Sock {
             state,
             orphan: false,
@@ -204,7 +206,7 @@ impl Sock {
     }
 
     /// The same socket after close() orphaned it (sock_orphan; sk_shutdown = SHUTDOWN_MASK).
-    pub fn orphaned(mut self) -> Sock {
+    pub(crate) fn orphaned(mut self) -> Sock {
         self.orphan = true;
         self.rcv_shutdown = true;
         self
@@ -222,11 +224,11 @@ impl Sock {
 /// An `inet_timewait_sock` left by tcp_time_wait(); its pointer differs from the full socket's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TimeWaitSock {
-    pub substate: TwSubstate,
+    pub(crate) substate: TwSubstate,
     /// tcp_time_wait() ran tcp_done() on a socket the application had not closed (e.g. after
     /// shutdown(SHUT_WR)): the application still holds that full socket, now in CLOSE, and its
     /// close() will destroy it while the minisocket lives on.
-    pub app_holds_closed_socket: bool,
+    pub(crate) app_holds_closed_socket: bool,
 }
 
 /// Where the connection lives: a full socket, a TIME_WAIT minisocket, or nowhere.
@@ -241,17 +243,18 @@ pub enum State {
 
 impl State {
     /// A full socket in `state`, held by the application, queues empty.
-    pub fn socket(state: TcpState) -> State {
+    pub(crate) fn socket(state: TcpState) -> State {
         State::Socket(Sock::new(state))
     }
 
     /// The ESTABLISHED socket every teardown starts from.
-    pub fn established() -> State {
+    #[cfg(test)]
+    pub(crate) fn established() -> State {
         State::socket(TcpState::Established)
     }
 
     /// A TIME_WAIT minisocket whose full socket is already gone.
-    pub fn time_wait(substate: TwSubstate) -> State {
+    pub(crate) fn time_wait(substate: TwSubstate) -> State {
         State::TimeWait(TimeWaitSock {
             substate,
             app_holds_closed_socket: false,
@@ -259,7 +262,7 @@ impl State {
     }
 
     /// The full socket's TCP state, if there is a full socket.
-    pub fn tcp_state(&self) -> Option<TcpState> {
+    pub(crate) fn tcp_state(&self) -> Option<TcpState> {
         match self {
             State::Socket(sock) => Some(sock.state),
             State::TimeWait(_) | State::Freed => None,
@@ -267,7 +270,7 @@ impl State {
     }
 
     /// The TIME_WAIT minisocket's substate, if there is one.
-    pub fn tw_substate(&self) -> Option<TwSubstate> {
+    pub(crate) fn tw_substate(&self) -> Option<TwSubstate> {
         match self {
             State::TimeWait(tw) => Some(tw.substate),
             State::Socket(_) | State::Freed => None,
@@ -275,7 +278,8 @@ impl State {
     }
 
     /// Teardown is over: nothing left, or only a CLOSE socket the application still holds.
-    pub fn is_finished(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_finished(&self) -> bool {
         match self {
             State::Freed => true,
             State::Socket(sock) => sock.state == TcpState::Close,
@@ -287,7 +291,7 @@ impl State {
     /// during teardown (with the flag combinations that change decisions), both minisocket
     /// substates, and freed. TIME_WAIT and NEW_SYN_RECV never belong to a full socket and are
     /// left out here (the model still answers for them: every input is "not applicable").
-    pub fn table_states() -> Vec<State> {
+    pub(crate) fn table_states() -> Vec<State> {
         use TcpState::*;
         let held = [
             Established,
@@ -361,7 +365,7 @@ impl fmt::Display for State {
 }
 
 /// Starting-state names accepted by `State::from_str`, with one-line help.
-pub const STATE_NAMES: &[(&str, &str)] = &[
+pub(crate) const STATE_NAMES: &[(&str, &str)] = &[
     (
         "established",
         "ESTABLISHED full socket held by the application",
@@ -423,7 +427,7 @@ impl State {
 }
 
 /// Flags that may follow a starting-state name, `+`-separated.
-pub const STATE_FLAGS: &[(&str, &str)] = &[
+pub(crate) const STATE_FLAGS: &[(&str, &str)] = &[
     (
         "orphan",
         "close() already ran: SOCK_DEAD (implies rcv-shutdown)",
@@ -502,9 +506,9 @@ impl FromStr for State {
 /// A state name that did not parse; Display lists the valid names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseStateError {
-    pub given: String,
-    pub valid: Vec<String>,
-    pub flags: Vec<String>,
+    pub(crate) given: String,
+    pub(crate) valid: Vec<String>,
+    pub(crate) flags: Vec<String>,
 }
 
 impl fmt::Display for ParseStateError {

@@ -5,7 +5,9 @@ use std::{error::Error, fmt, io};
 
 use serde_json::error::Category;
 
-use super::{FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, TAG_END, TAG_EVENT, TAG_LOST};
+#[cfg(test)]
+use super::MAGIC;
+use super::{FORMAT_VERSION, MAX_HEADER_LEN, TAG_END, TAG_EVENT, TAG_LOST};
 
 /// Why a recording cannot be read (further). Every variant but [`RecordError::NotARecording`]
 /// names the byte offset of the problem ([`RecordError::offset`]).
@@ -79,7 +81,8 @@ pub enum RecordError {
 
 impl RecordError {
     /// The byte offset (from the start of the file) that the error is about.
-    pub fn offset(&self) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn offset(&self) -> Option<u64> {
         match self {
             RecordError::Io { offset, .. }
             | RecordError::HeaderTooLarge { offset, .. }
@@ -101,7 +104,7 @@ impl RecordError {
 
     /// True when the file is a valid recording up to where it stops: it was cut short (or never
     /// finished) rather than corrupt. The records read before the error are complete.
-    pub fn is_cut_short(&self) -> bool {
+    pub(crate) fn is_cut_short(&self) -> bool {
         matches!(
             self,
             RecordError::Truncated { .. } | RecordError::Unfinished { .. }
@@ -109,7 +112,8 @@ impl RecordError {
     }
 
     /// For a cut-short recording, how many complete records came before the cut.
-    pub fn complete_records(&self) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn complete_records(&self) -> Option<u64> {
         match self {
             RecordError::Truncated { records, .. } | RecordError::Unfinished { records, .. } => {
                 Some(*records)

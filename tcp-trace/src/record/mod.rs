@@ -28,18 +28,18 @@ use crate::{
 };
 
 /// The first 8 bytes of every recording.
-pub const MAGIC: &[u8; 8] = b"TCPTRACE";
+pub(crate) const MAGIC: &[u8; 8] = b"TCPTRACE";
 /// The record layout version this build writes. It reads this one and every older one: format
 /// 1 stored 192-byte events (without `owner_cgroup`), read as if that field were 0.
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// The largest JSON header a reader accepts (real ones are a few KiB).
-pub const MAX_HEADER_LEN: u32 = 16 << 20;
+pub(crate) const MAX_HEADER_LEN: u32 = 16 << 20;
 /// Record tag: one raw [`Event`] (payload: [`EVENT_SIZE`] bytes).
-pub const TAG_EVENT: u8 = b'E';
+pub(crate) const TAG_EVENT: u8 = b'E';
 /// Record tag: events were lost (payload: `u64 ts_ns`, `u64 total_lost_so_far`).
-pub const TAG_LOST: u8 = b'L';
+pub(crate) const TAG_LOST: u8 = b'L';
 /// Record tag: end of trace (payload: `u64 events_written`, `u64 lost_total`).
-pub const TAG_END: u8 = b'Z';
+pub(crate) const TAG_END: u8 = b'Z';
 
 /// Offset of the JSON header: magic, version, header length.
 const HEADER_START: u64 = 16;
@@ -52,9 +52,9 @@ const BUF_CAPACITY: usize = 64 << 10;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filters {
     #[serde(default)]
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
 }
 
 /// The JSON header: what replay needs to interpret the events without the kernel that made them.
@@ -177,11 +177,13 @@ impl RecordHeader {
     }
 
     /// An event timestamp (CLOCK_MONOTONIC ns) as wall-clock Unix nanoseconds.
-    pub fn wall_clock_ns(&self, ts_ns: u64) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn wall_clock_ns(&self, ts_ns: u64) -> u64 {
         ts_ns.saturating_add_signed(self.realtime_minus_monotonic_ns)
     }
 
-    pub fn sysctl(&self, name: &str) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn sysctl(&self, name: &str) -> Option<&str> {
         self.sysctls.get(name).map(String::as_str)
     }
 }
@@ -251,14 +253,14 @@ impl<W: Write> RecordWriter<W> {
     }
 
     /// Appends a lost-events marker: at `ts_ns` (CLOCK_MONOTONIC), `total` events lost so far.
-    pub fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
+    pub(crate) fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
         self.record(TAG_LOST, &pair(ts_ns, total))?;
         self.lost = total;
         Ok(())
     }
 
     /// Events written so far.
-    pub fn events_written(&self) -> u64 {
+    pub(crate) fn events_written(&self) -> u64 {
         self.events
     }
 
@@ -305,7 +307,7 @@ fn unpair(p: &[u8; PAIR_LEN]) -> (u64, u64) {
 /// records in order, ending after [`Record::End`] or at the first error (after which it yields
 /// nothing). A cut-short file yields its complete records, then an error for which
 /// [`RecordError::is_cut_short`] is true.
-pub struct RecordReader<R: Read> {
+pub(crate) struct RecordReader<R: Read> {
     input: BufReader<R>,
     offset: u64,
     records: u64,
@@ -319,7 +321,7 @@ pub struct RecordReader<R: Read> {
 
 impl<R: Read> RecordReader<R> {
     /// Reads and checks the magic, version and header. `r` is buffered here.
-    pub fn open(r: R) -> Result<(RecordHeader, Self), RecordError> {
+    pub(crate) fn open(r: R) -> Result<(RecordHeader, Self), RecordError> {
         let mut rd = RecordReader {
             input: BufReader::with_capacity(BUF_CAPACITY, r),
             offset: 0,
@@ -391,22 +393,26 @@ impl<R: Read> RecordReader<R> {
     }
 
     /// Byte offset of the next record.
-    pub fn offset(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn offset(&self) -> u64 {
         self.offset
     }
 
     /// Complete records read so far.
-    pub fn records_read(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn records_read(&self) -> u64 {
         self.records
     }
 
     /// Event records read so far.
-    pub fn events_read(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn events_read(&self) -> u64 {
         self.events
     }
 
     /// Whether the end-of-trace record has been read.
-    pub fn finished(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn finished(&self) -> bool {
         self.ended
     }
 

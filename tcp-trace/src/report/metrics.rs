@@ -30,10 +30,10 @@ use crate::{
 };
 
 /// How many distinct (process, container) pairs get their own label values.
-pub const DEFAULT_OWNER_CAP: usize = 50;
+pub(crate) const DEFAULT_OWNER_CAP: usize = 50;
 
 /// The label value for whatever is over a cap.
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResetLabels {
@@ -72,7 +72,7 @@ struct RuleLabels {
 }
 
 /// The metrics of one run, shared by the pipeline (which counts) and the HTTP server.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     resets: Family<ResetLabels, Counter>,
     flows: Family<FlowLabels, Counter>,
@@ -97,7 +97,7 @@ struct OwnerCap {
 const RULE_CAP: usize = 100;
 
 impl Metrics {
-    pub fn new(owner_cap: usize) -> Self {
+    pub(crate) fn new(owner_cap: usize) -> Self {
         let mut registry = Registry::with_prefix("tcp_trace");
         let resets = Family::<ResetLabels, Counter>::default();
         registry.register(
@@ -186,13 +186,13 @@ impl Metrics {
     }
 
     /// Which hooks are attached (by the names the events carry).
-    pub fn set_hook_attached(&self, hook: &'static str, attached: bool) {
+    pub(crate) fn set_hook_attached(&self, hook: &'static str, attached: bool) {
         self.hooks
             .get_or_create(&HookLabels { hook })
             .set(attached as i64);
     }
 
-    pub fn event(&self, hook: Hook) {
+    pub(crate) fn event(&self, hook: Hook) {
         self.events
             .get_or_create(&HookLabels {
                 hook: hook_name(hook),
@@ -200,7 +200,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn reset(&self, d: &ResetDiagnosis, container: Option<&str>) {
+    pub(crate) fn reset(&self, d: &ResetDiagnosis, container: Option<&str>) {
         let (process, container) = self.owner_labels(d.owner.as_ref(), container);
         let labels = ResetLabels {
             direction: match d.direction {
@@ -218,7 +218,7 @@ impl Metrics {
     }
 
     /// A flow whose teardown ended.
-    pub fn flow(&self, report: &FlowReport, container: Option<&str>) {
+    pub(crate) fn flow(&self, report: &FlowReport, container: Option<&str>) {
         let (process, container) = self.owner_labels(report.owner.as_ref(), container);
         self.flows
             .get_or_create(&FlowLabels {
@@ -241,7 +241,7 @@ impl Metrics {
     }
 
     /// The kernel's lost-event count for `reason` (`ring_full`, `recursion`) is now `total`.
-    pub fn set_lost_total(&self, reason: &'static str, total: u64) {
+    pub(crate) fn set_lost_total(&self, reason: &'static str, total: u64) {
         let c = self.lost.get_or_create(&LostLabels { reason });
         let now = c.get();
         if total > now {
@@ -249,16 +249,16 @@ impl Metrics {
         }
     }
 
-    pub fn set_flows_in_flight(&self, n: usize) {
+    pub(crate) fn set_flows_in_flight(&self, n: usize) {
         self.flows_in_flight.set(n as i64);
     }
 
-    pub fn set_ring_fill(&self, ratio: f64) {
+    pub(crate) fn set_ring_fill(&self, ratio: f64) {
         self.ring_fill.set(ratio);
     }
 
     /// The OpenMetrics text exposition.
-    pub fn openmetrics(&self) -> String {
+    pub(crate) fn openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -266,7 +266,7 @@ impl Metrics {
     }
 
     /// The Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics.
-    pub fn prometheus_text(&self) -> String {
+    pub(crate) fn prometheus_text(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
@@ -274,7 +274,7 @@ impl Metrics {
 }
 
 /// The hook's name as in `--json` (`tcp_close`, `inet_sock_set_state`, ...).
-pub fn hook_name(hook: Hook) -> &'static str {
+pub(crate) fn hook_name(hook: Hook) -> &'static str {
     match hook {
         Hook::TcpClose => "tcp_close",
         Hook::TcpFin => "tcp_fin",
@@ -305,12 +305,12 @@ fn end_name(end: crate::flows::FlowEnd) -> &'static str {
 }
 
 /// The `Content-Type` of [`Metrics::openmetrics`].
-pub const OPENMETRICS_CONTENT_TYPE: &str =
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Binds `addr` now (so that a port in use is an error at start, naming the address) and
 /// returns the listener for [`serve`].
-pub async fn bind(addr: &str) -> Result<TcpListener> {
+pub(crate) async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!(
             "--metrics {addr}: cannot listen there (is the port in use? the form is HOST:PORT, \
@@ -322,7 +322,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 /// Answers HTTP requests on `listener` for as long as the trace runs: `GET /metrics` gets the
 /// metrics, `/` a pointer to it, anything else 404. One request per connection, bounded reads,
 /// a connection that stalls is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // EMFILE and the like: back off rather than spin.

@@ -2,13 +2,11 @@
 //! flow and a run's summary look like as text ([`text`]), as `--json` lines ([`json`]) and as
 //! tables ([`tables`]). Nothing here decides anything: the pipeline calls it.
 
-pub mod json;
-pub mod metrics;
-pub mod output;
-pub mod tables;
-pub mod text;
-
-pub use text::human_line;
+pub(crate) mod json;
+pub(crate) mod metrics;
+pub(crate) mod output;
+pub(crate) mod tables;
+pub(crate) mod text;
 
 /// What to print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,7 +21,7 @@ pub enum View {
 
 /// How reset diagnoses (see [`resets`]) are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResetsView {
+pub(crate) enum ResetsView {
     /// A line (or `{"type":"reset"}` object) per diagnosis among the events, except with
     /// `--view flows`.
     Inline,
@@ -46,7 +44,7 @@ pub struct ReportOptions {
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
     /// Cgroup paths below the cgroup2 root: an owner in one of them or below it.
-    pub cgroups: Vec<String>,
+    pub(crate) cgroups: Vec<String>,
     /// Network namespace inodes.
-    pub netns: Vec<u32>,
+    pub(crate) netns: Vec<u32>,
 }

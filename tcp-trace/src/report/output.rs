@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-pub enum Output {
+pub(crate) enum Output {
     Stdout(BufWriter<io::Stdout>),
     File { path: PathBuf, out: BufWriter<File> },
     Quiet,
@@ -25,12 +25,12 @@ fn open_append(path: &Path) -> Result<BufWriter<File>> {
 }
 
 impl Output {
-    pub fn stdout() -> Self {
+    pub(crate) fn stdout() -> Self {
         Output::Stdout(BufWriter::new(io::stdout()))
     }
 
     /// Appends to `path` (created if missing): a restarted daemon does not wipe its log.
-    pub fn file(path: &Path) -> Result<Self> {
+    pub(crate) fn file(path: &Path) -> Result<Self> {
         Ok(Output::File {
             path: path.to_path_buf(),
             out: open_append(path)?,
@@ -39,7 +39,7 @@ impl Output {
 
     /// logrotate's convention: after it renamed the file, SIGHUP makes us flush what we have
     /// to the old one and carry on in a new file at the same path.
-    pub fn reopen(&mut self) -> Result<()> {
+    pub(crate) fn reopen(&mut self) -> Result<()> {
         if let Output::File { path, out } = self {
             out.flush()
                 .with_context(|| format!("flushing {}", path.display()))?;

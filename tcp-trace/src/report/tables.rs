@@ -9,7 +9,7 @@ use crate::{attach::HookStatus, decode::Hook};
 
 /// The end-of-run summary (text mode): per hook, how it was attached and how many events came;
 /// then the flows' verdicts and the resets' causes, counted.
-pub fn summary(
+pub(crate) fn summary(
     hooks: &[HookStatus],
     counts: &BTreeMap<Hook, u64>,
     verdicts: &BTreeMap<&'static str, u64>,

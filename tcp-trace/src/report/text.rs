@@ -3,7 +3,7 @@
 use crate::decode::{Hook, KState, TraceEvent};
 
 /// One human line per event.
-pub fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
+pub(crate) fn human_line(ev: &TraceEvent, unix_ns: u64) -> String {
     // `~`: a provisional owner (see the README's "Owners"); the flow's report names the final one.
     let who = match &ev.owner {
         Some(o) if !o.is_definite() => format!("~{}/{}", o.pid, o.comm),

@@ -26,23 +26,23 @@ use super::{Confidence, Direction, ResetCause, ResetDiagnosis, Task, human_durat
 pub(crate) struct FlowContext<'a> {
     /// The connection's recent events before this one, oldest first: its full socket, its
     /// TIME_WAIT minisocket and replies for its 4-tuple.
-    pub before: &'a [TraceEvent],
+    pub(crate) before: &'a [TraceEvent],
     /// The connection's events that came after this one, within the settle window.
-    pub after: &'a [TraceEvent],
+    pub(crate) after: &'a [TraceEvent],
     /// The tcp_close event of this socket's close(), when the hook saw it.
-    pub close: Option<&'a TraceEvent>,
-    pub kernel: KernelGeneration,
-    pub hooks: HookSet,
+    pub(crate) close: Option<&'a TraceEvent>,
+    pub(crate) kernel: KernelGeneration,
+    pub(crate) hooks: HookSet,
     /// The LISTEN -> CLOSE of the listener on this local port, by the task sending this RST,
     /// just before it (an un-accepted child reset by inet_csk_listen_stop()).
-    pub listener_closed: Option<&'a TraceEvent>,
+    pub(crate) listener_closed: Option<&'a TraceEvent>,
     /// For a received RST: the sender's diagnosis, when the other end is traced on this host.
-    pub peer_sent: Option<&'a ResetDiagnosis>,
+    pub(crate) peer_sent: Option<&'a ResetDiagnosis>,
     /// Events this close in time (ns) belong to the same kernel action.
-    pub near_ns: u64,
+    pub(crate) near_ns: u64,
     /// The kernel dropped events while this connection was alive: an RST may be missing, so
     /// nothing is concluded from the absence of one.
-    pub events_lost: bool,
+    pub(crate) events_lost: bool,
 }
 
 /// Reply-reset reasons (6.10+) for a segment the socket does not accept.

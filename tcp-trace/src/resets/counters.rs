@@ -95,18 +95,18 @@ pub(crate) fn deltas(
 
 /// What the diagnoses of one namespace should have added to the counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Tally {
+pub(crate) struct Tally {
     /// Certain or derived diagnoses: each bumped its counter.
-    pub exact: BTreeMap<&'static str, u64>,
+    pub(crate) exact: BTreeMap<&'static str, u64>,
     /// Guesses: each may have bumped one of its counters (or none).
-    pub possible: BTreeMap<&'static str, u64>,
+    pub(crate) possible: BTreeMap<&'static str, u64>,
     /// Guesses with at least one counter: each bumps at most one, so the sum over all counters
     /// lies in [sum of exact, sum of exact + guesses].
-    pub guesses: u64,
+    pub(crate) guesses: u64,
 }
 
 impl Tally {
-    pub fn add(&mut self, d: &ResetDiagnosis) {
+    pub(crate) fn add(&mut self, d: &ResetDiagnosis) {
         let (exact, possible) = d.tally_counters();
         if let Some(c) = exact {
             *self.exact.entry(c).or_default() += 1;
@@ -120,7 +120,7 @@ impl Tally {
     }
 
     /// Whether any diagnosis here involves a counter.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.possible.is_empty()
     }
 }
@@ -155,14 +155,14 @@ impl CheckVerdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct CounterRow {
     /// A TcpExt counter, or `all` (their sum).
-    pub counter: String,
-    pub kernel_delta: u64,
+    pub(crate) counter: String,
+    pub(crate) kernel_delta: u64,
     /// What tcp-trace diagnosed for certain (certain + derived).
-    pub traced: u64,
+    pub(crate) traced: u64,
     /// ... plus what its guesses may add.
-    pub traced_max: u64,
-    pub verdict: CheckVerdict,
-    pub detail: String,
+    pub(crate) traced_max: u64,
+    pub(crate) verdict: CheckVerdict,
+    pub(crate) detail: String,
 }
 
 fn row(counter: &str, delta: u64, min: u64, max: u64, filtered: bool) -> CounterRow {
@@ -238,13 +238,13 @@ pub(crate) fn check(
 /// The check of one namespace.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct NetnsCheck {
-    pub netns: u32,
+    pub(crate) netns: u32,
     /// How the namespace was found: `tcp-trace's own`, `pid 1234 (nginx)`, a path.
-    pub label: String,
-    pub filtered: bool,
-    pub rows: Vec<CounterRow>,
+    pub(crate) label: String,
+    pub(crate) filtered: bool,
+    pub(crate) rows: Vec<CounterRow>,
     /// Why the counters could not be compared (unreadable at start or end).
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 impl NetnsCheck {
@@ -259,8 +259,8 @@ impl NetnsCheck {
 
 /// A network namespace whose counters are read, kept open by descriptor.
 pub(crate) struct WatchedNetns {
-    pub inode: u32,
-    pub label: String,
+    pub(crate) inode: u32,
+    pub(crate) label: String,
     fd: OwnedFd,
 }
 
@@ -329,8 +329,8 @@ pub(crate) struct CounterRun {
     end: Vec<Result<BTreeMap<String, u64>, String>>,
     /// CLOCK_MONOTONIC ns just after the start readings and just before the end readings: the
     /// interval whose resets are tallied.
-    pub start_ns: u64,
-    pub end_ns: Option<u64>,
+    pub(crate) start_ns: u64,
+    pub(crate) end_ns: Option<u64>,
 }
 
 impl CounterRun {

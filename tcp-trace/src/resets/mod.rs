@@ -57,7 +57,7 @@ pub(crate) use tracker::{ResetTracker, TrackerConfig};
 /// Which way the RST went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Direction {
+pub(crate) enum Direction {
     /// This host sent it.
     Sent,
     /// This host received it (the peer, or something on the path, reset the connection).
@@ -80,7 +80,7 @@ impl fmt::Display for Direction {
 /// How sure the classification is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Confidence {
+pub(crate) enum Confidence {
     /// The kernel's reset reason (or the event itself) says so.
     Certain,
     /// Derived from the close() details or from the model's rules applied to the flow's events.
@@ -102,7 +102,7 @@ impl fmt::Display for Confidence {
 /// Why a connection was reset (or silently aborted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ResetCause {
+pub(crate) enum ResetCause {
     /// close() with data the application never read: RST instead of FIN (RFC 2525 2.17).
     CloseUnread,
     /// close() with SO_LINGER {on, 0}: an abortive close through tcp_disconnect().
@@ -143,7 +143,7 @@ pub enum ResetCause {
 
 impl ResetCause {
     /// The kebab-case name (as in JSON).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ResetCause::CloseUnread => "close-unread",
             ResetCause::LingerZero => "linger-zero",
@@ -174,10 +174,10 @@ impl fmt::Display for ResetCause {
 
 /// A task: the one that called close(), or killed the socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Task {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: crate::decode::Comm,
+pub(crate) struct Task {
+    pub(crate) pid: u32,
+    pub(crate) tid: u32,
+    pub(crate) comm: crate::decode::Comm,
 }
 
 impl fmt::Display for Task {
@@ -192,55 +192,55 @@ impl fmt::Display for Task {
 
 /// One reset (or silent abort), explained. The JSON of `{"type":"reset", ...}` lines.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ResetDiagnosis {
+pub(crate) struct ResetDiagnosis {
     /// CLOCK_MONOTONIC ns of the RST event (of the state change, for a silent abort).
-    pub ts_ns: u64,
-    pub direction: Direction,
-    pub cause: ResetCause,
-    pub confidence: Confidence,
+    pub(crate) ts_ns: u64,
+    pub(crate) direction: Direction,
+    pub(crate) cause: ResetCause,
+    pub(crate) confidence: Confidence,
     /// What the classification rests on, in words.
-    pub evidence: String,
+    pub(crate) evidence: String,
     /// Bytes the application never read (from the tcp_close hook), for close-unread.
-    pub unread_bytes: Option<u32>,
+    pub(crate) unread_bytes: Option<u32>,
     /// Bytes written but not sent, and sent but not acknowledged, at close() (tcp_close hook):
     /// what an abortive close throws away.
-    pub unsent_bytes: Option<u32>,
-    pub unacked_bytes: Option<u32>,
+    pub(crate) unsent_bytes: Option<u32>,
+    pub(crate) unacked_bytes: Option<u32>,
     /// For close-unread: the oldest unread byte waited at most this long (the connection's age
     /// at the reset; the hooks do not time individual segments).
-    pub unread_wait_max_ns: Option<u64>,
+    pub(crate) unread_wait_max_ns: Option<u64>,
     /// The process that owns the socket.
-    pub owner: Option<Owner>,
+    pub(crate) owner: Option<Owner>,
     /// The task that called close() (or killed the socket), when the reset came from that call.
-    pub closer: Option<Task>,
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
+    pub(crate) closer: Option<Task>,
+    pub(crate) local: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// Network namespace inode (for a reply built from a segment alone, the namespace of the
     /// connection it belongs to when the trace knows it, else 0).
-    pub netns: u32,
+    pub(crate) netns: u32,
     /// The TcpExt counter this reset bumps, per the model (none for replies and received RSTs).
-    pub counter: Option<&'static str>,
+    pub(crate) counter: Option<&'static str>,
     /// A guess between causes with different counters: each counter it may have bumped (one).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub possible_counters: Vec<&'static str>,
+    pub(crate) possible_counters: Vec<&'static str>,
     /// The kernel's `sk_rst_reason`, when it gave a specific one.
-    pub kernel_reason: Option<String>,
+    pub(crate) kernel_reason: Option<String>,
     /// Kernel address of the socket the event came from.
-    pub sk: crate::decode::SockPtr,
+    pub(crate) sk: crate::decode::SockPtr,
     /// For a received RST whose sender is traced on this host too: the sender's cause.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_cause: Option<ResetCause>,
+    pub(crate) peer_cause: Option<ResetCause>,
     /// The user call stack of the close() that sent this reset (with `--stacks`), innermost
     /// first; `close_site` is its first frame in the program itself (past libc and std).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub close_stack: Vec<crate::stacks::Frame>,
+    pub(crate) close_stack: Vec<crate::stacks::Frame>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub close_site: Option<String>,
+    pub(crate) close_site: Option<String>,
 }
 
 impl ResetDiagnosis {
     /// What the owner of the socket could do about it, for causes the application controls.
-    pub fn advice(&self) -> Option<String> {
+    pub(crate) fn advice(&self) -> Option<String> {
         match self.cause {
             ResetCause::CloseUnread | ResetCause::CloseAbort => {
                 let what = match self.unread_bytes {
@@ -301,7 +301,7 @@ impl ResetDiagnosis {
     }
 
     /// `pid/comm` of the owner, or `?`.
-    pub fn owner_label(&self) -> String {
+    pub(crate) fn owner_label(&self) -> String {
         match &self.owner {
             Some(o) => format!("{}/{}", o.pid, o.comm),
             None => "?".to_string(),
@@ -310,7 +310,7 @@ impl ResetDiagnosis {
 
     /// Counters a run's tally should attribute to this diagnosis: `(exact, possible)`. A
     /// certain or derived diagnosis bumps its counter; a guess only possibly does.
-    pub fn tally_counters(&self) -> (Option<&'static str>, Vec<&'static str>) {
+    pub(crate) fn tally_counters(&self) -> (Option<&'static str>, Vec<&'static str>) {
         match (self.confidence, self.counter) {
             (Confidence::Guess, Some(c)) => (None, vec![c]),
             (_, Some(c)) => (Some(c), Vec::new()),

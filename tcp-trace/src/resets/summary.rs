@@ -25,31 +25,31 @@ struct Key {
 
 /// One process x cause x peer.
 #[derive(Clone, Debug, Serialize)]
-pub struct SummaryRow {
+pub(crate) struct SummaryRow {
     /// `pid/comm` of the socket's owner, or `?`.
-    pub process: String,
-    pub pid: Option<u32>,
-    pub cause: ResetCause,
-    pub direction: Direction,
+    pub(crate) process: String,
+    pub(crate) pid: Option<u32>,
+    pub(crate) cause: ResetCause,
+    pub(crate) direction: Direction,
     /// The remote address (ports vary per connection).
-    pub peer: IpAddr,
-    pub count: u64,
-    pub first_ns: u64,
-    pub last_ns: u64,
+    pub(crate) peer: IpAddr,
+    pub(crate) count: u64,
+    pub(crate) first_ns: u64,
+    pub(crate) last_ns: u64,
     /// The first diagnosis's advice, if its cause has any.
-    pub advice: Option<String>,
+    pub(crate) advice: Option<String>,
 }
 
 /// Resets by process x cause x peer.
 #[derive(Clone, Debug, Default)]
-pub struct Summary {
+pub(crate) struct Summary {
     rows: BTreeMap<Key, SummaryRow>,
     /// Diagnoses whose row did not fit under the cap.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
 }
 
 impl Summary {
-    pub fn add(&mut self, d: &ResetDiagnosis) {
+    pub(crate) fn add(&mut self, d: &ResetDiagnosis) {
         let key = Key {
             process: d.owner_label(),
             cause: d.cause,
@@ -82,12 +82,12 @@ impl Summary {
         );
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rows.is_empty() && self.dropped == 0
     }
 
     /// Most frequent first.
-    pub fn rows(&self) -> Vec<&SummaryRow> {
+    pub(crate) fn rows(&self) -> Vec<&SummaryRow> {
         let mut rows: Vec<_> = self.rows.values().collect();
         rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.first_ns.cmp(&b.first_ns)));
         rows
@@ -95,7 +95,7 @@ impl Summary {
 
     /// The table, with `wall` turning CLOCK_MONOTONIC into wall-clock ns; then the advice for
     /// each process and cause that has some.
-    pub fn render(&self, wall: impl Fn(u64) -> u64) -> String {
+    pub(crate) fn render(&self, wall: impl Fn(u64) -> u64) -> String {
         if self.is_empty() {
             return "resets: none".to_string();
         }
@@ -141,7 +141,7 @@ impl Summary {
     }
 
     /// `{"type":"reset_summary","rows":[...],"dropped":N}`.
-    pub fn json(&self, wall: impl Fn(u64) -> u64) -> serde_json::Value {
+    pub(crate) fn json(&self, wall: impl Fn(u64) -> u64) -> serde_json::Value {
         let rows: Vec<_> = self
             .rows()
             .into_iter()

@@ -22,19 +22,19 @@ use super::{Direction, ResetDiagnosis};
 
 /// Settings of a [`ResetTracker`].
 #[derive(Clone, Debug)]
-pub struct TrackerConfig {
-    pub kernel: KernelGeneration,
-    pub hooks: HookSet,
+pub(crate) struct TrackerConfig {
+    pub(crate) kernel: KernelGeneration,
+    pub(crate) hooks: HookSet,
     /// A reset is classified once the clock passes its time plus this (the events that decide
     /// it follow within microseconds; this also absorbs cross-CPU reordering).
-    pub settle_ns: u64,
-    pub max_connections: usize,
-    pub max_events_per_connection: usize,
+    pub(crate) settle_ns: u64,
+    pub(crate) max_connections: usize,
+    pub(crate) max_events_per_connection: usize,
 }
 
 impl TrackerConfig {
     /// Defaults: 50 ms settle window, 16384 connections of 24 events.
-    pub fn new(kernel: KernelGeneration, hooks: HookSet) -> TrackerConfig {
+    pub(crate) fn new(kernel: KernelGeneration, hooks: HookSet) -> TrackerConfig {
         TrackerConfig {
             kernel,
             hooks,
@@ -55,7 +55,7 @@ struct Conn {
 
 /// Resets classified as they settle; tallies per network namespace and per process x cause x
 /// peer.
-pub struct ResetTracker {
+pub(crate) struct ResetTracker {
     cfg: TrackerConfig,
     conns: HashMap<ConnKey, Conn>,
     /// The namespaces each 4-tuple was seen in, for events built from a segment (netns 0).
@@ -117,7 +117,7 @@ fn candidate(ev: &TraceEvent) -> bool {
 }
 
 impl ResetTracker {
-    pub fn new(cfg: TrackerConfig) -> ResetTracker {
+    pub(crate) fn new(cfg: TrackerConfig) -> ResetTracker {
         ResetTracker {
             cfg,
             conns: HashMap::new(),
@@ -142,33 +142,28 @@ impl ResetTracker {
 
     /// Only resets in `[start, end]` (CLOCK_MONOTONIC ns) are tallied for the counter check: the
     /// interval between the two readings of the counters.
-    pub fn set_count_window(&mut self, start: u64, end: Option<u64>) {
+    pub(crate) fn set_count_window(&mut self, start: u64, end: Option<u64>) {
         self.window = (start, end);
     }
 
     /// Per network namespace, what the tallied resets should have added to the TcpExt counters.
-    pub fn tally(&self) -> &BTreeMap<u32, Tally> {
+    pub(crate) fn tally(&self) -> &BTreeMap<u32, Tally> {
         &self.tally
     }
 
     /// Process x cause x peer.
-    pub fn summary(&self) -> &Summary {
+    pub(crate) fn summary(&self) -> &Summary {
         &self.summary
     }
 
     /// Diagnoses per `direction/cause`, e.g. `sent/close-unread`.
-    pub fn by_cause(&self) -> &BTreeMap<String, u64> {
+    pub(crate) fn by_cause(&self) -> &BTreeMap<String, u64> {
         &self.by_cause
     }
 
     /// Connection histories kept.
-    pub fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         self.conns.len()
-    }
-
-    /// Diagnoses made so far.
-    pub fn diagnosed(&self) -> u64 {
-        self.diagnosed
     }
 
     /// The namespace of a 4-tuple when the event does not know it (a segment with no socket):
@@ -198,7 +193,7 @@ impl ResetTracker {
     }
 
     /// One event, in arrival order.
-    pub fn observe(&mut self, ev: &TraceEvent) {
+    pub(crate) fn observe(&mut self, ev: &TraceEvent) {
         self.cfg.hooks.insert(ev.hook);
         self.follow_listener_close(ev);
         if let Some(key) = self.key_of(ev) {
@@ -318,7 +313,7 @@ impl ResetTracker {
     }
 
     /// Classifies the resets that settled by `now_ns` (CLOCK_MONOTONIC), oldest first.
-    pub fn advance(&mut self, now_ns: u64) -> Vec<ResetDiagnosis> {
+    pub(crate) fn advance(&mut self, now_ns: u64) -> Vec<ResetDiagnosis> {
         let settle = self.cfg.settle_ns;
         let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
@@ -328,7 +323,7 @@ impl ResetTracker {
     }
 
     /// Classifies everything still pending (end of the trace).
-    pub fn flush(&mut self) -> Vec<ResetDiagnosis> {
+    pub(crate) fn flush(&mut self) -> Vec<ResetDiagnosis> {
         let all = std::mem::take(&mut self.pending);
         self.settle(all)
     }
@@ -403,7 +398,7 @@ impl ResetTracker {
     }
 
     /// The kernel's lost-event counter grew by the time `ts_ns` (CLOCK_MONOTONIC).
-    pub fn note_lost(&mut self, ts_ns: u64, grew: bool) {
+    pub(crate) fn note_lost(&mut self, ts_ns: u64, grew: bool) {
         if grew {
             self.losses.push((self.last_loss_check, ts_ns));
             if self.losses.len() > 1024 {

@@ -27,7 +27,7 @@ use super::netns::{Netns, veth_pair};
 use crate::decode;
 
 /// Drains the ring buffer on a thread of its own into memory.
-pub struct Collector {
+pub(crate) struct Collector {
     events: Arc<Mutex<Vec<Event>>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -35,7 +35,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn start(ebpf: &mut Ebpf) -> Result<Collector> {
+    pub(crate) fn start(ebpf: &mut Ebpf) -> Result<Collector> {
         let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let dropped = PerCpuArray::try_from(ebpf.take_map("DROPPED").context("map DROPPED")?)?;
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -69,7 +69,7 @@ impl Collector {
 
     /// Events from any of `netns` since `since_ns` (CLOCK_MONOTONIC), in timestamp order. The
     /// time bound matters: a freed namespace's inode number is soon reused.
-    pub fn events_in(&self, netns: &[u32], since_ns: u64) -> Vec<Event> {
+    pub(crate) fn events_in(&self, netns: &[u32], since_ns: u64) -> Vec<Event> {
         let mut out: Vec<Event> = self
             .events
             .lock()
@@ -83,14 +83,14 @@ impl Collector {
         out
     }
 
-    pub fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         self.dropped
             .get(&0, 0)
             .map(|v| v.iter().sum())
             .unwrap_or_default()
     }
 
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -101,25 +101,25 @@ impl Collector {
 /// Which end of a scenario's connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Server,
 }
 
-pub const CLIENT_IF: &str = "ttc0";
-pub const SERVER_IF: &str = "tts0";
-pub const SERVER_PORT: u16 = 8080;
+pub(crate) const CLIENT_IF: &str = "ttc0";
+pub(crate) const SERVER_IF: &str = "tts0";
+pub(crate) const SERVER_PORT: u16 = 8080;
 
 /// A client and a server namespace joined by a veth pair.
-pub struct Lab {
-    pub client: Netns,
-    pub server: Netns,
-    pub client_ip: Ipv4Addr,
-    pub server_ip: Ipv4Addr,
+pub(crate) struct Lab {
+    pub(crate) client: Netns,
+    pub(crate) server: Netns,
+    pub(crate) client_ip: Ipv4Addr,
+    pub(crate) server_ip: Ipv4Addr,
 }
 
 impl Lab {
-    pub fn new() -> Result<Lab> {
+    pub(crate) fn new() -> Result<Lab> {
         let client = Netns::new()?;
         let server = Netns::new()?;
         let (client_ip, server_ip) = (Ipv4Addr::new(10, 231, 0, 1), Ipv4Addr::new(10, 231, 0, 2));
@@ -137,18 +137,18 @@ impl Lab {
         })
     }
 
-    pub fn ns(&self, side: Side) -> &Netns {
+    pub(crate) fn ns(&self, side: Side) -> &Netns {
         match side {
             Side::Client => &self.client,
             Side::Server => &self.server,
         }
     }
 
-    pub fn server_addr(&self) -> SocketAddrV4 {
+    pub(crate) fn server_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.server_ip, SERVER_PORT)
     }
 
-    pub fn netns(&self) -> [u32; 2] {
+    pub(crate) fn netns(&self) -> [u32; 2] {
         [self.client.inode, self.server.inode]
     }
 }
@@ -156,12 +156,12 @@ impl Lab {
 static NEXT_PRIORITY: AtomicU16 = AtomicU16::new(1);
 
 /// The tc dropper: one program, attached on egress of each lab's veth ends; rules in a map.
-pub struct Dropper {
+pub(crate) struct Dropper {
     rules: Array<MapData, DropRule>,
 }
 
 impl Dropper {
-    pub fn load(ebpf: &mut Ebpf) -> Result<Dropper> {
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Dropper> {
         let prog: &mut SchedClassifier = ebpf
             .program_mut("drop_segments")
             .context("program drop_segments missing")?
@@ -172,7 +172,7 @@ impl Dropper {
     }
 
     /// Attaches the dropper on egress of both veth ends of `lab`.
-    pub fn attach(&self, ebpf: &mut Ebpf, lab: &Lab) -> Result<()> {
+    pub(crate) fn attach(&self, ebpf: &mut Ebpf, lab: &Lab) -> Result<()> {
         for (ns, iface) in [(&lab.client, CLIENT_IF), (&lab.server, SERVER_IF)] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut("drop_segments")
@@ -216,15 +216,15 @@ impl Dropper {
         Ok(())
     }
 
-    pub fn set(&mut self, slot: u32, rule: DropRule) -> Result<()> {
+    pub(crate) fn set(&mut self, slot: u32, rule: DropRule) -> Result<()> {
         self.rules.set(slot, rule, 0).context("set a drop rule")
     }
 
-    pub fn get(&self, slot: u32) -> Result<DropRule> {
+    pub(crate) fn get(&self, slot: u32) -> Result<DropRule> {
         self.rules.get(&slot, 0).context("read a drop rule")
     }
 
-    pub fn clear(&mut self) -> Result<()> {
+    pub(crate) fn clear(&mut self) -> Result<()> {
         for slot in 0..tcp_trace_common::DROP_RULES_MAX {
             self.set(slot, DropRule::default())?;
         }

@@ -7,10 +7,10 @@
 //! wire-level checks hold. The namespaces are anonymous: they disappear with the process, however
 //! it ends.
 
-pub mod lab;
+pub(crate) mod lab;
 pub mod netns;
-pub mod rawtcp;
-pub mod scenarios;
+pub(crate) mod rawtcp;
+pub(crate) mod scenarios;
 
 use std::time::Duration;
 
@@ -46,28 +46,28 @@ pub struct ValidateOptions {
 
 /// One scenario's result: a `--json` line with `"type": "scenario"`.
 #[derive(Serialize)]
-pub struct ScenarioResult {
-    pub scenario: &'static str,
-    pub about: &'static str,
-    pub focus: Side,
+pub(crate) struct ScenarioResult {
+    pub(crate) scenario: &'static str,
+    pub(crate) about: &'static str,
+    pub(crate) focus: Side,
     /// conforms / diverges / incomplete, or `failed` when the scenario itself went wrong.
-    pub verdict: String,
-    pub passed: bool,
-    pub model_expects: String,
-    pub kernel_did: String,
+    pub(crate) verdict: String,
+    pub(crate) passed: bool,
+    pub(crate) model_expects: String,
+    pub(crate) kernel_did: String,
     /// Why it failed, or what could not be checked.
-    pub detail: String,
-    pub inputs: Vec<String>,
-    pub checks: Vec<Check>,
-    pub wire: Vec<String>,
-    pub unchecked: Vec<String>,
-    pub flows: Vec<FlowReport>,
+    pub(crate) detail: String,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) checks: Vec<Check>,
+    pub(crate) wire: Vec<String>,
+    pub(crate) unchecked: Vec<String>,
+    pub(crate) flows: Vec<FlowReport>,
 }
 
 #[derive(Serialize)]
-pub struct Check {
-    pub what: String,
-    pub passed: bool,
+pub(crate) struct Check {
+    pub(crate) what: String,
+    pub(crate) passed: bool,
 }
 
 /// The model's parameters for a flow in `ns`: this kernel (with what its BTF shows) plus that
@@ -482,9 +482,9 @@ fn not_run(s: &Scenario, why: String) -> ScenarioResult {
 }
 
 /// The verdict of a scenario that was not run.
-pub const NOT_RUN: &str = "not-run";
+pub(crate) const NOT_RUN: &str = "not-run";
 
-pub fn list() -> String {
+pub(crate) fn list() -> String {
     let mut out = String::from("scenarios:\n");
     let width = SCENARIOS.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for s in SCENARIOS {

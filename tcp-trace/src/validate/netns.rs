@@ -65,7 +65,7 @@ impl Netns {
     }
 
     /// Starts `f` on a thread inside this namespace.
-    pub fn spawn<T: Send + 'static>(
+    pub(crate) fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<thread::JoinHandle<Result<T>>> {
@@ -77,7 +77,7 @@ impl Netns {
     }
 
     /// Sets a sysctl of this namespace, e.g. `net.ipv4.tcp_fin_timeout`.
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+    pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
         self.run(move || {
@@ -85,7 +85,7 @@ impl Netns {
         })
     }
 
-    pub fn read_sysctl(&self, key: &str) -> Result<String> {
+    pub(crate) fn read_sysctl(&self, key: &str) -> Result<String> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         self.run(move || {
             Ok(std::fs::read_to_string(&path)
@@ -147,7 +147,7 @@ async fn add_addr(h: &rtnetlink::Handle, name: &str, addr: Ipv4Addr, prefix: u8)
 
 /// Links `a` and `b` with a veth pair named `name_a` (in a) and `name_b` (in b), addressed
 /// `addr_a`/`addr_b` in a /24, both up.
-pub fn veth_pair(
+pub(crate) fn veth_pair(
     a: &Netns,
     b: &Netns,
     (name_a, addr_a): (&str, Ipv4Addr),

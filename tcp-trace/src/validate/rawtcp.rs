@@ -14,22 +14,22 @@ use tcp_trace_common::tcp_flag;
 
 /// A TCP segment as seen on the wire, the fields the scenarios look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seen {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub seq: u32,
-    pub ack: u32,
-    pub flags: u8,
-    pub len: usize,
+pub(crate) struct Seen {
+    pub(crate) src: SocketAddrV4,
+    pub(crate) dst: SocketAddrV4,
+    pub(crate) seq: u32,
+    pub(crate) ack: u32,
+    pub(crate) flags: u8,
+    pub(crate) len: usize,
 }
 
 impl Seen {
-    pub fn has(&self, flag: u8) -> bool {
+    pub(crate) fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
 }
 
-pub struct RawTcp {
+pub(crate) struct RawTcp {
     fd: OwnedFd,
 }
 
@@ -61,7 +61,7 @@ fn pseudo_header_sum(src: SocketAddrV4, dst: SocketAddrV4, tcp_len: usize) -> u3
 }
 
 /// A TCP header (no options) plus payload, with the checksum over the IPv4 pseudo-header.
-pub fn build_segment(
+pub(crate) fn build_segment(
     src: SocketAddrV4,
     dst: SocketAddrV4,
     seq: u32,
@@ -85,7 +85,7 @@ pub fn build_segment(
 }
 
 /// Parses an IPv4 packet carrying TCP (as a raw socket delivers it).
-pub fn parse_ipv4_tcp(pkt: &[u8]) -> Option<Seen> {
+pub(crate) fn parse_ipv4_tcp(pkt: &[u8]) -> Option<Seen> {
     if pkt.len() < 20 || pkt[0] >> 4 != 4 || pkt[9] != 6 {
         return None;
     }
@@ -111,7 +111,7 @@ pub fn parse_ipv4_tcp(pkt: &[u8]) -> Option<Seen> {
 
 impl RawTcp {
     /// Opens the raw socket in the calling thread's namespace (needs CAP_NET_RAW).
-    pub fn open() -> Result<RawTcp> {
+    pub(crate) fn open() -> Result<RawTcp> {
         // SAFETY: plain socket(2); the fd is owned right away.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
         if fd < 0 {
@@ -124,7 +124,7 @@ impl RawTcp {
 
     /// Like [`RawTcp::open`], with a receive buffer of `bytes` (SO_RCVBUFFORCE, as root): room
     /// for a bulk transfer's copies while a reader drains them.
-    pub fn open_with_buffer(bytes: i32) -> Result<RawTcp> {
+    pub(crate) fn open_with_buffer(bytes: i32) -> Result<RawTcp> {
         let raw = RawTcp::open()?;
         // SAFETY: a valid int option on our own fd.
         let rc = unsafe {
@@ -142,7 +142,7 @@ impl RawTcp {
         Ok(raw)
     }
 
-    pub fn send(
+    pub(crate) fn send(
         &self,
         src: SocketAddrV4,
         dst: SocketAddrV4,
@@ -154,7 +154,7 @@ impl RawTcp {
     }
 
     /// A segment with a payload.
-    pub fn send_data(
+    pub(crate) fn send_data(
         &self,
         src: SocketAddrV4,
         dst: SocketAddrV4,
@@ -190,13 +190,13 @@ impl RawTcp {
     }
 
     /// Segments arriving from `from` within `wait`.
-    pub fn collect_from(&self, from: SocketAddrV4, wait: Duration) -> Vec<Seen> {
+    pub(crate) fn collect_from(&self, from: SocketAddrV4, wait: Duration) -> Vec<Seen> {
         self.collect_until(from, wait, |_| false)
     }
 
     /// Segments arriving from `from` within `wait`, up to and including the first one `last`
     /// accepts.
-    pub fn collect_until(
+    pub(crate) fn collect_until(
         &self,
         from: SocketAddrV4,
         wait: Duration,
@@ -242,7 +242,7 @@ impl RawTcp {
 }
 
 /// Names of the flags set, tcpdump style.
-pub fn flag_names(flags: u8) -> String {
+pub(crate) fn flag_names(flags: u8) -> String {
     let mut s = String::new();
     for (bit, c) in [
         (tcp_flag::SYN, 'S'),

@@ -24,14 +24,14 @@ use crate::flows::FlowReport;
 /// What the kernel sent back to a hand-made segment (see [`Probe`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Reply {
+pub(crate) enum Reply {
     Rst,
     Ack,
     Nothing,
 }
 
 impl Reply {
-    pub fn of(seen: &[Seen]) -> Reply {
+    pub(crate) fn of(seen: &[Seen]) -> Reply {
         if seen.iter().any(|s| s.has(tcp_flag::RST)) {
             Reply::Rst
         } else if seen.iter().any(|s| s.has(tcp_flag::ACK)) {
@@ -46,24 +46,24 @@ impl Reply {
 /// where one was) and sees what comes back; the model, run over `inputs` from `start`, says what
 /// should come back after each. The scenario records the replies to the last inputs
 /// (`RunNotes::replies`); earlier ones (timers) are not answered on the wire.
-pub struct Probe {
+pub(crate) struct Probe {
     /// A model state name, e.g. `TW:TIME_WAIT`.
-    pub start: &'static str,
-    pub inputs: &'static [&'static str],
+    pub(crate) start: &'static str,
+    pub(crate) inputs: &'static [&'static str],
 }
 
 /// Another flow of the scenario that must go through given inputs (besides the focus flow).
 #[derive(Debug, Clone)]
-pub struct AlsoFlow {
-    pub side: Side,
+pub(crate) struct AlsoFlow {
+    pub(crate) side: Side,
     /// The client's ephemeral port of that connection.
-    pub client_port: u16,
-    pub script: &'static [&'static str],
+    pub(crate) client_port: u16,
+    pub(crate) script: &'static [&'static str],
 }
 
 /// What the model must know about a namespace's sockets that its sysctls do not say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelSetting {
+pub(crate) enum ModelSetting {
     /// The sockets set TCP_LINGER2 to this many seconds.
     Linger2(i32),
     /// No listener owns the port when a SYN reaches the minisocket.
@@ -71,30 +71,30 @@ pub enum ModelSetting {
 }
 
 /// Checks on the judged focus flow: (what, passed).
-pub type FlowChecks = fn(&FlowReport, &RunNotes) -> Vec<(String, bool)>;
+pub(crate) type FlowChecks = fn(&FlowReport, &RunNotes) -> Vec<(String, bool)>;
 
 /// What a scenario run leaves for the judge.
 #[derive(Default, Debug)]
-pub struct RunNotes {
+pub(crate) struct RunNotes {
     /// What came back to the probe's segments: one reply per input, for the last
     /// `replies.len()` inputs of the probe (the earlier ones are timers or unanswered by design).
-    pub replies: Vec<Reply>,
+    pub(crate) replies: Vec<Reply>,
     /// The client's ephemeral port (identifies both flows).
-    pub client_port: u16,
+    pub(crate) client_port: u16,
     /// What was seen on the wire or done to it, for the "kernel did" column.
-    pub wire: Vec<String>,
+    pub(crate) wire: Vec<String>,
     /// Scenario-specific checks: (what, passed).
-    pub checks: Vec<(String, bool)>,
+    pub(crate) checks: Vec<(String, bool)>,
     /// Other flows with inputs of their own to check.
-    pub also: Vec<AlsoFlow>,
+    pub(crate) also: Vec<AlsoFlow>,
     /// Moments the scenario noted, CLOCK_MONOTONIC ns (the events' clock).
-    pub marks: Vec<(&'static str, u64)>,
+    pub(crate) marks: Vec<(&'static str, u64)>,
 }
 
-pub struct Ctx<'a> {
-    pub lab: &'a Lab,
-    pub dropper: &'a mut Dropper,
-    pub notes: RunNotes,
+pub(crate) struct Ctx<'a> {
+    pub(crate) lab: &'a Lab,
+    pub(crate) dropper: &'a mut Dropper,
+    pub(crate) notes: RunNotes,
 }
 
 impl Ctx<'_> {
@@ -107,29 +107,29 @@ impl Ctx<'_> {
     }
 }
 
-pub struct Scenario {
-    pub name: &'static str,
-    pub about: &'static str,
+pub(crate) struct Scenario {
+    pub(crate) name: &'static str,
+    pub(crate) about: &'static str,
     /// Whose flow the scenario is about.
-    pub focus: Side,
+    pub(crate) focus: Side,
     /// The focus flow is the listening socket rather than a connection.
-    pub focus_listener: bool,
+    pub(crate) focus_listener: bool,
     /// Model inputs the focus flow must show, in this order (other inputs may come between).
     /// A `@tw` suffix marks an input at a TIME_WAIT minisocket: visible only with the
     /// tcp_timewait_state_process hook.
-    pub script: &'static [&'static str],
+    pub(crate) script: &'static [&'static str],
     /// The wire-level check, if any.
-    pub probe: Option<Probe>,
+    pub(crate) probe: Option<Probe>,
     /// Sysctls set in one namespace before the traffic.
-    pub sysctls: &'static [(Side, &'static str, &'static str)],
+    pub(crate) sysctls: &'static [(Side, &'static str, &'static str)],
     /// Socket options the scenario sets, which the model of that side's flows must know.
-    pub model: &'static [(Side, ModelSetting)],
+    pub(crate) model: &'static [(Side, ModelSetting)],
     /// Host-wide sysctls the scenario changes for a moment (and restores): it runs only where
     /// validate owns the machine (`--owns-machine`), else it is reported as not run.
-    pub host_sysctls: &'static [&'static str],
+    pub(crate) host_sysctls: &'static [&'static str],
     /// Checks on the judged focus flow itself (e.g. when a step came).
-    pub flow_checks: Option<FlowChecks>,
-    pub run: fn(&mut Ctx) -> Result<()>,
+    pub(crate) flow_checks: Option<FlowChecks>,
+    pub(crate) run: fn(&mut Ctx) -> Result<()>,
 }
 
 /// An exact RST at the minisocket, then a bare ACK: answered with RST only if the minisocket died.
@@ -138,7 +138,7 @@ const TW_RST_PROBE: Probe = Probe {
     inputs: &["tw-rst", "tw-ack"],
 };
 
-pub const SCENARIOS: &[Scenario] = &[
+pub(crate) const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "clean-active-close",
         about: "client closes first; server answers with its own FIN",
@@ -454,8 +454,8 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-pub const REQUEST: &[u8] = b"GET /teardown\n";
-pub const RESPONSE: &[u8] = b"200 bye\n";
+pub(crate) const REQUEST: &[u8] = b"GET /teardown\n";
+pub(crate) const RESPONSE: &[u8] = b"200 bye\n";
 /// Long enough for any delayed ACK to leave (the kernel's is at most 200 ms).
 const SETTLE: Duration = Duration::from_millis(250);
 
@@ -1139,7 +1139,7 @@ fn check_counter(ctx: &mut Ctx, name: &str, at_least: u64) -> Result<()> {
 /// A host-wide sysctl changed for one scenario: the old value goes back when this is dropped
 /// (also when the scenario fails). Only scenarios that declare it in `host_sysctls` use it, and
 /// those run only where validate owns the machine. (A SIGKILL in between would leave it set.)
-pub struct HostSysctl {
+pub(crate) struct HostSysctl {
     path: String,
     old: String,
 }
@@ -1602,7 +1602,7 @@ fn tw_old_duplicate(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-pub fn find(name: &str) -> Result<&'static Scenario> {
+pub(crate) fn find(name: &str) -> Result<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name).ok_or_else(|| {
         anyhow!(
             "no scenario named `{name}`; the scenarios are: {}",
@@ -1615,7 +1615,7 @@ pub fn find(name: &str) -> Result<&'static Scenario> {
     })
 }
 
-pub fn focus_port(s: &Scenario, notes: &RunNotes) -> (u16, Option<u16>) {
+pub(crate) fn focus_port(s: &Scenario, notes: &RunNotes) -> (u16, Option<u16>) {
     match (s.focus, s.focus_listener) {
         (Side::Server, true) => (SERVER_PORT, None),
         (Side::Server, false) => (SERVER_PORT, Some(notes.client_port)),

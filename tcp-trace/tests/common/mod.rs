@@ -1,4 +1,6 @@
-//! What the integration tests share: whether a test that needs privileges may run.
+//! What the integration tests share: whether a test that needs privileges may run ([`root_for`],
+//! [`bpf_allowed`]), the tracer under test ([`tracer`]), the test peers ([`peer`]), ports
+//! chosen by the kernel and read back from the JSON ([`net`]).
 //!
 //! A test that needs root (to load BPF programs, to create network namespaces) is marked
 //! `#[ignore]`: a plain `cargo test` reports it ignored, never passed. `cargo xtask test` runs
@@ -6,12 +8,18 @@
 //! run and cannot (not root, no gcc) fails, so CI (CI=true, root) proves the kernel side works.
 
 // Each test binary compiles this module on its own and uses only part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-/// Whether the tests run in CI (`CI=true`).
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
+pub mod net;
+pub mod peer;
+pub mod tracer;
+
+pub use net::{free_port, free_port_v6, free_ports, owner_pid, port_of};
+pub use peer::{Connection, Listening, Peer};
+pub use tracer::{Stopped, Tracer};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 /// A test that was asked to run cannot, because `why`: it fails (it must not pass without
 /// doing its job).
@@ -36,13 +44,4 @@ pub fn root_for(what: &str) -> bool {
 /// A test that loads BPF programs may run (see [`root_for`]).
 pub fn bpf_allowed() -> bool {
     root_for("load BPF programs")
-}
-
-/// A port nothing listens on now, chosen by the kernel from the ephemeral range (tests and
-/// benchmarks running at the same time cannot collide on it).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
