@@ -163,6 +163,11 @@ impl Owners {
 /// socket is destroyed (its provisional owner decides), or the gate is full (the socket held
 /// longest is decided first, by its provisional owner). Nothing a traced process owns is lost
 /// that way, and nothing another owns is shown.
+///
+/// A socket's address is reused once it is freed, and its end may never come: the kernel drops
+/// the rest of a held socket's events when they name a definite owner that is not traced. So
+/// held events of another connection than the one an event of the same address belongs to are
+/// decided against before that event is taken.
 pub(crate) struct PidGate {
     pids: Vec<u32>,
     /// Held events per socket, with the stamp of when the socket started waiting.
@@ -207,6 +212,14 @@ impl PidGate {
 
     /// Takes one attributed event; appends to `out` the events now decided for (in order).
     pub(crate) fn admit(&mut self, ev: TraceEvent, out: &mut Vec<TraceEvent>) {
+        if self
+            .held
+            .get(&ev.sk)
+            .and_then(|(_, list)| list.first())
+            .is_some_and(|first| other_connection(first, &ev))
+        {
+            self.release(ev.sk, false, None, out);
+        }
         let definite = ev.owner.filter(Owner::is_definite);
         if definite.is_some() || ev.sk.0 == 0 {
             // A definite owner decides for the socket's held events too. A reply without a
@@ -288,6 +301,7 @@ impl PidGate {
     }
 
     /// End of trace: every held socket is decided by its provisional owner, oldest first.
+    /// (Only sockets whose last events the kernel did not drop are left: see [`PidGate`].)
     pub(crate) fn flush(&mut self, out: &mut Vec<TraceEvent>) {
         while let Some((sk, stamp)) = self.order.pop_front() {
             if self.held.get(&sk).is_some_and(|e| e.0 == stamp) {
@@ -296,6 +310,16 @@ impl PidGate {
             }
         }
     }
+}
+
+/// Whether two events of one socket address belong to different connections: another network
+/// namespace or peer, or another local address once both are bound (a connect()ing socket's
+/// first event may come before its local port is chosen).
+fn other_connection(a: &TraceEvent, b: &TraceEvent) -> bool {
+    let bound = |l: Option<SocketAddr>| l.filter(|l| l.port() != 0);
+    a.netns != b.netns
+        || (a.remote.is_some() && b.remote.is_some() && a.remote != b.remote)
+        || matches!((bound(a.local), bound(b.local)), (Some(x), Some(y)) if x != y)
 }
 
 #[cfg(test)]
@@ -414,6 +438,31 @@ mod tests {
         gate.admit(owned(hook::INET_SOCK_SET_STATE, 0), &mut out);
         gate.flush(&mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn pid_gate_does_not_give_a_reused_addresss_held_events_to_the_next_connection() {
+        // A child of 10's listener, accepted by 30 (the kernel drops the rest of it for --pid
+        // 20: its end never comes); then the same address is a child 20 accepts.
+        let mut next = owned(hook::INET_SOCK_SET_STATE, 20);
+        next.remote = Some("127.0.0.2:50001".parse().unwrap());
+        let mut gate = PidGate::new(vec![20]);
+        let out = admitted(
+            &mut gate,
+            vec![provisional(hook::INET_SOCK_SET_STATE, 10), next.clone()],
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].remote, next.remote);
+        assert_eq!((gate.dropped, gate.held_events()), (1, 0));
+        // One connection whose local port is learned after its first event is still one.
+        let mut unbound = provisional(hook::INET_SOCK_SET_STATE, 10);
+        unbound.local = Some("127.0.0.1:0".parse().unwrap());
+        let mut gate = PidGate::new(vec![20]);
+        let out = admitted(
+            &mut gate,
+            vec![unbound, owned(hook::INET_SOCK_SET_STATE, 20)],
+        );
+        assert_eq!(out.len(), 2, "{out:?}");
     }
 
     #[test]

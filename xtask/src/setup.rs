@@ -526,7 +526,7 @@ pub fn ensure_k8s_validator() -> Result<PathBuf> {
 
 /// Installs Debian package `package` unless `probe` exists. apt-get needs root: without it the
 /// step says what to run.
-fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
+pub fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
     if probe.exists() {
         say(format!("{package} (Debian): present"));
         return Ok(());

@@ -1,11 +1,13 @@
 //! `cargo xtask vm-test`: the kernel matrix. Every catalogue kernel (5.10 ... the newest 7.x)
 //! boots once under qemu with a static tcp-trace inside, which runs `doctor`, then
 //! `validate --json` with each backend in turn (kprobe, fentry, and tracepoints only: what a
-//! locked-down host allows), recording every scenario's events, then the reset check. This
+//! locked-down host allows), recording every scenario's events, then the reset check, then the
+//! owner check with each backend (servers whose sockets change hands, `owners.rs`). This
 //! machine's own kernel runs `validate --json` with what it allows (tracepoints). The JSON comes
 //! back over the VM's result channel, is parsed (never grepped), and the matrix of kernel x
 //! backend x scenario -> verdict (with the steps each verdict checked) and the hooks attached
-//! per kernel and backend are printed as Markdown (also written to `target/vm-matrix.md`). The
+//! per kernel and backend, with each kernel's reset and owner checks (`owners.rs`), are printed
+//! as Markdown (also written to `target/vm-matrix.md`). The
 //! recordings land in `target/vm-recordings/<kernel>/<backend>/<scenario>.tt`. Any divergence,
 //! any hook that should attach and does not, or a VM that fails to boot fails the run, with the
 //! guest's console shown.
@@ -21,6 +23,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::{helpers, setup, vm};
+
+mod owners;
 
 /// The backends each VM kernel runs, in one boot, and the mechanisms function hooks must attach
 /// with (none for `tracepoint`: there every function hook must be left out, and said so).
@@ -71,6 +75,8 @@ struct KernelRun {
     kernel: String,
     boot_seconds: f64,
     resets: String,
+    /// The owner check, per backend.
+    owners: String,
 }
 
 /// Builds tcp-trace statically (the VM initramfs has no libc).
@@ -115,7 +121,7 @@ cat /tmp/resets.json >> "$R"
 "#;
 
 /// The guest script: doctor, then validate per backend (recording each scenario), then the
-/// reset check. Each run's JSON lines are preceded by a marker line (with the guest's uptime)
+/// reset check, then the owner check per backend. Each run's JSON lines are preceded by a marker line (with the guest's uptime)
 /// so the host can tell them apart; the recordings follow as gzip+base64 lines.
 fn guest_script(scenarios: &[String]) -> String {
     let mut s = String::from("set -u\nR=\"$VM_RESULT\"\n");
@@ -136,6 +142,11 @@ fn guest_script(scenarios: &[String]) -> String {
     }
     s.push_str("mark resets\n");
     s.push_str(RESETS_SCRIPT);
+    s.push_str(owners::FUNCTIONS);
+    for (backend, _) in VM_BACKENDS {
+        s.push_str(&format!("mark owners-{backend}\n"));
+        s.push_str(&owners::run_script(backend));
+    }
     s.push_str(
         r#"mark recordings
 for f in /tmp/rec/*/*.tt; do
@@ -151,19 +162,35 @@ mark end
     s
 }
 
-/// The C peer of the reset check, built static (the initramfs has no libc) with frame pointers
-/// and debug info.
-fn build_c_peer() -> Result<PathBuf> {
+/// The C peers of the reset and owner checks (tcp-trace/tests/data/NAME.c), built static (the
+/// initramfs has no libc) with frame pointers and debug info, to `target/NAME`.
+fn build_c_peer(name: &str) -> Result<PathBuf> {
     let root = helpers::workspace_root();
-    let out = root.join("target/close-unread-peer");
+    let out = root.join("target").join(name);
     helpers::status(
         Command::new("gcc")
-            .args(["-static", "-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .args([
+                "-static",
+                "-O0",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-pthread",
+                "-o",
+            ])
             .arg(&out)
-            .arg(root.join("tcp-trace/tests/data/close_unread_peer.c")),
+            .arg(root.join(format!("tcp-trace/tests/data/{name}.c"))),
     )
-    .context("building the reset check's C peer (needs gcc and the static libc, libc6-dev)")?;
+    .with_context(|| {
+        format!("building the C peer {name}.c (needs gcc and the static libc, libc6-dev)")
+    })?;
     Ok(out)
+}
+
+/// The C peers the guest runs, and this machine's nginx with what it needs.
+struct CPeers {
+    close_unread: PathBuf,
+    owners: PathBuf,
+    nginx: Vec<vm::GuestFile>,
 }
 
 /// Checks the guest's reset run: the close-unread RST blamed on the peer process, with its 14
@@ -455,7 +482,7 @@ fn run_kernel(
     tools: &vm::HostTools,
     spec: &vm::KernelSpec,
     bin: &Path,
-    c_peer: &Path,
+    c_peers: &CPeers,
     scenarios: &[String],
 ) -> (Vec<Column>, Option<KernelRun>, Vec<String>) {
     let mut failures = Vec::new();
@@ -465,10 +492,15 @@ fn run_kernel(
     };
     let mut job = vm::GuestJob::script(guest_script(scenarios))
         .with_binary(bin)
-        .with_file(vm::GuestFile::host(c_peer, "/bin/close-unread-peer"));
+        .with_file(vm::GuestFile::host(
+            &c_peers.close_unread,
+            "/bin/close-unread-peer",
+        ))
+        .with_file(vm::GuestFile::host(&c_peers.owners, owners::GUEST_PEER));
+    job.files.extend(c_peers.nginx.iter().cloned());
     job.timeout = Duration::from_secs(1200);
     say(format!(
-        "kernel {} ({}): doctor, validate with {}, resets",
+        "kernel {} ({}): doctor, validate with {}, resets, owners",
         spec.name,
         kernel.release,
         VM_BACKENDS
@@ -571,6 +603,36 @@ fn run_kernel(
         format!("FAILED ({} problems)", reset_problems.len())
     };
     say(format!("kernel {}: resets: {resets_summary}", spec.name));
+    let mut owner_cells = Vec::new();
+    for (backend, _) in VM_BACKENDS {
+        let run = format!("owners-{backend}");
+        let lines = runs.get(&run).map_or(&[][..], |l| &l[..]);
+        let mut parts = Vec::new();
+        for (what, o) in [
+            ("peers", owners::check(lines)),
+            ("nginx", owners::check_nginx(lines)),
+        ] {
+            if o.problems.is_empty() {
+                parts.push(format!("{what} {}/{}", o.server_flows, o.filtered_flows));
+            } else {
+                any_problem = true;
+                for p in &o.problems {
+                    failures.push(format!("kernel {}: owners {backend}: {p}", spec.name));
+                }
+                parts.push(format!("{what} **FAILED** ({} problems)", o.problems.len()));
+            }
+        }
+        let secs = result
+            .seconds
+            .get(&run)
+            .map_or(String::new(), |s| format!(", {s:.0} s"));
+        owner_cells.push(format!("{backend}: {}{secs}", parts.join(", ")));
+    }
+    let owners_summary = format!(
+        "{} (server flows, each owned by its closer or an nginx worker / flows shown by --pid, exactly its own)",
+        owner_cells.join("; ")
+    );
+    say(format!("kernel {}: owners: {owners_summary}", spec.name));
     if any_problem {
         failures.push(format!(
             "kernel {}: guest console (last 60 lines):\n{}",
@@ -582,6 +644,7 @@ fn run_kernel(
         kernel: spec.name.to_string(),
         boot_seconds: outcome.elapsed.as_secs_f64(),
         resets: resets_summary,
+        owners: owners_summary,
     };
     (columns, Some(run), failures)
 }
@@ -589,7 +652,12 @@ fn run_kernel(
 pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool, jobs: usize) -> Result<()> {
     let started = Instant::now();
     let bin = build_static()?;
-    let c_peer = build_c_peer()?;
+    setup::ensure_apt("nginx-light", Path::new(owners::NGINX))?;
+    let c_peers = CPeers {
+        close_unread: build_c_peer("close_unread_peer")?,
+        owners: build_c_peer("owners_peer")?,
+        nginx: owners::nginx_files()?,
+    };
     let tools = vm::ensure_host_tools()?;
     let specs = vm::kernels_for(kernels)?;
     // Download every kernel first, one at a time (apt), then boot.
@@ -607,7 +675,7 @@ pub fn run(kernels: &str, scenarios: Vec<String>, skip_host: bool, jobs: usize) 
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let Some(spec) = specs.get(i) else { break };
-                    let r = run_kernel(&tools, spec, &bin, &c_peer, &scenarios);
+                    let r = run_kernel(&tools, spec, &bin, &c_peers, &scenarios);
                     results.lock().expect("results").push((i, r));
                 }
             });
@@ -771,6 +839,9 @@ fn matrix_markdown(columns: &[Column], runs: &[KernelRun], elapsed: f64, jobs: u
     for r in runs {
         md.push_str(&format!("- {} resets: {}\n", r.kernel, r.resets));
     }
+    for r in runs {
+        md.push_str(&format!("- {} owners: {}\n", r.kernel, r.owners));
+    }
     md.push_str(&format!(
         "\nmatrix: {passed} passed, {} failed; {elapsed:.0} s ({} guest(s) at a time)\n",
         total - passed,
@@ -896,5 +967,12 @@ mod tests {
         );
         assert!(s.contains("--backend tracepoint --record-dir /tmp/rec/tracepoint"));
         assert!(s.contains("mark resets"));
+        for b in ["kprobe", "fentry", "tracepoint"] {
+            let at = s
+                .find(&format!("mark owners-{b}\n"))
+                .expect("owner run marked");
+            assert!(s[at..].contains(&format!("--backend {b} --stacks")));
+        }
+        assert!(s.find("mark owners-kprobe") < s.find("mark recordings"));
     }
 }
