@@ -367,8 +367,10 @@ pub const CLOSING_MAX: u32 = 16384;
 /// How long after close() returns its deferred fput() may still be tearing the socket down (see
 /// `CloseSite::exit_ns`). The task work runs before the thread gets back to user space, so no
 /// other syscall of that thread can come in between; the bound only guards against stale
-/// entries, and must allow for slow (emulated) machines.
-pub const CLOSE_TASK_WORK_NS: u64 = 20_000_000;
+/// entries (a socket reusing the address ends the entry at once, see `on_set_state`), and must
+/// allow for slow machines: under emulation on a loaded host 20 ms was seen to be too short
+/// between sys_exit_close and the RST that close() sent.
+pub const CLOSE_TASK_WORK_NS: u64 = 500_000_000;
 
 #[cfg(feature = "user")]
 mod user {

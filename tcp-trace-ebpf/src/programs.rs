@@ -660,6 +660,16 @@ fn on_set_state(sk: u64, old: u32, new: u32) {
         state::SYN_RECV => child_of_listener(&key, sk),
         _ => {}
     }
+    // A socket starting a life (connect, listen, a listener's child) where a closed one was (the
+    // allocator hands a freed socket's memory out again): that close is over, however recent.
+    if matches!(new, state::SYN_SENT | state::LISTEN | state::SYN_RECV) {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        if let Some(site) = unsafe { CLOSING.get(&tid) }
+            && site.sk == sk
+        {
+            let _ = CLOSING.remove(&tid);
+        }
+    }
     // A listener closing (LISTEN -> CLOSE). A child is cloned from its listener and so goes
     // LISTEN -> SYN_RECV itself: that is no listener leaving.
     if old as u8 == state::LISTEN && new == state::CLOSE {

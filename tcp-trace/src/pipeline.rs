@@ -59,7 +59,11 @@ pub fn with_sysctls(base: ModelParams, settings: &BTreeMap<String, String>) -> M
 
 /// The model's parameters in a namespace a recording describes: the kernel `version` (with
 /// what `facts` detected), that namespace's sysctls and the socket facts the recorder knew.
-pub(crate) fn netns_params(version: &str, facts: &KernelFacts, settings: &NetnsSettings) -> ModelParams {
+pub(crate) fn netns_params(
+    version: &str,
+    facts: &KernelFacts,
+    settings: &NetnsSettings,
+) -> ModelParams {
     let mut params = model_params(version, &settings.sysctls).with_detected(facts.detected());
     if let Some(secs) = settings.tcp_linger2_secs {
         params.tcp_linger2_secs = secs;

@@ -18,7 +18,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::OnceLock,
     thread,
     time::{Duration, Instant},
@@ -91,6 +91,9 @@ fn peer_binary() -> Option<PathBuf> {
 struct Peer {
     child: Child,
     out: BufReader<ChildStdout>,
+    /// Its processes stay until this closes (owners_peer.c `hold()`), so that the tracers can
+    /// read their memory maps for close() sites however late they get to them.
+    hold: Option<ChildStdin>,
     workers: Vec<u32>,
 }
 
@@ -98,9 +101,11 @@ impl Peer {
     fn start(bin: &Path, pattern: &str, port: u16, workers: usize, teardown: &str) -> Peer {
         let mut child = Command::new(bin)
             .args([pattern, &port.to_string(), &workers.to_string(), teardown])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn owners_peer");
+        let hold = child.stdin.take();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut peer_workers = Vec::new();
         loop {
@@ -115,6 +120,7 @@ impl Peer {
         Peer {
             child,
             out,
+            hold,
             workers: peer_workers,
         }
     }
@@ -132,7 +138,9 @@ impl Peer {
         }
     }
 
+    /// Lets its processes go, and waits for them.
     fn wait(mut self) {
+        drop(self.hold.take());
         assert!(self.child.wait().unwrap().success());
     }
 }
@@ -198,7 +206,6 @@ fn run(
         c.join().unwrap();
     }
     let workers = peer.workers.clone();
-    peer.wait();
     wait_for_server_flows(&full, port, connections);
     let expected_by_pid = server_flows(&full.lines(), port)
         .iter()
@@ -206,6 +213,7 @@ fn run(
         .count();
     let all = stop(full, port, None);
     let filtered = stop(by_pid, port, Some(expected_by_pid));
+    peer.wait();
     Some((
         Served { closers, workers },
         all,

@@ -49,6 +49,15 @@ static int listener(int reuseport) {
     return l;
 }
 
+/* A tracer symbolizing a close() needs the process alive (its memory map): stay until standard
+ * input ends (the tests close it once the tracers are done; a shell's background job reads
+ * /dev/null), then a moment more. */
+static void hold(void) {
+    char x;
+    while (read(0, &x, 1) > 0) {}
+    sleep(2);
+}
+
 /* The connection's end: wait for the request (unread: leave it queued; passive: read to the
  * peer's FIN), then the last close(). */
 static void serve(int c) {
@@ -61,7 +70,7 @@ static void serve(int c) {
     }
     say("closing", getpid(), syscall(SYS_gettid));
     finish(c);
-    sleep(2); /* a tracer symbolizing this close() needs the process alive a moment */
+    hold();
 }
 
 /* N processes accept from `l` (one shared listener, or each its own with SO_REUSEPORT when

@@ -149,7 +149,7 @@ pub(super) fn run_script(backend: &str) -> String {
     let mut s = format!("D=/tmp/owners/{backend}; mkdir -p $D; GAVE_UP=0\n");
     for c in CASES {
         s.push_str(&format!(
-            "{GUEST_PEER} {} {} {} {} > $D/{port}.out 2>&1 &\nP{port}=$!\n",
+            "{GUEST_PEER} {} {} {} {} < /dev/null > $D/{port}.out 2>&1 &\nP{port}=$!\n",
             c.pattern,
             c.port,
             c.workers,
@@ -915,7 +915,7 @@ mod tests {
         let s = run_script("fentry");
         for c in CASES {
             assert!(s.contains(&format!(
-                "{GUEST_PEER} {} {} {} {} > $D/{}.out",
+                "{GUEST_PEER} {} {} {} {} < /dev/null > $D/{}.out",
                 c.pattern, c.port, c.workers, c.teardown, c.port
             )));
             assert!(s.contains(&format!(" --port {}", c.port)));
