@@ -194,3 +194,29 @@ fn not_a_recording_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open /nonexistent/x.tt"));
     std::fs::remove_file(path).ok();
 }
+
+/// A kernel's own events (Debian 5.10 under qemu, kprobe backend, validate's
+/// close-memory-pressure): the peer's ACK arrived after the reset child was gone, and the
+/// listener on its port answered with a RST. The model says so (it once called it a
+/// divergence, which failed that scenario now and then).
+#[test]
+fn a_listener_answering_for_a_connection_gone_conforms() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/kernel/5.10-kprobe-close-memory-pressure.tt");
+    let (code, lines, stderr) = replay(&path);
+    assert_eq!(code, 0, "{stderr}");
+    let flows: Vec<&Value> = lines.iter().filter(|l| l["type"] == "flow").collect();
+    assert_eq!(flows.len(), 5, "{flows:#?}");
+    for f in &flows {
+        assert_eq!(f["verdict"]["verdict"], "conforms", "{f}");
+    }
+    let listener = flows
+        .iter()
+        .find(|f| f["observed"] == "LISTEN → CLOSE; RST reply")
+        .expect("the listener's flow, with its reply");
+    assert_eq!(
+        listener["inputs"],
+        serde_json::json!(["data-after-close", "close"]),
+        "{listener}"
+    );
+}

@@ -11,10 +11,10 @@ use std::{
 };
 
 /// Dotted sysctl name to value.
-pub type Sysctls = BTreeMap<String, String>;
+pub(crate) type Sysctls = BTreeMap<String, String>;
 
 /// Per namespace inode, its sysctls (None: no process found there, or unreadable).
-pub struct NetnsSysctls {
+pub(crate) struct NetnsSysctls {
     keys: &'static [&'static str],
     own_netns: Option<u32>,
     cache: HashMap<u32, Option<Sysctls>>,
@@ -78,7 +78,7 @@ fn read_inside(ns_file: PathBuf, keys: &'static [&'static str]) -> Option<Sysctl
 
 impl NetnsSysctls {
     /// Reads `keys` (dotted sysctl names) per namespace.
-    pub fn new(keys: &'static [&'static str]) -> NetnsSysctls {
+    pub(crate) fn new(keys: &'static [&'static str]) -> NetnsSysctls {
         NetnsSysctls {
             keys,
             own_netns: netns_inode(std::path::Path::new("/proc/self/ns/net")),
@@ -88,7 +88,7 @@ impl NetnsSysctls {
 
     /// Namespace `inode`'s sysctls, when it is not tcp-trace's own and could be read; `hint`: a
     /// process that may live there (the socket's owner). Read once per namespace.
-    pub fn get(&mut self, inode: u32, hint: Option<u32>) -> Option<&Sysctls> {
+    pub(crate) fn get(&mut self, inode: u32, hint: Option<u32>) -> Option<&Sysctls> {
         if inode == 0 || Some(inode) == self.own_netns {
             return None;
         }
@@ -103,7 +103,7 @@ impl NetnsSysctls {
     }
 
     /// Every namespace a process lives in now, other than tcp-trace's own, with its sysctls.
-    pub fn all_current(&mut self) -> BTreeMap<u32, Sysctls> {
+    pub(crate) fn all_current(&mut self) -> BTreeMap<u32, Sysctls> {
         let inodes: std::collections::BTreeSet<u32> = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()

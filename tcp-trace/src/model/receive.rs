@@ -312,7 +312,17 @@ pub(crate) fn tcp_rcv_state_process_data(sock: &Sock, p: &ModelParams) -> Outcom
                 sock.state
             ));
         }
-        SynSent | Listen | Close | TimeWait | NewSynRecv => {
+        Listen => {
+            // The segment's own socket is gone (reset, destroyed) and the lookup found the
+            // listener on its port: every segment after the handshake carries ACK.
+            cx.reply_reset(RstReason::TcpFlags);
+            cx.rule(
+                "tcp_rcv_state_process(): LISTEN: a segment with ACK (its connection's socket is \
+                 gone; the lookup found the listener) -> reply RST (reason TCP_FLAGS), still \
+                 LISTEN",
+            );
+        }
+        SynSent | Close | TimeWait | NewSynRecv => {
             return Outcome::not_applicable(
                 &State::Socket(sock.clone()),
                 format!("no connection to carry data in {}", sock.state),

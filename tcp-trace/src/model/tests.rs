@@ -992,6 +992,23 @@ fn data_after_close_resets() {
 }
 
 #[test]
+fn a_listener_answers_a_segment_of_a_connection_gone_with_a_reset() {
+    // Seen in the VM matrix (5.10, kprobe; close-memory-pressure): the peer's ACK arrived after
+    // the reset child was destroyed, and the listener on its port replied RST.
+    for (p, reason) in [
+        (kernel(6, 12), Some(RstReason::TcpFlags)),
+        (kernel(5, 10), None),
+    ] {
+        let s = step(&p, &state("listen"), Input::DataAfterClose);
+        assert!(s.outcome.applicable);
+        assert_eq!(s.outcome.wire, vec![Wire::RstReply]);
+        assert_eq!(s.outcome.rst_reason, reason);
+        assert!(s.outcome.state_changes.is_empty());
+        assert_eq!(*s.to(), state("listen"));
+    }
+}
+
+#[test]
 fn listener_close_with_children() {
     let p = kernel(6, 12);
     let s = step(&p, &state("listen"), Input::ListenerCloseWithChildren);

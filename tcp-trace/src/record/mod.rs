@@ -307,7 +307,7 @@ fn unpair(p: &[u8; PAIR_LEN]) -> (u64, u64) {
 /// records in order, ending after [`Record::End`] or at the first error (after which it yields
 /// nothing). A cut-short file yields its complete records, then an error for which
 /// [`RecordError::is_cut_short`] is true.
-pub(crate) struct RecordReader<R: Read> {
+pub struct RecordReader<R: Read> {
     input: BufReader<R>,
     offset: u64,
     records: u64,
@@ -321,7 +321,7 @@ pub(crate) struct RecordReader<R: Read> {
 
 impl<R: Read> RecordReader<R> {
     /// Reads and checks the magic, version and header. `r` is buffered here.
-    pub(crate) fn open(r: R) -> Result<(RecordHeader, Self), RecordError> {
+    pub fn open(r: R) -> Result<(RecordHeader, Self), RecordError> {
         let mut rd = RecordReader {
             input: BufReader::with_capacity(BUF_CAPACITY, r),
             offset: 0,
