@@ -273,6 +273,14 @@ impl AuxHook {
         }
     }
 
+    /// The kernel function a function hook is on.
+    pub const fn function(self) -> Option<&'static str> {
+        match self {
+            AuxHook::InetCskAcceptReturn => Some("inet_csk_accept"),
+            _ => None,
+        }
+    }
+
     /// The program tried when [`AuxHook::program`] cannot attach: the function hook's kretprobe
     /// form; for sys_enter_close, a raw tracepoint on sys_enter (where the syscall tracepoint
     /// cannot load, as on 5.10 with BTF-typed tracepoint contexts).

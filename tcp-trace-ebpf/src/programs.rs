@@ -1184,9 +1184,21 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 
 /// inet_csk_accept() returns the child it took off the listener's queue, in the accepting
 /// task: io_uring and in-kernel accepts included, which the syscall tracepoints miss.
+/// The return value is the context slot after the arguments (not bpf_get_func_ret(), which
+/// kernels before 5.17 lack): inet_csk_accept(sk, arg) from 6.10, (sk, flags, err, kern) before;
+/// the loader picks the program from BTF.
 #[fexit(function = "inet_csk_accept")]
 pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
-    let child = ctx.ret::<u64>().unwrap_or(0);
+    let child = ctx_slot::<2>(&ctx);
+    if child != 0 {
+        learn_owner(child);
+    }
+    0
+}
+
+#[fexit(function = "inet_csk_accept")]
+pub fn fexit_inet_csk_accept4(ctx: FExitContext) -> u32 {
+    let child = ctx_slot::<4>(&ctx);
     if child != 0 {
         learn_owner(child);
     }

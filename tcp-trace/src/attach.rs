@@ -514,7 +514,7 @@ pub(crate) fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attach
     }
     // Owner hooks (and the close() site for --stacks): always.
     for aux in AuxHook::ALL {
-        hooks.push(attach_aux(&mut ebpf, &btf, aux, opts.backend));
+        hooks.push(attach_aux(&mut ebpf, &btf, aux, opts.backend, facts));
     }
     Ok(Attached { ebpf, hooks })
 }
@@ -527,6 +527,7 @@ pub(crate) fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attach
 fn aux_mechanisms(
     aux: AuxHook,
     backend: Backend,
+    facts: &KernelFacts,
 ) -> Result<Vec<(Mechanism, &'static str)>, String> {
     let mut list = Vec::new();
     if aux.tracepoint().is_some() {
@@ -537,12 +538,21 @@ fn aux_mechanisms(
         return Ok(list);
     }
     let kretprobe = aux.fallback().unwrap_or(aux.program());
+    // The fexit program for this signature (the return value follows the arguments).
+    let fexit = match aux
+        .function()
+        .and_then(|f| facts.functions.get(f))
+        .map(Vec::len)
+    {
+        Some(4) => "fexit_inet_csk_accept4",
+        _ => aux.program(),
+    };
     match backend {
         Backend::Auto => Ok(vec![
-            (Mechanism::Fexit, aux.program()),
+            (Mechanism::Fexit, fexit),
             (Mechanism::Kretprobe, kretprobe),
         ]),
-        Backend::Fentry => Ok(vec![(Mechanism::Fexit, aux.program())]),
+        Backend::Fentry => Ok(vec![(Mechanism::Fexit, fexit)]),
         Backend::Kprobe => Ok(vec![(Mechanism::Kretprobe, kretprobe)]),
         Backend::Tracepoint => Err("not requested (--backend tracepoint)".into()),
     }
@@ -589,14 +599,20 @@ fn try_attach_aux(
 }
 
 /// Attaches an owner hook with the first mechanism that works.
-fn attach_aux(ebpf: &mut Ebpf, btf: &Btf, aux: AuxHook, backend: Backend) -> HookStatus {
+fn attach_aux(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    aux: AuxHook,
+    backend: Backend,
+    facts: &KernelFacts,
+) -> HookStatus {
     let mut status = HookStatus {
         hook: aux.name().to_string(),
         mechanism: None,
         failures: Vec::new(),
         skipped: None,
     };
-    match aux_mechanisms(aux, backend) {
+    match aux_mechanisms(aux, backend, facts) {
         Err(why) => status.skipped = Some(why),
         Ok(list) => {
             for (mechanism, program) in list {
@@ -640,7 +656,7 @@ pub(crate) fn probe_all(facts: &KernelFacts) -> Result<Vec<HookProbe>> {
     }
     for aux in AuxHook::ALL {
         let mut results = Vec::new();
-        for (mechanism, program) in aux_mechanisms(aux, Backend::Auto).unwrap_or_default() {
+        for (mechanism, program) in aux_mechanisms(aux, Backend::Auto, facts).unwrap_or_default() {
             let r = try_attach_aux(&mut ebpf, &btf, aux, mechanism, program);
             if r.is_ok() {
                 unload(&mut ebpf, program);
@@ -677,6 +693,7 @@ mod tests {
             "fentry_tcp_send_active_reset_r4",
             "fexit_tcp_timewait_state_process4",
             "fexit_tcp_timewait_state_process5",
+            "fexit_inet_csk_accept4",
         ] {
             assert!(obj.programs.contains_key(program), "{program} missing");
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, BtfType, Type};
 use serde::Serialize;
-use tcp_trace_common::{Config, Hook};
+use tcp_trace_common::{AuxHook, Config, Hook};
 
 use super::enums::{KReason, KTwStatus};
 use crate::model::{RstReason, TwStatus};
@@ -168,7 +168,7 @@ impl KernelBtf {
 
 /// The kernel functions tcp-trace hooks (from the registry; each once).
 pub(crate) fn hooked_functions() -> impl Iterator<Item = &'static str> {
-    targets(true)
+    targets(true).chain(AuxHook::ALL.into_iter().filter_map(AuxHook::function))
 }
 
 /// The tracepoints tcp-trace hooks, without their system.
