@@ -77,7 +77,7 @@ impl Netns {
     }
 
     /// Sets a sysctl of this namespace, e.g. `net.ipv4.tcp_fin_timeout`.
-    pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
         self.run(move || {
