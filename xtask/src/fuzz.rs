@@ -58,6 +58,18 @@ pub fn run(seconds: u64) -> Result<()> {
                 std::fs::copy(&path, work.join(name))?;
             }
         }
+        // Built on its own first, so that a target that does not compile is reported as that,
+        // not as a crash the fuzzer found; `fuzz run` then finds it built.
+        say(format!("{what}: building the {target} target"));
+        helpers::status(
+            Command::new("cargo")
+                .current_dir(&root)
+                .arg(format!("+{nightly}"))
+                .args(["fuzz", "build", "--fuzz-dir", "fuzz", target]),
+        )
+        .with_context(|| {
+            format!("the {target} fuzz target (fuzz/fuzz_targets/{target}.rs) does not build")
+        })?;
         say(format!("{what}: {each} s of libFuzzer"));
         helpers::status(
             Command::new("cargo")

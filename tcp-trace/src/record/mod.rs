@@ -52,9 +52,9 @@ const BUF_CAPACITY: usize = 64 << 10;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filters {
     #[serde(default)]
-    pub(crate) pids: Vec<u32>,
+    pub pids: Vec<u32>,
     #[serde(default)]
-    pub(crate) ports: Vec<u16>,
+    pub ports: Vec<u16>,
 }
 
 /// The JSON header: what replay needs to interpret the events without the kernel that made them.
