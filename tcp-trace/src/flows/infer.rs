@@ -385,6 +385,7 @@ fn set_state(
             if app_may_close {
                 c.push(&[Close], Some(CLOSE_OR_SHUTDOWN));
             }
+            c.push(&[ConnectionTimeout], None);
             c.push(
                 &[ShutdownWr],
                 Some("connect() ended without a connection: the model knows only close()/shutdown() here"),
@@ -401,6 +402,17 @@ fn set_state(
     }
     if to == CLOSED && from != Listen && app_may_close {
         aborts(c, p);
+    }
+    // A socket the application holds timed out (tcp_write_err()): CLOSE with no RST, from any
+    // state with something to retransmit or probe. (An orphan's give-up is above.)
+    if to == CLOSED
+        && matches!(
+            from,
+            Established | SynRecv | CloseWait | FinWait1 | FinWait2 | Closing | LastAck
+        )
+        && sock.is_some_and(|s| !s.orphan)
+    {
+        c.push(&[ConnectionTimeout], None);
     }
     if to == CLOSED
         && matches!(from, Established | CloseWait)

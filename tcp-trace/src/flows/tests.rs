@@ -454,6 +454,36 @@ fn close_with_unread_data_tracepoints_only() {
     assert_eq!(s.peer_key, Some(c.key));
 }
 
+/// TCP_USER_TIMEOUT (or tcp_retries2) runs out on a connected client: tcp_write_err() closes it
+/// from the retransmission timer, nothing is sent, and the application's later close() only
+/// frees it.
+#[test]
+fn a_held_socket_that_times_out_closes_without_a_reset() {
+    let c = client();
+    for hooks in [HookSet::all(), HookSet::tracepoints_only()] {
+        let mut events = vec![c.set(100, "ESTABLISHED", "CLOSE")];
+        if hooks.has(Hook::TcpClose) {
+            events.push(c.close(900, "CLOSE", 0, None));
+        }
+        events.push(c.destroy(901));
+        let reports = run(config(hooks), events);
+        let r = find(&reports, &c);
+        assert_conforms(r);
+        assert_eq!(inputs(r), ["connection-timeout", "close"], "{hooks:?}");
+        assert_eq!(r.observed_summary(), "ESTABLISHED → CLOSE");
+    }
+    // The same change with a RST after it is not a timeout.
+    let reports = run(
+        config(HookSet::tracepoints_only()),
+        vec![
+            c.set(100, "ESTABLISHED", "CLOSE"),
+            c.send_rst(101, "CLOSE", "TCP_ABORT_ON_CLOSE"),
+            c.destroy(102),
+        ],
+    );
+    assert_ne!(inputs(find(&reports, &c))[0], "connection-timeout");
+}
+
 #[test]
 fn close_with_unread_data_function_hooks_conforms_fully() {
     let s = End::new(0x51, "127.0.0.1:5599", "127.0.0.1:50948");

@@ -52,6 +52,7 @@ pub enum Input {
     TwExpire,
     OrphanRetriesExhausted,
     OrphanOutOfResources,
+    ConnectionTimeout,
 }
 
 /// Who causes an input.
@@ -325,6 +326,18 @@ pub(crate) const INPUTS: &[InputInfo] = {
             Timer,
             "an orphan's retransmission (or zero-window probe) timer finds too many orphans or TCP memory pressure (tcp_check_oom)",
         ),
+        info(
+            ConnectionTimeout,
+            "connection-timeout",
+            &[
+                "user-timeout",
+                "retries2-exhausted",
+                "syn-retries-exhausted",
+                "keepalive-timeout",
+            ],
+            Timer,
+            "a socket the application holds times out: retransmissions (tcp_retries2, tcp_syn_retries), TCP_USER_TIMEOUT, keepalive or zero-window probes run out",
+        ),
     ]
 };
 
@@ -405,6 +418,7 @@ impl Input {
             TwExpire => Action::TwExpire,
             OrphanRetriesExhausted => Action::OrphanRetriesExhausted,
             OrphanOutOfResources => Action::OrphanOutOfResources,
+            ConnectionTimeout => Action::ConnectionTimeout,
         }
     }
 }
@@ -593,4 +607,5 @@ pub(crate) enum Action {
     TwExpire,
     OrphanRetriesExhausted,
     OrphanOutOfResources,
+    ConnectionTimeout,
 }

@@ -159,6 +159,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
         Action::FinWait2Timeout => timers::tcp_keepalive_timer(sock, p),
         Action::OrphanRetriesExhausted => timers::tcp_write_timeout(sock, p),
         Action::OrphanOutOfResources => timers::tcp_out_of_resources(sock, p),
+        Action::ConnectionTimeout => timers::tcp_write_err(sock, p),
     }
 }
 
@@ -202,7 +203,9 @@ fn time_wait_input(tw: &TimeWaitSock, input: Input, p: &ModelParams) -> Outcome 
             &here,
             "the minisocket is already in TIME_WAIT (see tw-expire)",
         ),
-        Action::OrphanRetriesExhausted | Action::OrphanOutOfResources => Outcome::not_applicable(
+        Action::OrphanRetriesExhausted
+        | Action::OrphanOutOfResources
+        | Action::ConnectionTimeout => Outcome::not_applicable(
             &here,
             "a minisocket retransmits nothing; only its own timer runs",
         ),
@@ -230,7 +233,8 @@ fn freed_input(input: Input, p: &ModelParams) -> Outcome {
         | Action::FinWait2Timeout
         | Action::TwExpire
         | Action::OrphanRetriesExhausted
-        | Action::OrphanOutOfResources => {
+        | Action::OrphanOutOfResources
+        | Action::ConnectionTimeout => {
             Outcome::not_applicable(&State::Freed, "the socket is freed; nothing is left")
         }
     }

@@ -868,6 +868,46 @@ fn orphan_retries_exhausted() {
 }
 
 #[test]
+fn a_held_socket_times_out_silently_and_stays_until_close() {
+    let p = kernel(6, 12);
+    for start in [
+        "established",
+        "syn-sent",
+        "close-wait",
+        "fin-wait1",
+        "fin-wait2",
+        "last-ack",
+    ] {
+        let s = step(&p, &state(start), Input::ConnectionTimeout);
+        assert!(s.outcome.applicable, "{start}");
+        assert!(s.outcome.wire.is_empty(), "{start}: no RST");
+        assert_eq!(s.outcome.error, Some(Errno::Etimedout));
+        assert_eq!(s.outcome.counters, vec![TcpExtCounter::TcpAbortOnTimeout]);
+        let State::Socket(sock) = s.to() else {
+            panic!("{start}: the application still holds the socket");
+        };
+        assert_eq!(sock.state, TcpState::Close);
+        // Its close() then frees it, sending nothing.
+        let closed = step(&p, s.to(), Input::Close);
+        assert!(closed.outcome.wire.is_empty());
+        assert_eq!(*closed.to(), State::Freed);
+    }
+    // An orphan takes tcp_orphan_retries' path; a listener has nothing to time out.
+    for start in ["fin-wait1+orphan", "listen"] {
+        assert!(
+            !step(&p, &state(start), Input::ConnectionTimeout)
+                .outcome
+                .applicable,
+            "{start}"
+        );
+    }
+    assert_eq!(
+        "user-timeout".parse::<Input>().unwrap(),
+        Input::ConnectionTimeout
+    );
+}
+
+#[test]
 fn syn_into_time_wait() {
     for (p, listener) in [
         (kernel(6, 12), true),

@@ -1,6 +1,8 @@
-//! Timers of a full orphan socket: tcp_keepalive_timer() as the FIN_WAIT2 timer,
+//! Timers of a full socket: for an orphan, tcp_keepalive_timer() as the FIN_WAIT2 timer,
 //! tcp_write_timeout() when retransmissions run out, and tcp_out_of_resources() when the
-//! retransmission timer finds too many orphans or too little memory. (The minisocket's timer is in timewait.rs.)
+//! retransmission timer finds too many orphans or too little memory; for a socket the
+//! application holds, tcp_write_err() when it times out. (The minisocket's timer is in
+//! timewait.rs.)
 
 use super::effects::Ctx;
 use super::outcome::{Errno, KernelFunction, Outcome, RstReason, TcpExtCounter};
@@ -69,8 +71,8 @@ pub(crate) fn tcp_write_timeout(sock: &Sock, p: &ModelParams) -> Outcome {
         FinWait1 | Closing | LastAck => {
             return Outcome::not_applicable(
                 &State::Socket(sock.clone()),
-                "the socket is not orphaned: tcp_retries2 governs its retransmissions (not \
-                 modelled)",
+                "the socket is not orphaned: tcp_retries2 governs its retransmissions (see \
+                 connection-timeout)",
             );
         }
         Established | SynSent | SynRecv | FinWait2 | CloseWait | Listen | Close | TimeWait
@@ -134,6 +136,48 @@ pub(crate) fn tcp_out_of_resources(sock: &Sock, p: &ModelParams) -> Outcome {
                         " (the socket is not orphaned)"
                     }
                 ),
+            );
+        }
+    }
+    cx.finish()
+}
+
+/// tcp_write_err(), for a socket the application still holds: its retransmissions
+/// (tcp_retries2; tcp_syn_retries in SYN_SENT, tcp_synack_retries for a Fast Open child), its
+/// TCP_USER_TIMEOUT, its keepalive probes (tcp_keepalive_timer()) or its zero-window probes
+/// (tcp_probe_timer()) have run out. sk_err = ETIMEDOUT (the application's next call returns
+/// it), the write queue is purged, tcp_done(): CLOSE, and the socket stays until close(). No
+/// RST: the peer is presumed unreachable. An orphan takes the tcp_orphan_retries path instead.
+pub(crate) fn tcp_write_err(sock: &Sock, p: &ModelParams) -> Outcome {
+    use TcpState::*;
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpWriteTimeout);
+    match sock.state {
+        _ if sock.orphan => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                "an orphan gives up after tcp_orphan_retries (see orphan-retries-exhausted)",
+            );
+        }
+        Established | SynSent | SynRecv | CloseWait | FinWait1 | FinWait2 | Closing | LastAck => {
+            let what = if sock.state == SynSent {
+                "connect() out of SYN retries (tcp_syn_retries) or TCP_USER_TIMEOUT"
+            } else {
+                "retransmissions (tcp_retries2), TCP_USER_TIMEOUT, keepalive or zero-window \
+                 probes ran out"
+            };
+            cx.error(Errno::Etimedout);
+            cx.count(TcpExtCounter::TcpAbortOnTimeout);
+            cx.tcp_done();
+            cx.rule(format!(
+                "tcp_write_err() in {}: {what} -> ETIMEDOUT, TCPAbortOnTimeout, tcp_done(): \
+                 CLOSE, held by the application until close(); no RST",
+                sock.state
+            ));
+        }
+        Listen | Close | TimeWait | NewSynRecv => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!("nothing of a connection times out in {}", sock.state),
             );
         }
     }

@@ -736,6 +736,7 @@ mod tests {
             "tw-syn-no-listener",
             "tw-old-duplicate",
             "close-unsent",
+            "user-timeout",
         ] {
             assert!(scenarios::find(name).is_ok(), "{name}");
         }

@@ -452,6 +452,19 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         flow_checks: None,
         run: tw_old_duplicate,
     },
+    Scenario {
+        name: "user-timeout",
+        about: "TCP_USER_TIMEOUT 500 ms and every ACK from the server lost: the client gives up (tcp_write_err): ETIMEDOUT, CLOSE without RST, TCPAbortOnTimeout",
+        focus: Side::Client,
+        focus_listener: false,
+        script: &["connection-timeout", "close"],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: user_timeout,
+    },
 ];
 
 pub(crate) const REQUEST: &[u8] = b"GET /teardown\n";
@@ -1244,6 +1257,99 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
     ));
+    Ok(())
+}
+
+/// The client's TCP_USER_TIMEOUT in user_timeout.
+const USER_TIMEOUT_MS: i32 = 500;
+
+/// The client sets TCP_USER_TIMEOUT and sends a request whose every ACK is lost; it
+/// retransmits until the timeout, then tcp_write_err() closes it without a word to the peer.
+/// The server's later FIN finds no socket.
+fn user_timeout(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        go_rx.recv_timeout(Duration::from_secs(20))?;
+        drop(s);
+        Ok(())
+    })?;
+    let mut c = connect_from(ctx.lab, None)?;
+    let port = local_port(&c);
+    ctx.notes.client_port = port;
+    setsockopt_int(
+        c.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        USER_TIMEOUT_MS,
+    )?;
+    sleep(SETTLE);
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: SERVER_PORT,
+        dport: port,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    })?;
+    let client_addr = SocketAddrV4::new(ctx.lab.client_ip, port);
+    let raw = ctx.lab.server.run(RawTcp::open)?;
+    let sent = Instant::now();
+    c.write_all(REQUEST)?;
+    let mut seen = Vec::new();
+    let deadline = sent + Duration::from_secs(15);
+    let mut aborted = 0;
+    while Instant::now() < deadline && aborted == 0 {
+        seen.extend(raw.collect_from(client_addr, Duration::from_millis(100)));
+        aborted = tcpext(&ctx.lab.client, "TCPAbortOnTimeout")?;
+    }
+    let gave_up_after = sent.elapsed();
+    // Whatever the client sent as it gave up (a RST would be wrong) has arrived by now.
+    seen.extend(raw.collect_from(client_addr, Duration::from_millis(300)));
+    let sends = seen.iter().filter(|s| s.len > 0).count();
+    let dropped = ctx.dropped()?;
+    ctx.notes.wire.push(format!(
+        "client sent its request {sends}x, the server's {dropped} ACKs were dropped; gave up \
+         after {} ms",
+        gave_up_after.as_millis()
+    ));
+    ctx.notes
+        .wire
+        .push(format!("client TcpExt TCPAbortOnTimeout = {aborted}"));
+    ctx.notes.checks.push((
+        "the request was retransmitted (its ACKs lost)".into(),
+        sends >= 2,
+    ));
+    ctx.notes
+        .checks
+        .push(("the client counted TCPAbortOnTimeout".into(), aborted >= 1));
+    // A lower bound only: the kernel cannot give up sooner; how much later depends on the RTO.
+    ctx.notes.checks.push((
+        format!("the client gave up no sooner than TCP_USER_TIMEOUT ({USER_TIMEOUT_MS} ms)"),
+        gave_up_after >= Duration::from_millis(USER_TIMEOUT_MS as u64),
+    ));
+    ctx.notes.checks.push((
+        "the client sent no RST when it gave up".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    let mut byte = [0u8; 1];
+    let errno = c.read(&mut byte).err().and_then(|e| e.raw_os_error());
+    ctx.notes.checks.push((
+        format!(
+            "the client's next read() failed with ETIMEDOUT (got {})",
+            match errno {
+                Some(e) => std::io::Error::from_raw_os_error(e).to_string(),
+                None => "no error".into(),
+            }
+        ),
+        errno == Some(libc::ETIMEDOUT),
+    ));
+    ctx.dropper.clear()?;
+    drop(c);
+    go_tx.send(())?;
+    join(server)?;
     Ok(())
 }
 
