@@ -91,6 +91,16 @@ fn golden_recordings_replay_as_live_judged_them() {
         all.len(),
         golden_dir().display()
     );
+    // Every kernel of the VM matrix with a function-hook backend (kprobe), so that the hooks
+    // tracepoints cannot show are replayed too.
+    for kernel in ["5.10", "6.1", "6.12", "6.18", "7.x"] {
+        let dir = golden_dir().join(kernel).join("kprobe");
+        assert!(
+            all.iter().any(|p| p.starts_with(&dir)),
+            "no golden recordings in {} (refresh them with `cargo xtask golden` after a matrix run)",
+            dir.display()
+        );
+    }
     let mut mismatches = Vec::new();
     let mut flows = 0;
     for path in &all {
