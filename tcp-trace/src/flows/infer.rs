@@ -337,6 +337,9 @@ fn set_state(
             }
             c.push(&[AckOfFin], None);
             c.push(&[FinAck], None);
+            if orphan {
+                c.push(&[DataAckingFin], None);
+            }
             if hidden_close {
                 c.push(&[Close, AckOfFin], unseen);
                 c.push(&[Close, FinAck], unseen);

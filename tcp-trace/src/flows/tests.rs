@@ -454,6 +454,35 @@ fn close_with_unread_data_tracepoints_only() {
     assert_eq!(s.peer_key, Some(c.key));
 }
 
+/// The keep-alive race: the server closed (orphan FIN_WAIT1) and the client's next request
+/// ACKs the FIN: FIN_WAIT2 and CLOSE at once, a reply RST from the socket, no tcp_reset().
+#[test]
+fn data_acking_an_orphans_fin_is_answered_with_a_reset() {
+    let s = server();
+    for hooks in [HookSet::all(), HookSet::tracepoints_only()] {
+        let mut events = Vec::new();
+        if hooks.has(Hook::TcpClose) {
+            events.push(s.close(100, "ESTABLISHED", 0, None));
+        }
+        events.push(s.set(101, "ESTABLISHED", "FIN_WAIT1"));
+        if hooks.has(Hook::TcpSendFin) {
+            events.push(s.send_fin(102, "FIN_WAIT1"));
+        }
+        events.push(s.set(5_000, "FIN_WAIT1", "FIN_WAIT2"));
+        events.push(s.set(5_001, "FIN_WAIT2", "CLOSE"));
+        events.push(TraceEvent {
+            rst_reason: Some(KReason::from("TCP_ABORT_ON_DATA")),
+            rst_active: Some(false),
+            ..s.ev(5_002, Hook::TcpSendReset, Some("CLOSE"))
+        });
+        events.push(s.destroy(5_003));
+        let reports = run(config(hooks), events);
+        let r = find(&reports, &s);
+        assert_conforms(r);
+        assert_eq!(inputs(r), ["close", "data-acking-fin"], "{hooks:?}");
+    }
+}
+
 /// TCP_USER_TIMEOUT (or tcp_retries2) runs out on a connected client: tcp_write_err() closes it
 /// from the retransmission timer, nothing is sent, and the application's later close() only
 /// frees it.

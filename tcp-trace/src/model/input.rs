@@ -39,6 +39,7 @@ pub enum Input {
     RstOutOfWindow,
     DataAfterClose,
     FinWithoutAck,
+    DataAckingFin,
     // Segments as a TIME_WAIT minisocket sees them.
     TwSyn,
     TwAck,
@@ -256,6 +257,13 @@ pub(crate) const INPUTS: &[InputInfo] = {
             "a segment with FIN but without the ACK flag (dropped before anything else looks at it)",
         ),
         info(
+            DataAckingFin,
+            "data-acking-fin",
+            &["data-with-ack-of-fin"],
+            Peer,
+            "new data in the segment that ACKs our FIN (the peer wrote before it read our FIN: an orphan FIN_WAIT1 resets)",
+        ),
+        info(
             TwSyn,
             "tw-syn",
             &[],
@@ -407,6 +415,7 @@ impl Input {
             RstOutOfWindow => Action::Segment(Segment::Rst(RstSeq::OutOfWindow)),
             DataAfterClose => Action::Segment(Segment::Data),
             FinWithoutAck => Action::Segment(Segment::FinNoAck),
+            DataAckingFin => Action::Segment(Segment::DataAckingFin),
             TwSyn => Action::TimeWaitSegment(TwSegment::Syn),
             TwAck => Action::TimeWaitSegment(TwSegment::BareAck),
             TwFinRetransmit => Action::TimeWaitSegment(TwSegment::OldFin),
@@ -546,6 +555,8 @@ pub(crate) enum Segment {
     Rst(RstSeq),
     /// FIN set, ACK clear (and no SYN/RST), at rcv_nxt.
     FinNoAck,
+    /// New data beyond rcv_nxt in the segment that ACKs our FIN.
+    DataAckingFin,
 }
 
 impl Segment {
@@ -561,7 +572,7 @@ impl Segment {
             (Segment::Fin | Segment::FinAck, TwSubstate::FinWait2) => TwSegment::NewFin,
             (Segment::Fin | Segment::FinAck, TwSubstate::TimeWait) => TwSegment::OldFin,
             (Segment::AckOfFin | Segment::AckOfData, _) => TwSegment::BareAck,
-            (Segment::Data, _) => TwSegment::NewData,
+            (Segment::Data | Segment::DataAckingFin, _) => TwSegment::NewData,
             (Segment::Rst(seq), _) => TwSegment::Rst(seq),
             (Segment::FinNoAck, _) => TwSegment::FinNoAck,
         }

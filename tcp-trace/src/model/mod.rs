@@ -147,6 +147,9 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
             input::Segment::Data => receive::tcp_rcv_state_process_data(sock, p),
             input::Segment::Rst(seq) => receive::tcp_validate_incoming_rst(sock, seq, p),
             input::Segment::FinNoAck => receive::tcp_rcv_state_process_no_ack(sock, p),
+            input::Segment::DataAckingFin => {
+                receive::tcp_rcv_state_process_data_acking_fin(sock, p)
+            }
         },
         Action::TimeWaitSegment(_) | Action::TwExpire => Outcome::not_applicable(
             &here,

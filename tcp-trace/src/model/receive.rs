@@ -332,6 +332,64 @@ pub(crate) fn tcp_rcv_state_process_data(sock: &Sock, p: &ModelParams) -> Outcom
     cx.finish()
 }
 
+/// A segment that ACKs our FIN and carries new data: the peer wrote before it read our FIN (a
+/// keep-alive client sending its next request as the server closes the idle connection). In
+/// tcp_rcv_state_process()'s FIN_WAIT1 case an orphan moves to FIN_WAIT2 and then, the
+/// segment ending after rcv_nxt ("out of order FIN after close()"), tcp_done(),
+/// TCPAbortOnData and a reply RST from tcp_v4_do_rcv(); no tcp_reset(), so no
+/// tcp:tcp_receive_reset. (TCP_LINGER2 < 0 gives the same events before the data is looked at.)
+pub(crate) fn tcp_rcv_state_process_data_acking_fin(sock: &Sock, p: &ModelParams) -> Outcome {
+    use TcpState::*;
+    let here = State::Socket(sock.clone());
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpRcvStateProcess);
+    match sock.state {
+        FinWait1 if sock.unsent => {
+            return Outcome::not_applicable(
+                &here,
+                "our FIN is still queued behind unsent data, so the peer cannot ACK it yet",
+            );
+        }
+        FinWait1 if sock.orphan => {
+            cx.set_state(FinWait2);
+            cx.tcp_done();
+            cx.count(TcpExtCounter::TcpAbortOnData);
+            cx.reply_reset(RstReason::TcpAbortOnData);
+            cx.rule(if p.tcp_linger2_secs < 0 {
+                "tcp_rcv_state_process(): orphan FIN_WAIT1, our FIN ACKed -> FIN_WAIT2; \
+                 TCP_LINGER2 < 0 -> tcp_done() + reply RST, TCPAbortOnData (the data not \
+                 looked at)"
+            } else {
+                "tcp_rcv_state_process(): orphan FIN_WAIT1, our FIN ACKed -> FIN_WAIT2; the \
+                 segment ends after rcv_nxt (new data after close()) -> tcp_done() + reply RST, \
+                 TCPAbortOnData; no tcp_reset()"
+            });
+        }
+        FinWait1 => {
+            return Outcome::not_applicable(
+                &here,
+                "not orphaned: the ACK moves it to FIN_WAIT2 and the data is queued (ack-of-fin, \
+                 then data-after-close)",
+            );
+        }
+        Established | SynSent | SynRecv | FinWait2 | CloseWait | Closing | LastAck | Listen
+        | Close | TimeWait | NewSynRecv => {
+            return Outcome::not_applicable(
+                &here,
+                format!(
+                    "no FIN of ours awaits its ACK in {}{}",
+                    sock.state,
+                    if sock.state == FinWait2 {
+                        " (see data-after-close)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+    }
+    cx.finish()
+}
+
 /// tcp_ack() with unsent data: the peer opens its window, tcp_data_snd_check() sends the tail.
 pub(crate) fn tcp_ack_of_data(sock: &Sock, p: &ModelParams) -> Outcome {
     use TcpState::*;

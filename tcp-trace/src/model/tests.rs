@@ -831,6 +831,30 @@ fn orphan_fin_wait2_timeout() {
 }
 
 #[test]
+fn data_acking_the_fin_of_an_orphan_resets_it() {
+    for p in [kernel(6, 12), kernel(5, 15)] {
+        let s = step(&p, &state("fin-wait1+orphan"), Input::DataAckingFin);
+        assert_eq!(s.outcome.wire, vec![Wire::RstReply]);
+        let reason = p.kernel.reply_reset_reason(RstReason::TcpAbortOnData);
+        assert_eq!(s.outcome.rst_reason, reason);
+        assert_eq!(s.outcome.counters, vec![TcpExtCounter::TcpAbortOnData]);
+        let states: Vec<_> = s.outcome.state_changes.iter().map(|c| c.to).collect();
+        assert_eq!(states, [TcpState::FinWait2, TcpState::Close]);
+        assert_eq!(*s.to(), State::Freed);
+    }
+    let p = kernel(6, 12);
+    // Not an orphan, or no FIN of ours outstanding: other inputs explain it.
+    for start in ["fin-wait1", "fin-wait2+orphan", "established"] {
+        assert!(
+            !step(&p, &state(start), Input::DataAckingFin)
+                .outcome
+                .applicable,
+            "{start}"
+        );
+    }
+}
+
+#[test]
 fn negative_linger2_aborts_fin_wait2() {
     let p = ModelParams {
         tcp_linger2_secs: -1,

@@ -808,7 +808,9 @@ fn linger2_after_fin_wait1(ev: &TraceEvent, cx: &FlowContext<'_>) -> Option<Stri
         && near(last, ev, cx))
     .then(|| {
         "the orphan went FIN_WAIT1 -> FIN_WAIT2 -> CLOSE on the ACK of its FIN and answered with \
-         RST: TCP_LINGER2 < 0 (tcp_rcv_state_process)"
+         RST (tcp_rcv_state_process): TCP_LINGER2 < 0, or the segment that ACKed the FIN \
+         carried new data (the peer wrote before it read our FIN, as a keep-alive client \
+         sending its next request does); the events do not tell the two apart"
             .to_string()
     })
 }

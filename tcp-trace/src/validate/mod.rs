@@ -737,6 +737,7 @@ mod tests {
             "tw-old-duplicate",
             "close-unsent",
             "user-timeout",
+            "orphan-fin-wait1-data",
         ] {
             assert!(scenarios::find(name).is_ok(), "{name}");
         }

@@ -453,6 +453,19 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: tw_old_duplicate,
     },
     Scenario {
+        name: "orphan-fin-wait1-data",
+        about: "the server closes; the client's ACK of its FIN is lost and the client writes: that data ACKs the FIN, and the orphan FIN_WAIT1 answers with RST (TCPAbortOnData, no tcp_reset)",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close", "data-acking-fin"],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: orphan_fin_wait1_data,
+    },
+    Scenario {
         name: "user-timeout",
         about: "TCP_USER_TIMEOUT 500 ms and every ACK from the server lost: the client gives up (tcp_write_err): ETIMEDOUT, CLOSE without RST, TCPAbortOnTimeout",
         focus: Side::Client,
@@ -1257,6 +1270,63 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
     ));
+    Ok(())
+}
+
+/// A keep-alive race: the server closes an idle connection just as the client sends its next
+/// request. Losing the client's bare ACK of the FIN makes it certain that the request is what
+/// ACKs the FIN.
+fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        s.write_all(RESPONSE)?;
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(s);
+        Ok(())
+    })?;
+    let mut c = connect_from(ctx.lab, None)?;
+    let port = local_port(&c);
+    ctx.notes.client_port = port;
+    c.write_all(REQUEST)?;
+    read_exact_len(&mut c, RESPONSE.len())?;
+    sleep(SETTLE);
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: port,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    })?;
+    let server_addr = ctx.lab.server_addr();
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    go_tx.send(())?;
+    join(server)?;
+    // The server's FIN: the client reads EOF (its ACK is dropped) ...
+    let eof = read_to_eof(&mut c)?;
+    ctx.notes
+        .checks
+        .push(("the client read the server's FIN (EOF)".into(), eof == 0));
+    // ... and sends its next request, which carries the ACK of that FIN.
+    c.write_all(REQUEST)?;
+    let seen = raw.collect_until(server_addr, Duration::from_secs(3), |s| {
+        s.has(tcp_flag::RST)
+    });
+    let dropped = ctx.dropped()?;
+    ctx.notes.wire.push(format!(
+        "the client's bare ACKs dropped: {dropped} (else its ACK of the FIN was delayed onto \
+         the data); then it sent data"
+    ));
+    note_seen(ctx, "server sent", &seen);
+    ctx.notes.checks.push((
+        "the server answered the data with RST".into(),
+        seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    check_counter(ctx, "TCPAbortOnData", 1)?;
+    ctx.dropper.clear()?;
+    drop(c);
     Ok(())
 }
 
