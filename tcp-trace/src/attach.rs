@@ -594,7 +594,12 @@ fn try_attach_aux(
                 explain(&e, mechanism)
             })
         }
-        _ => attach_program(ebpf, btf, "inet_csk_accept", None, mechanism, program),
+        _ => match aux.function() {
+            Some(function) => attach_program(ebpf, btf, function, None, mechanism, program),
+            None => Err(format!(
+                "{mechanism:?} needs a kernel function, and {aux:?} has none"
+            )),
+        },
     }
 }
 

@@ -218,7 +218,10 @@ impl PidGate {
             .and_then(|(_, list)| list.first())
             .is_some_and(|first| other_connection(first, &ev))
         {
-            self.release(ev.sk, false, None, out);
+            // The old connection's end was not seen (lost): decide it by its provisional owner,
+            // as a flush does, so that a traced process's events are not thrown away.
+            let keep = self.last_owner_wanted(ev.sk);
+            self.release(ev.sk, keep, None, out);
         }
         let definite = ev.owner.filter(Owner::is_definite);
         if definite.is_some() || ev.sk.0 == 0 {

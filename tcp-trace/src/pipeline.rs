@@ -3,7 +3,11 @@
 //! and joined into flows, whose timelines and verdicts come out as each flow ends; a summary
 //! closes the run. What is printed, and how, is [`crate::report`]'s.
 
-use std::{collections::BTreeMap, io::Write, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    sync::Arc,
+};
 
 use anyhow::Result;
 use serde_json::json;
@@ -26,6 +30,9 @@ use crate::{
     },
     resets::{self, ResetDiagnosis, ResetTracker, TrackerConfig},
 };
+
+/// How long a namespace whose sysctls could not be read waits before the next try.
+const NETNS_RETRY_NS: u64 = 1_000_000_000;
 
 /// The model's parameters for this host: the kernel version and the tcp sysctls, from
 /// `settings` (name -> value, as recorded or read from /proc/sys).
@@ -180,6 +187,8 @@ pub struct Pipeline<W: Write> {
     params: ModelParams,
     /// Namespaces whose parameters are settled.
     netns_settled: std::collections::HashSet<u32>,
+    /// Namespaces whose sysctls could not be read yet, with when that was tried (trace time).
+    netns_unread: HashMap<u32, u64>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -217,6 +226,7 @@ impl<W: Write> Pipeline<W> {
             netns_sysctls: None,
             params,
             netns_settled: Default::default(),
+            netns_unread: Default::default(),
         }
     }
 
@@ -336,14 +346,28 @@ impl<W: Write> Pipeline<W> {
         if self.netns_settled.contains(&ev.netns) {
             return;
         }
-        let owner = ev.owner.as_ref().map(|o| o.pid).unwrap_or(ev.pid);
-        if let Some(sysctls) = reader.get(ev.netns, Some(owner)) {
-            let params = with_sysctls(self.params, sysctls);
-            if params != self.params {
-                self.flows.set_netns_params(ev.netns, params);
-            }
+        // A namespace that could not be read (no process found in it yet) is tried again a
+        // second later, not at every event: each try may scan /proc.
+        if self
+            .netns_unread
+            .get(&ev.netns)
+            .is_some_and(|&at| ev.ts_ns.saturating_sub(at) < NETNS_RETRY_NS)
+        {
+            return;
         }
-        // Settled once, found or not (bounded by the reader's cache).
+        let owner = ev.owner.as_ref().map(|o| o.pid).unwrap_or(ev.pid);
+        let Some(sysctls) = reader.get(ev.netns, Some(owner)) else {
+            if self.netns_unread.len() < 4096 {
+                self.netns_unread.insert(ev.netns, ev.ts_ns);
+            }
+            return;
+        };
+        let params = with_sysctls(self.params, sysctls);
+        if params != self.params {
+            self.flows.set_netns_params(ev.netns, params);
+        }
+        self.netns_unread.remove(&ev.netns);
+        // Settled once read (bounded by the reader's cache).
         if self.netns_settled.len() < 4096 {
             self.netns_settled.insert(ev.netns);
         }

@@ -77,11 +77,15 @@ pub fn run(from: Option<PathBuf>) -> Result<()> {
         }
         // The end-of-trace record's lost total (the file's last 8 bytes): validate judges a
         // run that lost events differently from replay (it holds every flow to the end).
-        let lost_total = bytes
-            .len()
-            .checked_sub(8)
-            .map(|at| u64::from_le_bytes(bytes[at..].try_into().expect("8 bytes")))
-            .unwrap_or(0);
+        // The end record is tag 'Z', length 16 (u16 LE), then events and lost (u64 LE each); a
+        // recording without it was cut short and is left out like a lossy one.
+        let end = bytes.len().checked_sub(19).map(|at| &bytes[at..]);
+        let lost_total = match end {
+            Some(end) if end[0] == b'Z' && end[1..3] == 16u16.to_le_bytes() => {
+                u64::from_le_bytes(end[11..19].try_into().expect("8 bytes"))
+            }
+            _ => u64::MAX,
+        };
         if lost_total > 0 {
             lossy += 1;
             continue;
@@ -113,7 +117,7 @@ pub fn run(from: Option<PathBuf>) -> Result<()> {
     }
     say(format!(
         "{kept} recordings ({total} bytes) in {}; left out: {too_big} too large, {lossy} that \
-         lost events, {unjudged} without live verdicts (recorded by an older tcp-trace)",
+         lost events or were cut short, {unjudged} without live verdicts (recorded by an older tcp-trace)",
         dest.display()
     ));
     if kept == 0 {

@@ -60,6 +60,9 @@ const CLOSE_OR_SHUTDOWN: &str =
     "close() or shutdown(SHUT_WR): not distinguishable without the tcp_close hook";
 const UNSEEN_CLOSE: &str =
     "an earlier close() of the half-closed socket left no event (tcp_close not attached)";
+const TIMED_OUT: &str = "the timeout itself leaves no event (retransmissions and probes are not \
+     traced): inferred from CLOSE with no RST and no close(); the TCPAbortOnTimeout counter \
+     (`tcp-trace resets`) confirms it";
 const NO_CLOSE_DETAILS: &str = "tcp_close details (unread, SO_LINGER) not captured";
 const LISTENER_CHILD: &str = "an un-accepted child reset by its listener's close() \
      (inet_csk_listen_stop() -> tcp_disconnect(), like close() with SO_LINGER 0)";
@@ -388,7 +391,7 @@ fn set_state(
             if app_may_close {
                 c.push(&[Close], Some(CLOSE_OR_SHUTDOWN));
             }
-            c.push(&[ConnectionTimeout], None);
+            c.push(&[ConnectionTimeout], Some(TIMED_OUT));
             c.push(
                 &[ShutdownWr],
                 Some("connect() ended without a connection: the model knows only close()/shutdown() here"),
@@ -415,7 +418,7 @@ fn set_state(
         )
         && sock.is_some_and(|s| !s.orphan)
     {
-        c.push(&[ConnectionTimeout], None);
+        c.push(&[ConnectionTimeout], Some(TIMED_OUT));
     }
     if to == CLOSED
         && matches!(from, Established | CloseWait)

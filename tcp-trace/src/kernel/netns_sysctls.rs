@@ -36,9 +36,11 @@ fn find_netns_file(inode: u32, hint: Option<u32>) -> Option<PathBuf> {
         if in_ns(&own) {
             return Some(own);
         }
-        // A thread of it may have entered the namespace on its own.
+        // A thread of it may have entered the namespace on its own. (A hint that has exited,
+        // or pid 0 from a softirq, falls through to the scan.)
         for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .ok()?
+            .into_iter()
+            .flatten()
             .flatten()
         {
             let path = task.path().join("ns/net");
@@ -96,8 +98,9 @@ impl NetnsSysctls {
             if self.cache.len() >= MAX_NAMESPACES {
                 return None;
             }
-            let read = find_netns_file(inode, hint).and_then(|f| read_inside(f, self.keys));
-            self.cache.insert(inode, read);
+            // No process there now (it may show up later): not cached, asked again later.
+            let read = find_netns_file(inode, hint).and_then(|f| read_inside(f, self.keys))?;
+            self.cache.insert(inode, Some(read));
         }
         self.cache.get(&inode).and_then(Option::as_ref)
     }

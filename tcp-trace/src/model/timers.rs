@@ -146,7 +146,8 @@ pub(crate) fn tcp_out_of_resources(sock: &Sock, p: &ModelParams) -> Outcome {
 /// (tcp_retries2; tcp_syn_retries in SYN_SENT, tcp_synack_retries for a Fast Open child), its
 /// TCP_USER_TIMEOUT, its keepalive probes (tcp_keepalive_timer()) or its zero-window probes
 /// (tcp_probe_timer()) have run out. sk_err = ETIMEDOUT (the application's next call returns
-/// it), the write queue is purged, tcp_done(): CLOSE, and the socket stays until close(). No
+/// it; an ICMP error seen meanwhile, sk_err_soft, is reported instead, e.g. EHOSTUNREACH: the
+/// model names the usual case), the write queue is purged, tcp_done(): CLOSE, and the socket stays until close(). No
 /// RST: the peer is presumed unreachable. An orphan takes the tcp_orphan_retries path instead.
 pub(crate) fn tcp_write_err(sock: &Sock, p: &ModelParams) -> Outcome {
     use TcpState::*;

@@ -11,8 +11,9 @@ use std::{
 
 use serde_json::Value;
 
-/// A port nothing listens on now, chosen by the kernel from the ephemeral range (tests and
-/// benchmarks running at the same time cannot collide on it).
+/// A port nothing listens on now, chosen by the kernel from the ephemeral range (so tests and
+/// benchmarks running at the same time rarely pick the same one; it is free only until
+/// someone binds it).
 pub fn free_port() -> u16 {
     free_port_on("127.0.0.1:0")
 }
