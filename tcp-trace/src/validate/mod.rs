@@ -62,6 +62,8 @@ pub(crate) struct ScenarioResult {
     pub(crate) wire: Vec<String>,
     pub(crate) unchecked: Vec<String>,
     pub(crate) flows: Vec<FlowReport>,
+    /// How many times it was run: more than once when a run lost events.
+    pub(crate) attempts: u32,
 }
 
 #[derive(Serialize)]
@@ -324,6 +326,7 @@ fn judge(
         wire: notes.wire.into_iter().chain(flow_checked).collect(),
         unchecked,
         flows: reports,
+        attempts: 1,
     })
 }
 
@@ -478,6 +481,7 @@ fn not_run(s: &Scenario, why: String) -> ScenarioResult {
         wire: vec![],
         unchecked: vec![],
         flows: vec![],
+        attempts: 0,
     }
 }
 
@@ -570,42 +574,63 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         if !opts.json {
             eprintln!("tcp-trace: validate: {} ...", s.name);
         }
-        let lab = Lab::new().with_context(|| format!("{}: building the namespaces", s.name))?;
-        for (side, key, value) in s.sysctls {
-            lab.ns(*side).sysctl(key, value)?;
-        }
-        dropper.attach(&mut attached.ebpf, &lab)?;
-        dropper.clear()?;
-        let lost_before = collector.lost();
-        let started = crate::clock::now_ns(libc::CLOCK_MONOTONIC);
-        let mut ctx = Ctx {
-            lab: &lab,
-            dropper: &mut dropper,
-            notes: Default::default(),
+        // A run that lost events (ring full, or a program skipped because another ran on its
+        // CPU: a softirq landing inside a process-context program) cannot be judged; it is run
+        // again, at most MAX_ATTEMPTS times in all, and says so.
+        let mut attempt = 1;
+        let (lab, events, lost, result) = loop {
+            let lab = Lab::new().with_context(|| format!("{}: building the namespaces", s.name))?;
+            for (side, key, value) in s.sysctls {
+                lab.ns(*side).sysctl(key, value)?;
+            }
+            dropper.attach(&mut attached.ebpf, &lab)?;
+            dropper.clear()?;
+            let lost_before = lost_total(&collector, &attached.ebpf);
+            let started = crate::clock::now_ns(libc::CLOCK_MONOTONIC);
+            let mut ctx = Ctx {
+                lab: &lab,
+                dropper: &mut dropper,
+                notes: Default::default(),
+            };
+            let run_error = (s.run)(&mut ctx).err();
+            let notes = ctx.notes;
+            // Let the last segments and the ring buffer drain.
+            std::thread::sleep(Duration::from_millis(300));
+            let events = collector.events_in(&lab.netns(), started);
+            let lost_now = lost_total(&collector, &attached.ebpf);
+            let lost = lost_now > lost_before;
+            if lost && attempt < MAX_ATTEMPTS {
+                if !opts.json {
+                    eprintln!(
+                        "tcp-trace: validate: {}: {} events lost during the run (ring buffer \
+                         full, or BPF programs skipped as they nested): running it again",
+                        s.name,
+                        lost_now - lost_before
+                    );
+                }
+                attempt += 1;
+                continue;
+            }
+            let mut result = judge(
+                s,
+                &lab,
+                notes,
+                run_error,
+                &events,
+                &prep.facts,
+                &attached.hooks,
+                &version,
+                lost,
+            )?;
+            result.attempts = attempt;
+            break (lab, events, lost, result);
         };
-        let run_error = (s.run)(&mut ctx).err();
-        let notes = ctx.notes;
-        // Let the last segments and the ring buffer drain.
-        std::thread::sleep(Duration::from_millis(300));
-        let events = collector.events_in(&lab.netns(), started);
-        let lost = collector.lost() > lost_before;
-        let result = judge(
-            s,
-            &lab,
-            notes,
-            run_error,
-            &events,
-            &prep.facts,
-            &attached.hooks,
-            &version,
-            lost,
-        )?;
         if let Some(dir) = &opts.record_dir {
             let recording = RecordingOf {
                 scenario: s,
                 lab: &lab,
                 events: &events,
-                lost: lost.then(|| collector.lost()),
+                lost: lost.then(|| lost_total(&collector, &attached.ebpf)),
                 flows: &result.flows,
             };
             recording
@@ -626,7 +651,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         }
         results.push(result);
     }
-    let lost = collector.lost();
+    let lost = lost_total(&collector, &attached.ebpf);
     collector.stop();
     drop(anchor);
     let not_run = results.iter().filter(|r| r.verdict == NOT_RUN).count();
@@ -651,6 +676,14 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         print_table(&results, &version, opts.backend);
     }
     Ok(if failed > 0 { exit::DIVERGED } else { exit::OK })
+}
+
+/// Runs of a scenario at most, when events are lost.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Events lost so far: the ring buffer's drops and the programs' recursion misses (5.12+).
+fn lost_total(collector: &Collector, ebpf: &aya::Ebpf) -> u64 {
+    collector.lost() + crate::progstats::total_recursion_misses(ebpf)
 }
 
 fn print_table(results: &[ScenarioResult], version: &KernelVersion, backend: Backend) {
