@@ -592,6 +592,45 @@ fn read_exact_len(s: &mut TcpStream, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The client connects, sends REQUEST and reads RESPONSE, then waits for the ACKs to settle;
+/// its port identifies the scenario's flows.
+fn request_and_response(ctx: &mut Ctx) -> Result<(TcpStream, u16)> {
+    let mut c = connect_from(ctx.lab, None)?;
+    let port = local_port(&c);
+    ctx.notes.client_port = port;
+    c.write_all(REQUEST)?;
+    read_exact_len(&mut c, RESPONSE.len())?;
+    sleep(SETTLE);
+    Ok((c, port))
+}
+
+/// A server that answers one request and closes the connection when told to (the listener
+/// goes with it).
+fn serve_then_close(lab: &Lab) -> Result<(mpsc::Sender<()>, std::thread::JoinHandle<Result<()>>)> {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(lab, move |l| {
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        s.write_all(RESPONSE)?;
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(s);
+        Ok(())
+    })?;
+    Ok((go_tx, server))
+}
+
+/// Every bare ACK (no data, FIN, SYN or RST) from TCP port `port`.
+fn bare_acks_from(port: u16) -> DropRule {
+    DropRule {
+        remaining: 1000,
+        sport: port,
+        flags_set: tcp_flag::ACK,
+        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
+        payload: 1,
+        ..Default::default()
+    }
+}
+
 fn read_to_eof(s: &mut TcpStream) -> Result<usize> {
     let mut all = Vec::new();
     s.read_to_end(&mut all).context("read to EOF")
@@ -656,12 +695,7 @@ fn simultaneous_close(ctx: &mut Ctx) -> Result<()> {
         sleep(Duration::from_millis(1500));
         Ok(())
     })?;
-    let mut c = connect_from(ctx.lab, None)?;
-    let port = local_port(&c);
-    ctx.notes.client_port = port;
-    c.write_all(REQUEST)?;
-    read_exact_len(&mut c, RESPONSE.len())?;
-    sleep(SETTLE);
+    let (c, port) = request_and_response(ctx)?;
     ctx.drop_next(DropRule {
         remaining: 1,
         sport: port,
@@ -904,12 +938,7 @@ fn fin_ack_lost(ctx: &mut Ctx) -> Result<()> {
         sleep(SETTLE);
         Ok(())
     })?;
-    let mut c = connect_from(ctx.lab, None)?;
-    let port = local_port(&c);
-    ctx.notes.client_port = port;
-    c.write_all(REQUEST)?;
-    read_exact_len(&mut c, RESPONSE.len())?;
-    sleep(SETTLE);
+    let (c, port) = request_and_response(ctx)?;
     // The server's next empty ACK toward the client is the ACK of its FIN.
     ctx.drop_next(DropRule {
         remaining: 1,
@@ -1204,29 +1233,9 @@ impl Drop for HostSysctl {
 /// have passed since the first transmission, which is N retransmissions at the minimal RTO (one
 /// more when the timer's jiffy rounding lands just short).
 fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let server = serve(ctx.lab, move |l| {
-        let (mut s, _) = l.accept()?;
-        read_exact_len(&mut s, REQUEST.len())?;
-        s.write_all(RESPONSE)?;
-        go_rx.recv_timeout(Duration::from_secs(5))?;
-        drop(s);
-        Ok(())
-    })?;
-    let mut c = connect_from(ctx.lab, None)?;
-    let port = local_port(&c);
-    ctx.notes.client_port = port;
-    c.write_all(REQUEST)?;
-    read_exact_len(&mut c, RESPONSE.len())?;
-    sleep(SETTLE);
-    ctx.drop_next(DropRule {
-        remaining: 1000,
-        sport: port,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    let (go_tx, server) = serve_then_close(ctx.lab)?;
+    let (c, port) = request_and_response(ctx)?;
+    ctx.drop_next(bare_acks_from(port))?;
     let server_addr = ctx.lab.server_addr();
     let raw = ctx.lab.client.run(RawTcp::open)?;
     go_tx.send(())?;
@@ -1277,29 +1286,9 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
 /// request. Losing the client's bare ACK of the FIN makes it certain that the request is what
 /// ACKs the FIN.
 fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let server = serve(ctx.lab, move |l| {
-        let (mut s, _) = l.accept()?;
-        read_exact_len(&mut s, REQUEST.len())?;
-        s.write_all(RESPONSE)?;
-        go_rx.recv_timeout(Duration::from_secs(5))?;
-        drop(s);
-        Ok(())
-    })?;
-    let mut c = connect_from(ctx.lab, None)?;
-    let port = local_port(&c);
-    ctx.notes.client_port = port;
-    c.write_all(REQUEST)?;
-    read_exact_len(&mut c, RESPONSE.len())?;
-    sleep(SETTLE);
-    ctx.drop_next(DropRule {
-        remaining: 1000,
-        sport: port,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    let (go_tx, server) = serve_then_close(ctx.lab)?;
+    let (mut c, port) = request_and_response(ctx)?;
+    ctx.drop_next(bare_acks_from(port))?;
     let server_addr = ctx.lab.server_addr();
     let raw = ctx.lab.client.run(RawTcp::open)?;
     go_tx.send(())?;
