@@ -61,7 +61,7 @@ enum Command {
         #[arg(long)]
         skip_host: bool,
         /// Guests booted at once (each takes 2 vCPUs of emulation).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = vmtest::DEFAULT_JOBS)]
         jobs: usize,
     },
     /// Fuzz the recording reader and the replay pipeline (cargo-fuzz, libFuzzer) for a bounded
