@@ -25,6 +25,15 @@ use tcp_trace::validate::netns::Netns;
 
 mod common;
 
+/// The tests that trace take turns: run side by side, the counter check of one of them saw its
+/// kernel counters unmoved now and then (1 run in 4 here, never when run alone; the cause is not
+/// understood yet), so they do not overlap.
+static TRACING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    TRACING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn root_allowed() -> bool {
     common::root_for("load BPF programs and create network namespaces")
 }
@@ -245,6 +254,7 @@ const REQUEST: &[u8] = b"GET /reset\n";
 #[test]
 #[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn close_with_unread_data_and_linger_zero_by_separate_processes() {
+    let _turn = one_at_a_time();
     if !root_allowed() {
         return;
     }
@@ -311,6 +321,7 @@ fn close_with_unread_data_and_linger_zero_by_separate_processes() {
 #[test]
 #[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn orphans_time_wait_and_no_socket_replies() {
+    let _turn = one_at_a_time();
     if !root_allowed() {
         return;
     }
@@ -452,6 +463,7 @@ fn loopback_down(ns: &Netns) {
 #[test]
 #[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn timeouts_are_counted_without_inventing_a_reset() {
+    let _turn = one_at_a_time();
     if !root_allowed() {
         return;
     }
@@ -532,6 +544,7 @@ fn resets_help_names_the_exit_status() {
 #[test]
 #[ignore = "needs root (BPF): run with --include-ignored as root, as `cargo xtask test` does"]
 fn an_abort_the_hooks_cannot_see_is_a_counter_mismatch() {
+    let _turn = one_at_a_time();
     if !root_allowed() {
         return;
     }
