@@ -619,11 +619,13 @@ fn serve_then_close(lab: &Lab) -> Result<(mpsc::Sender<()>, std::thread::JoinHan
     Ok((go_tx, server))
 }
 
-/// Every bare ACK (no data, FIN, SYN or RST) from TCP port `port`.
-fn bare_acks_from(port: u16) -> DropRule {
+/// The next `remaining` bare ACKs (no data, FIN, SYN or RST) from TCP port `sport` to `dport`
+/// (0: any).
+fn bare_acks(remaining: u32, sport: u16, dport: u16) -> DropRule {
     DropRule {
-        remaining: 1000,
-        sport: port,
+        remaining,
+        sport,
+        dport,
         flags_set: tcp_flag::ACK,
         flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
         payload: 1,
@@ -940,14 +942,7 @@ fn fin_ack_lost(ctx: &mut Ctx) -> Result<()> {
     })?;
     let (c, port) = request_and_response(ctx)?;
     // The server's next empty ACK toward the client is the ACK of its FIN.
-    ctx.drop_next(DropRule {
-        remaining: 1,
-        dport: port,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    ctx.drop_next(bare_acks(1, 0, port))?;
     go_tx.send(())?;
     drop(c);
     join(server)?;
@@ -1235,7 +1230,7 @@ impl Drop for HostSysctl {
 fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
     let (go_tx, server) = serve_then_close(ctx.lab)?;
     let (c, port) = request_and_response(ctx)?;
-    ctx.drop_next(bare_acks_from(port))?;
+    ctx.drop_next(bare_acks(1000, port, 0))?;
     let server_addr = ctx.lab.server_addr();
     let raw = ctx.lab.client.run(RawTcp::open)?;
     go_tx.send(())?;
@@ -1288,7 +1283,7 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
 fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
     let (go_tx, server) = serve_then_close(ctx.lab)?;
     let (mut c, port) = request_and_response(ctx)?;
-    ctx.drop_next(bare_acks_from(port))?;
+    ctx.drop_next(bare_acks(1000, port, 0))?;
     let server_addr = ctx.lab.server_addr();
     let raw = ctx.lab.client.run(RawTcp::open)?;
     go_tx.send(())?;
@@ -1344,15 +1339,7 @@ fn user_timeout(ctx: &mut Ctx) -> Result<()> {
         USER_TIMEOUT_MS,
     )?;
     sleep(SETTLE);
-    ctx.drop_next(DropRule {
-        remaining: 1000,
-        sport: SERVER_PORT,
-        dport: port,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    ctx.drop_next(bare_acks(1000, SERVER_PORT, port))?;
     let client_addr = SocketAddrV4::new(ctx.lab.client_ip, port);
     let raw = ctx.lab.server.run(RawTcp::open)?;
     let sent = Instant::now();
@@ -1436,14 +1423,7 @@ fn fin_without_ack(ctx: &mut Ctx) -> Result<()> {
     let server_seq = seq_rx.recv_timeout(Duration::from_secs(5))?;
     sleep(SETTLE);
     // Only a segment with FIN may carry the ACK of the client's FIN from now on.
-    ctx.drop_next(DropRule {
-        remaining: 1000,
-        dport: port,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    ctx.drop_next(bare_acks(1000, 0, port))?;
     c.shutdown(Shutdown::Write)?;
     let before = wait_state(&c, TCP_FIN_WAIT1, Duration::from_millis(500))?;
     let (from, to) = (ctx.lab.server_addr(), client_addr(ctx));
@@ -1647,14 +1627,7 @@ fn close_memory_pressure(ctx: &mut Ctx) -> Result<()> {
     ctx.notes.client_port = local_port(&cb);
     cb.write_all(REQUEST)?;
     ready_rx.recv_timeout(Duration::from_secs(5))?;
-    ctx.drop_next(DropRule {
-        remaining: 1000,
-        sport: port_a,
-        flags_set: tcp_flag::ACK,
-        flags_clear: tcp_flag::FIN | tcp_flag::SYN | tcp_flag::RST,
-        payload: 1,
-        ..Default::default()
-    })?;
+    ctx.drop_next(bare_acks(1000, port_a, 0))?;
     go_tx.send(())?;
     let joined = join(server);
     let end_b = wait_state(&cb, TCP_CLOSE, Duration::from_secs(2));
