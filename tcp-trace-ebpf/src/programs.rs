@@ -106,13 +106,6 @@ static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(CGROUP_FILTER_MAX, 
 /// `--netns` set (namespace inodes).
 #[map]
 static NETNS: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_MAX, 0);
-/// Events are built in their ring-buffer slot. With a filter, or when the ring is full, the
-/// event is built here instead, to tell whether the filter wants it. One slot per CPU: a
-/// program interrupting another on the same CPU (softirq inside process context) can overwrite
-/// a half-built event here (per-nesting-level slots failed the 5.10 verifier on
-/// tcp:tcp_send_reset, "R8 !read_ok"; still to do).
-#[map]
-static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
 /// tcp_timewait_state_process argument, for the kretprobe (which cannot read arguments).
 #[map]
 static TW_ARG: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -442,14 +435,14 @@ fn zero(ev: *mut Event) {
     }
 }
 
-/// Builds one event and sends it. Without `--pid`/`--port` every event is wanted, so it is built
-/// in place in its ring-buffer slot (zeroed first) and submitted. With a filter it is built in
-/// `SCRATCH` and copied into the ring only if wanted: a reserved slot that is then discarded still
+/// Builds one event and sends it. Without `--pid`/`--port`/`--cgroup`/`--netns` every event is
+/// wanted, so it is built in place in its ring-buffer slot (zeroed first) and submitted; when the
+/// ring is full it is counted in `DROPPED` without being built. With a filter it is built on
+/// the stack and copied into the ring only if wanted: a reserved slot that is then discarded still
 /// holds ring space until the reader passes it, so unwanted traffic would crowd out the wanted.
-/// When the ring is full the event is counted in `DROPPED` (if wanted). A macro, not a function
-/// taking a closure: the closures would become BPF subprograms shared by the programs; and the two
-/// paths stay apart, since before 6.4 the verifier does not know that a reserved (non-NULL) slot
-/// pointer tested again is not NULL, and reports it unreleased.
+/// A macro, not a function taking a closure: the closures would become BPF subprograms shared by
+/// the programs; and the paths stay apart, since before 6.4 the verifier does not know that a
+/// reserved (non-NULL) slot pointer tested again is not NULL, and reports it unreleased.
 macro_rules! emit {
     (|$ev:ident| $body:block) => {
         if conf!(filter_ports) != 0
@@ -467,28 +460,35 @@ macro_rules! emit {
                     $body
                     entry.submit(wakeup_flag(0));
                 }
-                None => emit_aside!(|$ev| $body),
+                None => count_dropped(),
             }
         }
     };
 }
 
-/// [`emit!`]'s other path: the event built in `SCRATCH`, copied into the ring if wanted, counted
-/// in `DROPPED` if the ring is full.
+/// [`emit!`]'s filtered path: the event built on the stack, copied into the ring if wanted,
+/// counted in `DROPPED` if the ring is full. On the stack, not in a per-CPU map slot: a program
+/// that interrupts this one on its CPU (softirq inside process context) would overwrite a
+/// half-built event there. (A map slot per nesting level failed the 5.10 verifier, "R8
+/// !read_ok".)
 macro_rules! emit_aside {
     (|$ev:ident| $body:block) => {
-        if let Some(p) = SCRATCH.get_ptr_mut(0) {
-            zero(p);
-            let $ev = unsafe { &mut *p };
-            $body
-            if wanted($ev)
-                && EVENTS.output::<Event>($ev, wakeup_flag(RECORD_BYTES)).is_err()
-                && let Some(n) = DROPPED.get_ptr_mut(0)
-            {
-                unsafe { *n += 1 };
-            }
+        let mut event = core::mem::MaybeUninit::<Event>::uninit();
+        let p = event.as_mut_ptr();
+        zero(p);
+        let $ev = unsafe { &mut *p };
+        $body
+        if wanted($ev) && EVENTS.output::<Event>($ev, wakeup_flag(RECORD_BYTES)).is_err() {
+            count_dropped();
         }
     };
+}
+
+#[inline(always)]
+fn count_dropped() {
+    if let Some(n) = DROPPED.get_ptr_mut(0) {
+        unsafe { *n += 1 };
+    }
 }
 
 /// Wake the reader once per crossing of the mark, not for every event above it: once woken, it
