@@ -169,11 +169,42 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-fn lost_total(dropped: &PerCpuArray<MapData, u64>) -> u64 {
-    dropped
-        .get(&0, 0)
-        .map(|v| v.iter().sum())
-        .unwrap_or_default()
+/// Events lost so far, by cause: the ring buffer was full, or a program did not run because
+/// another was running on its CPU (the kernel's recursion misses, 5.12+).
+#[derive(Clone, Copy, Default)]
+struct Lost {
+    ring_full: u64,
+    recursion: u64,
+}
+
+impl Lost {
+    fn read(dropped: &PerCpuArray<MapData, u64>, ebpf: &aya::Ebpf) -> Self {
+        Self {
+            ring_full: dropped
+                .get(&0, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or_default(),
+            recursion: crate::progstats::total_recursion_misses(ebpf),
+        }
+    }
+
+    fn total(self) -> u64 {
+        self.ring_full + self.recursion
+    }
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} lost", self.total())?;
+        if self.total() > 0 {
+            write!(
+                f,
+                " ({} ring buffer full, {} skipped as programs nested)",
+                self.ring_full, self.recursion
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs the live trace (or, with `record`, writes the raw events to a file). Returns the
@@ -206,6 +237,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             buffer_size: opts.buffer_size,
         },
     )?;
+    // The hooks went live one after another, up to now.
+    let attached_ns = clock::now_ns(libc::CLOCK_MONOTONIC);
     report_hooks(&hooks, opts.backend, &prep.release);
     if !hooks.iter().any(|h| h.attached()) {
         bail!("no hook could be attached; `tcp-trace doctor` shows why for each");
@@ -235,6 +268,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 },
             );
             header.sysctls = sysctls.clone();
+            header.attached_ns = Some(attached_ns);
             header
                 .sysctls
                 .insert(KERNEL_VERSION_KEY.into(), version.clone());
@@ -273,6 +307,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 },
                 out,
             );
+            pipeline.attached_at(attached_ns);
             pipeline.cgroups = Cgroups::host();
             pipeline.netns_sysctls = Some(NetnsSysctls::new(pipeline::MODEL_SYSCTLS));
             if let Some(run) = &counters {
@@ -342,6 +377,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         total: 0,
     };
     let mut lost_warned = 0u64;
+    let mut last_lost = Lost::default();
     // The programs wake us only when a lot is pending; a short tick drains the rest.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     let mut lost_tick = tokio::time::interval(Duration::from_secs(1));
@@ -369,7 +405,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                 // The lost counter is read before ended flows are released (100 ms after their
                 // end, every 50 ms here), so each flow is judged knowing whether events were
                 // lost during its life, and each reset diagnosed knowing it too.
-                sink.check_lost(&mut lost_check, lost_total(&dropped))?;
+                last_lost = Lost::read(&dropped, &ebpf);
+                sink.check_lost(&mut lost_check, last_lost.total())?;
                 sink.tick(clock::now_ns(libc::CLOCK_MONOTONIC))?;
                 if let Some(l) = logger.as_mut() { l.flush(); }
             }
@@ -380,8 +417,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                     attach::add_cgroup_ids(&mut ebpf, &cgroup_ids(&cgroup_filters))?;
                 }
                 if let Some(m) = &metrics {
-                    m.set_lost_total("ring_full", lost_check.total);
-                    m.set_lost_total("recursion", crate::progstats::total_recursion_misses(&ebpf));
+                    m.set_lost_total("ring_full", last_lost.ring_full);
+                    m.set_lost_total("recursion", last_lost.recursion);
                     if let Some(fill) = &ring_fill {
                         m.set_ring_fill(fill.ratio());
                     }
@@ -389,10 +426,10 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                         m.set_flows_in_flight(p.held().flows);
                     }
                 }
-                let total = lost_check.total;
+                let total = last_lost.total();
                 if total > lost_warned {
                     eprintln!(
-                        "tcp-trace: warning: {} events lost (ring buffer full), {total} in all",
+                        "tcp-trace: warning: {} events lost since the last warning; {last_lost}",
                         total - lost_warned
                     );
                     lost_warned = total;
@@ -414,7 +451,8 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         // Resets committed to the ring while the counters were read.
         sink.drain(ring.get_mut())?;
     }
-    sink.check_lost(&mut lost_check, lost_total(&dropped))?;
+    last_lost = Lost::read(&dropped, &ebpf);
+    sink.check_lost(&mut lost_check, last_lost.total())?;
     let lost = lost_check.total;
     drop(ring_fill);
     drop(ring);
@@ -426,7 +464,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         Sink::Record(writer, _) => {
             let n = writer.events_written();
             writer.finish()?;
-            eprintln!("tcp-trace: {n} events recorded in {seconds:.1}s, {lost} lost");
+            eprintln!("tcp-trace: {n} events recorded in {seconds:.1}s, {last_lost}");
         }
         Sink::Print(mut pipeline) => {
             let mut summary = pipeline.finish()?;
@@ -450,7 +488,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
                     eprintln!("{}", pipeline.summary_table(&hooks));
                 }
                 eprintln!(
-                    "tcp-trace: {} events in {seconds:.1}s, {lost} lost{}",
+                    "tcp-trace: {} events in {seconds:.1}s, {last_lost}{}",
                     pipeline.events,
                     if pipeline.malformed > 0 {
                         format!(", {} malformed records", pipeline.malformed)

@@ -515,9 +515,11 @@ mod tests {
     #[test]
     fn parses_tcp_trace_text_summaries() {
         let live = "tcp-trace: tracing; Ctrl-C to stop\n\
-                    tcp-trace: warning: 5 events lost (ring buffer full), 5 in all\n\
+                    tcp-trace: warning: 5 events lost since the last warning; 5 lost (4 ring \
+                    buffer full, 1 skipped as programs nested)\n\
                     ┌──────┐\n\
-                    tcp-trace: 725000 events in 5.3s, 5 lost\n";
+                    tcp-trace: 725000 events in 5.3s, 5 lost (4 ring buffer full, 1 skipped as \
+                    programs nested)\n";
         assert_eq!(text_summary(live), Some((725_000, 5)));
         let malformed = "tcp-trace: 12 events in 0.5s, 0 lost, 2 malformed records\n";
         assert_eq!(text_summary(malformed), Some((12, 0)));
