@@ -376,6 +376,12 @@ impl<W: Write> Pipeline<W> {
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading
     /// counts, unchanged ones too: a loss is placed after the last reading without it. A `lost`
     /// line is printed only when the counter grew.
+    /// The last hook was attached at `ts_ns` (CLOCK_MONOTONIC).
+    pub(crate) fn attached_at(&mut self, ts_ns: u64) {
+        self.flows.note_attached(ts_ns);
+        self.resets.note_attached(ts_ns);
+    }
+
     pub(crate) fn lost(&mut self, ts_ns: u64, total: u64) -> Result<()> {
         let new = total.saturating_sub(self.lost);
         self.lost = total;

@@ -68,6 +68,9 @@ pub fn replay<R: Read, W: Write>(
         },
         out,
     );
+    if let Some(ts) = header.attached_ns {
+        pipeline.attached_at(ts);
+    }
     // Each namespace the recording describes is judged with its own settings.
     for (netns, settings) in &header.netns {
         pipeline.judge_netns_with(

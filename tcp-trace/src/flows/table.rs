@@ -171,6 +171,9 @@ pub(crate) struct FlowTable {
     lost_total: u64,
     lost_checked_ns: u64,
     lost_intervals: VecDeque<(u64, u64)>,
+    /// When the last hook was attached (CLOCK_MONOTONIC): a flow alive before then may miss
+    /// the events of hooks attached after it began.
+    attached_ns: Option<u64>,
     stats: FlowStats,
 }
 
@@ -253,6 +256,7 @@ impl FlowTable {
             lost_total: 0,
             lost_checked_ns: 0,
             lost_intervals: VecDeque::new(),
+            attached_ns: None,
             stats: FlowStats::default(),
         }
     }
@@ -292,6 +296,12 @@ impl FlowTable {
     /// The caller read the kernel's lost-event counter (`total`) at `ts_ns`. If it grew, every
     /// flow alive since the previous reading may have lost events: their verdict becomes
     /// `Incomplete (events lost)`.
+    /// The hooks were attached one after the other, the last at `ts_ns`: a flow that began
+    /// before then is judged knowing that events of the later hooks may be missing.
+    pub(crate) fn note_attached(&mut self, ts_ns: u64) {
+        self.attached_ns = Some(ts_ns);
+    }
+
     pub(crate) fn note_lost(&mut self, ts_ns: u64, total: u64) {
         if total > self.lost_total {
             let from = self.lost_checked_ns.min(ts_ns);
@@ -410,7 +420,27 @@ impl FlowTable {
                 sk.is_some() && f.full_sk != sk && (f.full_sk.is_some() || f.full_gone);
             let new_connection = starts_connection
                 && (f.teardown_seen || f.full_gone || f.tw.is_some() || f.ended.is_some());
-            if other_socket || new_connection {
+            // Under churn a client reuses its port as soon as its own socket is gone, while
+            // this end is still inside close() on another CPU: the new connection takes the
+            // key and the old socket, still followed by its pointer, keeps its flow until its
+            // own end shows.
+            let still_closing = other_socket
+                && f.ended.is_none()
+                && !f.full_gone
+                && f.teardown_seen
+                && f.full_sk
+                    .is_some_and(|own| self.by_sk.get(&own) == Some(&id));
+            if still_closing {
+                if let Some(f) = self.flows.get_mut(&id) {
+                    f.notes.push(
+                        "a new connection took this 4-tuple while this socket was still closing"
+                            .into(),
+                    );
+                    let old_key = f.key;
+                    self.by_key.remove(&old_key);
+                }
+                target = None;
+            } else if other_socket || new_connection {
                 let note = if f.ended.is_none() && !f.full_gone {
                     "another socket took this 4-tuple before this one's end was seen"
                 } else if f.tw.is_some() {
@@ -959,6 +989,17 @@ impl FlowTable {
                     "{} events beyond the per-flow cap were not kept; from the first {}: {}",
                     flow.dropped,
                     flow.events.len(),
+                    judgement.verdict
+                ),
+            }
+        } else if judgement.verdict.diverges()
+            && self.attached_ns.is_some_and(|t| flow.first_ts < t)
+        {
+            Verdict::Incomplete {
+                missing: Vec::new(),
+                reason: format!(
+                    "began while tcp-trace was attaching its hooks, so events of the hooks \
+                     attached later may be missing; from what arrived: {}",
                     judgement.verdict
                 ),
             }

@@ -88,6 +88,10 @@ pub struct RecordHeader {
     /// the others with `sysctls`. Optional (added in tcp-trace 0.1.0, format 2 unchanged).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub netns: BTreeMap<u32, NetnsSettings>,
+    /// When the recorder's last hook was attached (CLOCK_MONOTONIC, like event `ts_ns`): flows
+    /// that began before it may lack the events of the hooks attached after them. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_ns: Option<u64>,
     /// What the recorder itself judged of each flow (`validate --record-dir` writes it), so a
     /// replay of the recording can be checked against the live verdicts. Optional.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -172,6 +176,7 @@ impl RecordHeader {
             filters,
             sysctls: BTreeMap::new(),
             netns: BTreeMap::new(),
+            attached_ns: None,
             live_flows: Vec::new(),
         }
     }

@@ -397,6 +397,12 @@ impl ResetTracker {
         }
     }
 
+    /// The last hook went live at `ts_ns`: what happened before may lack the later hooks'
+    /// events, as if they had been lost (a missing RST is then no evidence of a silent abort).
+    pub(crate) fn note_attached(&mut self, ts_ns: u64) {
+        self.losses.push((0, ts_ns));
+    }
+
     /// The kernel's lost-event counter grew by the time `ts_ns` (CLOCK_MONOTONIC).
     pub(crate) fn note_lost(&mut self, ts_ns: u64, grew: bool) {
         if grew {
