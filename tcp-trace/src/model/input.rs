@@ -40,6 +40,7 @@ pub enum Input {
     DataAfterClose,
     FinWithoutAck,
     DataAckingFin,
+    DataOutOfWindow,
     // Segments as a TIME_WAIT minisocket sees them.
     TwSyn,
     TwAck,
@@ -264,6 +265,13 @@ pub(crate) const INPUTS: &[InputInfo] = {
             "new data in the segment that ACKs our FIN (the peer wrote before it read our FIN: an orphan FIN_WAIT1 resets)",
         ),
         info(
+            DataOutOfWindow,
+            "data-out-of-window",
+            &["oow-data"],
+            Peer,
+            "data beyond rcv_nxt + the receive window: a duplicate ACK, and dropped (even by an orphan, which resets on in-window data)",
+        ),
+        info(
             TwSyn,
             "tw-syn",
             &[],
@@ -416,6 +424,7 @@ impl Input {
             DataAfterClose => Action::Segment(Segment::Data),
             FinWithoutAck => Action::Segment(Segment::FinNoAck),
             DataAckingFin => Action::Segment(Segment::DataAckingFin),
+            DataOutOfWindow => Action::Segment(Segment::DataOutOfWindow),
             TwSyn => Action::TimeWaitSegment(TwSegment::Syn),
             TwAck => Action::TimeWaitSegment(TwSegment::BareAck),
             TwFinRetransmit => Action::TimeWaitSegment(TwSegment::OldFin),
@@ -557,6 +566,8 @@ pub(crate) enum Segment {
     FinNoAck,
     /// New data beyond rcv_nxt in the segment that ACKs our FIN.
     DataAckingFin,
+    /// Data (ACK set) starting beyond rcv_nxt + the receive window.
+    DataOutOfWindow,
 }
 
 impl Segment {
@@ -575,6 +586,7 @@ impl Segment {
             (Segment::Data | Segment::DataAckingFin, _) => TwSegment::NewData,
             (Segment::Rst(seq), _) => TwSegment::Rst(seq),
             (Segment::FinNoAck, _) => TwSegment::FinNoAck,
+            (Segment::DataOutOfWindow, _) => TwSegment::OutOfWindow,
         }
     }
 }
@@ -594,6 +606,8 @@ pub(crate) enum TwSegment {
     NewData,
     /// An ACK segment ending at or before rcv_nxt: an old duplicate, outside the window.
     OldDuplicate,
+    /// An ACK segment starting beyond rcv_nxt + the window: outside it the other way.
+    OutOfWindow,
     /// A FIN without the ACK flag at rcv_nxt.
     FinNoAck,
     Rst(RstSeq),

@@ -150,6 +150,9 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
             input::Segment::DataAckingFin => {
                 receive::tcp_rcv_state_process_data_acking_fin(sock, p)
             }
+            input::Segment::DataOutOfWindow => {
+                receive::tcp_validate_incoming_out_of_window(sock, p)
+            }
         },
         Action::TimeWaitSegment(_) | Action::TwExpire => Outcome::not_applicable(
             &here,

@@ -91,8 +91,39 @@ pub(crate) fn tcp_rcv_state_process_no_ack(sock: &Sock, p: &ModelParams) -> Outc
             cx.rule("tcp_rcv_synsent_state_process(): neither ACK, RST nor SYN -> discarded");
         }
         state => cx.rule(format!(
-            "tcp_rcv_state_process(): {state}: no ACK flag (nor RST, SYN) -> discarded before              tcp_validate_incoming() and tcp_fin(): no state change, nothing sent"
+            "tcp_rcv_state_process(): {state}: no ACK flag (nor RST, SYN) -> discarded before \
+             tcp_validate_incoming() and tcp_fin(): no state change, nothing sent"
         )),
+    }
+    cx.finish()
+}
+
+/// Data starting beyond rcv_nxt + the receive window: tcp_validate_incoming()'s tcp_sequence()
+/// check fails before the ACK, the FIN or the text is looked at, so the segment is dropped with
+/// a duplicate ACK (tcp_send_dupack; rate-limited by tcp_invalid_ratelimit, TCPACKSkippedSeq
+/// when it is). An orphan's RCV_SHUTDOWN reset (step 7) never sees it: only in-window data
+/// resets an orphan.
+pub(crate) fn tcp_validate_incoming_out_of_window(sock: &Sock, p: &ModelParams) -> Outcome {
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpValidateIncoming);
+    match sock.state {
+        state if state.is_synchronized() => {
+            cx.send(Wire::AckImmediate);
+            cx.rule(format!(
+                "tcp_validate_incoming(): {state}: the segment lies beyond rcv_nxt + rcv_wnd \
+                 (tcp_sequence) -> tcp_send_dupack (rate-limited), dropped: no state change{}",
+                if sock.orphan {
+                    ", and no RST even for an orphan (its reset is for in-window data)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        state => {
+            return Outcome::not_applicable(
+                &State::Socket(sock.clone()),
+                format!("no window to be outside of in {state} (not a synchronized state)"),
+            );
+        }
     }
     cx.finish()
 }

@@ -1278,3 +1278,29 @@ fn orphan_timer_out_of_resources_resets() {
     assert_eq!(steps[0].outcome.wire, vec![Wire::FinSent]);
     assert_eq!(steps[1].outcome.wire, vec![Wire::RstActive]);
 }
+
+#[test]
+fn data_beyond_the_window_gets_a_dupack_even_at_an_orphan() {
+    let p = kernel(6, 12);
+    // In-window data resets an orphan; the same bytes beyond the window are only acked again.
+    let reset = step(&p, &state("fin-wait1+orphan"), Input::DataAckingFin);
+    assert!(reset.outcome.wire.iter().any(|w| w.is_rst()));
+    for start in [
+        "established",
+        "fin-wait1+orphan",
+        "fin-wait2+orphan",
+        "close-wait",
+    ] {
+        let s = step(&p, &state(start), Input::DataOutOfWindow);
+        assert_eq!(s.outcome.wire, vec![Wire::AckImmediate], "{start}");
+        assert_eq!(*s.to(), state(start), "{start}");
+        assert!(s.outcome.counters.is_empty(), "{start}");
+    }
+    // A minisocket answers it like an old duplicate: an out-of-window ACK.
+    let s = step(&p, &state("tw-fin-wait2"), Input::DataOutOfWindow);
+    assert_eq!(s.outcome.wire, vec![Wire::AckImmediate]);
+    assert_eq!(*s.to(), state("tw-fin-wait2"));
+    // Nothing to be outside of before the connection is synchronized.
+    let s = step(&p, &state("syn-sent"), Input::DataOutOfWindow);
+    assert!(!s.outcome.applicable);
+}

@@ -38,12 +38,17 @@ fn tcp_timewait_state_process(
                  -> rate-limited ACK, {oow_ack}"
             ),
         ),
-        (TwSubstate::FinWait2, OldDuplicate) => (
+        (TwSubstate::FinWait2, OldDuplicate | OutOfWindow) => (
             oow_ack,
             Keep,
             format!(
-                "FIN_WAIT2: an old duplicate, outside [rcv_nxt, rcv_nxt + rcv_wnd] -> \
-                 rate-limited ACK, {oow_ack}"
+                "FIN_WAIT2: {}, outside [rcv_nxt, rcv_nxt + rcv_wnd] -> rate-limited ACK, \
+                 {oow_ack}",
+                if segment == OldDuplicate {
+                    "an old duplicate"
+                } else {
+                    "data beyond the window"
+                }
             ),
         ),
         (TwSubstate::FinWait2, FinNoAck) => (
@@ -130,13 +135,18 @@ fn tcp_timewait_state_process(
                  re-ACK rate-limited by tcp_invalid_ratelimit (500 ms), {oow_ack}"
             ),
         ),
-        (TwSubstate::TimeWait, OldDuplicate) => (
+        (TwSubstate::TimeWait, OldDuplicate | OutOfWindow) => (
             oow_ack,
             Rearm,
             format!(
-                "TIME_WAIT: an old duplicate (seq before rcv_nxt, ACK set) -> timer re-armed to \
-                 60 s, ACK rate-limited by tcp_invalid_ratelimit (500 ms; TCP_TW_SUCCESS and \
-                 nothing sent when limited), {oow_ack}"
+                "TIME_WAIT: {}, ACK set -> timer re-armed to 60 s, ACK rate-limited by \
+                 tcp_invalid_ratelimit (500 ms; TCP_TW_SUCCESS and nothing sent when limited), \
+                 {oow_ack}",
+                if segment == OldDuplicate {
+                    "an old duplicate (seq before rcv_nxt)"
+                } else {
+                    "data beyond the window"
+                }
             ),
         ),
         (TwSubstate::TimeWait, FinNoAck) => (

@@ -466,6 +466,23 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: orphan_fin_wait1_data,
     },
     Scenario {
+        name: "data-out-of-window",
+        about: "the server closes and the client's ACK of its FIN is lost; data beyond the orphan FIN_WAIT1's receive window gets a duplicate ACK, not the RST that in-window data gets (TCPAbortOnData stays 0), and the close completes",
+        focus: Side::Server,
+        focus_listener: false,
+        // The dropped segment changes nothing a hook shows; the probe and the checks see it.
+        script: &["close", "ack-of-fin|fin-ack"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "fin-wait1+orphan",
+            inputs: &["data-out-of-window"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: data_out_of_window,
+    },
+    Scenario {
         name: "user-timeout",
         about: "TCP_USER_TIMEOUT 500 ms and every ACK from the server lost: the client gives up (tcp_write_err): ETIMEDOUT, CLOSE without RST, TCPAbortOnTimeout",
         focus: Side::Client,
@@ -1311,6 +1328,74 @@ fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
     check_counter(ctx, "TCPAbortOnData", 1)?;
     ctx.dropper.clear()?;
     drop(c);
+    Ok(())
+}
+
+/// The server closes while the client's ACKs are dropped (its orphan stays in FIN_WAIT1, the FIN
+/// retransmitted); a raw segment from the client's address carries data 1 GiB past the client's
+/// next byte, beyond any receive window. tcp_validate_incoming() drops it with a duplicate ACK
+/// before the orphan's RCV_SHUTDOWN check could reset. Then the ACKs pass again and the next
+/// FIN retransmission completes the close.
+fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, server) = serve_then_close(ctx.lab)?;
+    let (mut c, port) = request_and_response(ctx)?;
+    ctx.drop_next(bare_acks(1000, port, 0))?;
+    let client_seq = send_queue_seq(&c)?;
+    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    go_tx.send(())?;
+    join(server)?;
+    let eof = read_to_eof(&mut c)?;
+    ctx.notes
+        .checks
+        .push(("the client read the server's FIN (EOF)".into(), eof == 0));
+    raw.send_data(
+        from,
+        to,
+        client_seq.wrapping_add(1 << 30),
+        0,
+        tcp_flag::ACK | tcp_flag::PSH,
+        b"out of window\n",
+    )?;
+    // The orphan's FIN retransmissions are not answers; a duplicate ACK acks the client's next
+    // byte, and carries no FIN.
+    let answers: Vec<Seen> = raw
+        .collect_from(to, Duration::from_millis(300))
+        .into_iter()
+        .filter(|s| s.has(tcp_flag::RST) || (!s.has(tcp_flag::FIN) && s.ack == client_seq))
+        .collect();
+    note_seen(
+        ctx,
+        "after data beyond its window, the orphan FIN_WAIT1 sent",
+        &answers,
+    );
+    ctx.notes.replies.push(Reply::of(&answers));
+    ctx.notes.checks.push((
+        "the orphan answered with a duplicate ACK, not a RST".into(),
+        !answers.is_empty() && answers.iter().all(|s| !s.has(tcp_flag::RST)),
+    ));
+    let aborts = tcpext(&ctx.lab.server, "TCPAbortOnData")?;
+    ctx.notes
+        .wire
+        .push(format!("server TcpExt TCPAbortOnData = {aborts}"));
+    ctx.notes.checks.push((
+        "the server did not abort on the data (TCPAbortOnData = 0)".into(),
+        aborts == 0,
+    ));
+    let dropped = ctx.dropped()?;
+    ctx.notes
+        .wire
+        .push(format!("the client's bare ACKs dropped: {dropped}"));
+    ctx.dropper.clear()?;
+    // The next FIN retransmission is ACKed (FIN_WAIT2); the client's FIN then ends it.
+    let fin = raw.collect_until(to, Duration::from_secs(3), |s| s.has(tcp_flag::FIN));
+    ctx.notes.checks.push((
+        "the server retransmitted its FIN, which was then ACKed".into(),
+        fin.iter().any(|s| s.has(tcp_flag::FIN)),
+    ));
+    sleep(SETTLE);
+    drop(c);
+    sleep(SETTLE);
     Ok(())
 }
 
