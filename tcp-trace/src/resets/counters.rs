@@ -133,6 +133,9 @@ pub(crate) enum CheckVerdict {
     Ok,
     /// Within the range the guesses allow.
     OkWithinGuesses,
+    /// At one end of that range, which settles the guesses: none of them bumped the counter
+    /// (the kernel's count is what was certain), or all of them did.
+    OkGuessesSettled,
     /// More in the kernel than traced, and the trace was filtered (--pid/--port): the rest is
     /// traffic outside the filter.
     OkOutsideFilter,
@@ -145,6 +148,7 @@ impl CheckVerdict {
         match self {
             CheckVerdict::Ok => "ok",
             CheckVerdict::OkWithinGuesses => "ok (within guesses)",
+            CheckVerdict::OkGuessesSettled => "ok (guesses settled)",
             CheckVerdict::OkOutsideFilter => "ok (rest outside the filter)",
             CheckVerdict::Mismatch => "MISMATCH",
         }
@@ -191,6 +195,22 @@ fn row(counter: &str, delta: u64, min: u64, max: u64, filtered: bool) -> Counter
         }
     } else if min == max {
         (CheckVerdict::Ok, String::new())
+    } else if delta == min {
+        (
+            CheckVerdict::OkGuessesSettled,
+            format!(
+                "the kernel's {delta} settles {} guessed: none of them counted here",
+                max - min
+            ),
+        )
+    } else if delta == max {
+        (
+            CheckVerdict::OkGuessesSettled,
+            format!(
+                "the kernel's {delta} settles {} guessed: all of them counted here",
+                max - min
+            ),
+        )
     } else {
         (
             CheckVerdict::OkWithinGuesses,
