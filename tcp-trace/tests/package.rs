@@ -243,7 +243,11 @@ fn the_deb_installs_and_its_daemon_serves_metrics() {
     );
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let status = daemon.wait().unwrap();
-    assert!(status.success(), "the daemon exited with {status}");
+    // 3: events were lost at some point (the unit's SuccessExitStatus=3 accepts it too).
+    assert!(
+        matches!(status.code(), Some(0 | 3)),
+        "the daemon exited with {status}"
+    );
     let mut printed = String::new();
     daemon
         .stdout

@@ -54,8 +54,9 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::attach::HookStatus;
-use crate::decode::{Hook, Owner};
+use crate::decode::{Hook, Owner, TraceEvent};
 use crate::model::ModelParams;
+use crate::model::TcpState;
 use tcp_trace_common::{AnyHook, HookSet};
 
 pub(crate) use table::FlowTable;
@@ -133,6 +134,24 @@ impl FlowConfig {
 }
 
 /// The attached event hooks, for [`FlowConfig::attached_hooks`].
+/// Whether a socket's state change `from -> to` chains to the state it last entered, `last`:
+/// each change leaves the state the one before entered, unless the trace missed one between.
+/// A change that starts a socket's life (connect(), listen(), a listener's child) chains to
+/// anything: the allocator hands a destroyed socket's memory out again.
+pub(crate) fn chains(last: TcpState, from: TcpState, to: TcpState) -> bool {
+    use TcpState::{Close, Listen, SynRecv, SynSent};
+    last == from || matches!((from, to), (Close | Listen, SynSent | SynRecv | Listen))
+}
+
+/// [`chains`] for a decoded state change: what does not chain, e.g. "socket 0x.. entered
+/// FIN_WAIT1, then left FIN_WAIT2".
+fn chain_gap(last: Option<TcpState>, ev: &TraceEvent) -> Option<String> {
+    let (from, to) = (obs::tcp_state(ev.state)?, obs::tcp_state(ev.new_state)?);
+    let last = last?;
+    (ev.hook == Hook::InetSockSetState && !chains(last, from, to))
+        .then(|| format!("socket {} entered {last}, then left {from}", ev.sk))
+}
+
 pub(crate) fn attached_hooks(hooks: &[HookStatus]) -> HookSet {
     hooks
         .iter()

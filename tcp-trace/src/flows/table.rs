@@ -135,6 +135,10 @@ struct Flow {
     /// The first event processed was the connection's set-up (a state change into SYN_SENT,
     /// SYN_RECV, ...): nothing of it came before.
     seen_from_start: bool,
+    /// The state the flow's full socket last entered, to tell a change the trace missed.
+    last_state: Option<(SockPtr, TcpState)>,
+    /// A state change that did not chain to the one before: an event is missing.
+    gap: Option<String>,
     notes: Vec<String>,
     /// When `expire` looks at this flow next (its entry in `FlowTable::deadlines`); `u64::MAX`:
     /// not scheduled.
@@ -546,6 +550,8 @@ impl FlowTable {
             ended: None,
             lost: false,
             seen_from_start: false,
+            last_state: None,
+            gap: None,
             notes: Vec::new(),
             next_check: u64::MAX,
         };
@@ -693,6 +699,15 @@ impl FlowTable {
         f.last_ts = f.last_ts.max(ts);
         if !is_null_sk(&ev.sk) && !f.sockets.contains(&ev.sk) {
             f.sockets.push(ev.sk);
+        }
+        if ev.hook == Hook::InetSockSetState && object == SocketObject::Socket {
+            let last = f.last_state.filter(|(sk, _)| *sk == ev.sk).map(|(_, s)| s);
+            if f.gap.is_none() {
+                f.gap = super::chain_gap(last, &ev);
+            }
+            if let Some(to) = to {
+                f.last_state = Some((ev.sk, to));
+            }
         }
         let setup = matches!((from, to), (Some(a), Some(b)) if is_setup_transition(a, b));
         if f.events.is_empty() && f.dropped == 0 {
@@ -989,6 +1004,15 @@ impl FlowTable {
                     "{} events beyond the per-flow cap were not kept; from the first {}: {}",
                     flow.dropped,
                     flow.events.len(),
+                    judgement.verdict
+                ),
+            }
+        } else if let Some(gap) = flow.gap.as_ref().filter(|_| judgement.verdict.diverges()) {
+            Verdict::Incomplete {
+                missing: Vec::new(),
+                reason: format!(
+                    "an event is missing from the trace ({gap}; no loss was counted); from \
+                     what arrived: {}",
                     judgement.verdict
                 ),
             }

@@ -1321,3 +1321,43 @@ fn a_flow_that_began_while_the_hooks_were_attaching_is_incomplete_not_divergent(
         judged(5)
     );
 }
+
+#[test]
+fn a_state_change_missing_from_the_trace_makes_the_flow_incomplete_not_divergent() {
+    // Recorded on this machine's 6.18 (validate linger2-negative, CI on a loaded host): the
+    // FIN_WAIT1 -> FIN_WAIT2 change of a half-closed server socket never arrived, and no loss
+    // was counted.
+    let s = server();
+    let mut events = vec![
+        s.set(1, "LISTEN", "SYN_RECV"),
+        s.set(2, "SYN_RECV", "ESTABLISHED"),
+        s.set(10, "ESTABLISHED", "FIN_WAIT1"),
+        s.set(1_000, "FIN_WAIT1", "FIN_WAIT2"),
+        s.set(5_000, "FIN_WAIT2", "FIN_WAIT2"),
+        s.set(5_001, "FIN_WAIT2", "CLOSE"),
+        s.send_rst(5_002, "CLOSE", "TCP_ABORT_ON_LINGER"),
+        s.destroy(5_003),
+    ];
+    let mut cfg = config(HookSet::tracepoints_only());
+    cfg.params.tcp_linger2_secs = -1;
+    assert_conforms(&run(cfg.clone(), events.clone())[0]);
+    events.remove(3);
+    let r = run(cfg, events);
+    assert!(
+        matches!(&r[0].verdict, Verdict::Incomplete { reason, .. }
+            if reason.contains("entered FIN_WAIT1, then left FIN_WAIT2")),
+        "{:?}",
+        r[0].verdict
+    );
+}
+
+#[test]
+fn a_new_socket_at_a_freed_address_chains_to_nothing() {
+    use crate::model::TcpState::*;
+    assert!(chains(FinWait1, FinWait1, FinWait2));
+    assert!(chains(FinWait2, FinWait2, FinWait2));
+    assert!(!chains(FinWait1, FinWait2, Close));
+    // The allocator hands a destroyed socket's memory to the next connect() or child.
+    assert!(chains(Close, Close, SynSent));
+    assert!(chains(TimeWait, Listen, SynRecv));
+}

@@ -12,7 +12,7 @@ pub mod netns;
 pub(crate) mod rawtcp;
 pub(crate) mod scenarios;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context, Result};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -25,7 +25,7 @@ use crate::{
     flows::{FlowConfig, FlowReport, Verdict, attached_hooks},
     kernel::{self, btf::KernelFacts},
     live,
-    model::{KernelGeneration, KernelVersion, ModelParams},
+    model::{KernelGeneration, KernelVersion, ModelParams, TcpState},
     pipeline,
     record::{Filters, JudgedFlow, NetnsSettings, RecordHeader, RecordWriter},
 };
@@ -599,14 +599,26 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             let events = collector.events_in(&lab.netns(), started);
             let lost_now = lost_total(&collector, &attached.ebpf);
             let lost = lost_now > lost_before;
-            if lost && attempt < MAX_ATTEMPTS {
+            // A state change that does not chain to the one before proves an event missing,
+            // though nothing counted it (seen twice in about a thousand runs, on a loaded
+            // machine; cause not found): the run is not a fair test of the model either.
+            let gap = first_chain_gap(&events);
+            if (lost || gap.is_some()) && attempt < MAX_ATTEMPTS {
                 if !opts.json {
-                    eprintln!(
-                        "tcp-trace: validate: {}: {} events lost during the run (ring buffer \
-                         full, or BPF programs skipped as they nested): running it again",
-                        s.name,
-                        lost_now - lost_before
-                    );
+                    match &gap {
+                        Some(gap) if !lost => eprintln!(
+                            "tcp-trace: validate: {}: an event is missing from the trace ({gap}; \
+                             no loss counted): running it again",
+                            s.name
+                        ),
+                        _ => eprintln!(
+                            "tcp-trace: validate: {}: {} events lost during the run (ring \
+                             buffer full, or BPF programs skipped as they nested): running it \
+                             again",
+                            s.name,
+                            lost_now - lost_before
+                        ),
+                    }
                 }
                 attempt += 1;
                 continue;
@@ -676,6 +688,40 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
         print_table(&results, &version, opts.backend);
     }
     Ok(if failed > 0 { exit::DIVERGED } else { exit::OK })
+}
+
+/// The first socket whose state changes in `events` do not chain ([`crate::flows::chains`]):
+/// the trace lacks an event though no loss was counted.
+fn first_chain_gap(events: &[tcp_trace_common::Event]) -> Option<String> {
+    use tcp_trace_common::hook;
+    let mut sorted: Vec<&tcp_trace_common::Event> = events
+        .iter()
+        .filter(|e| matches!(e.hook, hook::INET_SOCK_SET_STATE | hook::TCP_DESTROY_SOCK))
+        .collect();
+    sorted.sort_by_key(|e| e.ts_ns);
+    let mut last: HashMap<u64, TcpState> = HashMap::new();
+    for ev in sorted {
+        if ev.hook == hook::TCP_DESTROY_SOCK {
+            last.remove(&ev.sk);
+            continue;
+        }
+        let (Some(from), Some(to)) = (
+            TcpState::from_kernel(ev.old_state),
+            TcpState::from_kernel(ev.new_state),
+        ) else {
+            continue;
+        };
+        if let Some(&before) = last.get(&ev.sk)
+            && !crate::flows::chains(before, from, to)
+        {
+            return Some(format!(
+                "socket {:#x} entered {before}, then left {from}",
+                ev.sk
+            ));
+        }
+        last.insert(ev.sk, to);
+    }
+    None
 }
 
 /// Runs of a scenario at most, when events are lost.
@@ -797,6 +843,41 @@ mod tests {
             missing_input(&["close", "tw-fin@tw"], &inputs, true),
             Some("tw-fin")
         );
+    }
+
+    #[test]
+    fn a_state_change_that_does_not_chain_is_found_in_raw_events() {
+        use tcp_trace_common::{Event, hook};
+        let change = |ts: u64, sk: u64, old: TcpState, new: TcpState| {
+            let mut e = Event::zeroed();
+            (e.ts_ns, e.sk, e.hook) = (ts, sk, hook::INET_SOCK_SET_STATE);
+            (e.old_state, e.new_state) = (old.as_kernel(), new.as_kernel());
+            e
+        };
+        use TcpState::*;
+        let mut events = vec![
+            change(1, 0xa, Established, FinWait1),
+            change(2, 0xb, Established, CloseWait),
+            change(3, 0xa, FinWait1, FinWait2),
+            change(9, 0xa, FinWait2, FinWait2),
+            change(10, 0xa, FinWait2, Close),
+        ];
+        assert_eq!(first_chain_gap(&events), None);
+        events.remove(2);
+        let gap = first_chain_gap(&events).unwrap();
+        assert!(
+            gap.contains("0xa entered FIN_WAIT1, then left FIN_WAIT2"),
+            "{gap}"
+        );
+        // Destroyed, and the memory reused by the next socket: a new chain.
+        let mut destroy = Event::zeroed();
+        (destroy.ts_ns, destroy.sk, destroy.hook) = (11, 0xa, hook::TCP_DESTROY_SOCK);
+        let reused = vec![
+            change(1, 0xa, FinWait2, Close),
+            destroy,
+            change(12, 0xa, Close, SynSent),
+        ];
+        assert_eq!(first_chain_gap(&reused), None);
     }
 
     #[test]
