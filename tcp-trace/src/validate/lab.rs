@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU16, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
     },
     thread,
     time::Duration,
@@ -29,6 +29,9 @@ use crate::decode;
 /// Drains the ring buffer on a thread of its own into memory.
 pub(crate) struct Collector {
     events: Arc<Mutex<Vec<Event>>>,
+    /// Records that did not decode (wrong size, unknown hook): counted as lost, not dropped
+    /// unseen.
+    malformed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
     dropped: PerCpuArray<MapData, u64>,
@@ -40,14 +43,18 @@ impl Collector {
         let dropped = PerCpuArray::try_from(ebpf.take_map("DROPPED").context("map DROPPED")?)?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ev, st) = (events.clone(), stop.clone());
+        let malformed = Arc::new(AtomicU64::new(0));
+        let (ev, st, bad) = (events.clone(), stop.clone(), malformed.clone());
         let thread = thread::spawn(move || {
             loop {
                 let done = st.load(Ordering::Relaxed);
                 let mut batch = Vec::new();
                 while let Some(item) = ring.next() {
-                    if let Ok(e) = decode::parse_raw(&item) {
-                        batch.push(e);
+                    match decode::parse_raw(&item) {
+                        Ok(e) => batch.push(e),
+                        Err(_) => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 if !batch.is_empty() {
@@ -61,6 +68,7 @@ impl Collector {
         });
         Ok(Collector {
             events,
+            malformed,
             stop,
             thread: Some(thread),
             dropped,
@@ -83,11 +91,26 @@ impl Collector {
         out
     }
 
+    /// (hook, netns) of every event of socket `sk` since `since_ns`, whatever its namespace: set
+    /// against the scenario's namespaces, it tells whether a missing event came with another
+    /// one (a diagnostic for an event missing from a scenario).
+    pub(crate) fn netns_of_socket(&self, sk: u64, since_ns: u64) -> Vec<(u8, u32)> {
+        self.events
+            .lock()
+            .expect("collector lock")
+            .iter()
+            .filter(|e| e.ts_ns >= since_ns && e.sk == sk)
+            .map(|e| (e.hook, e.netns))
+            .collect()
+    }
+
+    /// Events the ring buffer dropped, and records that did not decode.
     pub(crate) fn lost(&self) -> u64 {
         self.dropped
             .get(&0, 0)
-            .map(|v| v.iter().sum())
+            .map(|v| v.iter().sum::<u64>())
             .unwrap_or_default()
+            + self.malformed.load(Ordering::Relaxed)
     }
 
     pub(crate) fn stop(mut self) {

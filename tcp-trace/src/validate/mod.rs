@@ -606,10 +606,13 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             if (lost || gap.is_some()) && attempt < MAX_ATTEMPTS {
                 if !opts.json {
                     match &gap {
-                        Some(gap) if !lost => eprintln!(
+                        Some((sk, gap)) if !lost => eprintln!(
                             "tcp-trace: validate: {}: an event is missing from the trace ({gap}; \
-                             no loss counted): running it again",
-                            s.name
+                             no loss counted; every event of that socket as (hook, netns), \
+                             namespaces {:?}: {:?}): running it again",
+                            s.name,
+                            lab.netns(),
+                            collector.netns_of_socket(*sk, started)
                         ),
                         _ => eprintln!(
                             "tcp-trace: validate: {}: {} events lost during the run (ring \
@@ -692,7 +695,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
 
 /// The first socket whose state changes in `events` do not chain ([`crate::flows::chains`]):
 /// the trace lacks an event though no loss was counted.
-fn first_chain_gap(events: &[tcp_trace_common::Event]) -> Option<String> {
+fn first_chain_gap(events: &[tcp_trace_common::Event]) -> Option<(u64, String)> {
     use tcp_trace_common::hook;
     let mut sorted: Vec<&tcp_trace_common::Event> = events
         .iter()
@@ -714,9 +717,9 @@ fn first_chain_gap(events: &[tcp_trace_common::Event]) -> Option<String> {
         if let Some(&before) = last.get(&ev.sk)
             && !crate::flows::chains(before, from, to)
         {
-            return Some(format!(
-                "socket {:#x} entered {before}, then left {from}",
-                ev.sk
+            return Some((
+                ev.sk,
+                format!("socket {:#x} entered {before}, then left {from}", ev.sk),
             ));
         }
         last.insert(ev.sk, to);
@@ -864,7 +867,8 @@ mod tests {
         ];
         assert_eq!(first_chain_gap(&events), None);
         events.remove(2);
-        let gap = first_chain_gap(&events).unwrap();
+        let (sk, gap) = first_chain_gap(&events).unwrap();
+        assert_eq!(sk, 0xa);
         assert!(
             gap.contains("0xa entered FIN_WAIT1, then left FIN_WAIT2"),
             "{gap}"
