@@ -483,6 +483,22 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: data_out_of_window,
     },
     Scenario {
+        name: "listener-stray-ack",
+        about: "a segment with ACK and no connection to match reaches the listener: it answers with RST (reason TCP_FLAGS) and goes on listening",
+        focus: Side::Server,
+        focus_listener: true,
+        script: &["data-after-close", "close"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "listen",
+            inputs: &["data-after-close"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: listener_stray_ack,
+    },
+    Scenario {
         name: "user-timeout",
         about: "TCP_USER_TIMEOUT 500 ms and every ACK from the server lost: the client gives up (tcp_write_err): ETIMEDOUT, CLOSE without RST, TCPAbortOnTimeout",
         focus: Side::Client,
@@ -1394,6 +1410,56 @@ fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
         fin.iter().any(|s| s.has(tcp_flag::FIN)),
     ));
     sleep(SETTLE);
+    drop(c);
+    sleep(SETTLE);
+    Ok(())
+}
+
+/// The client port the stray ACK of listener_stray_ack claims to come from (no socket uses it).
+const STRAY_PORT: u16 = 40999;
+
+/// A hand-made ACK from a port with no connection reaches the server's listener (as a peer's
+/// segment does after its connection's socket is gone): tcp_rcv_state_process()'s LISTEN case
+/// answers any ACK with a reply RST. Then a real connection shows the listener still works.
+fn listener_stray_ack(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        let (mut s, _) = l.accept()?;
+        read_exact_len(&mut s, REQUEST.len())?;
+        s.write_all(RESPONSE)?;
+        drop(s);
+        sleep(SETTLE);
+        Ok(())
+    })?;
+    ctx.notes.client_port = STRAY_PORT;
+    let (from, to) = (
+        SocketAddrV4::new(ctx.lab.client_ip, STRAY_PORT),
+        ctx.lab.server_addr(),
+    );
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    raw.send(from, to, 0x1000_0000, 0x2000_0000, tcp_flag::ACK)?;
+    let seen: Vec<Seen> = raw
+        .collect_from(to, Duration::from_millis(300))
+        .into_iter()
+        .filter(|s| s.dst == from)
+        .collect();
+    note_seen(ctx, "the listener answered the stray ACK with", &seen);
+    ctx.notes.replies.push(Reply::of(&seen));
+    ctx.notes.checks.push((
+        "the listener answered with a RST whose seq is the segment's ack (RFC 793)".into(),
+        seen.iter()
+            .any(|s| s.has(tcp_flag::RST) && s.seq == 0x2000_0000),
+    ));
+    go_tx.send(())?;
+    let mut c = connect_from(ctx.lab, None)?;
+    c.write_all(REQUEST)?;
+    let got = read_to_eof(&mut c)?;
+    ctx.notes.checks.push((
+        "the listener then accepted a real connection".into(),
+        got == RESPONSE.len(),
+    ));
+    join(server)?;
     drop(c);
     sleep(SETTLE);
     Ok(())
