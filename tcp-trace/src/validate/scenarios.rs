@@ -922,8 +922,7 @@ fn data_after_close(ctx: &mut Ctx) -> Result<()> {
     let raw = ctx.lab.client.run(RawTcp::open)?;
     c.write_all(b"one more thing\n")?;
     let seen = raw.collect_from(ctx.lab.server_addr(), Duration::from_millis(300));
-    note_seen(ctx, "after the client's late data, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after the client's late data, server sent", &seen);
     ctx.notes.checks.push((
         "the data after close was answered with RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -950,8 +949,7 @@ fn fin_wait2_timeout(ctx: &mut Ctx) -> Result<()> {
     let server_addr = ctx.lab.server_addr();
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
-    note_seen(ctx, "after the client's late FIN, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after the client's late FIN, server sent", &seen);
     ctx.notes.checks.push((
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -1066,6 +1064,12 @@ fn client_addr(ctx: &Ctx) -> SocketAddrV4 {
     SocketAddrV4::new(ctx.lab.client_ip, ctx.notes.client_port)
 }
 
+/// What came back on the wire, as a note and as the probe's reply.
+fn note_reply(ctx: &mut Ctx, what: &str, seen: &[Seen]) {
+    note_seen(ctx, what, seen);
+    ctx.notes.replies.push(Reply::of(seen));
+}
+
 fn note_seen(ctx: &mut Ctx, what: &str, seen: &[Seen]) {
     let s = if seen.is_empty() {
         "nothing".to_string()
@@ -1109,8 +1113,7 @@ fn tw_rst(ctx: &mut Ctx) -> Result<()> {
     // TIME_WAIT, and a RST when nothing is left.
     raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "after RST then a probe ACK, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after RST then a probe ACK, server sent", &seen);
     let rfc1337 = ctx.lab.server.read_sysctl("net.ipv4.tcp_rfc1337")? == "1";
     let reset = seen.iter().any(|s| s.has(tcp_flag::RST));
     ctx.notes.checks.push(if rfc1337 {
@@ -1135,8 +1138,7 @@ fn tw_fin_retransmit(ctx: &mut Ctx) -> Result<()> {
     // The FIN again: seq = rcv_nxt - 1.
     raw.send(from, to, write_seq, 1, tcp_flag::FIN | tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "after a retransmitted FIN, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after a retransmitted FIN, server sent", &seen);
     ctx.notes.checks.push((
         "TIME_WAIT re-ACKed the FIN".into(),
         seen.iter().any(|s| {
@@ -1301,8 +1303,7 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
     ctx.dropper.clear()?;
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
-    note_seen(ctx, "after the client's late FIN, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after the client's late FIN, server sent", &seen);
     ctx.notes.checks.push((
         "the late FIN found no socket: RST".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -1314,19 +1315,9 @@ fn orphan_retries_exhausted(ctx: &mut Ctx) -> Result<()> {
 /// request. Losing the client's bare ACK of the FIN makes it certain that the request is what
 /// ACKs the FIN.
 fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
-    let (go_tx, server) = serve_then_close(ctx.lab)?;
-    let (mut c, port) = request_and_response(ctx)?;
-    ctx.drop_next(bare_acks(1000, port, 0))?;
+    let (mut c, raw) = orphan_fin_wait1(ctx)?;
     let server_addr = ctx.lab.server_addr();
-    let raw = ctx.lab.client.run(RawTcp::open)?;
-    go_tx.send(())?;
-    join(server)?;
-    // The server's FIN: the client reads EOF (its ACK is dropped) ...
-    let eof = read_to_eof(&mut c)?;
-    ctx.notes
-        .checks
-        .push(("the client read the server's FIN (EOF)".into(), eof == 0));
-    // ... and sends its next request, which carries the ACK of that FIN.
+    // The client sends its next request, which carries the ACK of the server's FIN.
     c.write_all(REQUEST)?;
     let seen = raw.collect_until(server_addr, Duration::from_secs(3), |s| {
         s.has(tcp_flag::RST)
@@ -1347,17 +1338,13 @@ fn orphan_fin_wait1_data(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// The server closes while the client's ACKs are dropped (its orphan stays in FIN_WAIT1, the FIN
-/// retransmitted); a raw segment from the client's address carries data 1 GiB past the client's
-/// next byte, beyond any receive window. tcp_validate_incoming() drops it with a duplicate ACK
-/// before the orphan's RCV_SHUTDOWN check could reset. Then the ACKs pass again and the next
-/// FIN retransmission completes the close.
-fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
+/// One request and response, then the server closes while the client's bare ACKs are dropped:
+/// its orphan stays in FIN_WAIT1, and the client has read the FIN (EOF). Returns the client's
+/// socket and a raw socket on its side.
+fn orphan_fin_wait1(ctx: &mut Ctx) -> Result<(TcpStream, RawTcp)> {
     let (go_tx, server) = serve_then_close(ctx.lab)?;
     let (mut c, port) = request_and_response(ctx)?;
     ctx.drop_next(bare_acks(1000, port, 0))?;
-    let client_seq = send_queue_seq(&c)?;
-    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
     let raw = ctx.lab.client.run(RawTcp::open)?;
     go_tx.send(())?;
     join(server)?;
@@ -1365,6 +1352,18 @@ fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
     ctx.notes
         .checks
         .push(("the client read the server's FIN (EOF)".into(), eof == 0));
+    Ok((c, raw))
+}
+
+/// The server closes while the client's ACKs are dropped (its orphan stays in FIN_WAIT1, the FIN
+/// retransmitted); a raw segment from the client's address carries data 1 GiB past the client's
+/// next byte, beyond any receive window. tcp_validate_incoming() drops it with a duplicate ACK
+/// before the orphan's RCV_SHUTDOWN check could reset. Then the ACKs pass again and the next
+/// FIN retransmission completes the close.
+fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
+    let (c, raw) = orphan_fin_wait1(ctx)?;
+    let client_seq = send_queue_seq(&c)?;
+    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
     raw.send_data(
         from,
         to,
@@ -1380,12 +1379,11 @@ fn data_out_of_window(ctx: &mut Ctx) -> Result<()> {
         .into_iter()
         .filter(|s| s.has(tcp_flag::RST) || (!s.has(tcp_flag::FIN) && s.ack == client_seq))
         .collect();
-    note_seen(
+    note_reply(
         ctx,
         "after data beyond its window, the orphan FIN_WAIT1 sent",
         &answers,
     );
-    ctx.notes.replies.push(Reply::of(&answers));
     ctx.notes.checks.push((
         "the orphan answered with a duplicate ACK, not a RST".into(),
         !answers.is_empty() && answers.iter().all(|s| !s.has(tcp_flag::RST)),
@@ -1422,16 +1420,7 @@ const STRAY_PORT: u16 = 40999;
 /// segment does after its connection's socket is gone): tcp_rcv_state_process()'s LISTEN case
 /// answers any ACK with a reply RST. Then a real connection shows the listener still works.
 fn listener_stray_ack(ctx: &mut Ctx) -> Result<()> {
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let server = serve(ctx.lab, move |l| {
-        go_rx.recv_timeout(Duration::from_secs(5))?;
-        let (mut s, _) = l.accept()?;
-        read_exact_len(&mut s, REQUEST.len())?;
-        s.write_all(RESPONSE)?;
-        drop(s);
-        sleep(SETTLE);
-        Ok(())
-    })?;
+    let (go_tx, server) = serve_then_close(ctx.lab)?;
     ctx.notes.client_port = STRAY_PORT;
     let (from, to) = (
         SocketAddrV4::new(ctx.lab.client_ip, STRAY_PORT),
@@ -1444,22 +1433,22 @@ fn listener_stray_ack(ctx: &mut Ctx) -> Result<()> {
         .into_iter()
         .filter(|s| s.dst == from)
         .collect();
-    note_seen(ctx, "the listener answered the stray ACK with", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "the listener answered the stray ACK with", &seen);
     ctx.notes.checks.push((
         "the listener answered with a RST whose seq is the segment's ack (RFC 793)".into(),
         seen.iter()
             .any(|s| s.has(tcp_flag::RST) && s.seq == 0x2000_0000),
     ));
-    go_tx.send(())?;
     let mut c = connect_from(ctx.lab, None)?;
     c.write_all(REQUEST)?;
-    let got = read_to_eof(&mut c)?;
-    ctx.notes.checks.push((
-        "the listener then accepted a real connection".into(),
-        got == RESPONSE.len(),
-    ));
+    read_exact_len(&mut c, RESPONSE.len())?;
+    go_tx.send(())?;
     join(server)?;
+    let eof = read_to_eof(&mut c)?;
+    ctx.notes.checks.push((
+        "the listener then served a real connection to its end".into(),
+        eof == 0,
+    ));
     drop(c);
     sleep(SETTLE);
     Ok(())
@@ -1589,12 +1578,11 @@ fn fin_without_ack(ctx: &mut Ctx) -> Result<()> {
         .filter(|s| s.has(tcp_flag::RST) || s.ack == server_seq.wrapping_add(1))
         .copied()
         .collect();
-    note_seen(
+    note_reply(
         ctx,
         "after a FIN without ACK, the client answered",
         &answers,
     );
-    ctx.notes.replies.push(Reply::of(&answers));
     ctx.notes.checks.push((
         "the client stayed in FIN_WAIT1 (the FIN without ACK was discarded)".into(),
         before == TCP_FIN_WAIT1 && after == TCP_FIN_WAIT1,
@@ -1642,8 +1630,7 @@ fn fin_timeout_over_60s(ctx: &mut Ctx) -> Result<()> {
         .push(("peer FIN", crate::clock::now_ns(libc::CLOCK_MONOTONIC)));
     drop(c);
     let seen = raw.collect_from(server_addr, Duration::from_millis(300));
-    note_seen(ctx, "after the client's late FIN, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after the client's late FIN, server sent", &seen);
     ctx.notes.checks.push((
         "both timers ran out within seconds: the late FIN found no socket (RST)".into(),
         seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -1831,8 +1818,7 @@ fn tw_syn_no_listener(ctx: &mut Ctx) -> Result<()> {
     // A SYN after rcv_nxt: tcp_timewait_state_process() says TCP_TW_SYN.
     raw.send(from, to, write_seq.wrapping_add(100_000), 0, tcp_flag::SYN)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "after a SYN into TIME_WAIT, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after a SYN into TIME_WAIT, server sent", &seen);
     ctx.notes.checks.push((
         "no listener: no SYN-ACK, the SYN was answered with an ACK of rcv_nxt".into(),
         !seen.iter().any(|s| s.has(tcp_flag::SYN))
@@ -1842,8 +1828,7 @@ fn tw_syn_no_listener(ctx: &mut Ctx) -> Result<()> {
     ));
     raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "then after a bare ACK, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "then after a bare ACK, server sent", &seen);
     ctx.notes.checks.push((
         "the minisocket lives on (the bare ACK is not answered with RST)".into(),
         !seen.iter().any(|s| s.has(tcp_flag::RST)),
@@ -1862,8 +1847,7 @@ fn tw_old_duplicate(ctx: &mut Ctx) -> Result<()> {
     let old_seq = write_seq.wrapping_sub(REQUEST.len() as u32);
     raw.send_data(from, to, old_seq, 1, tcp_flag::ACK | tcp_flag::PSH, REQUEST)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "after an old duplicate, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after an old duplicate, server sent", &seen);
     ctx.notes.checks.push((
         "the old duplicate was answered with an ACK of rcv_nxt".into(),
         seen.iter()
@@ -1878,12 +1862,10 @@ fn tw_old_duplicate(ctx: &mut Ctx) -> Result<()> {
         tcp_flag::RST | tcp_flag::ACK,
     )?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "after an old RST, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "after an old RST, server sent", &seen);
     raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_seen(ctx, "then after a bare ACK, server sent", &seen);
-    ctx.notes.replies.push(Reply::of(&seen));
+    note_reply(ctx, "then after a bare ACK, server sent", &seen);
     ctx.notes.checks.push((
         "the minisocket lives on (the bare ACK is not answered with RST)".into(),
         !seen.iter().any(|s| s.has(tcp_flag::RST)),
