@@ -33,6 +33,9 @@ use crate::{
 
 /// How long a namespace whose sysctls could not be read waits before the next try.
 const NETNS_RETRY_NS: u64 = 1_000_000_000;
+/// A namespace's sysctls are read again after this long (trace time): it may have changed them,
+/// or died and left its inode number to a new one.
+const NETNS_REFRESH_NS: u64 = 60_000_000_000;
 
 /// The model's parameters for this host: the kernel version and the tcp sysctls, from
 /// `settings` (name -> value, as recorded or read from /proc/sys).
@@ -186,7 +189,9 @@ pub struct Pipeline<W: Write> {
     /// The parameters given to [`Pipeline::new`], which a namespace's own sysctls override.
     params: ModelParams,
     /// Namespaces whose parameters are settled.
-    netns_settled: std::collections::HashSet<u32>,
+    /// Namespaces whose sysctls were read, and when (trace time): read again after
+    /// [`NETNS_REFRESH_NS`].
+    netns_settled: HashMap<u32, u64>,
     /// Namespaces whose sysctls could not be read yet, with when that was tried (trace time).
     netns_unread: HashMap<u32, u64>,
 }
@@ -233,7 +238,7 @@ impl<W: Write> Pipeline<W> {
     /// Judges the flows of namespace `netns` with `params` (its own settings) instead of the
     /// parameters given to [`Pipeline::new`].
     pub fn judge_netns_with(&mut self, netns: u32, params: ModelParams) {
-        self.flows.set_netns_params(netns, params);
+        self.flows.set_netns_params(netns, Some(params));
     }
 
     /// Shows reset diagnoses as `view` says (default: inline).
@@ -343,7 +348,11 @@ impl<W: Write> Pipeline<W> {
         let Some(reader) = self.netns_sysctls.as_mut() else {
             return;
         };
-        if self.netns_settled.contains(&ev.netns) {
+        if self
+            .netns_settled
+            .get(&ev.netns)
+            .is_some_and(|&at| ev.ts_ns.saturating_sub(at) < NETNS_REFRESH_NS)
+        {
             return;
         }
         // A namespace that could not be read (no process found in it yet) is tried again a
@@ -363,14 +372,17 @@ impl<W: Write> Pipeline<W> {
             return;
         };
         let params = with_sysctls(self.params, sysctls);
-        if params != self.params {
-            self.flows.set_netns_params(ev.netns, params);
-        }
+        self.flows
+            .set_netns_params(ev.netns, (params != self.params).then_some(params));
         self.netns_unread.remove(&ev.netns);
-        // Settled once read (bounded by the reader's cache).
-        if self.netns_settled.len() < 4096 {
-            self.netns_settled.insert(ev.netns);
+        // Settled until the refresh; the one settled longest ago makes room for a new one.
+        if !self.netns_settled.contains_key(&ev.netns) && self.netns_settled.len() >= 4096 {
+            let oldest = self.netns_settled.iter().min_by_key(|(_, at)| **at);
+            if let Some(&oldest) = oldest.map(|(k, _)| k) {
+                self.netns_settled.remove(&oldest);
+            }
         }
+        self.netns_settled.insert(ev.netns, ev.ts_ns);
     }
 
     /// A reading of the kernel's lost-event counter (`total` so far, at `ts_ns`). Every reading

@@ -235,9 +235,25 @@ fn owner_of(events: &[TraceEvent]) -> Option<Owner> {
 }
 
 impl FlowTable {
-    /// From now on, flows in `netns` are judged with `params` (that namespace's own settings).
-    pub(crate) fn set_netns_params(&mut self, netns: u32, params: crate::model::ModelParams) {
-        self.cfg.netns_params.insert(netns, params);
+    /// From now on, flows in `netns` are judged with `params` (that namespace's own settings),
+    /// or with the defaults (None). At most 4096 namespaces keep settings of their own.
+    pub(crate) fn set_netns_params(
+        &mut self,
+        netns: u32,
+        params: Option<crate::model::ModelParams>,
+    ) {
+        let map = &mut self.cfg.netns_params;
+        match params {
+            Some(p) => {
+                if !map.contains_key(&netns) && map.len() >= 4096 {
+                    map.pop_first();
+                }
+                map.insert(netns, p);
+            }
+            None => {
+                map.remove(&netns);
+            }
+        }
     }
 
     pub(crate) fn new(config: FlowConfig) -> FlowTable {

@@ -8,6 +8,7 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 /// Dotted sysctl name to value.
@@ -17,11 +18,15 @@ pub(crate) type Sysctls = BTreeMap<String, String>;
 pub(crate) struct NetnsSysctls {
     keys: &'static [&'static str],
     own_netns: Option<u32>,
-    cache: HashMap<u32, Option<Sysctls>>,
+    /// By inode: when it was read, and what.
+    cache: HashMap<u32, (Instant, Sysctls)>,
 }
 
-/// Namespaces read at most (a host with more keeps judging the rest with the host's values).
+/// Namespaces kept at most; beyond it the one read longest ago makes room.
 const MAX_NAMESPACES: usize = 4096;
+/// A namespace's values are read again after this long: namespaces die unseen (no hook tells),
+/// and the kernel hands a dead one's inode number to the next, whose sysctls may differ.
+const REFRESH: Duration = Duration::from_secs(60);
 
 fn netns_inode(path: &std::path::Path) -> Option<u32> {
     std::fs::metadata(path).ok().map(|m| m.ino() as u32)
@@ -89,20 +94,37 @@ impl NetnsSysctls {
     }
 
     /// Namespace `inode`'s sysctls, when it is not tcp-trace's own and could be read; `hint`: a
-    /// process that may live there (the socket's owner). Read once per namespace.
+    /// process that may live there (the socket's owner). Read once per namespace and again
+    /// after [`REFRESH`]; if no process lives there by then, the values read before stand.
     pub(crate) fn get(&mut self, inode: u32, hint: Option<u32>) -> Option<&Sysctls> {
         if inode == 0 || Some(inode) == self.own_netns {
             return None;
         }
-        if !self.cache.contains_key(&inode) {
-            if self.cache.len() >= MAX_NAMESPACES {
-                return None;
+        let now = Instant::now();
+        let fresh = self
+            .cache
+            .get(&inode)
+            .is_some_and(|(at, _)| now.duration_since(*at) < REFRESH);
+        if !fresh {
+            // No process there now (it may show up later): nothing cached, asked again later.
+            match find_netns_file(inode, hint).and_then(|f| read_inside(f, self.keys)) {
+                Some(read) => {
+                    if !self.cache.contains_key(&inode) && self.cache.len() >= MAX_NAMESPACES {
+                        let oldest = self.cache.iter().min_by_key(|(_, (at, _))| *at);
+                        if let Some(&oldest) = oldest.map(|(k, _)| k) {
+                            self.cache.remove(&oldest);
+                        }
+                    }
+                    self.cache.insert(inode, (now, read));
+                }
+                None => {
+                    if let Some((at, _)) = self.cache.get_mut(&inode) {
+                        *at = now;
+                    }
+                }
             }
-            // No process there now (it may show up later): not cached, asked again later.
-            let read = find_netns_file(inode, hint).and_then(|f| read_inside(f, self.keys))?;
-            self.cache.insert(inode, Some(read));
         }
-        self.cache.get(&inode).and_then(Option::as_ref)
+        self.cache.get(&inode).map(|(_, s)| s)
     }
 
     /// Every namespace a process lives in now, other than tcp-trace's own, with its sysctls.
