@@ -248,6 +248,11 @@ pub struct Config {
     /// file_ref_t (it stores count - 1). `file_refs_known` is 0 when BTF has neither.
     pub file_refs_one: u32,
     pub file_refs_known: u32,
+    /// sk_buff.dev and net_device.nd_net: the namespace of a reply built from a segment alone
+    /// (no socket), from the device it arrived on. `skb_netns_known` is 0 when BTF lacks one.
+    pub skb_dev: u32,
+    pub dev_nd_net: u32,
+    pub skb_netns_known: u32,
 }
 
 /// Value of the `OWNERS` map (key: socket pointer).

@@ -73,6 +73,9 @@ static CONFIG: Config = Config {
     file_refs: 0,
     file_refs_one: 0,
     file_refs_known: 0,
+    skb_dev: 0,
+    dev_nd_net: 0,
+    skb_netns_known: 0,
 };
 
 /// Reads one `CONFIG` field. Volatile, so the compiler cannot fold the all-zero initial value.
@@ -362,6 +365,16 @@ fn fill_skb(ev: &mut Event, hook: u8, skb: u64) {
     }
     ev.dport = u16::from_be(rd::<u16>(tcp, 0));
     ev.sport = u16::from_be(rd::<u16>(tcp, 2));
+    // The namespace the segment arrived in (tcp_v4_rcv() takes it from the device too).
+    if conf!(skb_netns_known) != 0 {
+        let dev: u64 = rd(skb, conf!(skb_dev));
+        if dev != 0 {
+            let net: u64 = rd(dev, conf!(dev_nd_net));
+            if net != 0 {
+                ev.netns = rd(net, conf!(net_ns_inum));
+            }
+        }
+    }
 }
 
 /// A copy of a field of an event being built, for use as a map key: before 6.x (seen on 6.1) the

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::decode::{Hook, Owner, OwnerSource, SockPtr, TraceEvent};
+use crate::decode::{Hook, KReason, Owner, OwnerSource, SockPtr, TraceEvent};
 use crate::model::{Model, RstReason, State, TCP_TIMEWAIT_LEN_MS, TcpState, TwStatus, TwSubstate};
 
 use super::infer::classify_tw_segment;
@@ -434,6 +434,26 @@ impl FlowTable {
         {
             target = self.by_key.get(&k).copied();
         }
+        // A reply the kernel built for no socket (reason NO_SOCKET), past the deadline of the
+        // flow's minisocket: its timer ran out (no hook shows that, and the table's slack has
+        // not yet presumed it), so the flow ended there and the reply is of its own.
+        if let Some(id) = target
+            && ev.hook == Hook::TcpSendReset
+            && ev.rst_active == Some(false)
+            && ev.rst_reason == Some(KReason::Known(RstReason::NoSocket))
+            && let Some(f) = self.flows.get_mut(&id)
+            && f.full_gone
+            && f.ended.is_none()
+            && let Some(deadline) =
+                f.tw.as_ref()
+                    .filter(|tw| !tw.unseen && tw.deadline <= ev.ts_ns)
+                    .map(|tw| tw.deadline)
+        {
+            f.tw = None;
+            f.tw_expired = true;
+            f.ended = Some((deadline, FlowEnd::TimeWaitExpired));
+            target = None;
+        }
         if let Some(id) = target {
             let f = &self.flows[&id];
             let other_socket =
@@ -771,7 +791,12 @@ impl FlowTable {
                             (Some(j), Some(hz)) if hz > 0 => {
                                 u64::try_from(j).unwrap_or(0).saturating_mul(1000) / hz
                             }
-                            _ => params.fin_time_ms(),
+                            // Without HZ, the kernel's rule: past TCP_TIMEWAIT_LEN the keepalive
+                            // timer waited the excess first, and the minisocket gets what is left.
+                            _ => match params.fin_time_ms() {
+                                ft if ft > TCP_TIMEWAIT_LEN_MS => ft - TCP_TIMEWAIT_LEN_MS,
+                                ft => ft,
+                            },
                         };
                         timeo_ms.max(params.rto_floor_ms()).min(TCP_TIMEWAIT_LEN_MS)
                     }

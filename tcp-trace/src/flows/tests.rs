@@ -1361,3 +1361,41 @@ fn a_new_socket_at_a_freed_address_chains_to_nothing() {
     assert!(chains(Close, Close, SynSent));
     assert!(chains(TimeWait, Listen, SynRecv));
 }
+
+#[test]
+fn a_no_socket_reply_after_the_minisockets_deadline_ends_its_flow() {
+    // Recorded in the 7.x guest (fentry, fin-timeout-over-60s, tcp_fin_timeout=61): the orphan's
+    // FIN_WAIT2 minisocket lives 1 s; the client's FIN 1.8 s later finds no socket and the
+    // reply RST says so (NO_SOCKET). That reply carries the segment's namespace, so it lands on
+    // the flow's key while the table would still presume the minisocket alive.
+    let s = server();
+    let events = vec![
+        s.set(1, "LISTEN", "SYN_RECV"),
+        s.set(2, "SYN_RECV", "ESTABLISHED"),
+        s.close(1_000, "ESTABLISHED", 0, None),
+        s.set(1_001, "ESTABLISHED", "FIN_WAIT1"),
+        s.send_fin(1_002, "FIN_WAIT1"),
+        s.set(4_000, "FIN_WAIT1", "FIN_WAIT2"),
+        s.time_wait(1_004_000, "FIN_WAIT2", "FIN_WAIT2", 250),
+        s.set(1_004_001, "FIN_WAIT2", "CLOSE"),
+        s.destroy(1_004_002),
+        s.reply_rst(2_800_000, "NO_SOCKET"),
+    ];
+    let mut cfg = config(HookSet::all());
+    cfg.params.tcp_fin_timeout_secs = 61;
+    let reports = run(cfg.clone(), events.clone());
+    let flow = reports
+        .iter()
+        .find(|r| r.sockets.contains(&SockPtr(s.sk)))
+        .unwrap();
+    assert_conforms(flow);
+    assert_eq!(flow.end, FlowEnd::TimeWaitExpired);
+    // Without HZ the minisocket's life comes from the sysctl the same way: 61 s - 60 s.
+    cfg.hz = None;
+    let reports = run(cfg, events);
+    let flow = reports
+        .iter()
+        .find(|r| r.sockets.contains(&SockPtr(s.sk)))
+        .unwrap();
+    assert_conforms(flow);
+}

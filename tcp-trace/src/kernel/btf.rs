@@ -262,9 +262,10 @@ fn table<T: Copy>(
     t
 }
 
-/// The offsets that take a descriptor to its socket (see `Config::fd_to_sock`), and how files
-/// count references. Optional: without them owners are learned from socket events only, and
-/// `doctor` says so.
+/// The offsets that take a descriptor to its socket (see `Config::fd_to_sock`), how files count
+/// references, and a segment's device's namespace (`Config::skb_netns_known`). Optional: without
+/// them owners are learned from socket events only (`doctor` says so), and a reply built from a
+/// segment alone gets its namespace from the 4-tuple's other events.
 fn fd_offsets(btf: &KernelBtf) -> Config {
     let path = [
         ("task_struct", "files"),
@@ -315,6 +316,12 @@ fn fd_offsets(btf: &KernelBtf) -> Config {
             config.file_refs_one,
             config.file_refs_known,
         ) = (off, 0, 1);
+    }
+    if let (Ok(dev), Ok(nd_net)) = (
+        btf.offset_of("sk_buff", "dev"),
+        btf.offset_of("net_device", "nd_net"),
+    ) {
+        (config.skb_dev, config.dev_nd_net, config.skb_netns_known) = (dev, nd_net, 1);
     }
     config
 }
@@ -686,10 +693,14 @@ pub(crate) mod testing {
             &[("transport_header", u16_, 0), ("network_header", u16_, 2)],
         );
         let hdr_union = b.union("", 8, &[("", hdrs, 0), ("headers", hdrs, 0)]);
+        let net_device = b.strukt("net_device", 2000, &[("nd_net", possible_t, 280)]);
+        let devp = b.ptr(net_device);
+        let dev_union = b.union("", 8, &[("dev", devp, 0), ("dev_scratch", u64_, 0)]);
         b.strukt(
             "sk_buff",
             232,
             &[
+                ("", dev_union, 16),
                 ("len", u32_, 112),
                 ("", hdr_union, 180),
                 ("head", u64_, 200),
@@ -854,6 +865,8 @@ mod tests {
             (c.file_refs, c.file_refs_one, c.file_refs_known),
             (56, 1, 1)
         );
+        // A socketless reply's namespace: sk_buff.dev (in an anonymous union), net_device.nd_net.
+        assert_eq!((c.skb_dev, c.dev_nd_net, c.skb_netns_known), (16, 280, 1));
     }
 
     #[test]
@@ -862,7 +875,10 @@ mod tests {
         let u32_ = b.int("unsigned int", 4);
         b.strukt("fdtable", 8, &[("max_fds", u32_, 0)]);
         let c = fd_offsets(&KernelBtf::from_bytes(&b.build()).unwrap());
-        assert_eq!((c.fd_to_sock, c.file_refs_known), (0, 0));
+        assert_eq!(
+            (c.fd_to_sock, c.file_refs_known, c.skb_netns_known),
+            (0, 0, 0)
+        );
     }
 
     #[test]
