@@ -469,6 +469,10 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         Sink::Print(mut pipeline) => {
             let mut summary = pipeline.finish()?;
             summary["seconds"] = seconds.into();
+            summary["lost_by_cause"] = serde_json::json!({
+                "ring_full": last_lost.ring_full,
+                "nested": last_lost.recursion,
+            });
             if let Some(run) = &counters {
                 let filtered = !opts.pids.is_empty()
                     || !opts.ports.is_empty()

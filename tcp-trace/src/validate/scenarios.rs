@@ -1752,8 +1752,10 @@ fn close_memory_pressure(ctx: &mut Ctx) -> Result<()> {
         ready_tx.send(())?;
         go_rx.recv_timeout(Duration::from_secs(5))?;
         drop(a);
-        // Past the orphan cache's refresh, before A's second retransmission (~600 ms).
-        sleep(Duration::from_millis(350));
+        // Past the orphan cache's refresh, before A's second retransmission (~600 ms). The
+        // cache's timer is deferrable: on an idle CPU (a quiet guest) it waits for the next
+        // wake-up, so every CPU is kept busy meanwhile or the cache may still say 0 orphans.
+        keep_cpus_awake(Duration::from_millis(350));
         max_orphans.write_all(b"0").context("tcp_max_orphans = 0")?;
         drop(b);
         Ok(())
@@ -1793,6 +1795,42 @@ fn close_memory_pressure(ctx: &mut Ctx) -> Result<()> {
     });
     drop((ca, cb));
     Ok(())
+}
+
+/// Spins one thread on each CPU this process may use for `d`, so that every CPU's tick runs:
+/// deferrable kernel timers (tcp_orphan_update's 100 ms refresh) fire only on a CPU that is
+/// awake.
+fn keep_cpus_awake(d: Duration) {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let cpus: Vec<usize> =
+        if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0 {
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let until = Instant::now() + d;
+    std::thread::scope(|s| {
+        for cpu in cpus {
+            s.spawn(move || {
+                // SAFETY: as above; pins only this spinning thread.
+                unsafe {
+                    let mut one: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut one);
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one);
+                }
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+    });
+    // Without the affinity mask (never seen), at least the time passes.
+    if Instant::now() < until {
+        sleep(until - Instant::now());
+    }
 }
 
 /// The client's kernel answers the minisocket's ACKs with a bare RST (it has no socket for the

@@ -293,27 +293,45 @@ pub(super) fn check(lines: &[Value]) -> OwnersOutcome {
     out
 }
 
-/// Events a tracer may lose and still pass: the kernel skips a kprobe program that would run
-/// while another BPF program runs on its CPU (a softirq landing inside the close() tracepoint's
-/// program), which no tracer can prevent; tcp-trace counts it, exits with 3, and the owner
-/// checks still have to pass.
-const TOLERATED_LOST: u64 = 3;
+/// Events a tracer may lose and still pass: the kernel skips a kprobe or fentry program that
+/// would run while another BPF program runs on its CPU (a softirq landing inside the close()
+/// tracepoint's program), which no tracer can prevent; tcp-trace counts it, exits with 3, and
+/// the owner checks still have to pass. Such skips scale with the traffic (7 seen in one run
+/// on 7.x fentry, more than a fixed 3 allowed), so up to 1 in [`TOLERATED_NESTED_PER`] events, at least
+/// [`TOLERATED_NESTED_MIN`], is tolerated; a full ring buffer never is (it is tcp-trace's own
+/// shortfall).
+const TOLERATED_NESTED_MIN: u64 = 3;
+const TOLERATED_NESTED_PER: u64 = 200;
 
 /// What is wrong with a tracer's exit status, if anything: 0 is right, and so is 3 (events
-/// lost) when its summary counts at most [`TOLERATED_LOST`].
+/// lost) when its summary counts only nested skips, within the tolerance above.
 fn exit_problem(lines: &[Value], tracer: &str, status: &Value) -> Option<String> {
     if *status == 0 {
         return None;
     }
-    let lost = lines
+    let summary = lines
         .iter()
-        .find(|l| l["tracer"] == tracer && l["type"] == "summary")
-        .and_then(|l| l["lost"].as_u64());
-    match (status.as_u64(), lost) {
-        (Some(3), Some(n)) if (1..=TOLERATED_LOST).contains(&n) => None,
+        .find(|l| l["tracer"] == tracer && l["type"] == "summary");
+    let field = |f: &str| summary.and_then(|l| l[f].as_u64());
+    let by_cause = |f: &str| summary.and_then(|l| l["lost_by_cause"][f].as_u64());
+    let lost = field("lost");
+    let tolerated = field("events").map_or(TOLERATED_NESTED_MIN, |n| {
+        (n / TOLERATED_NESTED_PER).max(TOLERATED_NESTED_MIN)
+    });
+    match (
+        status.as_u64(),
+        lost,
+        by_cause("ring_full"),
+        by_cause("nested"),
+    ) {
+        (Some(3), Some(n), Some(0), Some(nested)) if n == nested && nested <= tolerated => None,
         _ => Some(format!(
             "the {tracer} tracer exited with {status}{}",
-            lost.map_or(String::new(), |n| format!(" ({n} events lost)"))
+            lost.map_or(String::new(), |n| format!(
+                " ({n} events lost: {} ring buffer full, {} nested; {tolerated} nested tolerated)",
+                by_cause("ring_full").unwrap_or(0),
+                by_cause("nested").unwrap_or(0)
+            ))
         )),
     }
 }
