@@ -67,6 +67,9 @@ const NO_CLOSE_DETAILS: &str = "tcp_close details (unread, SO_LINGER) not captur
 const LISTENER_CHILD: &str = "an un-accepted child reset by its listener's close() \
      (inet_csk_listen_stop() -> tcp_disconnect(), like close() with SO_LINGER 0)";
 
+const DISCONNECT: &str = "connect(AF_UNSPEC) (tcp_disconnect() without close()): told from an \
+     abortive close() by the socket outliving it";
+
 /// Candidates for `trigger` when the model is in `state`.
 pub(crate) fn candidates(
     trigger: &ObsEv,
@@ -200,9 +203,19 @@ pub(crate) fn candidates(
             let inputs: &[Input] = match status.and_then(KTwStatus::known) {
                 Some(TwStatus::Syn) => &[TwSyn],
                 Some(TwStatus::Rst) => &[TwData, TwSyn],
-                Some(TwStatus::Ack | TwStatus::AckOow) => &[TwFin, TwFinRetransmit, TwData, TwSyn],
+                Some(TwStatus::Ack | TwStatus::AckOow) => {
+                    &[TwFin, TwFinRetransmit, TwData, TwSyn, TwSynOld]
+                }
                 Some(TwStatus::Success) => &[TwAck, TwRst, RstInWindow, TwFinRetransmit, TwData],
-                None => &[TwAck, TwFin, TwFinRetransmit, TwRst, TwData, TwSyn],
+                None => &[
+                    TwAck,
+                    TwFin,
+                    TwFinRetransmit,
+                    TwRst,
+                    TwData,
+                    TwSyn,
+                    TwSynOld,
+                ],
             };
             for input in inputs {
                 c.push(&[*input], note);
@@ -427,6 +440,11 @@ fn set_state(
     {
         c.push_silent(&[CloseLinger0], LISTENER_CHILD);
     }
+    // connect(AF_UNSPEC): tcp_disconnect() with no close(), so the socket is not destroyed
+    // after it (the application keeps it, and may connect() again).
+    if to == CLOSED && from != Listen && sock.is_some_and(|s| !s.orphan) {
+        c.push(&[Disconnect], Some(DISCONNECT));
+    }
 }
 
 /// An abortive close() the tcp_close hook did not see: told apart only by the RST's reason.
@@ -452,7 +470,15 @@ fn aborts(c: &mut Cands, p: &ModelParams) {
 /// Every segment input at a minisocket, for a segment nobody saw.
 fn tw_any(c: &mut Cands, note: &str) {
     use Input::*;
-    for input in [TwAck, TwFin, TwFinRetransmit, TwRst, TwData, TwSyn] {
+    for input in [
+        TwAck,
+        TwFin,
+        TwFinRetransmit,
+        TwRst,
+        TwData,
+        TwSyn,
+        TwSynOld,
+    ] {
         c.push(&[input], Some(note));
     }
 }
@@ -470,10 +496,14 @@ pub(crate) fn classify_tw_segment(seg: &Segment) -> Vec<Input> {
         };
     }
     if has('S') {
+        // A new incarnation needs seq after rcv_nxt, or a newer timestamp (not captured).
+        let after = (seg.seq.wrapping_sub(seg.tw_rcv_nxt) as i32) > 0;
         return if has('.') {
             vec![TwFinRetransmit, TwSyn]
-        } else {
+        } else if after {
             vec![TwSyn]
+        } else {
+            vec![TwSynOld, TwSyn]
         };
     }
     if has('F') && !has('.') {

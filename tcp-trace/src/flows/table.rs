@@ -396,9 +396,13 @@ impl FlowTable {
         // several may share a port with SO_REUSEPORT), a SYN_SENT socket before its port is
         // bound and a listener's child before its addresses are copied are followed by their
         // socket pointer instead.
-        let complete = key.is_some_and(|k| {
-            k.local.port() != 0 && k.remote.port() != 0 && !k.remote.ip().is_unspecified()
-        });
+        // CLOSE -> SYN_SENT fires in tcp_v4_connect() before inet_hash_connect() binds the
+        // port: a socket connecting again after connect(AF_UNSPEC) still shows its old one.
+        let connecting = from == Some(Close) && to == Some(SynSent);
+        let complete = !connecting
+            && key.is_some_and(|k| {
+                k.local.port() != 0 && k.remote.port() != 0 && !k.remote.ip().is_unspecified()
+            });
         let sk = (object == SocketObject::Socket)
             .then_some(ev.sk)
             .filter(|s| !is_null_sk(s));
@@ -422,10 +426,20 @@ impl FlowTable {
             // under its pointer was an earlier socket's, whose end was not seen (events lost).
             let pointer_reused =
                 starts_connection && (f.teardown_seen || f.ended.is_some() || !f.events.is_empty());
+            // The application kept it through tcp_disconnect() and connects it again: the old
+            // connection ends here, in CLOSE.
+            let reconnects = pointer_reused
+                && connecting
+                && f.ended.is_none()
+                && !f.full_gone
+                && f.last_state == Some((*sk, Close));
             if same_key && !pointer_reused {
                 target = Some(id);
             } else {
                 self.by_sk.remove(sk);
+                if reconnects {
+                    self.finish(id, FlowEnd::Reused, Some("the socket connected again"));
+                }
             }
         }
         if target.is_none()

@@ -1399,3 +1399,62 @@ fn a_no_socket_reply_after_the_minisockets_deadline_ends_its_flow() {
         .unwrap();
     assert_conforms(flow);
 }
+
+#[test]
+fn time_wait_old_syn_is_acked_and_the_minisocket_lives_on() {
+    // seq 500 is before rcv_nxt 1000: no new incarnation, a rate-limited ACK (6.15+: ACK_OOW).
+    let events = tw_segment_events("S", 500, "ACK_OOW");
+    let reports = run(config(HookSet::all()), events);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    assert_conforms(&reports[0]);
+    assert_eq!(inputs(&reports[0]), ["tw-syn-old"]);
+    // The same SYN answered as a new incarnation is not what the model says for an old seq.
+    let wrong = run(
+        config(HookSet::all()),
+        tw_segment_events("S", 5000, "ACK_OOW"),
+    );
+    assert!(!wrong[0].verdict.conforms() || inputs(&wrong[0]) != ["tw-syn-old"]);
+}
+
+/// connect(AF_UNSPEC) on an ESTABLISHED client, then connect() again on the same socket.
+fn disconnect_reconnect() -> Vec<TraceEvent> {
+    let connecting = End::new(0xc1, "127.0.0.1:0", "127.0.0.1:5599");
+    let c = client();
+    // tcp_v4_connect() sets SYN_SENT before the new port is bound: the old one shows.
+    let reconnecting = client();
+    let c2 = End::new(0xc1, "127.0.0.1:35902", "127.0.0.1:5599");
+    vec![
+        connecting.set(1_000, "CLOSE", "SYN_SENT"),
+        c.set(1_200, "SYN_SENT", "ESTABLISHED"),
+        c.set(10_000, "ESTABLISHED", "CLOSE"),
+        c.active_reset(10_001, "CLOSE", "TCP_STATE"),
+        c.send_rst(10_002, "CLOSE", "TCP_STATE"),
+        reconnecting.set(20_000, "CLOSE", "SYN_SENT"),
+        c2.set(20_200, "SYN_SENT", "ESTABLISHED"),
+        c2.close(30_000, "ESTABLISHED", 0, Some(0)),
+        c2.set(30_001, "ESTABLISHED", "CLOSE"),
+        c2.active_reset(30_002, "CLOSE", "TCP_STATE"),
+        c2.send_rst(30_003, "CLOSE", "TCP_STATE"),
+        c2.destroy(30_004),
+    ]
+}
+
+#[test]
+fn disconnect_keeps_the_socket_and_a_reconnect_is_a_new_flow() {
+    for hooks in [HookSet::all(), HookSet::tracepoints_only()] {
+        let events: Vec<TraceEvent> = disconnect_reconnect()
+            .into_iter()
+            .filter(|e| hooks.has(e.hook))
+            .collect();
+        let r = run(config(hooks), events);
+        assert_eq!(r.len(), 2, "{r:#?}");
+        let first = find(&r, &client());
+        assert_conforms(first);
+        assert_eq!(inputs(first), ["disconnect"]);
+        assert_eq!(first.end, FlowEnd::Reused);
+        let second = find(&r, &End::new(0xc1, "127.0.0.1:35902", "127.0.0.1:5599"));
+        assert_conforms(second);
+        assert_eq!(inputs(second), ["close-linger0"]);
+        assert_eq!(second.end, FlowEnd::Destroyed);
+    }
+}

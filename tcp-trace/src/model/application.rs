@@ -251,6 +251,20 @@ fn inet_csk_listen_stop(cx: &mut Ctx, children: bool) {
     }
 }
 
+/// connect(AF_UNSPEC): __inet_stream_connect() calls tcp_disconnect() whatever the state; the
+/// application keeps the socket (SS_UNCONNECTED), in CLOSE, free to connect() again. Nothing is
+/// counted: the TcpExt abort counters are __tcp_close()'s.
+pub(crate) fn inet_disconnect(sock: &Sock, p: &ModelParams) -> Outcome {
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpDisconnect);
+    if sock.state == TcpState::Close {
+        cx.rule("connect(AF_UNSPEC): already CLOSE, tcp_disconnect() has nothing to undo");
+    } else {
+        cx.rule("connect(AF_UNSPEC) -> tcp_disconnect()");
+        tcp_disconnect(&mut cx, false);
+    }
+    cx.finish()
+}
+
 /// inet_shutdown() and, for the send direction, tcp_shutdown().
 pub(crate) fn inet_shutdown(sock: &Sock, how: Shutdown, p: &ModelParams) -> Outcome {
     use TcpState::*;

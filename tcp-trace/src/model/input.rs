@@ -24,6 +24,7 @@ pub enum Input {
     CloseRepair,
     MemoryPressure,
     ListenerCloseWithChildren,
+    Disconnect,
     ShutdownRd,
     ShutdownWr,
     ShutdownRdwr,
@@ -43,6 +44,7 @@ pub enum Input {
     DataOutOfWindow,
     // Segments as a TIME_WAIT minisocket sees them.
     TwSyn,
+    TwSynOld,
     TwAck,
     TwFinRetransmit,
     TwRst,
@@ -158,6 +160,13 @@ pub(crate) const INPUTS: &[InputInfo] = {
             &[],
             Application,
             "close() of a listener with un-accepted children in its accept queue",
+        ),
+        info(
+            Disconnect,
+            "disconnect",
+            &["connect-af-unspec"],
+            Application,
+            "connect() with AF_UNSPEC: tcp_disconnect() on a socket the application keeps (it stays in CLOSE and may connect() again)",
         ),
         info(
             ShutdownRd,
@@ -277,6 +286,13 @@ pub(crate) const INPUTS: &[InputInfo] = {
             &[],
             PeerToTimeWait,
             "SYN (no ACK) with seq after rcv_nxt: a new incarnation",
+        ),
+        info(
+            TwSynOld,
+            "tw-syn-old",
+            &["tw-syn-unacceptable"],
+            PeerToTimeWait,
+            "SYN (no ACK) with seq at or before rcv_nxt and no newer timestamp: not a new incarnation, answered with a rate-limited ACK",
         ),
         info(TwAck, "tw-ack", &[], PeerToTimeWait, "bare ACK at rcv_nxt"),
         info(
@@ -409,6 +425,7 @@ impl Input {
             CloseRepair => close(|c| c.repair = true),
             MemoryPressure => close(|c| c.oom = true),
             ListenerCloseWithChildren => close(|c| c.listener_children = true),
+            Disconnect => Action::Disconnect,
             ShutdownRd => Action::Shutdown(Shutdown::Rd),
             ShutdownWr => Action::Shutdown(Shutdown::Wr),
             ShutdownRdwr => Action::Shutdown(Shutdown::RdWr),
@@ -426,6 +443,7 @@ impl Input {
             DataAckingFin => Action::Segment(Segment::DataAckingFin),
             DataOutOfWindow => Action::Segment(Segment::DataOutOfWindow),
             TwSyn => Action::TimeWaitSegment(TwSegment::Syn),
+            TwSynOld => Action::TimeWaitSegment(TwSegment::OldSyn),
             TwAck => Action::TimeWaitSegment(TwSegment::BareAck),
             TwFinRetransmit => Action::TimeWaitSegment(TwSegment::OldFin),
             TwRst => Action::TimeWaitSegment(TwSegment::Rst(RstSeq::Exact)),
@@ -596,6 +614,9 @@ impl Segment {
 pub(crate) enum TwSegment {
     /// SYN without ACK/RST, seq after rcv_nxt.
     Syn,
+    /// SYN without ACK/RST, seq at or before rcv_nxt (and no newer timestamp): RFC 1122's test
+    /// for a new incarnation fails.
+    OldSyn,
     /// Zero-length ACK at rcv_nxt.
     BareAck,
     /// A FIN ending at rcv_nxt (seq = rcv_nxt - 1): a retransmission of one already received.
@@ -623,6 +644,7 @@ impl TwSegment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
     Close(CloseCall),
+    Disconnect,
     Shutdown(Shutdown),
     Read,
     Write,

@@ -120,7 +120,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
     }
     let application_call = matches!(
         input.action(),
-        Action::Close(_) | Action::Shutdown(_) | Action::Read | Action::Write
+        Action::Close(_) | Action::Disconnect | Action::Shutdown(_) | Action::Read | Action::Write
     );
     if application_call && sock.orphan {
         return Outcome::not_applicable(
@@ -133,6 +133,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
             Outcome::not_applicable(&here, format!("not a listener ({})", sock.state))
         }
         Action::Close(call) => application::tcp_close(sock, call, p),
+        Action::Disconnect => application::inet_disconnect(sock, p),
         Action::Shutdown(how) => application::inet_shutdown(sock, how, p),
         Action::Read => application::tcp_recvmsg(sock, p),
         Action::Write => application::tcp_sendmsg(sock, p),
@@ -172,7 +173,11 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
 fn time_wait_input(tw: &TimeWaitSock, input: Input, p: &ModelParams) -> Outcome {
     let here = State::TimeWait(tw.clone());
     match input.action() {
-        Action::Close(_) | Action::Shutdown(_) | Action::Read | Action::Write
+        Action::Close(_)
+        | Action::Disconnect
+        | Action::Shutdown(_)
+        | Action::Read
+        | Action::Write
             if tw.app_holds_closed_socket =>
         {
             // The call reaches the application's full socket, which tcp_time_wait() left in
@@ -191,12 +196,14 @@ fn time_wait_input(tw: &TimeWaitSock, input: Input, p: &ModelParams) -> Outcome 
                 ..on_app_socket
             }
         }
-        Action::Close(_) | Action::Shutdown(_) | Action::Read | Action::Write => {
-            Outcome::not_applicable(
-                &here,
-                "the application already closed this connection; only a minisocket is left",
-            )
-        }
+        Action::Close(_)
+        | Action::Disconnect
+        | Action::Shutdown(_)
+        | Action::Read
+        | Action::Write => Outcome::not_applicable(
+            &here,
+            "the application already closed this connection; only a minisocket is left",
+        ),
         Action::Segment(segment) => {
             timewait::tcp_v4_rcv_time_wait(tw, segment.at_time_wait(tw.substate), p)
         }
@@ -233,6 +240,7 @@ fn freed_input(input: Input, p: &ModelParams) -> Outcome {
             receive::tcp_v4_rcv_no_socket(&State::Freed, segment.is_rst(), p)
         }
         Action::Close(_)
+        | Action::Disconnect
         | Action::Shutdown(_)
         | Action::Read
         | Action::Write

@@ -1304,3 +1304,61 @@ fn data_beyond_the_window_gets_a_dupack_even_at_an_orphan() {
     let s = step(&p, &state("syn-sent"), Input::DataOutOfWindow);
     assert!(!s.outcome.applicable);
 }
+
+#[test]
+fn connect_af_unspec_disconnects_and_the_application_keeps_the_socket() {
+    let p = kernel(6, 12);
+    for (from, rst) in [
+        ("established", Some(RstReason::TcpState)),
+        ("close-wait", Some(RstReason::TcpState)),
+        ("fin-wait2", Some(RstReason::TcpState)),
+        ("syn-sent", None),
+        ("last-ack", None),
+    ] {
+        let s = step(&p, &state(from), Input::Disconnect);
+        assert_eq!(
+            s.outcome.decided_by,
+            Some(KernelFunction::TcpDisconnect),
+            "{from}"
+        );
+        assert_eq!(s.outcome.rst_reason, rst, "{from}");
+        assert_eq!(
+            s.outcome.wire.contains(&Wire::RstActive),
+            rst.is_some(),
+            "{from}"
+        );
+        // Not __tcp_close(): no TcpExt abort counter, and the socket is not destroyed.
+        assert!(
+            s.outcome.counters.is_empty(),
+            "{from}: {:?}",
+            s.outcome.counters
+        );
+        match s.to() {
+            State::Socket(sock) => {
+                assert_eq!(sock.state, TcpState::Close, "{from}");
+                assert!(!sock.orphan, "{from}");
+            }
+            other => panic!("{from}: {other}"),
+        }
+        // ... which the application closes later, without a word on the wire.
+        let after = Model::with_state(p, s.to().clone()).step(Input::Close);
+        assert!(after.outcome.wire.is_empty(), "{from}");
+        assert_eq!(*after.to(), State::Freed, "{from}");
+    }
+    let orphan = step(&p, &state("fin-wait1+orphan"), Input::Disconnect);
+    assert!(!orphan.outcome.applicable, "{}", orphan.outcome.rule);
+}
+
+#[test]
+fn an_old_syn_at_time_wait_is_acked_not_a_new_incarnation() {
+    for p in [kernel(6, 1), kernel(6, 18)] {
+        let s = step(&p, &state("tw-time-wait"), Input::TwSynOld);
+        assert_eq!(s.outcome.wire, vec![Wire::AckImmediate]);
+        assert_eq!(s.outcome.tw_status, Some(p.kernel.tw_oow_ack_status()));
+        // No ACK flag: the timer is not re-armed (unlike an old duplicate's).
+        assert_eq!(s.outcome.timer, None);
+        assert!(matches!(s.to(), State::TimeWait(_)));
+        let new = step(&p, &state("tw-time-wait"), Input::TwSyn);
+        assert_ne!(new.outcome.tw_status, s.outcome.tw_status);
+    }
+}

@@ -38,6 +38,14 @@ fn tcp_timewait_state_process(
                  -> rate-limited ACK, {oow_ack}"
             ),
         ),
+        (TwSubstate::FinWait2, OldSyn) => (
+            oow_ack,
+            Keep,
+            format!(
+                "FIN_WAIT2: a SYN before rcv_nxt is outside [rcv_nxt, rcv_nxt + rcv_wnd] -> \
+                 rate-limited ACK, {oow_ack}"
+            ),
+        ),
         (TwSubstate::FinWait2, OldDuplicate | OutOfWindow) => (
             oow_ack,
             Keep,
@@ -125,6 +133,15 @@ fn tcp_timewait_state_process(
                 } else {
                     "in TCP_SKB_CB(skb)->tcp_tw_isn"
                 }
+            ),
+        ),
+        (TwSubstate::TimeWait, OldSyn) => (
+            oow_ack,
+            Keep,
+            format!(
+                "TIME_WAIT: SYN not after rcv_nxt and no newer timestamp -> not a new \
+                 incarnation (RFC 1122 4.2.2.13); no ACK flag, so the timer is not re-armed; \
+                 ACK rate-limited by tcp_invalid_ratelimit (500 ms), {oow_ack}"
             ),
         ),
         (TwSubstate::TimeWait, OldFin) => (

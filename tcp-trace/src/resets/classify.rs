@@ -247,6 +247,32 @@ fn close_details_of<'b, 'a: 'b>(
         .or_else(|| ev.close.is_some().then_some(ev))
 }
 
+/// The close() details of this RST's own close() call: the tcp_close event, or the RST's
+/// own queue details when the eBPF side saw it inside close(). (An active RST always carries
+/// its socket's queues, from tcp_disconnect() and timers too: those say nothing of a close().)
+fn close_call_details<'b, 'a: 'b>(
+    ev: &'b TraceEvent,
+    cx: &FlowContext<'a>,
+) -> Option<&'b TraceEvent> {
+    cx.close
+        .filter(|c| c.sk == ev.sk && c.hook == Hook::TcpClose && c.close.is_some())
+        .or_else(|| (ev.in_close && ev.close.is_some()).then_some(ev))
+}
+
+fn linger_zero(c: Option<&TraceEvent>) -> bool {
+    c.and_then(|c| c.close.as_ref())
+        .is_some_and(|c| c.linger && c.linger_jiffies == 0)
+}
+
+/// tcp_disconnect() in the task's own call, no close() seen, and the socket outlived it: the
+/// application keeps it (connect(AF_UNSPEC)). Needs the destroy hook to say "outlived".
+fn disconnected(ev: &TraceEvent, cx: &FlowContext<'_>) -> bool {
+    close_call_details(ev, cx).is_none()
+        && cx.hooks.has(Hook::TcpDestroySock)
+        && !cx.events_lost
+        && !destroyed_after(ev, cx)
+}
+
 fn attach_close_details(d: &mut ResetDiagnosis, close: Option<&TraceEvent>) {
     if let Some(c) = close.and_then(|c| c.close.as_ref()) {
         d.unsent_bytes = Some(c.unsent);
@@ -378,10 +404,8 @@ fn close_unread(
 /// TCP_STATE / TCP_DISCONNECT_WITH_DATA: tcp_disconnect(), tcp_abort(), or an orphan's
 /// FIN_WAIT2 timer. The context tells which.
 fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, reason: KReason) {
-    let close = close_details_of(ev, cx);
-    let linger0 = close
-        .and_then(|c| c.close.as_ref())
-        .is_some_and(|c| c.linger && c.linger_jiffies == 0);
+    let call = close_call_details(ev, cx);
+    let linger0 = linger_zero(call);
     let trans = closed_just_before(ev, cx);
     if let Some(l) = cx.listener_closed {
         d.closer = Some(task(l));
@@ -410,7 +434,7 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                 ),
             );
         }
-        if close.is_some() {
+        if call.is_some() {
             return d.set(
                 ResetCause::Unknown,
                 Confidence::Guess,
@@ -421,7 +445,7 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
                 ),
             );
         }
-        if !destroyed_after(ev, cx) {
+        if disconnected(ev, cx) {
             d.closer = None;
             return d.set(
                 ResetCause::Disconnect,
@@ -507,6 +531,19 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
     }
     let trans = closed_just_before(ev, cx);
     let from = trans.and_then(TraceEvent::tcp_state);
+    if let Some(f) = from.filter(|_| disconnected(ev, cx)) {
+        d.closer = None;
+        return d.set(
+            ResetCause::Disconnect,
+            Confidence::Derived,
+            None,
+            format!(
+                "{f} -> CLOSE and RST in {}'s own call with no close(), and the socket lived \
+                 on: tcp_disconnect() (connect(AF_UNSPEC) on a connected socket)",
+                task(ev)
+            ),
+        );
+    }
     if let Some(c) = close_details_of(ev, cx) {
         let details = c.close.as_ref().expect("close_details_of checks");
         let close_state = state(c);

@@ -1207,3 +1207,44 @@ fn a_destroy_without_destination_port_still_belongs_to_its_connection() {
     let d = one(k(18), TRACEPOINTS, &s.events);
     assert_eq!(d.cause, ResetCause::LingerZero, "{d:#?}");
 }
+
+#[test]
+fn a_disconnect_is_told_even_though_its_reset_carries_queue_details() {
+    // The eBPF side fills an active RST's queue details from the socket whatever sent it, so
+    // they are no sign of a close(): only the tcp_close event (or in_close) is.
+    let queues = CloseDetails {
+        timeout_jiffies: 0,
+        linger: false,
+        linger_jiffies: 0,
+        unread: 0,
+        unsent: 0,
+        unacked: 0,
+        fin_received: false,
+        orphan: false,
+    };
+    for (kernel, reason) in [(k(18), Some("TCP_STATE")), (k(1), None)] {
+        for hooks in [TRACEPOINTS.to_vec(), all_hooks()] {
+            let mut s = Stream::new();
+            s.state("ESTABLISHED", "CLOSE").active_rst("CLOSE", reason);
+            s.events.last_mut().unwrap().close = Some(queues.clone());
+            let d = one(kernel, &hooks, &s.events);
+            assert_eq!(
+                d.cause,
+                ResetCause::Disconnect,
+                "{reason:?} {hooks:?}: {d:#?}"
+            );
+            assert_eq!(d.counter, None);
+            // Destroyed at once, it was a close() after all (SO_LINGER 0 or unread data).
+            let mut s = Stream::new();
+            s.state("ESTABLISHED", "CLOSE").active_rst("CLOSE", reason);
+            s.events.last_mut().unwrap().close = Some(queues.clone());
+            s.destroy();
+            let d = one(kernel, &hooks, &s.events);
+            assert_ne!(
+                d.cause,
+                ResetCause::Disconnect,
+                "{reason:?} {hooks:?}: {d:#?}"
+            );
+        }
+    }
+}

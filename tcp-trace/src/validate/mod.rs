@@ -820,6 +820,8 @@ mod tests {
             "close-unsent",
             "user-timeout",
             "orphan-fin-wait1-data",
+            "tw-syn-old",
+            "disconnect-reconnect",
         ] {
             assert!(scenarios::find(name).is_ok(), "{name}");
         }

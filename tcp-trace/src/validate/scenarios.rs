@@ -437,6 +437,35 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: tw_syn_no_listener,
     },
     Scenario {
+        name: "tw-syn-old",
+        about: "a SYN at TIME_WAIT with seq before rcv_nxt (listener present): not a new incarnation, answered with an ACK; the minisocket lives on",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close", "ack-of-fin", "tw-fin@tw", "tw-syn-old@tw"],
+        sysctls: &[],
+        probe: Some(Probe {
+            start: "tw-time-wait",
+            inputs: &["tw-syn-old", "tw-ack"],
+        }),
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: tw_syn_old,
+    },
+    Scenario {
+        name: "disconnect-reconnect",
+        about: "client connect(AF_UNSPEC) on a live connection (tcp_disconnect: RST, the socket kept in CLOSE), then connect() again on the same socket and an orderly close",
+        focus: Side::Client,
+        focus_listener: false,
+        script: &["disconnect"],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: disconnect_reconnect,
+    },
+    Scenario {
         name: "tw-old-duplicate",
         about: "an old duplicate segment at TIME_WAIT is ACKed, an old RST dropped silently; the minisocket lives on",
         focus: Side::Server,
@@ -1871,6 +1900,119 @@ fn tw_syn_no_listener(ctx: &mut Ctx) -> Result<()> {
         "the minisocket lives on (the bare ACK is not answered with RST)".into(),
         !seen.iter().any(|s| s.has(tcp_flag::RST)),
     ));
+    Ok(())
+}
+
+fn tw_syn_old(ctx: &mut Ctx) -> Result<()> {
+    // The listener stays: a SYN TIME_WAIT accepted would be handed to it (SYN-ACK).
+    let (write_seq, server) = server_time_wait(ctx, true)?;
+    drop_client_resets(ctx)?;
+    let (from, to) = (client_addr(ctx), ctx.lab.server_addr());
+    let rcv_nxt = write_seq.wrapping_add(1);
+    let raw = ctx.lab.client.run(RawTcp::open)?;
+    // Before rcv_nxt, no timestamp option: RFC 1122's new-incarnation test fails.
+    raw.send(from, to, write_seq.wrapping_sub(100_000), 0, tcp_flag::SYN)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_reply(
+        ctx,
+        "after a SYN before rcv_nxt into TIME_WAIT, server sent",
+        &seen,
+    );
+    ctx.notes.checks.push((
+        "no SYN-ACK: the old SYN was answered with an ACK of rcv_nxt".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::SYN))
+            && seen
+                .iter()
+                .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt),
+    ));
+    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_reply(ctx, "then after a bare ACK, server sent", &seen);
+    ctx.notes.checks.push((
+        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    join(server)?;
+    Ok(())
+}
+
+/// connect() with AF_UNSPEC on a connected socket: __inet_stream_connect() calls
+/// tcp_disconnect().
+fn connect_af_unspec(s: &TcpStream) -> Result<()> {
+    // SAFETY: a zeroed sockaddr with only the family set, on an fd the stream owns.
+    let rc = unsafe {
+        let mut sa: libc::sockaddr = std::mem::zeroed();
+        sa.sa_family = libc::AF_UNSPEC as u16;
+        libc::connect(
+            s.as_raw_fd(),
+            &sa,
+            std::mem::size_of::<libc::sockaddr>() as u32,
+        )
+    };
+    if rc != 0 {
+        bail!("connect(AF_UNSPEC): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn connect_again(s: &TcpStream, to: SocketAddrV4) -> Result<()> {
+    let sin = sockaddr(to);
+    // SAFETY: a valid sockaddr_in on an fd the stream owns.
+    let rc = unsafe { libc::connect(s.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), 16) };
+    if rc != 0 {
+        bail!("connect {to} again: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn disconnect_reconnect(ctx: &mut Ctx) -> Result<()> {
+    let server = serve(ctx.lab, move |l| {
+        let (mut a, _) = l.accept()?;
+        read_exact_len(&mut a, REQUEST.len())?;
+        a.write_all(RESPONSE)?;
+        // The client's tcp_disconnect() resets this one.
+        let mut buf = [0u8; 1];
+        let reset =
+            matches!(a.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        drop(a);
+        let (mut b, _) = l.accept()?;
+        read_exact_len(&mut b, REQUEST.len())?;
+        read_to_eof(&mut b)?;
+        drop(b);
+        Ok(reset)
+    })?;
+    let (c, first_port) = request_and_response(ctx)?;
+    connect_af_unspec(&c)?;
+    sleep(SETTLE);
+    let disconnected = tcp_state(&c)? == TCP_CLOSE;
+    connect_again(&c, ctx.lab.server_addr())?;
+    let second_port = local_port(&c);
+    let mut c = c;
+    c.write_all(REQUEST)?;
+    sleep(SETTLE);
+    drop(c);
+    let reset = join(server)?;
+    ctx.notes.wire.push(format!(
+        "client port {first_port}, then {second_port} after connect() again on the same socket"
+    ));
+    ctx.notes.checks.push((
+        "connect(AF_UNSPEC) left the client socket in CLOSE".into(),
+        disconnected,
+    ));
+    ctx.notes.checks.push((
+        "the server read ECONNRESET (tcp_disconnect() sent a RST)".into(),
+        reset,
+    ));
+    ctx.notes.also.push(AlsoFlow {
+        side: Side::Server,
+        client_port: first_port,
+        script: &["rst-exact"],
+    });
+    ctx.notes.also.push(AlsoFlow {
+        side: Side::Client,
+        client_port: second_port,
+        script: &["close"],
+    });
     Ok(())
 }
 
