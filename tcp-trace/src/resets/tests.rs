@@ -1226,7 +1226,7 @@ fn a_disconnect_is_told_even_though_its_reset_carries_queue_details() {
         for hooks in [TRACEPOINTS.to_vec(), all_hooks()] {
             let mut s = Stream::new();
             s.state("ESTABLISHED", "CLOSE").active_rst("CLOSE", reason);
-            s.events.last_mut().unwrap().close = Some(queues.clone());
+            s.events.last_mut().unwrap().close = Some(queues);
             let d = one(kernel, &hooks, &s.events);
             assert_eq!(
                 d.cause,
@@ -1237,7 +1237,7 @@ fn a_disconnect_is_told_even_though_its_reset_carries_queue_details() {
             // Destroyed at once, it was a close() after all (SO_LINGER 0 or unread data).
             let mut s = Stream::new();
             s.state("ESTABLISHED", "CLOSE").active_rst("CLOSE", reason);
-            s.events.last_mut().unwrap().close = Some(queues.clone());
+            s.events.last_mut().unwrap().close = Some(queues);
             s.destroy();
             let d = one(kernel, &hooks, &s.events);
             assert_ne!(
