@@ -433,8 +433,9 @@ fn set_state(
     {
         c.push(&[ConnectionTimeout], Some(TIMED_OUT));
     }
+    // (A TCP Fast Open child sits in the accept queue while still SYN_RECV.)
     if to == CLOSED
-        && matches!(from, Established | CloseWait)
+        && matches!(from, Established | CloseWait | SynRecv)
         && !app_may_close
         && sock.is_some_and(|s| !s.orphan)
     {

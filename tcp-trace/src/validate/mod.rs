@@ -822,6 +822,7 @@ mod tests {
             "orphan-fin-wait1-data",
             "tw-syn-old",
             "disconnect-reconnect",
+            "listener-close-tfo-child",
         ] {
             assert!(scenarios::find(name).is_ok(), "{name}");
         }

@@ -244,6 +244,23 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: listener_close,
     },
     Scenario {
+        name: "listener-close-tfo-child",
+        about: "a TCP Fast Open child, its data in the SYN and the client's ACK lost, still SYN_RECV in the accept queue when the listener closes: RST from SYN_RECV",
+        focus: Side::Server,
+        focus_listener: false,
+        script: &["close-linger0"],
+        // Server: TFO on, no cookie needed (0x203); client: TFO on, no cookie (0x5).
+        sysctls: &[
+            (Side::Server, "net.ipv4.tcp_fastopen", "515"),
+            (Side::Client, "net.ipv4.tcp_fastopen", "5"),
+        ],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: listener_close_tfo_child,
+    },
+    Scenario {
         name: "data-after-close",
         about: "client writes after the server closed: the server side answers RST",
         focus: Side::Server,
@@ -817,6 +834,77 @@ fn client_reads_until_reset(ctx: &mut Ctx, c: &mut TcpStream) {
         "the client's read fails with ECONNRESET".into(),
         outcome == "ConnectionReset",
     ));
+}
+
+fn listener_close_tfo_child(ctx: &mut Ctx) -> Result<()> {
+    const TCP_FASTOPEN: i32 = 23;
+    let (tfo_tx, tfo_rx) = mpsc::channel::<Result<()>>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |l| {
+        let _ = tfo_tx.send(setsockopt_int(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_FASTOPEN,
+            16,
+        ));
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        drop(l); // never accepted
+        Ok(())
+    })?;
+    tfo_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!("the server did not set TCP_FASTOPEN"))?
+        .context("TCP_FASTOPEN on the listener")?;
+    let (to, from) = (
+        ctx.lab.server_addr(),
+        SocketAddrV4::new(ctx.lab.client_ip, 0),
+    );
+    // Bound first, so that the ACK of the SYN-ACK can be dropped by port before the SYN leaves.
+    let c = ctx.lab.client.run(move || {
+        // SAFETY: plain socket calls; the fd is owned by the TcpStream.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+            let sin = sockaddr(from);
+            if libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16) != 0 {
+                bail!("bind {from}: {}", std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        }
+    })?;
+    ctx.notes.client_port = local_port(&c);
+    ctx.drop_next(bare_acks(1000, ctx.notes.client_port, 0))?;
+    let sin = sockaddr(to);
+    // SAFETY: sendto() on an fd the stream owns, with a valid buffer and address.
+    let sent = unsafe {
+        libc::sendto(
+            c.as_raw_fd(),
+            REQUEST.as_ptr().cast(),
+            REQUEST.len(),
+            libc::MSG_FASTOPEN,
+            (&sin as *const libc::sockaddr_in).cast(),
+            16,
+        )
+    };
+    if sent < 0 {
+        bail!("sendto(MSG_FASTOPEN): {}", std::io::Error::last_os_error());
+    }
+    sleep(Duration::from_millis(100));
+    go_tx.send(())?;
+    join(server)?;
+    let mut c = c;
+    client_reads_until_reset(ctx, &mut c);
+    ctx.dropper.clear()?;
+    check_counter(ctx, "TCPFastOpenPassive", 1)?;
+    ctx.notes.also.push(AlsoFlow {
+        side: Side::Client,
+        client_port: ctx.notes.client_port,
+        script: &["rst-exact"],
+    });
+    Ok(())
 }
 
 fn close_unread(ctx: &mut Ctx) -> Result<()> {
