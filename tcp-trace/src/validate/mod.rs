@@ -104,17 +104,30 @@ fn params_for(
     Ok(params)
 }
 
+/// Which marked script inputs the attached hooks can show.
+#[derive(Clone, Copy, Debug, Default)]
+struct Shown {
+    /// `@tw`: inputs at a TIME_WAIT minisocket (tcp_timewait_state_process).
+    tw: bool,
+    /// `@close`: inputs only the tcp_close hook tells apart (shutdown() vs close() on a
+    /// half-closed socket, where the only trace of the close() is a same-state change).
+    close: bool,
+}
+
 /// The inputs of `script` in order in `inputs` (others may come between); those marked `@tw`
-/// only where the minisocket's hook is attached, `a|b` either (where the attached hooks cannot
+/// or `@close` only where that hook is attached, `a|b` either (where the attached hooks cannot
 /// tell them apart). The first one missing, if any.
-fn missing_input<'s>(script: &[&'s str], inputs: &[String], tw_visible: bool) -> Option<&'s str> {
+fn missing_input<'s>(script: &[&'s str], inputs: &[String], shown: Shown) -> Option<&'s str> {
     let mut it = inputs.iter();
     for want in script {
-        let (want, at_tw) = match want.strip_suffix("@tw") {
-            Some(w) => (w, true),
-            None => (*want, false),
+        let (want, visible) = if let Some(w) = want.strip_suffix("@tw") {
+            (w, shown.tw)
+        } else if let Some(w) = want.strip_suffix("@close") {
+            (w, shown.close)
+        } else {
+            (*want, true)
         };
-        if at_tw && !tw_visible {
+        if !visible {
             continue;
         }
         if !it.any(|i| want.split('|').any(|w| w == i)) {
@@ -175,9 +188,11 @@ fn judge(
             failures.push(format!("{} > {}: {}", r.key.local, r.key.remote, r.verdict));
         }
     }
-    let tw_visible = hooks
-        .iter()
-        .any(|h| h.hook == "tcp_timewait_state_process" && h.attached());
+    let attached = |name: &str| hooks.iter().any(|h| h.hook == name && h.attached());
+    let shown = Shown {
+        tw: attached("tcp_timewait_state_process"),
+        close: attached("tcp_close"),
+    };
     for also in &notes.also {
         let ns = lab.ns(also.side).inode;
         let (local, remote) = match also.side {
@@ -192,7 +207,7 @@ fn judge(
                 also.side, also.client_port
             )),
             Some(r) => {
-                if let Some(want) = missing_input(also.script, &r.inputs, tw_visible) {
+                if let Some(want) = missing_input(also.script, &r.inputs, shown) {
                     failures.push(format!(
                         "the flow {} > {} did not go through `{want}` (inputs: {})",
                         r.key.local,
@@ -229,10 +244,9 @@ fn judge(
         Some(f) => {
             // The scenario's inputs must appear in this order; those at a minisocket only where
             // its hook is attached.
-            if let Some(want) = missing_input(s.script, &f.inputs, tw_visible) {
-                let close_visible = hooks.iter().any(|h| h.hook == "tcp_close" && h.attached());
+            if let Some(want) = missing_input(s.script, &f.inputs, shown) {
                 let kernel = params_for(version, facts, lab, s, s.focus)?.kernel;
-                let alike = indistinct_aborts(want, close_visible, kernel.active_reset_reasons);
+                let alike = indistinct_aborts(want, shown.close, kernel.active_reset_reasons);
                 match f.inputs.iter().find(|i| alike.contains(&i.as_str())) {
                     Some(got) => ambiguous.push(format!(
                         "`{want}` not told apart from `{got}`: tcp_close is not attached and \
@@ -797,7 +811,8 @@ mod tests {
         assert_eq!(names.len(), SCENARIOS.len(), "scenario names are unique");
         for s in SCENARIOS {
             for item in s.script {
-                for name in item.trim_end_matches("@tw").split('|') {
+                let name = item.trim_end_matches("@tw").trim_end_matches("@close");
+                for name in name.split('|') {
                     assert!(name.parse::<Input>().is_ok(), "{}: {name}", s.name);
                 }
             }
@@ -823,6 +838,8 @@ mod tests {
             "tw-syn-old",
             "disconnect-reconnect",
             "listener-close-tfo-child",
+            "shutdown-rdwr-then-close",
+            "connect-abandoned",
         ] {
             assert!(scenarios::find(name).is_ok(), "{name}");
         }
@@ -835,19 +852,35 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(missing_input(&["close", "fin"], &inputs, false), None);
+        let none = Shown::default();
+        assert_eq!(missing_input(&["close", "fin"], &inputs, none), None);
         assert_eq!(
-            missing_input(&["close", "fin-wait2-timeout|fin"], &inputs, false),
+            missing_input(&["close", "fin-wait2-timeout|fin"], &inputs, none),
             None
         );
         assert_eq!(
-            missing_input(&["fin", "close"], &inputs, false),
+            missing_input(&["fin", "close"], &inputs, none),
             Some("close")
         );
-        assert_eq!(missing_input(&["close", "tw-fin@tw"], &inputs, false), None);
+        assert_eq!(missing_input(&["close", "tw-fin@tw"], &inputs, none), None);
+        let tw = Shown {
+            tw: true,
+            close: false,
+        };
         assert_eq!(
-            missing_input(&["close", "tw-fin@tw"], &inputs, true),
+            missing_input(&["close", "tw-fin@tw"], &inputs, tw),
             Some("tw-fin")
+        );
+        // shutdown() then close() where only tcp_close tells them apart.
+        let script = ["shutdown-rdwr@close", "ack-of-fin", "close@close"];
+        assert_eq!(missing_input(&script, &inputs, none), None);
+        let close = Shown {
+            tw: false,
+            close: true,
+        };
+        assert_eq!(
+            missing_input(&script, &inputs, close),
+            Some("shutdown-rdwr")
         );
     }
 

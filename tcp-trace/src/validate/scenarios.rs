@@ -116,7 +116,7 @@ pub(crate) struct Scenario {
     pub(crate) focus_listener: bool,
     /// Model inputs the focus flow must show, in this order (other inputs may come between).
     /// A `@tw` suffix marks an input at a TIME_WAIT minisocket: visible only with the
-    /// tcp_timewait_state_process hook.
+    /// tcp_timewait_state_process hook; `@close` one only the tcp_close hook tells apart.
     pub(crate) script: &'static [&'static str],
     /// The wire-level check, if any.
     pub(crate) probe: Option<Probe>,
@@ -190,6 +190,39 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         host_sysctls: &[],
         flow_checks: None,
         run: half_close,
+    },
+    Scenario {
+        name: "shutdown-rdwr-then-close",
+        about: "client shutdown(SHUT_RDWR), its FIN ACKed (FIN_WAIT2), then close(): the kernel sets FIN_WAIT2 again and hands over to a FIN_WAIT2 minisocket",
+        focus: Side::Client,
+        focus_listener: false,
+        // Without tcp_close the close() leaves only FIN_WAIT2 -> FIN_WAIT2, which the judge
+        // does not yet take as evidence: the first FIN may be either call there.
+        script: &[
+            "shutdown-rdwr@close",
+            "ack-of-fin",
+            "close@close",
+            "tw-fin@tw",
+        ],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: shutdown_rdwr_then_close,
+    },
+    Scenario {
+        name: "connect-abandoned",
+        about: "client close() while still SYN_SENT (the server's SYN-ACKs lost): CLOSE without RST, not a connect() timeout",
+        focus: Side::Client,
+        focus_listener: false,
+        script: &["close"],
+        sysctls: &[],
+        probe: None,
+        model: &[],
+        host_sysctls: &[],
+        flow_checks: None,
+        run: connect_abandoned,
     },
     Scenario {
         name: "close-unread",
@@ -818,6 +851,82 @@ fn half_close(ctx: &mut Ctx) -> Result<()> {
     sleep(Duration::from_millis(50));
     drop(c);
     join(server)
+}
+
+fn shutdown_rdwr_then_close(ctx: &mut Ctx) -> Result<()> {
+    let (go_tx, server) = serve_then_close(ctx.lab)?;
+    let (c, _) = request_and_response(ctx)?;
+    c.shutdown(Shutdown::Both)?;
+    let fin_wait2 = wait_state(&c, TCP_FIN_WAIT2, Duration::from_secs(2))?;
+    ctx.notes.checks.push((
+        "after SHUT_RDWR the client's FIN was ACKed (FIN_WAIT2) before close()".into(),
+        fin_wait2 == TCP_FIN_WAIT2,
+    ));
+    drop(c);
+    sleep(SETTLE);
+    go_tx.send(())?;
+    join(server)
+}
+
+fn connect_abandoned(ctx: &mut Ctx) -> Result<()> {
+    const TCP_SYN_SENT: u8 = 2;
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = serve(ctx.lab, move |_l| {
+        go_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(())
+    })?;
+    let (to, from) = (
+        ctx.lab.server_addr(),
+        SocketAddrV4::new(ctx.lab.client_ip, 0),
+    );
+    // Bound first, so that the server's SYN-ACKs to this port can be dropped.
+    let c = ctx.lab.client.run(move || {
+        // SAFETY: plain socket calls; the fd is owned by the TcpStream.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+            let sin = sockaddr(from);
+            if libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16) != 0 {
+                bail!("bind {from}: {}", std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        }
+    })?;
+    ctx.notes.client_port = local_port(&c);
+    ctx.drop_next(DropRule {
+        remaining: 1000,
+        sport: SERVER_PORT,
+        dport: ctx.notes.client_port,
+        flags_set: tcp_flag::SYN | tcp_flag::ACK,
+        ..Default::default()
+    })?;
+    let sin = sockaddr(to);
+    // SAFETY: a valid sockaddr_in on an fd the stream owns; non-blocking, so EINPROGRESS.
+    let rc = unsafe { libc::connect(c.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), 16) };
+    let err = std::io::Error::last_os_error();
+    if rc == 0 || err.raw_os_error() != Some(libc::EINPROGRESS) {
+        bail!("non-blocking connect {to}: expected EINPROGRESS, got {err}");
+    }
+    // Well inside the first SYN retransmission timeout (1 s): no timeout can be the cause.
+    sleep(Duration::from_millis(200));
+    let state = tcp_state(&c)?;
+    drop(c);
+    sleep(SETTLE);
+    let dropped = ctx.dropped()?;
+    ctx.dropper.clear()?;
+    go_tx.send(())?;
+    join(server)?;
+    ctx.notes
+        .wire
+        .push(format!("{dropped} SYN-ACK(s) dropped before close()"));
+    ctx.notes.checks.push((
+        "the client was still SYN_SENT when it closed (its SYN-ACKs dropped)".into(),
+        state == TCP_SYN_SENT && dropped >= 1,
+    ));
+    Ok(())
 }
 
 fn client_reads_until_reset(ctx: &mut Ctx, c: &mut TcpStream) {

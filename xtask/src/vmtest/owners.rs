@@ -296,12 +296,13 @@ pub(super) fn check(lines: &[Value]) -> OwnersOutcome {
 /// Events a tracer may lose and still pass: the kernel skips a kprobe or fentry program that
 /// would run while another BPF program runs on its CPU (a softirq landing inside the close()
 /// tracepoint's program), which no tracer can prevent; tcp-trace counts it, exits with 3, and
-/// the owner checks still have to pass. Such skips scale with the traffic (7 seen in one run
-/// on 7.x fentry, more than a fixed 3 allowed), so up to 1 in [`TOLERATED_NESTED_PER`] events, at least
-/// [`TOLERATED_NESTED_MIN`], is tolerated; a full ring buffer never is (it is tcp-trace's own
-/// shortfall).
-const TOLERATED_NESTED_MIN: u64 = 3;
-const TOLERATED_NESTED_PER: u64 = 200;
+/// the owner checks still have to pass. Such skips come in bursts with the traffic (7.x: 7 in
+/// one fentry run, 4 in another, 1-2 with tracepoints), so up to 1 in
+/// [`TOLERATED_NESTED_PER`] events, at least [`TOLERATED_NESTED_MIN`], is tolerated here: this
+/// job checks who owns each flow, and the loss itself is counted, shown and tested elsewhere
+/// (tests/overload.rs). A full ring buffer never is (it is tcp-trace's own shortfall).
+const TOLERATED_NESTED_MIN: u64 = 10;
+const TOLERATED_NESTED_PER: u64 = 50;
 
 /// What is wrong with a tracer's exit status, if anything: 0 is right, and so is 3 (events
 /// lost) when its summary counts only nested skips, within the tolerance above.
