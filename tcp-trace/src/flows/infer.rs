@@ -67,6 +67,8 @@ const NO_CLOSE_DETAILS: &str = "tcp_close details (unread, SO_LINGER) not captur
 const LISTENER_CHILD: &str = "an un-accepted child reset by its listener's close() \
      (inet_csk_listen_stop() -> tcp_disconnect(), like close() with SO_LINGER 0)";
 
+const TWIN_CHILD: &str = "a child that lost its handshake to a twin on another CPU (the \
+     kernel destroys it at once; seen under qemu when a SYN or ACK is retransmitted)";
 const DISCONNECT: &str = "connect(AF_UNSPEC) (tcp_disconnect() without close()): told from an \
      abortive close() by the socket outliving it";
 
@@ -330,6 +332,13 @@ fn set_state(
     let unsent = sock.is_some_and(|s| s.unsent);
     let unseen = Some(UNSEEN_CLOSE);
     match (from, to) {
+        // close() of a socket whose FIN shutdown() already sent: tcp_close_state() sets the
+        // same state again. The application held it, so that earlier FIN was not a close().
+        (FinWait1, FinWait1) | (FinWait2, FinWait2) | (Closing, Closing) | (LastAck, LastAck) => {
+            c.push(&[Close], None);
+            c.push(&[CloseLinger], None);
+            c.push(&[MemoryPressure], None);
+        }
         (Established | SynRecv, FinWait1) | (CloseWait, LastAck) => {
             if app_may_close {
                 c.push(&[Close], Some(CLOSE_OR_SHUTDOWN));
@@ -440,6 +449,9 @@ fn set_state(
         && sock.is_some_and(|s| !s.orphan)
     {
         c.push_silent(&[CloseLinger0], LISTENER_CHILD);
+    }
+    if from == SynRecv && to == CLOSED && sock.is_some_and(|s| !s.orphan) {
+        c.push(&[ChildLostRace], Some(TWIN_CHILD));
     }
     // connect(AF_UNSPEC): tcp_disconnect() with no close(), so the socket is not destroyed
     // after it (the application keeps it, and may connect() again).

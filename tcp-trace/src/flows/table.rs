@@ -1062,7 +1062,11 @@ impl FlowTable {
                     judgement.verdict
                 ),
             }
-        } else if let Some(gap) = flow.gap.as_ref().filter(|_| judgement.verdict.diverges()) {
+        } else if let Some(gap) = flow
+            .gap
+            .as_ref()
+            .filter(|_| !matches!(judgement.verdict, Verdict::Conforms { .. }))
+        {
             Verdict::Incomplete {
                 missing: Vec::new(),
                 reason: format!(

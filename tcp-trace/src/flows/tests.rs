@@ -1458,3 +1458,26 @@ fn disconnect_keeps_the_socket_and_a_reconnect_is_a_new_flow() {
         assert_eq!(second.end, FlowEnd::Destroyed);
     }
 }
+
+#[test]
+fn a_child_that_lost_its_handshake_to_a_twin_is_destroyed_without_close() {
+    // Seen in the VM matrix (5.10 and 6.1, kprobe): the same handshake completed on two CPUs;
+    // tcp_v4_syn_recv_sock() destroyed the losing child at once, while the winner lived on.
+    let child_early = End {
+        pid: 200,
+        ..End::new(0x52, "127.0.0.1:5599", "0.0.0.0:0")
+    };
+    let loser = End {
+        pid: 200,
+        ..End::new(0x52, "127.0.0.1:5599", "127.0.0.1:35900")
+    };
+    let events = vec![
+        child_early.set(0, "LISTEN", "SYN_RECV"),
+        loser.set(655, "SYN_RECV", "CLOSE"),
+        loser.destroy(932),
+    ];
+    let r = run(config(HookSet::all()), events);
+    assert_eq!(r.len(), 1, "{r:#?}");
+    assert_conforms(&r[0]);
+    assert_eq!(inputs(&r[0]), ["child-lost-race"]);
+}

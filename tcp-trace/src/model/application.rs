@@ -111,7 +111,11 @@ fn tcp_close_state(cx: &mut Ctx) -> bool {
         ),
         Close | Listen | TimeWait | NewSynRecv => (Close, false, "nothing to close"),
     };
-    cx.set_state(to);
+    if to == from {
+        cx.restate();
+    } else {
+        cx.set_state(to);
+    }
     cx.rule(format!(
         "tcp_close_state(): new_state[{from}] = {to}{} ({why})",
         if send_fin { " + FIN" } else { "" }

@@ -42,6 +42,7 @@ pub enum Input {
     FinWithoutAck,
     DataAckingFin,
     DataOutOfWindow,
+    ChildLostRace,
     // Segments as a TIME_WAIT minisocket sees them.
     TwSyn,
     TwSynOld,
@@ -281,6 +282,13 @@ pub(crate) const INPUTS: &[InputInfo] = {
             "data beyond rcv_nxt + the receive window: a duplicate ACK, and dropped (even by an orphan, which resets on in-window data)",
         ),
         info(
+            ChildLostRace,
+            "child-lost-race",
+            &["twin-child"],
+            Peer,
+            "a listener's new child loses the race to take its request (the handshake completed on two CPUs at once, e.g. a retransmitted ACK): tcp_v4_syn_recv_sock() destroys it, nothing sent",
+        ),
+        info(
             TwSyn,
             "tw-syn",
             &[],
@@ -442,6 +450,7 @@ impl Input {
             FinWithoutAck => Action::Segment(Segment::FinNoAck),
             DataAckingFin => Action::Segment(Segment::DataAckingFin),
             DataOutOfWindow => Action::Segment(Segment::DataOutOfWindow),
+            ChildLostRace => Action::ChildLostRace,
             TwSyn => Action::TimeWaitSegment(TwSegment::Syn),
             TwSynOld => Action::TimeWaitSegment(TwSegment::OldSyn),
             TwAck => Action::TimeWaitSegment(TwSegment::BareAck),
@@ -650,6 +659,7 @@ pub(crate) enum Action {
     Write,
     Segment(Segment),
     TimeWaitSegment(TwSegment),
+    ChildLostRace,
     FinWait2Timeout,
     TwExpire,
     OrphanRetriesExhausted,

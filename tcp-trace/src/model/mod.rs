@@ -163,6 +163,7 @@ fn socket_input(sock: &Sock, input: Input, p: &ModelParams) -> Outcome {
                 sock.state
             ),
         ),
+        Action::ChildLostRace => receive::tcp_v4_syn_recv_sock_lost_race(sock, p),
         Action::FinWait2Timeout => timers::tcp_keepalive_timer(sock, p),
         Action::OrphanRetriesExhausted => timers::tcp_write_timeout(sock, p),
         Action::OrphanOutOfResources => timers::tcp_out_of_resources(sock, p),
@@ -222,6 +223,7 @@ fn time_wait_input(tw: &TimeWaitSock, input: Input, p: &ModelParams) -> Outcome 
             &here,
             "a minisocket retransmits nothing; only its own timer runs",
         ),
+        Action::ChildLostRace => Outcome::not_applicable(&here, "not a listener's new child"),
     }
 }
 
@@ -245,6 +247,7 @@ fn freed_input(input: Input, p: &ModelParams) -> Outcome {
         | Action::Read
         | Action::Write
         | Action::FinWait2Timeout
+        | Action::ChildLostRace
         | Action::TwExpire
         | Action::OrphanRetriesExhausted
         | Action::OrphanOutOfResources

@@ -407,6 +407,8 @@ pub(crate) enum KernelFunction {
     TcpOutOfResources,
     #[serde(rename = "tw_timer_handler")]
     TwTimerHandler,
+    #[serde(rename = "tcp_v4_syn_recv_sock")]
+    TcpV4SynRecvSock,
 }
 
 impl KernelFunction {
@@ -426,6 +428,7 @@ impl KernelFunction {
             KernelFunction::TcpValidateIncoming => "tcp_validate_incoming",
             KernelFunction::TcpRcvSynsentStateProcess => "tcp_rcv_synsent_state_process",
             KernelFunction::TcpV4Rcv => "tcp_v4_rcv",
+            KernelFunction::TcpV4SynRecvSock => "tcp_v4_syn_recv_sock",
             KernelFunction::TcpTimewaitStateProcess => "tcp_timewait_state_process",
             KernelFunction::TcpKeepaliveTimer => "tcp_keepalive_timer",
             KernelFunction::TcpWriteTimeout => "tcp_write_timeout",

@@ -455,6 +455,29 @@ pub(crate) fn tcp_ack_of_data(sock: &Sock, p: &ModelParams) -> Outcome {
 /// tcp_v4_rcv() when no socket owns the 4-tuple any more (a CLOSE socket is unhashed). (Not in
 /// the teardown doc.) The RST belongs to no traced socket; a listener on the port, if any, would
 /// answer instead.
+/// tcp_v4_syn_recv_sock() with !own_req: another CPU completed the same handshake first and
+/// took the request, so this new child goes: inet_csk_prepare_forced_close() + tcp_done(),
+/// SYN_RECV -> CLOSE and destroyed, with no close() and nothing on the wire.
+pub(crate) fn tcp_v4_syn_recv_sock_lost_race(sock: &Sock, p: &ModelParams) -> Outcome {
+    if sock.state != TcpState::SynRecv {
+        return Outcome::not_applicable(
+            &State::Socket(sock.clone()),
+            format!(
+                "only a listener's new child (SYN_RECV) can lose that race, not {}",
+                sock.state
+            ),
+        );
+    }
+    let mut cx = Ctx::new(sock, p, KernelFunction::TcpV4SynRecvSock);
+    cx.set_state(TcpState::Close);
+    cx.destroy();
+    cx.rule(
+        "tcp_v4_syn_recv_sock(): !own_req (the request went to a twin child on another CPU) -> \
+         inet_csk_prepare_forced_close() + tcp_done(): CLOSE, destroyed, nothing sent",
+    );
+    cx.finish()
+}
+
 pub(crate) fn tcp_v4_rcv_no_socket(here: &State, rst: bool, p: &ModelParams) -> Outcome {
     if rst {
         return Outcome::new(

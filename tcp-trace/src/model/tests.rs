@@ -1362,3 +1362,19 @@ fn an_old_syn_at_time_wait_is_acked_not_a_new_incarnation() {
         assert_ne!(new.outcome.tw_status, s.outcome.tw_status);
     }
 }
+
+#[test]
+fn only_a_new_child_can_lose_its_handshake_to_a_twin() {
+    let p = kernel(6, 1);
+    let s = step(&p, &state("syn-recv"), Input::ChildLostRace);
+    assert!(s.outcome.applicable);
+    assert!(s.outcome.wire.is_empty());
+    assert!(s.outcome.counters.is_empty());
+    assert_eq!(*s.to(), State::Freed);
+    assert_eq!(s.outcome.decided_by, Some(KernelFunction::TcpV4SynRecvSock));
+    assert!(
+        !step(&p, &State::established(), Input::ChildLostRace)
+            .outcome
+            .applicable
+    );
+}
