@@ -47,6 +47,8 @@ pub struct LiveOptions {
     pub cgroups: Vec<std::path::PathBuf>,
     /// `--netns PATH`: only sockets in this network namespace.
     pub netns: Vec<std::path::PathBuf>,
+    /// `record --empty-programs` (hidden): programs that return at entry, for the bench's floor.
+    pub empty_programs: bool,
 }
 
 /// The `--cgroup` and `--netns` arguments, resolved: errors name the argument and the fix.
@@ -235,6 +237,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             netns: netns.clone(),
             kernel_log: opts.kernel_log,
             buffer_size: opts.buffer_size,
+            empty_programs: opts.empty_programs,
         },
     )?;
     // The hooks went live one after another, up to now.
