@@ -85,6 +85,21 @@ macro_rules! conf {
     };
 }
 
+/// Non-zero: every program returns at entry (`tcp-trace record --empty-programs`, the bench's
+/// floor row: the cost of the hooks themselves). Read-only and frozen like `CONFIG`, so the
+/// verifier sees a constant and prunes one side: the body, or the early return.
+#[unsafe(no_mangle)]
+static FLOOR: u8 = 0;
+
+/// Returns 0 from the program at once when `FLOOR` is set.
+macro_rules! floor {
+    () => {
+        if unsafe { core::ptr::read_volatile(&raw const FLOOR) } != 0 {
+            return 0;
+        }
+    };
+}
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 /// Events that did not fit in `EVENTS`, per CPU.
@@ -767,18 +782,21 @@ fn parg(ctx: &ProbeContext, n: usize) -> u64 {
 
 #[kprobe]
 pub fn kprobe_tcp_close(ctx: ProbeContext) -> u32 {
+    floor!();
     on_tcp_close(&ctx, parg(&ctx, 0), parg(&ctx, 1) as i64);
     0
 }
 
 #[kprobe]
 pub fn kprobe_tcp_fin(ctx: ProbeContext) -> u32 {
+    floor!();
     on_plain(hook::TCP_FIN, parg(&ctx, 0));
     0
 }
 
 #[kprobe]
 pub fn kprobe_tcp_send_fin(ctx: ProbeContext) -> u32 {
+    floor!();
     on_send_fin(parg(&ctx, 0));
     0
 }
@@ -797,6 +815,7 @@ fn active_reset_reason(arg: impl Fn(usize) -> u64) -> Option<u32> {
 
 #[kprobe]
 pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
+    floor!();
     // Registers are read at constant offsets first: the verifier refuses a context access at an
     // offset chosen at run time, which a match over `parg(n)` can compile into.
     let regs = [parg(&ctx, 1), parg(&ctx, 2), parg(&ctx, 3)];
@@ -811,18 +830,21 @@ pub fn kprobe_tcp_send_active_reset(ctx: ProbeContext) -> u32 {
 
 #[kprobe]
 pub fn kprobe_tcp_time_wait(ctx: ProbeContext) -> u32 {
+    floor!();
     on_time_wait(parg(&ctx, 0), parg(&ctx, 1) as i32, parg(&ctx, 2) as i32);
     0
 }
 
 #[kprobe]
 pub fn kprobe_tcp_timewait_state_process(ctx: ProbeContext) -> u32 {
+    floor!();
     on_tw_process(parg(&ctx, 0), parg(&ctx, 1), parg(&ctx, 2));
     0
 }
 
 #[kretprobe]
 pub fn kretprobe_tcp_timewait_state_process(ctx: RetProbeContext) -> u32 {
+    floor!();
     let tw = TW_ARG.get(0).copied().unwrap_or(0);
     on_tw_process_ret(tw, ctx.ret::<i64>() as i32);
     0
@@ -832,18 +854,21 @@ pub fn kretprobe_tcp_timewait_state_process(ctx: RetProbeContext) -> u32 {
 
 #[fentry(function = "tcp_close")]
 pub fn fentry_tcp_close(ctx: FEntryContext) -> u32 {
+    floor!();
     on_tcp_close(&ctx, ctx.arg::<u64>(0), ctx.arg::<i64>(1));
     0
 }
 
 #[fentry(function = "tcp_fin")]
 pub fn fentry_tcp_fin(ctx: FEntryContext) -> u32 {
+    floor!();
     on_plain(hook::TCP_FIN, ctx.arg::<u64>(0));
     0
 }
 
 #[fentry(function = "tcp_send_fin")]
 pub fn fentry_tcp_send_fin(ctx: FEntryContext) -> u32 {
+    floor!();
     on_send_fin(ctx.arg::<u64>(0));
     0
 }
@@ -860,36 +885,42 @@ fn ctx_slot<const N: usize>(ctx: &impl EbpfContext) -> u64 {
 // into a load from a computed context address, which the verifier refuses.
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset(ctx: FEntryContext) -> u32 {
+    floor!();
     on_active_reset(ctx.arg::<u64>(0), None);
     0
 }
 
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset_r2(ctx: FEntryContext) -> u32 {
+    floor!();
     on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<1>(&ctx) as u32));
     0
 }
 
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset_r3(ctx: FEntryContext) -> u32 {
+    floor!();
     on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<2>(&ctx) as u32));
     0
 }
 
 #[fentry(function = "tcp_send_active_reset")]
 pub fn fentry_tcp_send_active_reset_r4(ctx: FEntryContext) -> u32 {
+    floor!();
     on_active_reset(ctx.arg::<u64>(0), Some(ctx_slot::<3>(&ctx) as u32));
     0
 }
 
 #[fentry(function = "tcp_time_wait")]
 pub fn fentry_tcp_time_wait(ctx: FEntryContext) -> u32 {
+    floor!();
     on_time_wait(ctx.arg::<u64>(0), ctx.arg::<i32>(1), ctx.arg::<i32>(2));
     0
 }
 
 #[fentry(function = "tcp_timewait_state_process")]
 pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
+    floor!();
     on_tw_process(ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2));
     0
 }
@@ -899,18 +930,21 @@ pub fn fentry_tcp_timewait_state_process(ctx: FEntryContext) -> u32 {
 // Read there, not with bpf_get_func_ret(), which kernels before 5.17 (5.10) lack.
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process(ctx: FExitContext) -> u32 {
+    floor!();
     on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<3>(&ctx) as i32);
     0
 }
 
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process4(ctx: FExitContext) -> u32 {
+    floor!();
     on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<4>(&ctx) as i32);
     0
 }
 
 #[fexit(function = "tcp_timewait_state_process")]
 pub fn fexit_tcp_timewait_state_process5(ctx: FExitContext) -> u32 {
+    floor!();
     on_tw_process_ret(ctx.arg::<u64>(0), ctx_slot::<5>(&ctx) as i32);
     0
 }
@@ -926,12 +960,14 @@ macro_rules! tracepoint_pair {
     ($btf:ident, $raw:ident, $tp:literal, $body:path) => {
         #[btf_tracepoint(function = $tp)]
         pub fn $btf(ctx: BtfTracePointContext) -> u32 {
+            floor!();
             $body(&ctx);
             0
         }
 
         #[raw_tracepoint(tracepoint = $tp)]
         pub fn $raw(ctx: RawTracePointContext) -> u32 {
+            floor!();
             $body(&ctx);
             0
         }
@@ -1049,6 +1085,7 @@ fn last_reference(file: u64) -> Option<bool> {
 /// sender after SCM_RIGHTS) leaves it with a provisional owner until the next holder shows.
 #[tracepoint(category = "syscalls", name = "sys_enter_close")]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    floor!();
     // struct trace_event_raw_sys_enter: common header (8), __syscall_nr (4, padded), args[6].
     let fd = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(u64::MAX);
     let Some((sk, file)) = tcp_sock_of_fd(fd) else {
@@ -1073,6 +1110,7 @@ const NR_CLOSE: u64 = 3;
 /// every syscall on the host, so the loader uses it only where the other one does not load.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn raw_tp_sys_enter_close(ctx: RawTracePointContext) -> u32 {
+    floor!();
     if tp_arg(&ctx, 1) != NR_CLOSE {
         return 0;
     }
@@ -1130,6 +1168,7 @@ const BPF_F_USER_STACK: u64 = 1 << 8;
 
 #[tracepoint(category = "syscalls", name = "sys_exit_close")]
 pub fn sys_exit_close(_ctx: TracePointContext) -> u32 {
+    floor!();
     // Not removed: before 6.8 the socket's teardown (the last fput) runs just after this, on the
     // way back to user space. Events within CLOSE_TASK_WORK_NS still belong to this close().
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -1173,24 +1212,28 @@ fn on_accept_exit(ctx: &TracePointContext) {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
 pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    floor!();
     on_accept_enter(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    floor!();
     on_accept_exit(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_accept")]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    floor!();
     on_accept_enter(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    floor!();
     on_accept_exit(&ctx);
     0
 }
@@ -1202,6 +1245,7 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// the loader picks the program from BTF.
 #[fexit(function = "inet_csk_accept")]
 pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
+    floor!();
     let child = ctx_slot::<2>(&ctx);
     if child != 0 {
         learn_owner(child);
@@ -1211,6 +1255,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
 
 #[fexit(function = "inet_csk_accept")]
 pub fn fexit_inet_csk_accept4(ctx: FExitContext) -> u32 {
+    floor!();
     let child = ctx_slot::<4>(&ctx);
     if child != 0 {
         learn_owner(child);
@@ -1220,6 +1265,7 @@ pub fn fexit_inet_csk_accept4(ctx: FExitContext) -> u32 {
 
 #[kretprobe]
 pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
+    floor!();
     let child = ctx.ret::<u64>();
     if child != 0 {
         learn_owner(child);

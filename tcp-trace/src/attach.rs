@@ -123,6 +123,8 @@ pub(crate) struct AttachOptions {
     /// Size of the EVENTS ring buffer in bytes (`--buffer-size`): a power of two and a multiple
     /// of the page size (see [`parse_buffer_size`]).
     pub(crate) buffer_size: u32,
+    /// Every program returns at entry (`FLOOR`): the hooks' own cost, for the bench's floor row.
+    pub(crate) empty_programs: bool,
 }
 
 /// The EVENTS ring buffer's size when `--buffer-size` is not given.
@@ -457,6 +459,7 @@ pub(crate) fn attach(facts: &KernelFacts, opts: &AttachOptions) -> Result<Attach
         .btf(Some(&btf))
         .override_global("CONFIG", &config, true)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .override_global("FLOOR", &u8::from(opts.empty_programs), true)
         .map_max_entries("EVENTS", opts.buffer_size)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) failed")?;

@@ -23,6 +23,7 @@ pub(crate) mod owners;
 pub mod peer;
 pub mod pipeline;
 pub(crate) mod progstats;
+pub(crate) mod reader;
 pub mod record;
 pub mod replay;
 pub mod report;

@@ -1,5 +1,6 @@
-//! The live tracer: check the system, attach, stream the ring buffer with tokio, attribute and
-//! print events, and on Ctrl-C / SIGTERM / --duration detach and print the summary.
+//! The live tracer: check the system, attach, read the ring buffer on a thread of its own
+//! ([`crate::reader`]), attribute and print events on this one, and on Ctrl-C / SIGTERM /
+//! --duration detach and print the summary.
 
 use std::{io::Write, time::Duration};
 
@@ -7,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use serde_json::json;
 use tcp_trace_common::AnyHook;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tokio::signal::unix::SignalKind;
 
 use crate::{
     attach::{self, AttachOptions, Attached, Backend, HookStatus},
@@ -16,6 +17,7 @@ use crate::{
     kernel::netns_sysctls::NetnsSysctls,
     kernel::{self, btf::KernelBtf, btf::KernelFacts},
     pipeline::{self, Pipeline},
+    reader::{self, Batch, Cmd, Lost, Msg},
     record::{Filters, NetnsSettings, RecordHeader, RecordWriter},
     report::{self, ReportOptions, ResetsView, View, metrics::Metrics, output::Output},
     resets::counters::CounterRun,
@@ -47,6 +49,8 @@ pub struct LiveOptions {
     pub cgroups: Vec<std::path::PathBuf>,
     /// `--netns PATH`: only sockets in this network namespace.
     pub netns: Vec<std::path::PathBuf>,
+    /// `record --empty-programs` (hidden): programs that return at entry, for the bench's floor.
+    pub empty_programs: bool,
 }
 
 /// The `--cgroup` and `--netns` arguments, resolved: errors name the argument and the fix.
@@ -169,44 +173,6 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-/// Events lost so far, by cause: the ring buffer was full, or a program did not run because
-/// another was running on its CPU (the kernel's recursion misses, 5.12+).
-#[derive(Clone, Copy, Default)]
-struct Lost {
-    ring_full: u64,
-    recursion: u64,
-}
-
-impl Lost {
-    fn read(dropped: &PerCpuArray<MapData, u64>, ebpf: &aya::Ebpf) -> Self {
-        Self {
-            ring_full: dropped
-                .get(&0, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or_default(),
-            recursion: crate::progstats::total_recursion_misses(ebpf),
-        }
-    }
-
-    fn total(self) -> u64 {
-        self.ring_full + self.recursion
-    }
-}
-
-impl std::fmt::Display for Lost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} lost", self.total())?;
-        if self.total() > 0 {
-            write!(
-                f,
-                " ({} ring buffer full, {} skipped as programs nested)",
-                self.ring_full, self.recursion
-            )?;
-        }
-        Ok(())
-    }
-}
-
 /// Runs the live trace (or, with `record`, writes the raw events to a file). Returns the
 /// process exit status.
 pub async fn run(opts: LiveOptions) -> Result<u8> {
@@ -235,6 +201,7 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
             netns: netns.clone(),
             kernel_log: opts.kernel_log,
             buffer_size: opts.buffer_size,
+            empty_programs: opts.empty_programs,
         },
     )?;
     // The hooks went live one after another, up to now.
@@ -361,25 +328,26 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     sink.set_metrics(metrics.clone());
     let dropped: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(ebpf.take_map("DROPPED").context("map DROPPED missing")?)?;
-    // SAFETY: the ring buffer owns its fd and outlives the registration (both live until the
-    // end of this function, and the AsyncFd is dropped first).
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    // Only attached programs are loaded (a failed attach unloads): theirs are the recursion
+    // misses to read.
+    let programs = ebpf
+        .programs()
+        .filter_map(|(_, p)| p.fd().ok()?.try_clone().ok())
+        .collect();
+    let mut reader = reader::spawn(ring, dropped, programs)?;
     match &opts.record {
         Some(p) => eprintln!("tcp-trace: recording to {}; Ctrl-C to stop", p.display()),
         None => eprintln!("tcp-trace: tracing; Ctrl-C to stop"),
     }
 
-    // The lost counter as last read, and when: read on every drain tick, warned about once a
-    // second at most.
+    // The lost counter as last read, and when: read by the reader on every tick, warned about
+    // once a second at most.
     let mut lost_check = LostCheck {
         ts_ns: clock::now_ns(libc::CLOCK_MONOTONIC),
         total: 0,
     };
     let mut lost_warned = 0u64;
     let mut last_lost = Lost::default();
-    // The programs wake us only when a lot is pending; a short tick drains the rest.
-    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     let mut lost_tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -392,24 +360,36 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
     };
     tokio::pin!(deadline);
     let started = std::time::Instant::now();
+    // What the reader sends, handled in its order: records, then each lost reading and the tick
+    // that releases ended flows (so each flow is judged knowing whether events were lost during
+    // its life, and each reset diagnosed knowing it too).
+    let mut handle = |msg: Msg, sink: &mut Sink, last_lost: &mut Lost| -> Result<()> {
+        match msg {
+            Msg::Batch(batch) => sink.drain(&batch)?,
+            Msg::Tick { ts_ns, lost } => {
+                *last_lost = lost;
+                sink.check_lost(&mut lost_check, lost.total(), ts_ns)?;
+                sink.tick(ts_ns)?;
+                if let Some(l) = logger.as_mut() {
+                    l.flush();
+                }
+            }
+            Msg::Flushed => {}
+        }
+        Ok(())
+    };
 
+    let mut reader_ended = false;
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                sink.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-            }
-            _ = drain_tick.tick() => {
-                sink.drain(ring.get_mut())?;
-                // The lost counter is read before ended flows are released (100 ms after their
-                // end, every 50 ms here), so each flow is judged knowing whether events were
-                // lost during its life, and each reset diagnosed knowing it too.
-                last_lost = Lost::read(&dropped, &ebpf);
-                sink.check_lost(&mut lost_check, last_lost.total())?;
-                sink.tick(clock::now_ns(libc::CLOCK_MONOTONIC))?;
-                if let Some(l) = logger.as_mut() { l.flush(); }
-            }
+            msg = reader.msgs.recv() => match msg {
+                Some(msg) => handle(msg, &mut sink, &mut last_lost)?,
+                // The reader failed: its error is taken below.
+                None => {
+                    reader_ended = true;
+                    break;
+                }
+            },
             _ = lost_tick.tick() => {
                 // Cgroups made below a filtered one since the last tick (a new container of
                 // a pod): the kernel keeps their sockets from now on.
@@ -442,20 +422,38 @@ pub async fn run(opts: LiveOptions) -> Result<u8> {
         }
     }
     // Take what is still buffered, then detach (dropping the Ebpf detaches every program).
-    sink.drain(ring.get_mut())?;
-    if let Some(run) = counters.as_mut() {
-        run.finish(|| clock::now_ns(libc::CLOCK_MONOTONIC));
-        if let Sink::Print(p) = &mut sink {
-            p.resets_mut().set_count_window(run.start_ns, run.end_ns);
+    if !reader_ended {
+        if let Some(run) = counters.as_mut() {
+            // Everything committed before the counters are read is in first.
+            let _ = reader.cmds.send(Cmd::Flush);
+            while let Some(msg) = reader.msgs.recv().await {
+                let flushed = matches!(msg, Msg::Flushed);
+                handle(msg, &mut sink, &mut last_lost)?;
+                if flushed {
+                    break;
+                }
+            }
+            run.finish(|| clock::now_ns(libc::CLOCK_MONOTONIC));
+            if let Sink::Print(p) = &mut sink {
+                p.resets_mut().set_count_window(run.start_ns, run.end_ns);
+            }
         }
-        // Resets committed to the ring while the counters were read.
-        sink.drain(ring.get_mut())?;
+        // The rest, resets committed while the counters were read included, and a last reading
+        // of every lost counter.
+        let _ = reader.cmds.send(Cmd::Stop);
+        while let Some(msg) = reader.msgs.recv().await {
+            handle(msg, &mut sink, &mut last_lost)?;
+        }
     }
-    last_lost = Lost::read(&dropped, &ebpf);
-    sink.check_lost(&mut lost_check, last_lost.total())?;
+    reader
+        .thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ring-buffer reader panicked"))??;
+    if reader_ended {
+        bail!("the ring-buffer reader stopped");
+    }
     let lost = lost_check.total;
     drop(ring_fill);
-    drop(ring);
     drop(ebpf);
     let seconds = started.elapsed().as_secs_f64();
     let mut mismatch_status = 0;
@@ -568,9 +566,9 @@ enum Sink {
 }
 
 impl Sink {
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
-        while let Some(item) = ring.next() {
-            match (decode::parse_raw(&item), &mut *self) {
+    fn drain(&mut self, batch: &Batch) -> Result<()> {
+        for item in batch.records() {
+            match (decode::parse_raw(item), &mut *self) {
                 (Ok(raw), Sink::Print(p)) => p.event(&raw)?,
                 (Ok(raw), Sink::Record(w, m)) => {
                     w.event(&raw)?;
@@ -607,12 +605,11 @@ impl Sink {
         }
     }
 
-    /// Reports a reading of the kernel's lost counter (`total`, now). The pipeline hears every
+    /// Reports a reading of the kernel's lost counter (`total`, at `now`). The pipeline hears every
     /// reading, so that a loss is placed between the last reading without it and this one. A
     /// recording gets that earlier reading and this one when the counter grew: replay then
     /// places the loss in the same interval.
-    fn check_lost(&mut self, last: &mut LostCheck, total: u64) -> Result<()> {
-        let now = clock::now_ns(libc::CLOCK_MONOTONIC);
+    fn check_lost(&mut self, last: &mut LostCheck, total: u64, now: u64) -> Result<()> {
         match self {
             Sink::Print(p) => p.lost(now, total)?,
             Sink::Record(w, _) if total > last.total => {

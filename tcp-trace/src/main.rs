@@ -102,7 +102,12 @@ enum Command {
     Doctor,
     /// Record the raw events (with the kernel facts needed to read them) to a file (-o FILE),
     /// to replay later anywhere, without root. Same filters as the live trace.
-    Record,
+    Record {
+        /// Load and attach the programs as usual, but make each return at entry: records
+        /// nothing; the irreducible cost of the hooks, for `cargo xtask bench`'s floor row.
+        #[arg(long, hide = true)]
+        empty_programs: bool,
+    },
     /// Why connections are reset: one line per RST sent or received (and per silent timeout
     /// abort) with its cause, how sure that is and the evidence; at exit (Ctrl-C or
     /// --duration) a table by process x cause x peer, and a check of the kernel's TcpExt abort
@@ -286,8 +291,8 @@ fn main() -> ExitCode {
         Some(Command::Peer(cmd)) => peer::run(cmd),
         Some(Command::Assets { out }) => write_assets(&out),
         Some(Command::Model(args)) => run_model(args, cli.trace.json),
-        Some(Command::Record) => match cli.trace.output.clone() {
-            Some(output) => run_live(cli.trace, Some(output), None),
+        Some(Command::Record { empty_programs }) => match cli.trace.output.clone() {
+            Some(output) => run_live(cli.trace, Some(output), None, empty_programs),
             None => {
                 eprintln!("tcp-trace: error: `record` needs the file to write: -o FILE");
                 return ExitCode::from(2);
@@ -295,7 +300,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Resets) => {
             let netns = cli.trace.netns.clone();
-            run_live(cli.trace, None, Some(ResetsOptions { netns }))
+            run_live(cli.trace, None, Some(ResetsOptions { netns }), false)
         }
         Some(Command::Replay { file }) => replay::run(
             &file,
@@ -316,7 +321,7 @@ fn main() -> ExitCode {
             owns_machine,
             record_dir,
         }),
-        None => run_live(cli.trace, None, None),
+        None => run_live(cli.trace, None, None, false),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -331,6 +336,7 @@ fn run_live(
     args: TraceArgs,
     record: Option<std::path::PathBuf>,
     resets: Option<ResetsOptions>,
+    empty_programs: bool,
 ) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -353,5 +359,6 @@ fn run_live(
         output: if record.is_some() { None } else { args.output },
         cgroups: args.cgroups,
         netns: args.netns,
+        empty_programs,
     }))
 }

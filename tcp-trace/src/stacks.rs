@@ -1,7 +1,10 @@
 //! User call stacks of close(): the kernel side records them (syscalls:sys_enter_close, opt-in)
 //! by frame pointers into a stack-trace map; here they are read back and symbolized to function
 //! and file:line with blazesym, from the process's own mappings and debug info. That has to
-//! happen while the process still exists, so it is done as the event arrives.
+//! happen while the process still exists, so it is done as the event arrives: on the pipeline
+//! thread, as it takes the event from the ring-buffer reader (`crate::reader`), never on the
+//! reader itself, which a slow first symbolization (DWARF) would otherwise keep from draining;
+//! each (process, stack, caller) is symbolized once and cached.
 
 use std::collections::HashMap;
 

@@ -550,6 +550,7 @@ pub fn run(opts: ValidateOptions) -> Result<u8> {
             netns: vec![],
             kernel_log: false,
             buffer_size: attach::DEFAULT_BUFFER_SIZE,
+            empty_programs: false,
         },
     )?;
     if !opts.json {

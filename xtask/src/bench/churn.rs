@@ -77,7 +77,15 @@ pub struct Churn {
 impl Churn {
     /// Binds the listeners (127.0.0.1..=DESTINATIONS, ports chosen by the kernel).
     pub fn new() -> Result<Churn> {
-        let listeners = (1..=DESTINATIONS)
+        Churn::on(0)
+    }
+
+    /// The listeners of churn thread `thread`: 127.0.0.(thread x DESTINATIONS + 1) and the next
+    /// DESTINATIONS - 1 addresses, so that two threads share no (source, destination) pair and
+    /// each has the whole ephemeral port range per pair, as a lone thread has.
+    pub fn on(thread: u8) -> Result<Churn> {
+        let first = thread * DESTINATIONS + 1;
+        let listeners = (first..first + DESTINATIONS)
             .map(|i| {
                 let l = TcpListener::bind((Ipv4Addr::new(127, 0, 0, i), 0))
                     .with_context(|| format!("binding a listener on 127.0.0.{i}"))?;
@@ -164,6 +172,66 @@ impl Churn {
     }
 }
 
+/// `churns.len()` churn threads at once, thread `i` on `churns[i]`'s listeners and pinned to CPU
+/// `i` (modulo the CPUs there are): producers of events on as many CPUs, each one connection at a
+/// time as the single-threaded churn. Connections and CPU time are summed, seconds are the
+/// longest thread's.
+pub fn run_parallel(churns: &[Churn], variant: Variant, until: Until) -> Result<ChurnResult> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let barrier = std::sync::Barrier::new(churns.len());
+    let results: Vec<Result<ChurnResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = churns
+            .iter()
+            .enumerate()
+            .map(|(i, churn)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    pin_to_cpu(i % cpus);
+                    barrier.wait();
+                    churn.run(variant, until)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a churn thread panicked"))
+            })
+            .collect()
+    });
+    let mut total = ChurnResult {
+        connections: 0,
+        seconds: 0.0,
+        cpu_seconds: 0.0,
+    };
+    for r in results {
+        total = total.plus(&r?);
+    }
+    Ok(total)
+}
+
+impl ChurnResult {
+    /// Two threads' results as one: their connections and CPU added, the longer duration.
+    pub fn plus(&self, other: &ChurnResult) -> ChurnResult {
+        ChurnResult {
+            connections: self.connections + other.connections,
+            seconds: self.seconds.max(other.seconds),
+            cpu_seconds: self.cpu_seconds + other.cpu_seconds,
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu` (best effort: the run is still valid unpinned, only noisier).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// CPU time (user + system) of the calling thread, seconds.
 pub fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
@@ -189,5 +257,44 @@ mod tests {
             assert_eq!(r.connections, 50, "{v:?}");
             assert!(r.cpu_seconds >= 0.0 && r.seconds > 0.0, "{v:?}: {r:?}");
         }
+    }
+
+    #[test]
+    fn two_threads_churn_on_their_own_listeners() {
+        let churns = [Churn::on(2).unwrap(), Churn::on(3).unwrap()];
+        let addrs: Vec<_> = churns
+            .iter()
+            .flat_map(|c| c.listeners.iter().map(|(_, a)| a.ip()))
+            .collect();
+        let mut unique = addrs.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 2 * DESTINATIONS as usize, "{addrs:?}");
+        let r = run_parallel(&churns, Variant::Clean, Until::Connections(30)).unwrap();
+        assert_eq!(r.connections, 60);
+    }
+
+    #[test]
+    fn results_add_up() {
+        let a = ChurnResult {
+            connections: 10,
+            seconds: 2.0,
+            cpu_seconds: 1.5,
+        };
+        let b = ChurnResult {
+            connections: 30,
+            seconds: 2.5,
+            cpu_seconds: 2.0,
+        };
+        let s = a.plus(&b);
+        assert_eq!(
+            s,
+            ChurnResult {
+                connections: 40,
+                seconds: 2.5,
+                cpu_seconds: 3.5
+            }
+        );
+        assert_eq!(s.rate(), 16.0);
     }
 }

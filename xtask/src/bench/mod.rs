@@ -2,12 +2,16 @@
 //!
 //! 1. Live: a single-threaded loopback churn ([`churn`]; clean and rst-unread variants) under each
 //!    [`Tracer`], `--runs` times, interleaved (run 1 of every combination, then run 2, ...) so
-//!    that drift spreads evenly. Per combination: connections/s (median and min-max), the ratio
-//!    to the bare median, the churn thread's CPU per connection (which includes the eBPF
-//!    programs: they run in its syscalls), the tracer's CPU time and peak RSS, events/s and
-//!    events lost.
+//!    that drift spreads evenly; and the same churn on two threads pinned to the two CPUs (ring
+//!    contention) under the bare, tcp-trace, record and floor rows. Per combination:
+//!    connections/s (median and min-max), the ratio to the bare median and, for tcp-trace's
+//!    rows, to the floor's (the same hooks with empty programs), the churn threads' CPU per
+//!    connection (which includes the eBPF programs: they run in its syscalls), the tracer's CPU
+//!    time and peak RSS, events/s and events lost. Then one churn run per variant is recorded
+//!    with `tcp-trace record -o FILE` for the replay rows.
 //! 2. Offline: synthetic recordings ([`synth`]) replayed on one core: events/s on 1M events per
-//!    output view, `--runs` times; peak RSS on 1M flows, once.
+//!    output view, `--runs` times; peak RSS on 1M flows, once; the real recordings of the churn,
+//!    per output view, `--runs` times.
 //!
 //! Missed targets are reported, not failed on: the numbers are the product.
 //!
@@ -25,7 +29,7 @@ use anyhow::{Context, Result};
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 
 use self::{
-    churn::{Churn, ChurnResult, Until, Variant},
+    churn::{Churn, ChurnResult, Until, Variant, run_parallel},
     offline::{MODES, ReplayRun, Scratch},
     stats::{Spread, thousands},
     synth::Shape,
@@ -130,12 +134,17 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     print_machine(&bins);
 
     let mut live_ok = true;
+    // The real recordings of the churn, made by the live part, replayed by the offline part.
+    let real_dir = Scratch::new("real")?;
+    let mut real = None;
     if !args.skip_live {
-        live_ok = live(&args, &bins, &tracers, &variants)?;
+        let (ok, recorded) = live(&args, &bins, &tracers, &variants, &real_dir.0)?;
+        live_ok = ok;
+        real = Some(recorded);
     }
     let mut replay_ok = true;
     if !args.skip_replay {
-        replay_ok = replay(&args, &bins)?;
+        replay_ok = replay(&args, &bins, real.as_deref())?;
     }
     if !(live_ok && replay_ok) {
         say("some targets were missed: docs/benchmarks.md explains the gaps");
@@ -202,43 +211,133 @@ struct LiveRun {
     tracer: TracerStats,
 }
 
-/// The live part; returns whether tcp-trace met its targets.
+/// A churn variant on one thread or on two (one per CPU: two producers into the ring).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Workload {
+    variant: Variant,
+    threads: u8,
+}
+
+impl Workload {
+    fn name(self) -> String {
+        match self.threads {
+            1 => self.variant.name().to_string(),
+            n => format!("{} x{n}", self.variant.name()),
+        }
+    }
+
+    /// The tracers this workload runs under: all for one thread; for two, the rows that show
+    /// ring contention (bare, the full tool, the eBPF side alone, the floor).
+    fn tracers(self, all: &[Tracer]) -> Vec<Tracer> {
+        const TWO: [Tracer; 4] = [
+            Tracer::None,
+            Tracer::TcpTrace,
+            Tracer::TcpTraceRecord,
+            Tracer::TcpTraceFloor,
+        ];
+        all.iter()
+            .copied()
+            .filter(|t| self.threads == 1 || TWO.contains(t))
+            .collect()
+    }
+}
+
+/// The workloads: every variant on one thread, then every variant on two.
+fn workloads(variants: &[Variant]) -> Vec<Workload> {
+    [1, 2]
+        .into_iter()
+        .flat_map(|threads| {
+            variants
+                .iter()
+                .map(move |&variant| Workload { variant, threads })
+        })
+        .collect()
+}
+
+/// A row's rate against the bare run's and, for tcp-trace's own rows, against the floor's
+/// (the same hooks, programs empty): what tcp-trace costs beyond what attaching costs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ratios {
+    vs_bare: Option<f64>,
+    vs_floor: Option<f64>,
+}
+
+fn ratios(tracer: Tracer, rate: Option<f64>, bare: Option<f64>, floor: Option<f64>) -> Ratios {
+    let over = |d: Option<f64>| match (rate, d) {
+        (Some(r), Some(d)) if d > 0.0 => Some(r / d),
+        _ => None,
+    };
+    Ratios {
+        vs_bare: over(bare),
+        vs_floor: if tracer.is_tcp_trace() {
+            over(floor)
+        } else {
+            None
+        },
+    }
+}
+
+/// `0.826 (-17.4%)`.
+fn show_ratio(r: f64) -> String {
+    format!("{:.3} ({:+.1}%)", r, (r - 1.0) * 100.0)
+}
+
+/// A real recording of the churn (`tcp-trace record -o FILE`), for the replay rows.
+pub(crate) struct RealRecording {
+    variant: Variant,
+    path: PathBuf,
+    events: u64,
+    lost: u64,
+    seconds: f64,
+}
+
+/// The live part; returns whether tcp-trace met its targets, and one real recording per variant
+/// (made in `dir`).
 fn live(
     args: &BenchArgs,
     bins: &Binaries,
     tracers: &[Tracer],
     variants: &[Variant],
-) -> Result<bool> {
+    dir: &std::path::Path,
+) -> Result<(bool, Vec<RealRecording>)> {
     let churn = Churn::new()?;
+    // The two-thread churn: each thread its own listeners (other addresses than `churn`'s).
+    let pair = [Churn::on(1)?, Churn::on(2)?];
     let scratch = Scratch::tmpfs("live")?;
     let seconds = Duration::from_secs_f64(args.seconds);
     say(format!(
-        "live: {} run(s) x {:.1} s of churn per variant and tracer; warming up (20,000 \
-         connections per variant)",
+        "live: {} run(s) x {:.1} s of churn per workload and tracer; warming up (20,000 \
+         connections per variant and thread)",
         args.runs, args.seconds
     ));
     for &v in variants {
         churn.run(v, Until::Connections(20_000))?;
+        run_parallel(&pair, v, Until::Connections(20_000))?;
     }
-    let mut results: BTreeMap<(usize, usize), Vec<LiveRun>> = BTreeMap::new();
+    let loads = workloads(variants);
+    let run_churn = |w: Workload, until: Until| match w.threads {
+        1 => churn.run(w.variant, until),
+        _ => run_parallel(&pair, w.variant, until),
+    };
+    let mut results: BTreeMap<(usize, Tracer), Vec<LiveRun>> = BTreeMap::new();
     for run in 1..=args.runs {
-        for (vi, &variant) in variants.iter().enumerate() {
-            for (ti, &t) in tracers.iter().enumerate() {
+        for (wi, &w) in loads.iter().enumerate() {
+            for t in w.tracers(tracers) {
                 let running = tracer::start(t, bins, &scratch.0)?;
                 if running.is_some() {
                     // Let the tracer settle (its start-up work is not the churn's cost).
                     std::thread::sleep(Duration::from_millis(300));
                 }
-                let churned = churn.run(variant, Until::Elapsed(seconds));
+                let churned = run_churn(w, Until::Elapsed(seconds));
                 let stats = match running {
                     Some(r) => tracer::stop(r)?,
                     None => TracerStats::default(),
                 };
                 let churned = churned?;
                 let mut line = format!(
-                    "run {run}/{}: {:<10} {:<18} {:>7} conn/s",
+                    "run {run}/{}: {:<13} {:<19} {:>7} conn/s",
                     args.runs,
-                    variant.name(),
+                    w.name(),
                     t.label(),
                     thousands(churned.rate()),
                 );
@@ -250,7 +349,7 @@ fn live(
                     );
                 }
                 say(line);
-                results.entry((vi, ti)).or_default().push(LiveRun {
+                results.entry((wi, t)).or_default().push(LiveRun {
                     churn: churned,
                     tracer: stats,
                 });
@@ -261,10 +360,11 @@ fn live(
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
     table.set_header([
-        "variant",
+        "workload",
         "tracer",
         "conn/s median (min-max)",
         "vs bare",
+        "vs floor",
         "churn CPU/conn",
         "tracer CPU s/run",
         "tracer CPU/event",
@@ -274,24 +374,37 @@ fn live(
     ]);
     let mut ok = true;
     let mut notes = Vec::new();
-    for (vi, &variant) in variants.iter().enumerate() {
-        let bare = results
-            .get(&(vi, 0))
-            .and_then(|runs| Spread::of(&runs.iter().map(|r| r.churn.rate()).collect::<Vec<_>>()));
-        for (ti, &t) in tracers.iter().enumerate() {
-            let Some(runs) = results.get(&(vi, ti)) else {
+    for (wi, &w) in loads.iter().enumerate() {
+        let median_rate = |t: Tracer| {
+            results
+                .get(&(wi, t))
+                .and_then(|runs| {
+                    Spread::of(&runs.iter().map(|r| r.churn.rate()).collect::<Vec<_>>())
+                })
+                .map(|s| s.median)
+        };
+        let bare = median_rate(Tracer::None);
+        let floor = median_rate(Tracer::TcpTraceFloor);
+        let median_cpu = |t: Tracer| {
+            results.get(&(wi, t)).and_then(|runs| {
+                Spread::of(
+                    &runs
+                        .iter()
+                        .map(|r| r.churn.cpu_seconds / r.churn.connections.max(1) as f64 * 1e6)
+                        .collect::<Vec<_>>(),
+                )
+            })
+        };
+        for t in w.tracers(tracers) {
+            let Some(runs) = results.get(&(wi, t)) else {
                 continue;
             };
             let of = |f: &dyn Fn(&LiveRun) -> Option<f64>| {
                 Spread::of(&runs.iter().filter_map(f).collect::<Vec<_>>())
             };
             let rate = of(&|r| Some(r.churn.rate()));
-            let per_conn =
-                of(&|r| Some(r.churn.cpu_seconds / r.churn.connections.max(1) as f64 * 1e6));
-            let ratio = match (rate, bare) {
-                (Some(r), Some(b)) if b.median > 0.0 => Some(r.median / b.median),
-                _ => None,
-            };
+            let per_conn = median_cpu(t);
+            let ratio = ratios(t, rate.map(|s| s.median), bare, floor);
             let events = of(&|r| r.tracer.events.map(|e| e as f64 / r.churn.seconds));
             let lost: Option<u64> = runs.iter().map(|r| r.tracer.lost).sum();
             let cpu = of(&|r| Some(r.tracer.cpu_seconds));
@@ -304,12 +417,11 @@ fn live(
             let rss = of(&|r| Some(r.tracer.max_rss_kib as f64 / 1024.0));
             let is_tracer = t != Tracer::None;
             table.add_row(vec![
-                variant.name().to_string(),
+                w.name(),
                 t.label().to_string(),
                 rate.map(|s| s.show(thousands)).unwrap_or_default(),
-                ratio
-                    .map(|r| format!("{:.3} ({:+.1}%)", r, (r - 1.0) * 100.0))
-                    .unwrap_or_default(),
+                ratio.vs_bare.map(show_ratio).unwrap_or_default(),
+                ratio.vs_floor.map(show_ratio).unwrap_or_else(|| "-".into()),
                 per_conn
                     .map(|s| format!("{:.1} us", s.median))
                     .unwrap_or_default(),
@@ -332,14 +444,26 @@ fn live(
                     "-".into()
                 },
             ]);
-            if t == Tracer::TcpTrace {
-                if let Some(r) = ratio
+            if t == Tracer::TcpTraceFloor
+                && let (Some(f), Some(b)) = (median_cpu(t), median_cpu(Tracer::None))
+            {
+                notes.push(format!(
+                    "{}: the floor (hooks with empty programs) costs {:.1} us of churn CPU per \
+                     connection over bare ({:.1} -> {:.1} us)",
+                    w.name(),
+                    f.median - b.median,
+                    b.median,
+                    f.median
+                ));
+            }
+            if t == Tracer::TcpTrace && w.threads == 1 {
+                if let Some(r) = ratio.vs_bare
                     && 1.0 - r > TARGET_SLOWDOWN
                 {
                     ok = false;
                     notes.push(format!(
                         "{}: tcp-trace slows the churn by {:.1}% (target: at most {:.0}%)",
-                        variant.name(),
+                        w.name(),
                         (1.0 - r) * 100.0,
                         TARGET_SLOWDOWN * 100.0
                     ));
@@ -348,7 +472,7 @@ fn live(
                     ok = false;
                     notes.push(format!(
                         "{}: tcp-trace lost {} events (target: 0)",
-                        variant.name(),
+                        w.name(),
                         lost.unwrap_or(0)
                     ));
                 }
@@ -362,33 +486,63 @@ fn live(
                 }
                 notes.push(format!(
                     "{}: tcp-trace --json flow verdicts over all runs: {verdicts:?}",
-                    variant.name()
+                    w.name()
                 ));
             }
         }
     }
-    for c in 2..=9 {
+    for c in 2..=10 {
         if let Some(col) = table.column_mut(c) {
             col.set_cell_alignment(CellAlignment::Right);
         }
     }
+
+    // One real recording per variant, for the replay rows (not timed: the record rows above
+    // measure what recording costs).
+    let mut recorded = Vec::new();
+    for &variant in variants {
+        let path = dir.join(format!("real-{}.tt", variant.name()));
+        let running = tracer::start_recording(bins, &path)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let churned = churn.run(variant, Until::Elapsed(seconds));
+        let stats = tracer::stop(running)?;
+        let churned = churned?;
+        let events = stats.events.unwrap_or(0);
+        say(format!(
+            "live: recorded {} of the {} churn ({} connections, {} events, {} lost) to {}",
+            format_args!("{:.1} s", churned.seconds),
+            variant.name(),
+            thousands(churned.connections as f64),
+            thousands(events as f64),
+            stats.lost.unwrap_or(0),
+            path.display()
+        ));
+        recorded.push(RealRecording {
+            variant,
+            path,
+            events,
+            lost: stats.lost.unwrap_or(0),
+            seconds: churned.seconds,
+        });
+    }
+
     println!(
-        "\nLoopback churn, single-threaded client+server, {} runs x {:.1} s (medians; min-max in \
-         parentheses):",
+        "\nLoopback churn, one thread (x2: two threads, one per CPU, each its own listeners), \
+         client+server in each, {} runs x {:.1} s (medians; min-max in parentheses):",
         args.runs, args.seconds
     );
     println!("{table}");
     for t in tracers.iter().filter(|t| **t != Tracer::None) {
-        println!("  {:<18} {}", t.label(), t.command_line());
+        println!("  {:<19} {}", t.label(), t.command_line());
     }
     for n in &notes {
         println!("  {n}");
     }
-    Ok(ok)
+    Ok((ok, recorded))
 }
 
 /// The offline part; returns whether replay met its targets.
-fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
+fn replay(args: &BenchArgs, bins: &Binaries, real: Option<&[RealRecording]>) -> Result<bool> {
     let scratch = match &args.keep_recordings {
         Some(dir) => Scratch::kept(dir)?,
         None => Scratch::new("replay")?,
@@ -426,11 +580,18 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
     for (mode, runs) in MODES.iter().zip(timed_runs(
         &bins.tcp_trace,
         &path,
-        shape,
+        shape.events,
         &MODES,
         args.runs,
+        &[0],
     )?) {
-        let rate = add_row(&mut table, shape, mode, &runs);
+        let rate = add_row(
+            &mut table,
+            &synthetic_label(shape),
+            shape.events,
+            mode,
+            &runs,
+        );
         if rate < TARGET_REPLAY_EVENTS_PER_S {
             ok = false;
             notes.push(format!(
@@ -447,8 +608,21 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
     let shape = Shape::with_flows(args.flows);
     let path = scratch.0.join("flows.tt");
     write_announced(&path, &header, shape)?;
-    let runs = timed_runs(&bins.tcp_trace, &path, shape, &[offline::FLOWS], 1)?;
-    add_row(&mut table, shape, &offline::FLOWS, &runs[0]);
+    let runs = timed_runs(
+        &bins.tcp_trace,
+        &path,
+        shape.events,
+        &[offline::FLOWS],
+        1,
+        &[0],
+    )?;
+    add_row(
+        &mut table,
+        &synthetic_label(shape),
+        shape.events,
+        &offline::FLOWS,
+        &runs[0],
+    );
     let rss = runs[0].iter().map(|r| r.max_rss_kib).max().unwrap_or(0);
     if rss > TARGET_RSS_KIB {
         ok = false;
@@ -460,9 +634,42 @@ fn replay(args: &BenchArgs, bins: &Binaries) -> Result<bool> {
     }
     scratch.done_with(&path);
 
+    // The real recordings of the churn, beside the synthetic ones: the same replay, on what the
+    // kernel actually reported.
+    match real {
+        None => notes.push(
+            "real recordings of the churn: not replayed (--skip-live: the live part makes them)"
+                .into(),
+        ),
+        Some(recs) => {
+            for rec in recs.iter().filter(|r| r.events > 0) {
+                // Lost events (3) or a divergent flow (6) still make a replay to time.
+                let runs = timed_runs(
+                    &bins.tcp_trace,
+                    &rec.path,
+                    rec.events,
+                    &MODES,
+                    args.runs,
+                    &[0, 3, 6],
+                )?;
+                for (mode, runs) in MODES.iter().zip(runs) {
+                    let label = real_label(rec);
+                    add_row(&mut table, &label, rec.events, mode, &runs);
+                    if let Some(r) = runs.iter().find(|r| r.status != 0) {
+                        notes.push(format!(
+                            "{label}, {}: replay exited {} (3: events lost, 6: a flow diverged)",
+                            mode.label, r.status
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     println!(
         "\nOffline replay of synthetic recordings (connections alternating clean and rst-unread, \
-         11 events and 2 flows each), {}output to /dev/null:",
+         11 events and 2 flows each) and of real recordings of the churn (`tcp-trace record -o \
+         FILE`, one run per variant), {}output to /dev/null:",
         if pinned {
             "pinned to CPU 0 (taskset), "
         } else {
@@ -494,25 +701,27 @@ fn write_announced(path: &std::path::Path, header: &[u8], shape: Shape) -> Resul
     Ok(())
 }
 
-/// `runs` replays of `path` per mode, interleaved; results per mode.
+/// `runs` replays of `path` (of `events` events) per mode, interleaved; results per mode. An exit
+/// status outside `accept` fails.
 fn timed_runs(
     bin: &std::path::Path,
     path: &std::path::Path,
-    shape: Shape,
+    events: u64,
     modes: &[offline::Mode],
     runs: usize,
+    accept: &[i32],
 ) -> Result<Vec<Vec<ReplayRun>>> {
     let mut results = vec![Vec::new(); modes.len()];
     for run in 1..=runs {
         for (mi, mode) in modes.iter().enumerate() {
-            let r = offline::replay_once(bin, path, *mode)?;
+            let r = offline::replay_once(bin, path, *mode, accept)?;
             say(format!(
                 "replay run {run}/{runs}: {} events, {:<22} {:>7.2} s, {} events/s, peak RSS \
                  {:.1} MiB",
-                thousands(shape.events as f64),
+                thousands(events as f64),
                 mode.label,
                 r.wall_seconds,
-                thousands(shape.events as f64 / r.wall_seconds),
+                thousands(events as f64 / r.wall_seconds),
                 r.max_rss_kib as f64 / 1024.0
             ));
             results[mi].push(r);
@@ -521,19 +730,43 @@ fn timed_runs(
     Ok(results)
 }
 
-/// One row of the replay table; returns the median events/s.
-fn add_row(table: &mut Table, shape: Shape, mode: &offline::Mode, runs: &[ReplayRun]) -> f64 {
+fn synthetic_label(shape: Shape) -> String {
+    format!(
+        "{} events / {} flows",
+        thousands(shape.events as f64),
+        thousands(shape.flows as f64)
+    )
+}
+
+fn real_label(rec: &RealRecording) -> String {
+    format!(
+        "real {} churn, {:.1} s: {} events{}",
+        rec.variant.name(),
+        rec.seconds,
+        thousands(rec.events as f64),
+        if rec.lost > 0 {
+            format!(" ({} lost)", rec.lost)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// One row of the replay table (`events` events in the recording); returns the median events/s.
+fn add_row(
+    table: &mut Table,
+    label: &str,
+    events: u64,
+    mode: &offline::Mode,
+    runs: &[ReplayRun],
+) -> f64 {
     let of = |f: &dyn Fn(&ReplayRun) -> f64| Spread::of(&runs.iter().map(f).collect::<Vec<_>>());
-    let rate = of(&|r| shape.events as f64 / r.wall_seconds);
+    let rate = of(&|r| events as f64 / r.wall_seconds);
     let wall = of(&|r| r.wall_seconds);
     let cpu = of(&|r| r.cpu_seconds);
     let rss = runs.iter().map(|r| r.max_rss_kib).max().unwrap_or(0);
     table.add_row(vec![
-        format!(
-            "{} events / {} flows",
-            thousands(shape.events as f64),
-            thousands(shape.flows as f64)
-        ),
+        label.to_string(),
         mode.label.to_string(),
         runs.len().to_string(),
         rate.map(|s| s.show(thousands)).unwrap_or_default(),
@@ -542,4 +775,56 @@ fn add_row(table: &mut Table, shape: Shape, mode: &offline::Mode, runs: &[Replay
         format!("{:.1} MiB", rss as f64 / 1024.0),
     ]);
     rate.map(|s| s.median).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_trace_rows_are_reported_against_bare_and_floor() {
+        let r = ratios(
+            Tracer::TcpTrace,
+            Some(16_000.0),
+            Some(20_000.0),
+            Some(19_000.0),
+        );
+        assert_eq!(r.vs_bare, Some(0.8));
+        assert!((r.vs_floor.unwrap() - 16.0 / 19.0).abs() < 1e-12);
+        // The floor and the other tracers: against bare only.
+        for t in [Tracer::TcpTraceFloor, Tracer::Bpftrace, Tracer::None] {
+            let r = ratios(t, Some(19_000.0), Some(20_000.0), Some(19_000.0));
+            assert_eq!(r.vs_bare, Some(0.95), "{t:?}");
+            assert_eq!(r.vs_floor, None, "{t:?}");
+        }
+        // Missing or empty denominators give no ratio, not a division by zero.
+        let r = ratios(Tracer::TcpTraceRecord, Some(1.0), None, Some(0.0));
+        assert_eq!((r.vs_bare, r.vs_floor), (None, None));
+        assert_eq!(
+            ratios(Tracer::TcpTrace, None, Some(1.0), Some(1.0)).vs_bare,
+            None
+        );
+        assert_eq!(show_ratio(0.826), "0.826 (-17.4%)");
+        assert_eq!(show_ratio(1.0), "1.000 (+0.0%)");
+    }
+
+    #[test]
+    fn two_thread_workloads_run_the_contention_rows_only() {
+        let loads = workloads(&[Variant::Clean, Variant::RstUnread]);
+        let names: Vec<_> = loads.iter().map(|w| w.name()).collect();
+        assert_eq!(names, ["clean", "rst-unread", "clean x2", "rst-unread x2"]);
+        assert_eq!(loads[0].tracers(&Tracer::DEFAULT), Tracer::DEFAULT.to_vec());
+        assert_eq!(
+            loads[2].tracers(&Tracer::DEFAULT),
+            vec![
+                Tracer::None,
+                Tracer::TcpTrace,
+                Tracer::TcpTraceRecord,
+                Tracer::TcpTraceFloor
+            ]
+        );
+        // A --tracer selection narrows both.
+        let some = [Tracer::None, Tracer::Bpftrace];
+        assert_eq!(loads[3].tracers(&some), vec![Tracer::None]);
+    }
 }

@@ -40,6 +40,8 @@ pub struct ReplayRun {
     pub wall_seconds: f64,
     pub cpu_seconds: f64,
     pub max_rss_kib: u64,
+    /// tcp-trace's exit status (one of those the caller accepted).
+    pub status: i32,
 }
 
 /// The header of a real recording of this machine: `tcp-trace record` for a moment.
@@ -113,8 +115,10 @@ pub fn check(bin: &Path, file: &Path, shape: Shape) -> Result<Vec<(String, u64)>
     Ok(summary.verdicts)
 }
 
-/// Replays `file` in `mode`, output to /dev/null, pinned to CPU 0 when taskset exists.
-pub fn replay_once(bin: &Path, file: &Path, mode: Mode) -> Result<ReplayRun> {
+/// Replays `file` in `mode`, output to /dev/null, pinned to CPU 0 when taskset exists. An exit
+/// status outside `accept` fails (a real recording may hold lost events, 3, or a divergent flow,
+/// 6: still a replay to time).
+pub fn replay_once(bin: &Path, file: &Path, mode: Mode, accept: &[i32]) -> Result<ReplayRun> {
     let mut cmd = match helpers::which("taskset") {
         Some(taskset) => {
             let mut c = Command::new(taskset);
@@ -135,13 +139,14 @@ pub fn replay_once(bin: &Path, file: &Path, mode: Mode) -> Result<ReplayRun> {
         .with_context(|| format!("could not run {cmd:?}"))?;
     let usage = tracer::wait_with_rusage(&mut child, Duration::from_secs(3600))?;
     let wall_seconds = start.elapsed().as_secs_f64();
-    if usage.status != 0 {
+    if !accept.contains(&usage.status) {
         bail!("{cmd:?} exited {}", usage.status);
     }
     Ok(ReplayRun {
         wall_seconds,
         cpu_seconds: usage.cpu_seconds,
         max_rss_kib: usage.max_rss_kib,
+        status: usage.status,
     })
 }
 

@@ -39,19 +39,31 @@ pub enum Tracer {
     /// `tcp-trace record -o /dev/null`: the eBPF side and the ring buffer only (no decoding,
     /// flows or model): separates the in-kernel cost from the userspace pipeline's.
     TcpTraceRecord,
+    /// `tcp-trace record --empty-programs -o /dev/null`: the same programs on the same hooks,
+    /// each returning at entry: the floor, what the attachments cost with nothing in them.
+    TcpTraceFloor,
     /// Debian's bpftrace with [`BPFTRACE_SCRIPT`], stdout to a file on tmpfs (its lines counted
     /// afterwards).
     Bpftrace,
 }
 
 impl Tracer {
-    pub const DEFAULT: [Tracer; 5] = [
+    pub const DEFAULT: [Tracer; 6] = [
         Tracer::None,
         Tracer::TcpTrace,
         Tracer::TcpTraceJson,
         Tracer::TcpTraceRecord,
+        Tracer::TcpTraceFloor,
         Tracer::Bpftrace,
     ];
+
+    /// Whether this is one of tcp-trace's own rows, reported against the floor too.
+    pub fn is_tcp_trace(self) -> bool {
+        matches!(
+            self,
+            Tracer::TcpTrace | Tracer::TcpTraceJson | Tracer::TcpTraceRecord
+        )
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -59,6 +71,7 @@ impl Tracer {
             Tracer::TcpTrace => "tcp-trace",
             Tracer::TcpTraceJson => "tcp-trace --json",
             Tracer::TcpTraceRecord => "tcp-trace record",
+            Tracer::TcpTraceFloor => "floor (empty progs)",
             Tracer::Bpftrace => "bpftrace printf",
         }
     }
@@ -70,6 +83,7 @@ impl Tracer {
             Tracer::TcpTrace => "tcp-trace > /dev/null".into(),
             Tracer::TcpTraceJson => "tcp-trace --json > FILE (tmpfs)".into(),
             Tracer::TcpTraceRecord => "tcp-trace record -o /dev/null".into(),
+            Tracer::TcpTraceFloor => "tcp-trace record --empty-programs -o /dev/null".into(),
             Tracer::Bpftrace => format!("bpftrace -e '{BPFTRACE_SCRIPT}' > FILE (tmpfs)"),
         }
     }
@@ -77,7 +91,7 @@ impl Tracer {
     fn ready_marker(self) -> &'static str {
         match self {
             Tracer::Bpftrace => "Attaching ",
-            Tracer::TcpTraceRecord => "tcp-trace: recording to",
+            Tracer::TcpTraceRecord | Tracer::TcpTraceFloor => "tcp-trace: recording to",
             _ => "tcp-trace: tracing",
         }
     }
@@ -114,7 +128,7 @@ pub struct Running {
 /// Starts `tracer` and returns once it is attached (None for [`Tracer::None`]). Its stdout goes
 /// to a file in `scratch` (a tmpfs directory) when the bench needs to read it afterwards.
 pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<Running>> {
-    let mut cmd = match tracer {
+    let cmd = match tracer {
         Tracer::None => return Ok(None),
         Tracer::TcpTrace => helpers::as_root(&bins.tcp_trace)?,
         Tracer::TcpTraceJson => {
@@ -125,6 +139,11 @@ pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<R
         Tracer::TcpTraceRecord => {
             let mut c = helpers::as_root(&bins.tcp_trace)?;
             c.args(["record", "-o", "/dev/null"]);
+            c
+        }
+        Tracer::TcpTraceFloor => {
+            let mut c = helpers::as_root(&bins.tcp_trace)?;
+            c.args(["record", "--empty-programs", "-o", "/dev/null"]);
             c
         }
         Tracer::Bpftrace => {
@@ -139,6 +158,19 @@ pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<R
     };
     let output = matches!(tracer, Tracer::TcpTraceJson | Tracer::Bpftrace)
         .then(|| scratch.join("tracer-stdout"));
+    launch(tracer, cmd, output).map(Some)
+}
+
+/// Starts `tcp-trace record -o FILE` (a real recording of the churn, for the replay rows) and
+/// returns once it is attached; [`stop`] it as a [`Tracer::TcpTraceRecord`].
+pub fn start_recording(bins: &Binaries, file: &Path) -> Result<Running> {
+    let mut cmd = helpers::as_root(&bins.tcp_trace)?;
+    cmd.args(["record", "-o"]).arg(file);
+    launch(Tracer::TcpTraceRecord, cmd, None)
+}
+
+/// Spawns `cmd` (stdout to `output`, or /dev/null) and waits until it says it is attached.
+fn launch(tracer: Tracer, mut cmd: Command, output: Option<PathBuf>) -> Result<Running> {
     let stdout = match &output {
         Some(path) => {
             Stdio::from(File::create(path).with_context(|| format!("creating {}", path.display()))?)
@@ -165,7 +197,7 @@ pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<R
     let deadline = Instant::now() + ATTACH_TIMEOUT;
     let failure = loop {
         match ready_rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(()) => return Ok(Some(running)),
+            Ok(()) => return Ok(running),
             // stderr closed without the marker: tcp-trace exited (bpftrace's marker is on
             // stdout, checked below).
             Err(mpsc::RecvTimeoutError::Disconnected) if tracer != Tracer::Bpftrace => {
@@ -179,7 +211,7 @@ pub fn start(tracer: Tracer, bins: &Binaries, scratch: &Path) -> Result<Option<R
         if let Some(path) = &running.output
             && std::fs::read(path).is_ok_and(|b| contains(&b, marker.as_bytes()))
         {
-            return Ok(Some(running));
+            return Ok(running);
         }
         if let Ok(Some(_)) = running.child.try_wait() {
             break "it exited";
@@ -302,7 +334,7 @@ pub fn stop(mut running: Running) -> Result<TracerStats> {
                 stats.lost = Some(summary.lost);
                 stats.verdicts = summary.verdicts;
             }
-            Tracer::TcpTrace | Tracer::TcpTraceRecord => {
+            Tracer::TcpTrace | Tracer::TcpTraceRecord | Tracer::TcpTraceFloor => {
                 let (events, lost) = text_summary(&err_text).with_context(|| {
                     format!(
                         "{} printed no summary (exit {}): {}",
