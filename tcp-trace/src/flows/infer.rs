@@ -332,13 +332,6 @@ fn set_state(
     let unsent = sock.is_some_and(|s| s.unsent);
     let unseen = Some(UNSEEN_CLOSE);
     match (from, to) {
-        // close() of a socket whose FIN shutdown() already sent: tcp_close_state() sets the
-        // same state again. The application held it, so that earlier FIN was not a close().
-        (FinWait1, FinWait1) | (FinWait2, FinWait2) | (Closing, Closing) | (LastAck, LastAck) => {
-            c.push(&[Close], None);
-            c.push(&[CloseLinger], None);
-            c.push(&[MemoryPressure], None);
-        }
         (Established | SynRecv, FinWait1) | (CloseWait, LastAck) => {
             if app_may_close {
                 c.push(&[Close], Some(CLOSE_OR_SHUTDOWN));

@@ -545,15 +545,6 @@ fn dedup(items: impl IntoIterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-/// The states in which close() re-sets the state it finds (tcp_close_state(): our FIN is
-/// already out).
-fn is_restate(state: TcpState) -> bool {
-    matches!(
-        state,
-        TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing | TcpState::LastAck
-    )
-}
-
 /// Judges one flow's events (any order; they are sorted by time here).
 pub(crate) fn judge(events: &[TraceEvent], cx: &JudgeCtx, end: FlowEnd) -> Judgement {
     let mut sorted: Vec<&TraceEvent> = events.iter().collect();
@@ -564,10 +555,10 @@ pub(crate) fn judge(events: &[TraceEvent], cx: &JudgeCtx, end: FlowEnd) -> Judge
         let o = ObsEv::from_event(ev);
         if let Obs::Unknown(what) = &o.obs {
             notes.push(format!("ignored an event the judge cannot read: {what}"));
-        } else if matches!(o.obs, Obs::SetState { from, to } if from == to && !is_restate(from)) {
-            // tcp_set_state() to the state the socket is in, other than close()'s own
-            // new_state[] re-set (kept: the model predicts it, and without the tcp_close hook it
-            // is the only sign of that close()): the tracepoint fires, but nothing changed.
+        } else if matches!(o.obs, Obs::SetState { from, to } if from == to) {
+            // tcp_set_state() to the state the socket is in (close() after shutdown():
+            // new_state[FIN_WAIT2] = FIN_WAIT2): the tracepoint fires in inet_sk_state_store()
+            // all the same, but nothing changed.
         } else {
             known.push(o);
         }

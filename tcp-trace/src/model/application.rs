@@ -111,11 +111,7 @@ fn tcp_close_state(cx: &mut Ctx) -> bool {
         ),
         Close | Listen | TimeWait | NewSynRecv => (Close, false, "nothing to close"),
     };
-    if to == from {
-        cx.restate();
-    } else {
-        cx.set_state(to);
-    }
+    cx.set_state(to);
     cx.rule(format!(
         "tcp_close_state(): new_state[{from}] = {to}{} ({why})",
         if send_fin { " + FIN" } else { "" }

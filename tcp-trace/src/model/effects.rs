@@ -59,16 +59,6 @@ impl<'p> Ctx<'p> {
         }
     }
 
-    /// tcp_set_state() to the state the socket is already in: the tracepoint fires all the
-    /// same (close() after shutdown(): new_state[FIN_WAIT2] = FIN_WAIT2), and that event is the
-    /// only trace such a close() leaves without the tcp_close hook.
-    pub(super) fn restate(&mut self) {
-        self.out.state_changes.push(StateChange {
-            from: self.sk.state,
-            to: self.sk.state,
-        });
-    }
-
     pub(super) fn send(&mut self, wire: Wire) {
         self.out.wire.push(wire);
     }
