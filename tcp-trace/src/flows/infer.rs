@@ -209,15 +209,7 @@ pub(crate) fn candidates(
                     &[TwFin, TwFinRetransmit, TwData, TwSyn, TwSynOld]
                 }
                 Some(TwStatus::Success) => &[TwAck, TwRst, RstInWindow, TwFinRetransmit, TwData],
-                None => &[
-                    TwAck,
-                    TwFin,
-                    TwFinRetransmit,
-                    TwRst,
-                    TwData,
-                    TwSyn,
-                    TwSynOld,
-                ],
+                None => TW_SEGMENT_INPUTS,
             };
             for input in inputs {
                 c.push(&[*input], note);
@@ -473,19 +465,21 @@ fn aborts(c: &mut Cands, p: &ModelParams) {
     c.push(&[MemoryPressure], Some(note));
 }
 
+/// Every segment input at a minisocket.
+const TW_SEGMENT_INPUTS: &[Input] = &[
+    Input::TwAck,
+    Input::TwFin,
+    Input::TwFinRetransmit,
+    Input::TwRst,
+    Input::TwData,
+    Input::TwSyn,
+    Input::TwSynOld,
+];
+
 /// Every segment input at a minisocket, for a segment nobody saw.
 fn tw_any(c: &mut Cands, note: &str) {
-    use Input::*;
-    for input in [
-        TwAck,
-        TwFin,
-        TwFinRetransmit,
-        TwRst,
-        TwData,
-        TwSyn,
-        TwSynOld,
-    ] {
-        c.push(&[input], Some(note));
+    for input in TW_SEGMENT_INPUTS {
+        c.push(&[*input], Some(note));
     }
 }
 

@@ -273,6 +273,21 @@ fn disconnected(ev: &TraceEvent, cx: &FlowContext<'_>) -> bool {
         && !destroyed_after(ev, cx)
 }
 
+/// The diagnosis of a [`disconnected`] RST; `what` says what showed it (the reason, the state).
+fn set_disconnect(d: &mut ResetDiagnosis, ev: &TraceEvent, what: &str) {
+    d.closer = None;
+    d.set(
+        ResetCause::Disconnect,
+        Confidence::Derived,
+        None,
+        format!(
+            "{what} -> CLOSE and RST in {}'s own call with no close(), and the socket lived \
+             on: tcp_disconnect() (connect(AF_UNSPEC) on a connected socket)",
+            task(ev)
+        ),
+    );
+}
+
 fn attach_close_details(d: &mut ResetDiagnosis, close: Option<&TraceEvent>) {
     if let Some(c) = close.and_then(|c| c.close.as_ref()) {
         d.unsent_bytes = Some(c.unsent);
@@ -446,17 +461,7 @@ fn state_reset(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>, re
             );
         }
         if disconnected(ev, cx) {
-            d.closer = None;
-            return d.set(
-                ResetCause::Disconnect,
-                Confidence::Derived,
-                None,
-                format!(
-                    "kernel reason {reason}: tcp_disconnect() from {from} by {}, and the socket \
-                     lived on (no close()): connect(AF_UNSPEC) on a connected socket",
-                    task(ev)
-                ),
-            );
+            return set_disconnect(d, ev, &format!("kernel reason {reason}: {from}"));
         }
         return d.set(
             ResetCause::LingerZero,
@@ -532,17 +537,7 @@ fn derive_active(d: &mut ResetDiagnosis, ev: &TraceEvent, cx: &FlowContext<'_>) 
     let trans = closed_just_before(ev, cx);
     let from = trans.and_then(TraceEvent::tcp_state);
     if let Some(f) = from.filter(|_| disconnected(ev, cx)) {
-        d.closer = None;
-        return d.set(
-            ResetCause::Disconnect,
-            Confidence::Derived,
-            None,
-            format!(
-                "{f} -> CLOSE and RST in {}'s own call with no close(), and the socket lived \
-                 on: tcp_disconnect() (connect(AF_UNSPEC) on a connected socket)",
-                task(ev)
-            ),
-        );
+        return set_disconnect(d, ev, &f.to_string());
     }
     if let Some(c) = close_details_of(ev, cx) {
         let details = c.close.as_ref().expect("close_details_of checks");

@@ -876,26 +876,9 @@ fn connect_abandoned(ctx: &mut Ctx) -> Result<()> {
         go_rx.recv_timeout(Duration::from_secs(5))?;
         Ok(())
     })?;
-    let (to, from) = (
-        ctx.lab.server_addr(),
-        SocketAddrV4::new(ctx.lab.client_ip, 0),
-    );
+    let to = ctx.lab.server_addr();
     // Bound first, so that the server's SYN-ACKs to this port can be dropped.
-    let c = ctx.lab.client.run(move || {
-        // SAFETY: plain socket calls; the fd is owned by the TcpStream.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
-            if fd < 0 {
-                bail!("socket: {}", std::io::Error::last_os_error());
-            }
-            let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-            let sin = sockaddr(from);
-            if libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16) != 0 {
-                bail!("bind {from}: {}", std::io::Error::last_os_error());
-            }
-            Ok(stream)
-        }
-    })?;
+    let c = bound_client(ctx.lab, libc::SOCK_STREAM | libc::SOCK_NONBLOCK)?;
     ctx.notes.client_port = local_port(&c);
     ctx.drop_next(DropRule {
         remaining: 1000,
@@ -965,26 +948,9 @@ fn listener_close_tfo_child(ctx: &mut Ctx) -> Result<()> {
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| anyhow!("the server did not set TCP_FASTOPEN"))?
         .context("TCP_FASTOPEN on the listener")?;
-    let (to, from) = (
-        ctx.lab.server_addr(),
-        SocketAddrV4::new(ctx.lab.client_ip, 0),
-    );
+    let to = ctx.lab.server_addr();
     // Bound first, so that the ACK of the SYN-ACK can be dropped by port before the SYN leaves.
-    let c = ctx.lab.client.run(move || {
-        // SAFETY: plain socket calls; the fd is owned by the TcpStream.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            if fd < 0 {
-                bail!("socket: {}", std::io::Error::last_os_error());
-            }
-            let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-            let sin = sockaddr(from);
-            if libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16) != 0 {
-                bail!("bind {from}: {}", std::io::Error::last_os_error());
-            }
-            Ok(stream)
-        }
-    })?;
+    let c = bound_client(ctx.lab, libc::SOCK_STREAM)?;
     ctx.notes.client_port = local_port(&c);
     ctx.drop_next(bare_acks(1000, ctx.notes.client_port, 0))?;
     let sin = sockaddr(to);
@@ -2061,6 +2027,53 @@ fn keep_cpus_awake(d: Duration) {
 }
 
 /// The client's kernel answers the minisocket's ACKs with a bare RST (it has no socket for the
+/// A client socket bound to an ephemeral port of the client address, not yet connected (so
+/// drop rules can name its port before its SYN leaves). `ty`: the socket type and flags.
+fn bound_client(lab: &Lab, ty: i32) -> Result<TcpStream> {
+    let from = SocketAddrV4::new(lab.client_ip, 0);
+    lab.client.run(move || {
+        // SAFETY: plain socket calls; the fd is owned by the TcpStream.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, ty, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+            let sin = sockaddr(from);
+            if libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16) != 0 {
+                bail!("bind {from}: {}", std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        }
+    })
+}
+
+/// A minisocket's answer to a SYN it does not take: an ACK of rcv_nxt, no SYN-ACK.
+fn acked_not_syn_acked(seen: &[Seen], rcv_nxt: u32) -> bool {
+    !seen.iter().any(|s| s.has(tcp_flag::SYN))
+        && seen
+            .iter()
+            .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt)
+}
+
+/// A bare ACK at rcv_nxt: a live minisocket takes it silently, a dead one's port answers RST.
+fn bare_ack_finds_minisocket(
+    ctx: &mut Ctx,
+    raw: &RawTcp,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    rcv_nxt: u32,
+) -> Result<()> {
+    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
+    let seen = raw.collect_from(to, Duration::from_millis(300));
+    note_reply(ctx, "then after a bare ACK, server sent", &seen);
+    ctx.notes.checks.push((
+        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
+        !seen.iter().any(|s| s.has(tcp_flag::RST)),
+    ));
+    Ok(())
+}
+
 /// 4-tuple any more), and that RST sits exactly at rcv_nxt: it would kill TIME_WAIT. Drop it.
 fn drop_client_resets(ctx: &mut Ctx) -> Result<()> {
     ctx.drop_next(DropRule {
@@ -2086,18 +2099,9 @@ fn tw_syn_no_listener(ctx: &mut Ctx) -> Result<()> {
     note_reply(ctx, "after a SYN into TIME_WAIT, server sent", &seen);
     ctx.notes.checks.push((
         "no listener: no SYN-ACK, the SYN was answered with an ACK of rcv_nxt".into(),
-        !seen.iter().any(|s| s.has(tcp_flag::SYN))
-            && seen
-                .iter()
-                .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt),
+        acked_not_syn_acked(&seen, rcv_nxt),
     ));
-    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
-    let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_reply(ctx, "then after a bare ACK, server sent", &seen);
-    ctx.notes.checks.push((
-        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
-        !seen.iter().any(|s| s.has(tcp_flag::RST)),
-    ));
+    bare_ack_finds_minisocket(ctx, &raw, from, to, rcv_nxt)?;
     Ok(())
 }
 
@@ -2118,18 +2122,9 @@ fn tw_syn_old(ctx: &mut Ctx) -> Result<()> {
     );
     ctx.notes.checks.push((
         "no SYN-ACK: the old SYN was answered with an ACK of rcv_nxt".into(),
-        !seen.iter().any(|s| s.has(tcp_flag::SYN))
-            && seen
-                .iter()
-                .any(|s| s.has(tcp_flag::ACK) && !s.has(tcp_flag::RST) && s.ack == rcv_nxt),
+        acked_not_syn_acked(&seen, rcv_nxt),
     ));
-    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
-    let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_reply(ctx, "then after a bare ACK, server sent", &seen);
-    ctx.notes.checks.push((
-        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
-        !seen.iter().any(|s| s.has(tcp_flag::RST)),
-    ));
+    bare_ack_finds_minisocket(ctx, &raw, from, to, rcv_nxt)?;
     join(server)?;
     Ok(())
 }
@@ -2241,13 +2236,7 @@ fn tw_old_duplicate(ctx: &mut Ctx) -> Result<()> {
     )?;
     let seen = raw.collect_from(to, Duration::from_millis(300));
     note_reply(ctx, "after an old RST, server sent", &seen);
-    raw.send(from, to, rcv_nxt, 1, tcp_flag::ACK)?;
-    let seen = raw.collect_from(to, Duration::from_millis(300));
-    note_reply(ctx, "then after a bare ACK, server sent", &seen);
-    ctx.notes.checks.push((
-        "the minisocket lives on (the bare ACK is not answered with RST)".into(),
-        !seen.iter().any(|s| s.has(tcp_flag::RST)),
-    ));
+    bare_ack_finds_minisocket(ctx, &raw, from, to, rcv_nxt)?;
     Ok(())
 }
 
