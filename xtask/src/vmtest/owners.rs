@@ -954,16 +954,31 @@ mod tests {
             edit(l, "owners_exit", |_| {
                 Some(r#"{"type":"owners_exit","all":0,"pid":3}"#.into())
             });
-            l.push(r#"{"tracer":"pid","type":"summary","lost":1}"#.into());
+            l.push(
+                r#"{"tracer":"pid","type":"summary","events":300,"lost":1,"lost_by_cause":{"ring_full":0,"nested":1}}"#
+                    .into(),
+            );
         });
         assert!(p.is_empty(), "{p:#?}");
-        let p = problems_after(|l| {
-            edit(l, "owners_exit", |_| {
-                Some(r#"{"type":"owners_exit","all":0,"pid":3}"#.into())
+        // Nested skips beyond 1 in 50 events, or any full ring, are not.
+        for (summary, problem) in [
+            (
+                r#"{"tracer":"pid","type":"summary","events":1000,"lost":21,"lost_by_cause":{"ring_full":0,"nested":21}}"#,
+                "the pid tracer exited with 3 (21 events lost: 0 ring buffer full, 21 nested; 20 nested tolerated)",
+            ),
+            (
+                r#"{"tracer":"pid","type":"summary","events":300,"lost":2,"lost_by_cause":{"ring_full":2,"nested":0}}"#,
+                "the pid tracer exited with 3 (2 events lost: 2 ring buffer full, 0 nested; 10 nested tolerated)",
+            ),
+        ] {
+            let p = problems_after(|l| {
+                edit(l, "owners_exit", |_| {
+                    Some(r#"{"type":"owners_exit","all":0,"pid":3}"#.into())
+                });
+                l.push(summary.into());
             });
-            l.push(r#"{"tracer":"pid","type":"summary","lost":500}"#.into());
-        });
-        assert_eq!(p, ["the pid tracer exited with 3 (500 events lost)"]);
+            assert_eq!(p, [problem]);
+        }
         // A worker that never closed.
         let p = problems_after(|l| edit(l, r#""line":"closing 2002 2002""#, |_| None));
         assert!(
